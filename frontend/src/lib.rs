@@ -1,0 +1,4 @@
+//! Kiln's importers: model files in, IR graphs + weights + tokenizer out.
+
+pub mod gguf;
+pub mod tokenizer;

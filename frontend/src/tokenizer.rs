@@ -1,0 +1,1 @@
+//! Tokenizers from GGUF metadata and tokenizer.json (being written).

@@ -1,0 +1,197 @@
+//! Element types of IR values and weights, including GGUF's block-quantized formats.
+//!
+//! A block-quantized type stores `block_size()` elements in `type_size()` bytes; a row of `n` elements
+//! of such a type takes `row_bytes(n)` bytes and `n` must be a multiple of the block size. The numeric
+//! ids are ggml's (`ggml_type`), so the GGUF reader and writer map them one to one.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Number of elements in a "K-quant" super-block.
+pub const QK_K: usize = 256;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum DType {
+    F32,
+    F16,
+    BF16,
+    I32,
+    I64,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl DType {
+    pub const ALL: [DType; 13] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::I32,
+        DType::I64,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// The name used in IR text and diagnostics (ggml's spelling, lower case).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::I32 => "i32",
+            DType::I64 => "i64",
+            DType::Q4_0 => "q4_0",
+            DType::Q4_1 => "q4_1",
+            DType::Q5_0 => "q5_0",
+            DType::Q5_1 => "q5_1",
+            DType::Q8_0 => "q8_0",
+            DType::Q4K => "q4_k",
+            DType::Q5K => "q5_k",
+            DType::Q6K => "q6_k",
+        }
+    }
+
+    /// ggml's `enum ggml_type` value.
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            DType::F32 => 0,
+            DType::F16 => 1,
+            DType::Q4_0 => 2,
+            DType::Q4_1 => 3,
+            DType::Q5_0 => 6,
+            DType::Q5_1 => 7,
+            DType::Q8_0 => 8,
+            DType::Q4K => 12,
+            DType::Q5K => 13,
+            DType::Q6K => 14,
+            DType::I32 => 26,
+            DType::I64 => 27,
+            DType::BF16 => 30,
+        }
+    }
+
+    pub fn from_ggml_id(id: u32) -> Option<DType> {
+        DType::ALL.into_iter().find(|d| d.ggml_id() == id)
+    }
+
+    /// ggml's name for a type id Kiln does not support, for error messages.
+    pub fn ggml_name_of_unsupported(id: u32) -> &'static str {
+        match id {
+            4 | 5 => "Q4_2/Q4_3 (removed)",
+            9 => "Q8_1",
+            10 => "Q2_K",
+            11 => "Q3_K",
+            15 => "Q8_K",
+            16..=23 => "IQ*",
+            24 => "I8",
+            25 => "I16",
+            28 => "F64",
+            29 => "IQ1_M",
+            _ => "unknown",
+        }
+    }
+
+    /// Elements per block (1 for plain types).
+    pub fn block_size(self) -> usize {
+        match self {
+            DType::F32 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 => 1,
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
+            DType::Q4K | DType::Q5K | DType::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            DType::F32 | DType::I32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            DType::I64 => 8,
+            DType::Q4_0 => 2 + 16,
+            DType::Q4_1 => 2 + 2 + 16,
+            DType::Q5_0 => 2 + 4 + 16,
+            DType::Q5_1 => 2 + 2 + 4 + 16,
+            DType::Q8_0 => 2 + 32,
+            DType::Q4K => 2 + 2 + 12 + QK_K / 2,
+            DType::Q5K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
+            DType::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+        }
+    }
+
+    pub fn is_quantized(self) -> bool {
+        self.block_size() > 1
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16) || self.is_quantized()
+    }
+
+    pub fn is_int(self) -> bool {
+        matches!(self, DType::I32 | DType::I64)
+    }
+
+    /// Bytes taken by a row of `n` elements, or `None` when `n` is not a whole number of blocks or the
+    /// size overflows.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        if n % self.block_size() != 0 {
+            return None;
+        }
+        (n / self.block_size()).checked_mul(self.type_size())
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown dtype `{s}`"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_ids_round_trip() {
+        for d in DType::ALL {
+            assert_eq!(d.name().parse::<DType>().unwrap(), d);
+            assert_eq!(DType::from_ggml_id(d.ggml_id()), Some(d));
+        }
+    }
+
+    #[test]
+    fn block_sizes_match_ggml() {
+        // Sizes from ggml's block_* struct definitions.
+        assert_eq!(DType::Q4_0.type_size(), 18);
+        assert_eq!(DType::Q4_1.type_size(), 20);
+        assert_eq!(DType::Q5_0.type_size(), 22);
+        assert_eq!(DType::Q5_1.type_size(), 24);
+        assert_eq!(DType::Q8_0.type_size(), 34);
+        assert_eq!(DType::Q4K.type_size(), 144);
+        assert_eq!(DType::Q5K.type_size(), 176);
+        assert_eq!(DType::Q6K.type_size(), 210);
+        assert_eq!(DType::Q4_1.row_bytes(64), Some(40));
+        assert_eq!(DType::Q4_1.row_bytes(33), None);
+    }
+}
