@@ -1,9 +1,19 @@
 //! Kiln's intermediate representation: a typed tensor graph with symbolic dimensions, a canonical text
 //! form, a verifier, and the reference interpreter that is the oracle for every other stage.
 
+pub mod dot;
 pub mod dtype;
+pub mod graph;
+pub mod interp;
+pub mod op;
 pub mod quant;
+pub mod shape;
+pub mod text;
 pub mod weights;
 
 pub use dtype::DType;
+pub use graph::{Graph, GraphError, Node, ValueId};
+pub use interp::{Interpreter, Tensor};
+pub use op::{Op, RopeMode};
+pub use shape::{Dim, SymEnv, TensorType};
 pub use weights::{TensorData, WeightStore};

@@ -1,0 +1,173 @@
+//! Writing models: a Hugging Face directory (config.json + safetensors, optionally sharded) and GGUF.
+//!
+//! Both take Kiln's normalised weights (GGUF names, HF row order). The GGUF writer applies llama.cpp's
+//! Q/K row permutation for llama models, exactly as its converter does, so files we write load in
+//! llama.cpp and our importer's un-permutation is exercised.
+
+use crate::error::{FrontendError, Result};
+use crate::gguf::{GgufValue, GgufWriter};
+use crate::llama::{self, Arch, LlamaConfig};
+use crate::tokenizer::GgufVocab;
+use kiln_ir::{DType, TensorData, WeightStore};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Kiln (GGUF) tensor name → HF name.
+pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    Some(match name {
+        "token_embd.weight" => "model.embed_tokens.weight".into(),
+        "output_norm.weight" => "model.norm.weight".into(),
+        "output.weight" => "lm_head.weight".into(),
+        _ => {
+            let rest = name.strip_prefix("blk.")?;
+            let (l, tail) = rest.split_once('.')?;
+            let mapped = match tail {
+                "attn_norm.weight" => "input_layernorm.weight",
+                "ffn_norm.weight" => "post_attention_layernorm.weight",
+                "attn_q.weight" => "self_attn.q_proj.weight",
+                "attn_k.weight" => "self_attn.k_proj.weight",
+                "attn_v.weight" => "self_attn.v_proj.weight",
+                "attn_q.bias" => "self_attn.q_proj.bias",
+                "attn_k.bias" => "self_attn.k_proj.bias",
+                "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_output.weight" => "self_attn.o_proj.weight",
+                "ffn_gate.weight" => "mlp.gate_proj.weight",
+                "ffn_up.weight" => "mlp.up_proj.weight",
+                "ffn_down.weight" => "mlp.down_proj.weight",
+                _ => return None,
+            };
+            format!("model.layers.{l}.{mapped}")
+        }
+    })
+}
+
+fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": [match cfg.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "model_type": cfg.arch.name(),
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "max_position_embeddings": cfg.context_length,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": cfg.attention_bias,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    })
+}
+
+/// Writes `config.json` and the weights as `model.safetensors`, or, with `shards > 1`, as that many
+/// `model-0000N-of-0000M.safetensors` files plus `model.safetensors.index.json`.
+pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: usize) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| FrontendError::io(dir, e))?;
+    let cfg_path = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&hf_config(cfg)).expect("json");
+    std::fs::write(&cfg_path, text).map_err(|e| FrontendError::io(&cfg_path, e))?;
+    let mut tensors: Vec<(String, &TensorData)> = Vec::new();
+    for (name, t) in weights.iter() {
+        let hf = gguf_to_hf_name(name).ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
+        if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(FrontendError::invalid(dir, format!("tensor `{name}` is {}; safetensors export takes f32/f16/bf16", t.dtype)));
+        }
+        tensors.push((hf, t));
+    }
+    let shards = shards.max(1);
+    let per = tensors.len().div_ceil(shards);
+    let mut weight_map = BTreeMap::new();
+    for (i, chunk) in tensors.chunks(per.max(1)).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, shards)
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView)> = chunk
+            .iter()
+            .map(|(name, t)| {
+                let dt = match t.dtype {
+                    DType::F16 => safetensors::Dtype::F16,
+                    DType::BF16 => safetensors::Dtype::BF16,
+                    _ => safetensors::Dtype::F32,
+                };
+                let view = safetensors::tensor::TensorView::new(dt, t.shape.clone(), &t.bytes).expect("consistent tensor");
+                (name.clone(), view)
+            })
+            .collect();
+        for (name, _) in chunk {
+            weight_map.insert(name.clone(), file.clone());
+        }
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, None, &path).map_err(|e| FrontendError::invalid(&path, e.to_string()))?;
+    }
+    if shards > 1 {
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        let path = dir.join("model.safetensors.index.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| FrontendError::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Writes a GGUF file with llama.cpp's metadata keys for `cfg`, the weights (Q/K permuted for llama), and
+/// the vocabulary if given.
+pub fn write_gguf(path: &Path, name: &str, cfg: &LlamaConfig, weights: &WeightStore, vocab: Option<&GgufVocab>) -> Result<()> {
+    let mut w = GgufWriter::new();
+    let a = cfg.arch.name();
+    let u32v = |v: usize| GgufValue::U32(v as u32);
+    w.add_metadata("general.architecture", GgufValue::String(a.into()));
+    w.add_metadata("general.name", GgufValue::String(name.into()));
+    w.add_metadata(format!("{a}.vocab_size"), u32v(cfg.vocab_size));
+    w.add_metadata(format!("{a}.context_length"), u32v(cfg.context_length));
+    w.add_metadata(format!("{a}.embedding_length"), u32v(cfg.hidden_size));
+    w.add_metadata(format!("{a}.feed_forward_length"), u32v(cfg.intermediate_size));
+    w.add_metadata(format!("{a}.block_count"), u32v(cfg.n_layers));
+    w.add_metadata(format!("{a}.attention.head_count"), u32v(cfg.n_heads));
+    w.add_metadata(format!("{a}.attention.head_count_kv"), u32v(cfg.n_kv_heads));
+    w.add_metadata(format!("{a}.attention.key_length"), u32v(cfg.head_dim));
+    w.add_metadata(format!("{a}.attention.value_length"), u32v(cfg.head_dim));
+    w.add_metadata(format!("{a}.rope.dimension_count"), u32v(cfg.head_dim));
+    w.add_metadata(format!("{a}.rope.freq_base"), GgufValue::F32(cfg.rope_theta));
+    w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
+    if let Some(v) = vocab {
+        w.add_metadata("tokenizer.ggml.model", GgufValue::String(v.model.clone()));
+        if let Some(pre) = &v.pre {
+            w.add_metadata("tokenizer.ggml.pre", GgufValue::String(pre.clone()));
+        }
+        let strs = |xs: &[String]| GgufValue::Array(xs.iter().map(|s| GgufValue::String(s.clone())).collect());
+        w.add_metadata("tokenizer.ggml.tokens", strs(&v.tokens));
+        w.add_metadata("tokenizer.ggml.token_type", GgufValue::Array(v.token_types.iter().map(|&t| GgufValue::I32(t)).collect()));
+        if !v.merges.is_empty() {
+            w.add_metadata("tokenizer.ggml.merges", strs(&v.merges));
+        }
+        if let Some(b) = v.bos {
+            w.add_metadata("tokenizer.ggml.bos_token_id", GgufValue::U32(b));
+        }
+        if let Some(e) = v.eos {
+            w.add_metadata("tokenizer.ggml.eos_token_id", GgufValue::U32(e));
+        }
+        w.add_metadata("tokenizer.ggml.add_bos_token", GgufValue::Bool(v.add_bos));
+        if let Some(t) = &v.chat_template {
+            w.add_metadata("tokenizer.chat_template", GgufValue::String(t.clone()));
+        }
+    }
+    for (tname, t) in weights.iter() {
+        let heads = match tname.rsplit('.').nth(1) {
+            Some("attn_q") if cfg.arch == Arch::Llama => Some(cfg.n_heads),
+            Some("attn_k") if cfg.arch == Arch::Llama => Some(cfg.n_kv_heads),
+            _ => None,
+        };
+        match heads {
+            Some(h) => {
+                let permuted = llama::permute_qk_rows(&t.bytes, t.shape[0], h);
+                w.add_tensor(tname.clone(), &TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: permuted.into() })?;
+            }
+            None => w.add_tensor(tname.clone(), t)?,
+        }
+    }
+    w.write(path)?;
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) as an IR graph.
+//!
+//! Both importers normalise to one weight layout — GGUF tensor names, row-major shapes, and the
+//! Hugging Face ("neox", rotate-halves) RoPE layout — so one builder serves every source.
+//!
+//! Graph interface (symbols `batch`, `seq`, `past`):
+//! - inputs `tokens: i32[batch, seq]`, `pos: i32[batch, seq]` (absolute positions),
+//!   `k_cache.L` / `v_cache.L: f32[batch, past, n_kv_heads, head_dim]` for every layer L;
+//! - outputs `logits: f32[batch, seq, vocab]` and the grown caches `k_cache.L` / `v_cache.L:
+//!   f32[batch, past+seq, n_kv_heads, head_dim]`, which the caller feeds back on the next step.
+
+use kiln_ir::{shape, DType, Graph, GraphError, Op, RopeMode, TensorType, ValueId, WeightStore};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Llama,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// Hyper-parameters of a Llama-family decoder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f32,
+    pub rms_norm_eps: f32,
+    pub context_length: usize,
+    /// Q/K/V projections carry biases (Qwen2).
+    pub attention_bias: bool,
+    /// The LM head reuses `token_embd.weight`.
+    pub tie_embeddings: bool,
+}
+
+impl LlamaConfig {
+    /// Checks the numbers against each other; the message names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("head_dim", self.head_dim),
+        ];
+        for (name, v) in nonzero {
+            if v == 0 {
+                return Err(format!("{name} is 0"));
+            }
+            if v > 1 << 24 {
+                return Err(format!("{name} = {v} is implausibly large"));
+            }
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(format!("n_kv_heads {} does not divide n_heads {}", self.n_kv_heads, self.n_heads));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("rope_theta {} must be positive", self.rope_theta));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return Err(format!("rms_norm_eps {} must be non-negative", self.rms_norm_eps));
+        }
+        Ok(())
+    }
+
+    /// Every weight the graph reads, with its expected row-major shape.
+    pub fn expected_weights(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let (q, kv) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let mut w = vec![("token_embd.weight".to_string(), vec![self.vocab_size, d])];
+        for l in 0..self.n_layers {
+            let p = |s: &str| format!("blk.{l}.{s}");
+            w.push((p("attn_norm.weight"), vec![d]));
+            w.push((p("attn_q.weight"), vec![q, d]));
+            w.push((p("attn_k.weight"), vec![kv, d]));
+            w.push((p("attn_v.weight"), vec![kv, d]));
+            if self.attention_bias {
+                w.push((p("attn_q.bias"), vec![q]));
+                w.push((p("attn_k.bias"), vec![kv]));
+                w.push((p("attn_v.bias"), vec![kv]));
+            }
+            w.push((p("attn_output.weight"), vec![d, q]));
+            w.push((p("ffn_norm.weight"), vec![d]));
+            w.push((p("ffn_gate.weight"), vec![f, d]));
+            w.push((p("ffn_up.weight"), vec![f, d]));
+            w.push((p("ffn_down.weight"), vec![d, f]));
+        }
+        w.push(("output_norm.weight".to_string(), vec![d]));
+        if !self.tie_embeddings {
+            w.push(("output.weight".to_string(), vec![self.vocab_size, d]));
+        }
+        w
+    }
+
+    pub fn param_count(&self) -> usize {
+        self.expected_weights().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+    }
+}
+
+/// Undoes llama.cpp's conversion-time permutation of Q/K rows (which lets it use the interleaved
+/// "normal" RoPE), restoring the Hugging Face row order for which RoPE is "neox". Rows are whole
+/// (quantized) byte runs, so this works for every dtype.
+pub fn unpermute_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize) -> Vec<u8> {
+    let row = bytes.len() / n_rows;
+    let hd = n_rows / n_heads;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..n_heads {
+        for half in 0..2 {
+            for i in 0..hd / 2 {
+                let hf = h * hd + half * hd / 2 + i;
+                let gg = h * hd + 2 * i + half;
+                out[hf * row..(hf + 1) * row].copy_from_slice(&bytes[gg * row..(gg + 1) * row]);
+            }
+        }
+    }
+    out
+}
+
+/// The inverse of [`unpermute_qk_rows`], as llama.cpp's converter applies it (used by our GGUF writer).
+pub fn permute_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize) -> Vec<u8> {
+    let row = bytes.len() / n_rows;
+    let hd = n_rows / n_heads;
+    let mut out = vec![0u8; bytes.len()];
+    for h in 0..n_heads {
+        for half in 0..2 {
+            for i in 0..hd / 2 {
+                let hf = h * hd + half * hd / 2 + i;
+                let gg = h * hd + 2 * i + half;
+                out[gg * row..(gg + 1) * row].copy_from_slice(&bytes[hf * row..(hf + 1) * row]);
+            }
+        }
+    }
+    out
+}
+
+struct Builder<'a> {
+    g: Graph,
+    weights: &'a WeightStore,
+}
+
+impl Builder<'_> {
+    fn weight(&mut self, name: &str) -> Result<ValueId, GraphError> {
+        let t = self.weights.get(name).ok_or_else(|| GraphError::Structure {
+            graph: self.g.name.clone(),
+            msg: format!("weight `{name}` is missing"),
+        })?;
+        let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| d.into()).collect());
+        self.g.weight(name, ty)
+    }
+
+    /// A weight used elementwise (norm gains, biases) is read as f32 whatever its stored dtype.
+    fn f32_weight(&mut self, name: &str) -> Result<ValueId, GraphError> {
+        let w = self.weight(name)?;
+        if self.g.ty(w).dtype == DType::F32 {
+            Ok(w)
+        } else {
+            self.g.add(Op::Cast { dtype: DType::F32 }, &[w])
+        }
+    }
+
+    fn op(&mut self, op: Op, ins: &[ValueId]) -> Result<ValueId, GraphError> {
+        self.g.add(op, ins)
+    }
+}
+
+/// Builds the decoder graph for `cfg` over the weights in `weights` (types and shapes are read from the
+/// store; missing weights are an error naming them).
+pub fn build_graph(name: &str, cfg: &LlamaConfig, weights: &WeightStore) -> Result<Graph, GraphError> {
+    let mut b = Builder { g: Graph::new(name), weights };
+    let (nh, nkv, hd) = (cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.head_dim as i64);
+    let tokens = b.g.input("tokens", TensorType::new(DType::I32, shape!["batch", "seq"]))?;
+    let pos = b.g.input("pos", TensorType::new(DType::I32, shape!["batch", "seq"]))?;
+    let cache_ty = TensorType::new(DType::F32, shape!["batch", "past", nkv, hd]);
+    let mut caches = Vec::new();
+    for l in 0..cfg.n_layers {
+        let k = b.g.input(&format!("k_cache.{l}"), cache_ty.clone())?;
+        let v = b.g.input(&format!("v_cache.{l}"), cache_ty.clone())?;
+        caches.push((k, v));
+    }
+    let embd = b.weight("token_embd.weight")?;
+    let mut x = b.op(Op::Embedding, &[embd, tokens])?;
+    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    let rope = Op::Rope { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd };
+    let mut cache_outs = Vec::new();
+    for (l, &(k_cache, v_cache)) in caches.iter().enumerate() {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        let norm_w = b.f32_weight(&p("attn_norm.weight"))?;
+        let h = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[x, norm_w])?;
+        let proj = |b: &mut Builder, which: &str, heads: i64| -> Result<ValueId, GraphError> {
+            let w = b.weight(&p(&format!("attn_{which}.weight")))?;
+            let mut y = b.op(Op::Linear, &[h, w])?;
+            if cfg.attention_bias {
+                let bias = b.f32_weight(&p(&format!("attn_{which}.bias")))?;
+                y = b.op(Op::Add, &[y, bias])?;
+            }
+            b.op(Op::Reshape { shape: shape!["batch", "seq", heads, hd] }, &[y])
+        };
+        let q = proj(&mut b, "q", nh)?;
+        let k = proj(&mut b, "k", nkv)?;
+        let v = proj(&mut b, "v", nkv)?;
+        let q = b.op(rope.clone(), &[q, pos])?;
+        let k = b.op(rope.clone(), &[k, pos])?;
+        let k_all = b.op(Op::Concat { axis: 1 }, &[k_cache, k])?;
+        let v_all = b.op(Op::Concat { axis: 1 }, &[v_cache, v])?;
+        cache_outs.push((k_all, v_all));
+        let att = b.op(Op::Attention { scale }, &[q, k_all, v_all])?;
+        let att = b.op(Op::Reshape { shape: shape!["batch", "seq", nh * hd] }, &[att])?;
+        let wo = b.weight(&p("attn_output.weight"))?;
+        let o = b.op(Op::Linear, &[att, wo])?;
+        x = b.op(Op::Add, &[x, o])?;
+        let norm_w = b.f32_weight(&p("ffn_norm.weight"))?;
+        let h = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[x, norm_w])?;
+        let wg = b.weight(&p("ffn_gate.weight"))?;
+        let wu = b.weight(&p("ffn_up.weight"))?;
+        let wd = b.weight(&p("ffn_down.weight"))?;
+        let gate = b.op(Op::Linear, &[h, wg])?;
+        let up = b.op(Op::Linear, &[h, wu])?;
+        let act = b.op(Op::SwiGlu, &[gate, up])?;
+        let down = b.op(Op::Linear, &[act, wd])?;
+        x = b.op(Op::Add, &[x, down])?;
+    }
+    let norm_w = b.f32_weight("output_norm.weight")?;
+    let x = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[x, norm_w])?;
+    let head = if cfg.tie_embeddings { embd } else { b.weight("output.weight")? };
+    let logits = b.op(Op::Linear, &[x, head])?;
+    b.g.output("logits", logits);
+    for (l, (k, v)) in cache_outs.into_iter().enumerate() {
+        b.g.output(&format!("k_cache.{l}"), k);
+        b.g.output(&format!("v_cache.{l}"), v);
+    }
+    Ok(b.g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qk_permutation_round_trips() {
+        let bytes: Vec<u8> = (0..8 * 3).map(|i| i as u8).collect(); // 8 rows of 3 bytes, 2 heads
+        let p = permute_qk_rows(&bytes, 8, 2);
+        assert_ne!(p, bytes);
+        assert_eq!(unpermute_qk_rows(&p, 8, 2), bytes);
+        // Head 0 of HF order is rows [r0 r1 | r2 r3] (halves); GGUF interleaves them: r0 r2 r1 r3.
+        assert_eq!(&p[..12], &[0, 1, 2, 6, 7, 8, 3, 4, 5, 9, 10, 11]);
+    }
+}

@@ -1,0 +1,385 @@
+//! A loaded model: its config, weights (normalised to GGUF names, HF row order) and tokenizer, from either
+//! a GGUF file or a Hugging Face directory (config.json + safetensors, single or sharded).
+
+use crate::error::{FrontendError, Result};
+use crate::gguf::{GgufFile, GgufValue};
+use crate::llama::{self, Arch, LlamaConfig};
+use crate::tokenizer::{GgufVocab, Tokenizer};
+use bytes::Bytes;
+use kiln_ir::{DType, Graph, TensorData, WeightStore};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub name: String,
+    pub source: PathBuf,
+    /// "gguf" or "safetensors".
+    pub format: &'static str,
+    pub config: LlamaConfig,
+    pub weights: WeightStore,
+    pub tokenizer: Option<Tokenizer>,
+    /// Format-level facts shown by `kiln inspect` (GGUF metadata scalars, file version…), sorted.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Model {
+    /// Loads a `.gguf` file, or a directory / `config.json` of a Hugging Face model.
+    pub fn load(path: &Path) -> Result<Model> {
+        if !path.exists() {
+            return Err(FrontendError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+        }
+        if path.is_dir() {
+            load_hf(path)
+        } else if path.file_name().is_some_and(|n| n == "config.json") {
+            load_hf(path.parent().unwrap_or(Path::new(".")))
+        } else {
+            load_gguf(path)
+        }
+    }
+
+    /// The decoder graph over this model's weights.
+    pub fn graph(&self) -> Result<Graph> {
+        llama::build_graph(&self.name, &self.config, &self.weights)
+            .map_err(|source| FrontendError::Graph { path: self.source.clone(), source })
+    }
+
+    /// Weight bytes by dtype, for summaries.
+    pub fn dtype_histogram(&self) -> BTreeMap<DType, (usize, usize)> {
+        let mut h = BTreeMap::new();
+        for (_, t) in self.weights.iter() {
+            let e = h.entry(t.dtype).or_insert((0, 0));
+            e.0 += 1;
+            e.1 += t.bytes.len();
+        }
+        h
+    }
+}
+
+/// Checks every expected weight is present with the expected shape, and that nothing else is.
+fn check_weights(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<()> {
+    for (name, shape) in cfg.expected_weights() {
+        let t = weights
+            .get(&name)
+            .ok_or_else(|| FrontendError::MissingTensor { path: path.into(), tensor: name.clone() })?;
+        if t.shape != shape {
+            return Err(FrontendError::Shape { path: path.into(), tensor: name, expected: shape, found: t.shape.clone() });
+        }
+    }
+    Ok(())
+}
+
+fn gguf_err(path: &Path, msg: String) -> FrontendError {
+    FrontendError::invalid(path, msg)
+}
+
+pub fn load_gguf(path: &Path) -> Result<Model> {
+    let f = GgufFile::open(path)?;
+    let arch_name = f.get_str("general.architecture")?.to_string();
+    let arch = match arch_name.as_str() {
+        "llama" | "mistral" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        _ => return Err(FrontendError::UnsupportedArch { path: path.into(), arch: arch_name }),
+    };
+    let key = |k: &str| format!("{arch_name}.{k}");
+    let get = |k: &str| -> Result<usize> {
+        let v = f.get_u64(&key(k))?;
+        usize::try_from(v).map_err(|_| gguf_err(path, format!("{} = {v} does not fit in memory", key(k))))
+    };
+    let get_or = |k: &str, d: usize| -> Result<usize> { if f.get(&key(k)).is_some() { get(k) } else { Ok(d) } };
+    let hidden = get("embedding_length")?;
+    let n_heads = get("attention.head_count")?;
+    if n_heads == 0 {
+        return Err(gguf_err(path, format!("{} is 0", key("attention.head_count"))));
+    }
+    let head_dim = get_or("attention.key_length", hidden / n_heads)?;
+    let vocab = match f.tensor("token_embd.weight") {
+        Some(t) => t.ne.get(1).copied().unwrap_or(0) as usize,
+        None => return Err(FrontendError::MissingTensor { path: path.into(), tensor: "token_embd.weight".into() }),
+    };
+    let theta = match f.get(&key("rope.freq_base")) {
+        Some(_) => f.get_f64(&key("rope.freq_base"))? as f32,
+        None => 10000.0,
+    };
+    let config = LlamaConfig {
+        arch,
+        vocab_size: vocab,
+        hidden_size: hidden,
+        intermediate_size: get("feed_forward_length")?,
+        n_layers: get("block_count")?,
+        n_heads,
+        n_kv_heads: get_or("attention.head_count_kv", n_heads)?,
+        head_dim,
+        rope_theta: theta,
+        rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
+        context_length: get_or("context_length", 2048)?,
+        attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
+        tie_embeddings: f.tensor("output.weight").is_none(),
+    };
+    config.validate().map_err(|m| gguf_err(path, m))?;
+    if f.get(&key("rope.dimension_count")).is_some() {
+        let n_rot = get("rope.dimension_count")?;
+        if n_rot != head_dim {
+            return Err(gguf_err(path, format!("partial rotary embedding ({} = {n_rot}, head_dim {head_dim}) is not supported", key("rope.dimension_count"))));
+        }
+    }
+    if let Some(GgufValue::String(t)) = f.get(&key("rope.scaling.type")) {
+        if t != "none" {
+            return Err(gguf_err(path, format!("RoPE scaling `{t}` is not supported")));
+        }
+    }
+    let mut weights = WeightStore::new();
+    let expected: BTreeMap<String, Vec<usize>> = config.expected_weights().into_iter().collect();
+    for info in &f.tensors {
+        if !expected.contains_key(&info.name) {
+            continue; // e.g. rope_freqs or unused extra tensors
+        }
+        let mut t = f.tensor_data_owned(&info.name).expect("listed tensor");
+        // llama.cpp's converter permuted Q/K rows of llama models for its interleaved RoPE; undo it.
+        if arch == Arch::Llama {
+            let heads = match info.name.rsplit('.').nth(1) {
+                Some("attn_q") => Some(config.n_heads),
+                Some("attn_k") => Some(config.n_kv_heads),
+                _ => None,
+            };
+            if let Some(h) = heads {
+                if t.shape[0] % (2 * h) != 0 {
+                    return Err(gguf_err(path, format!("tensor `{}`: {} rows do not split into {h} heads", info.name, t.shape[0])));
+                }
+                t.bytes = Bytes::from(llama::unpermute_qk_rows(&t.bytes, t.shape[0], h));
+            }
+        }
+        weights.insert(info.name.clone(), t);
+    }
+    check_weights(path, &config, &weights)?;
+    let tokenizer = if f.get("tokenizer.ggml.model").is_some() {
+        Some(Tokenizer::from_gguf_vocab(gguf_vocab(&f)?).map_err(|source| FrontendError::Tokenizer { path: path.into(), source })?)
+    } else {
+        None
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert("gguf.version".into(), f.version.to_string());
+    for (k, v) in &f.metadata {
+        let shown = match v {
+            GgufValue::Array(a) => format!("[{} items]", a.len()),
+            GgufValue::String(s) if s.chars().count() > 80 => format!("{:?}…", s.chars().take(77).collect::<String>()),
+            GgufValue::String(s) => format!("{s:?}"),
+            other => format!("{other:?}").split(['(', ')']).nth(1).unwrap_or_default().to_string(),
+        };
+        metadata.insert(k.clone(), shown);
+    }
+    let name = f
+        .get("general.name")
+        .and_then(|v| v.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| file_stem(path));
+    Ok(Model { name, source: path.into(), format: "gguf", config, weights, tokenizer, metadata })
+}
+
+fn file_stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+/// Reads `tokenizer.ggml.*` metadata.
+pub fn gguf_vocab(f: &GgufFile) -> Result<GgufVocab> {
+    let strs = |k: &str| -> Result<Vec<String>> { Ok(f.get_str_array(k)?.into_iter().map(str::to_string).collect()) };
+    let id = |k: &str| -> Result<Option<u32>> {
+        match f.get(k) {
+            None => Ok(None),
+            Some(_) => Ok(Some(u32::try_from(f.get_u64(k)?).map_err(|_| gguf_err(f.path.as_deref().unwrap_or(Path::new("?")), format!("{k} is out of range")))?)),
+        }
+    };
+    let token_types = match f.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
+        Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i32).collect(),
+        None => Vec::new(),
+    };
+    let model = f.get_str("tokenizer.ggml.model")?.to_string();
+    let pre = f.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).map(str::to_string);
+    let add_bos = match f.get("tokenizer.ggml.add_bos_token") {
+        Some(_) => f.get_bool("tokenizer.ggml.add_bos_token")?,
+        None => GgufVocab::default_add_bos(&model, pre.as_deref()),
+    };
+    Ok(GgufVocab {
+        model,
+        pre,
+        tokens: strs("tokenizer.ggml.tokens")?,
+        token_types,
+        merges: if f.get("tokenizer.ggml.merges").is_some() { strs("tokenizer.ggml.merges")? } else { Vec::new() },
+        bos: id("tokenizer.ggml.bos_token_id")?,
+        eos: id("tokenizer.ggml.eos_token_id")?,
+        add_bos,
+        chat_template: f.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_string),
+    })
+}
+
+/// Hugging Face `config.json` fields Kiln reads.
+#[derive(serde::Deserialize)]
+struct HfConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rope_theta: Option<f32>,
+    rms_norm_eps: f32,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
+    hidden_act: Option<String>,
+}
+
+/// HF tensor name → Kiln's (GGUF) name.
+pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+    let rest = name.strip_prefix("model.").unwrap_or(name);
+    Some(match rest {
+        "embed_tokens.weight" => "token_embd.weight".into(),
+        "norm.weight" => "output_norm.weight".into(),
+        "lm_head.weight" => "output.weight".into(),
+        _ => {
+            let rest = rest.strip_prefix("layers.")?;
+            let (l, tail) = rest.split_once('.')?;
+            let l: usize = l.parse().ok()?;
+            let mapped = match tail {
+                "input_layernorm.weight" => "attn_norm.weight",
+                "post_attention_layernorm.weight" => "ffn_norm.weight",
+                "self_attn.q_proj.weight" => "attn_q.weight",
+                "self_attn.k_proj.weight" => "attn_k.weight",
+                "self_attn.v_proj.weight" => "attn_v.weight",
+                "self_attn.q_proj.bias" => "attn_q.bias",
+                "self_attn.k_proj.bias" => "attn_k.bias",
+                "self_attn.v_proj.bias" => "attn_v.bias",
+                "self_attn.o_proj.weight" => "attn_output.weight",
+                "mlp.gate_proj.weight" => "ffn_gate.weight",
+                "mlp.up_proj.weight" => "ffn_up.weight",
+                "mlp.down_proj.weight" => "ffn_down.weight",
+                _ => return None,
+            };
+            format!("blk.{l}.{mapped}")
+        }
+    })
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| FrontendError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| FrontendError::invalid(path, format!("invalid JSON: {e}")))
+}
+
+pub fn load_hf(dir: &Path) -> Result<Model> {
+    let cfg_path = dir.join("config.json");
+    let raw = read_json(&cfg_path)?;
+    let hf: HfConfig = serde_json::from_value(raw).map_err(|e| FrontendError::invalid(&cfg_path, e.to_string()))?;
+    let model_type = hf.model_type.clone().unwrap_or_default();
+    let arch = match model_type.as_str() {
+        "llama" | "mistral" => Arch::Llama,
+        "qwen2" => Arch::Qwen2,
+        _ => {
+            let shown = if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
+            return Err(FrontendError::UnsupportedArch { path: cfg_path, arch: shown });
+        }
+    };
+    if let Some(rs) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(FrontendError::invalid(&cfg_path, format!("rope_scaling {rs} is not supported")));
+    }
+    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
+        return Err(FrontendError::invalid(&cfg_path, format!("hidden_act `{act}` is not supported (only silu)")));
+    }
+    if hf.num_attention_heads == 0 {
+        return Err(FrontendError::invalid(&cfg_path, "num_attention_heads is 0"));
+    }
+    let config = LlamaConfig {
+        arch,
+        vocab_size: hf.vocab_size,
+        hidden_size: hf.hidden_size,
+        intermediate_size: hf.intermediate_size,
+        n_layers: hf.num_hidden_layers,
+        n_heads: hf.num_attention_heads,
+        n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
+        head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
+        rope_theta: hf.rope_theta.unwrap_or(10000.0),
+        rms_norm_eps: hf.rms_norm_eps,
+        context_length: hf.max_position_embeddings.unwrap_or(2048),
+        attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
+        tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+    };
+    config.validate().map_err(|m| FrontendError::invalid(&cfg_path, m))?;
+
+    // Single file or shards listed by the index.
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let v = read_json(&index)?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| FrontendError::invalid(&index, "no `weight_map` object"))?;
+        let mut files: Vec<String> = Vec::new();
+        for (tensor, file) in map {
+            let file = file.as_str().ok_or_else(|| FrontendError::invalid(&index, format!("weight_map[{tensor}] is not a string")))?;
+            if file.contains('/') || file.contains('\\') || file.starts_with('.') {
+                return Err(FrontendError::invalid(&index, format!("shard name `{file}` leaves the model directory")));
+            }
+            if !files.iter().any(|f| f == file) {
+                files.push(file.to_string());
+            }
+        }
+        files.sort();
+        files.into_iter().map(|f| dir.join(f)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut weights = WeightStore::new();
+    for file in &files {
+        read_safetensors(file, &mut weights)?;
+    }
+    if config.tie_embeddings {
+        weights.remove("output.weight");
+    }
+    check_weights(dir, &config, &weights)?;
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() {
+        Some(Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| FrontendError::Tokenizer { path: tok_path.clone(), source })?)
+    } else {
+        None
+    };
+    let mut metadata = BTreeMap::new();
+    metadata.insert("safetensors.files".into(), files.len().to_string());
+    Ok(Model { name: file_stem(dir), source: dir.into(), format: "safetensors", config, weights, tokenizer, metadata })
+}
+
+/// Reads one safetensors file zero-copy (mmap) into `out`, renaming tensors to Kiln's names.
+fn read_safetensors(path: &Path, out: &mut WeightStore) -> Result<()> {
+    let file = std::fs::File::open(path).map_err(|e| FrontendError::io(path, e))?;
+    // SAFETY: the file is opened read-only and mapped privately; like every mmap-based loader we assume
+    // it is not truncated underneath us while the model is loaded.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FrontendError::io(path, e))?;
+    let all = Bytes::from_owner(mmap);
+    let st = safetensors::SafeTensors::deserialize(&all).map_err(|e| FrontendError::invalid(path, format!("invalid safetensors: {e}")))?;
+    let base = all.as_ptr() as usize;
+    let mut names = st.names();
+    names.sort();
+    for name in names {
+        let view = st.tensor(name).map_err(|e| FrontendError::invalid(path, format!("tensor `{name}`: {e}")))?;
+        let dtype = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            other => return Err(FrontendError::invalid(path, format!("tensor `{name}` has dtype {other:?}; Kiln reads F32, F16, BF16"))),
+        };
+        let Some(kiln_name) = hf_to_gguf_name(name) else {
+            if name.ends_with("rotary_emb.inv_freq") {
+                continue;
+            }
+            return Err(FrontendError::invalid(path, format!("unexpected tensor `{name}` for a Llama-family model")));
+        };
+        let start = view.data().as_ptr() as usize - base;
+        let bytes = all.slice(start..start + view.data().len());
+        if out.contains(&kiln_name) {
+            return Err(FrontendError::invalid(path, format!("tensor `{name}` appears twice")));
+        }
+        out.insert(kiln_name, TensorData { dtype, shape: view.shape().to_vec(), bytes });
+    }
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! The op table: every IR operation, its text name, arity, attributes and type rule.
+//!
+//! `ops!` below is the single list of ops; it generates the `Op` enum, the name/arity lookups and the
+//! attribute (de)serialisation used by the text form. The type rule is `Op::infer`, the interpreter arm is
+//! in `interp.rs`. `docs/adding-an-op.md` lists every place a new op touches.
+
+use crate::dtype::DType;
+use crate::shape::{Dim, TensorType};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Attribute values as they appear in the text form, before being given a type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    /// A quoted string.
+    Str(String),
+    /// A bare token: number, identifier or dimension expression.
+    Raw(String),
+    List(Vec<AttrValue>),
+}
+
+impl fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AttrValue::Str(s) => write!(f, "{s:?}"),
+            AttrValue::Raw(s) => f.write_str(s),
+            AttrValue::List(items) => {
+                f.write_str("[")?;
+                for (i, it) in items.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{it}")?;
+                }
+                f.write_str("]")
+            }
+        }
+    }
+}
+
+/// A Rust type usable as an op attribute.
+pub trait Attr: Sized {
+    fn to_attr(&self) -> AttrValue;
+    fn from_attr(v: &AttrValue) -> Result<Self, String>;
+}
+
+fn raw(v: &AttrValue) -> Result<&str, String> {
+    match v {
+        AttrValue::Raw(s) => Ok(s),
+        other => Err(format!("expected a bare value, found `{other}`")),
+    }
+}
+
+impl Attr for String {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::Str(self.clone())
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        match v {
+            AttrValue::Str(s) => Ok(s.clone()),
+            other => Err(format!("expected a string, found `{other}`")),
+        }
+    }
+}
+
+impl Attr for i64 {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::Raw(self.to_string())
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        let s = raw(v)?;
+        s.parse()
+            .map_err(|_| format!("expected an integer, found `{s}`"))
+    }
+}
+
+impl Attr for f32 {
+    fn to_attr(&self) -> AttrValue {
+        // `{:?}` prints the shortest string that parses back to the same f32.
+        AttrValue::Raw(format!("{self:?}"))
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        let s = raw(v)?;
+        s.parse()
+            .map_err(|_| format!("expected a number, found `{s}`"))
+    }
+}
+
+impl Attr for DType {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::Raw(self.name().to_string())
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        raw(v)?.parse()
+    }
+}
+
+impl Attr for Dim {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::Raw(self.to_string())
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        Dim::parse(raw(v)?)
+    }
+}
+
+impl<T: Attr> Attr for Vec<T> {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::List(self.iter().map(Attr::to_attr).collect())
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        match v {
+            AttrValue::List(items) => items.iter().map(T::from_attr).collect(),
+            other => Err(format!("expected a list, found `{other}`")),
+        }
+    }
+}
+
+/// Rotary embedding layouts. `Normal` rotates adjacent pairs (x[2i], x[2i+1]) — GPT-J, and llama.cpp's
+/// layout for GGUF llama weights whose Q/K rows were permuted at conversion; `Neox` rotates halves
+/// (x[i], x[i+n/2]) — GPT-NeoX, Hugging Face Llama/Qwen2.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum RopeMode {
+    Normal,
+    Neox,
+}
+
+impl Attr for RopeMode {
+    fn to_attr(&self) -> AttrValue {
+        AttrValue::Raw(match self {
+            RopeMode::Normal => "normal".into(),
+            RopeMode::Neox => "neox".into(),
+        })
+    }
+    fn from_attr(v: &AttrValue) -> Result<Self, String> {
+        match raw(v)? {
+            "normal" => Ok(RopeMode::Normal),
+            "neox" => Ok(RopeMode::Neox),
+            s => Err(format!("unknown rope mode `{s}` (expected normal or neox)")),
+        }
+    }
+}
+
+macro_rules! ops {
+    ($( $(#[$doc:meta])* $variant:ident $( { $($field:ident : $fty:ty),* $(,)? } )? = $name:literal / $arity:literal ;)*) => {
+        /// An IR operation with its attributes. Operands live on the node.
+        #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+        pub enum Op {
+            $( $(#[$doc])* $variant $( { $($field: $fty),* } )?, )*
+        }
+
+        impl Op {
+            /// Every op's text name, in table order.
+            pub const NAMES: &'static [&'static str] = &[$($name),*];
+
+            pub fn name(&self) -> &'static str {
+                match self { $( Op::$variant { .. } => $name, )* }
+            }
+
+            /// Number of operands.
+            pub fn arity(&self) -> usize {
+                match self { $( Op::$variant { .. } => $arity, )* }
+            }
+
+            /// Attributes as (name, value), sorted by name (the canonical order of the text form).
+            pub fn attrs(&self) -> Vec<(&'static str, AttrValue)> {
+                #[allow(unused_mut)]
+                let mut out: Vec<(&'static str, AttrValue)> = Vec::new();
+                match self {
+                    $( Op::$variant $( { $($field),* } )? => {
+                        $( $( out.push((stringify!($field), Attr::to_attr($field))); )* )?
+                    } )*
+                }
+                out.sort_by_key(|(k, _)| *k);
+                out
+            }
+
+            /// Builds an op from its text name and attributes; every attribute must be present and known.
+            pub fn from_parts(name: &str, attrs: &[(String, AttrValue)]) -> Result<Op, String> {
+                #[allow(unused_variables)]
+                let get = |key: &str| -> Result<&AttrValue, String> {
+                    attrs.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+                        .ok_or_else(|| format!("op `{name}` needs attribute `{key}`"))
+                };
+                let op = match name {
+                    $( $name => Op::$variant $( { $($field: <$fty as Attr>::from_attr(get(stringify!($field))?)
+                        .map_err(|e| format!("op `{name}`, attribute `{}`: {e}", stringify!($field)))?),* } )?, )*
+                    _ => return Err(format!("unknown op `{name}`")),
+                };
+                let known = op.attrs();
+                for (k, _) in attrs {
+                    if !known.iter().any(|(n, _)| n == k) {
+                        return Err(format!("op `{name}` has no attribute `{k}`"));
+                    }
+                }
+                Ok(op)
+            }
+        }
+    };
+}
+
+ops! {
+    /// A graph input, fed by the caller (token ids, positions, KV cache).
+    Input { name: String } = "input" / 0;
+    /// A named weight from the model's weight store, in its stored dtype (possibly quantized).
+    Weight { name: String } = "weight" / 0;
+    /// An f32 scalar constant.
+    Constant { value: f32 } = "constant" / 0;
+    /// Gathers rows of `table[V, D]` by integer `ids[...]` → `[..., D]`.
+    Embedding = "embedding" / 2;
+    /// `x[..., K] · w[N, K]ᵀ → [..., N]`; `w` may be block-quantized.
+    Linear = "linear" / 2;
+    /// Batched matrix product `a[..., M, K] · b[..., K, N]`.
+    MatMul = "matmul" / 2;
+    /// Elementwise with numpy broadcasting.
+    Add = "add" / 2;
+    Sub = "sub" / 2;
+    Mul = "mul" / 2;
+    Div = "div" / 2;
+    Neg = "neg" / 1;
+    Exp = "exp" / 1;
+    Sqrt = "sqrt" / 1;
+    Rsqrt = "rsqrt" / 1;
+    Sigmoid = "sigmoid" / 1;
+    Silu = "silu" / 1;
+    /// Reductions keep the reduced axis with size 1 so results broadcast back.
+    ReduceSum { axis: i64 } = "reduce_sum" / 1;
+    ReduceMax { axis: i64 } = "reduce_max" / 1;
+    ReduceMean { axis: i64 } = "reduce_mean" / 1;
+    Softmax { axis: i64 } = "softmax" / 1;
+    /// `x / sqrt(mean(x², last axis) + eps) * w[D]`.
+    RmsNorm { eps: f32 } = "rms_norm" / 2;
+    /// Rotary position embedding of `x[B, S, H, Dh]` at positions `pos[B, S]`, rotating the first `n_rot` dims.
+    Rope { mode: RopeMode, theta: f32, n_rot: i64 } = "rope" / 2;
+    /// Causal attention `q[B, S, Hq, Dh]`, `k`/`v[B, T, Hkv, Dh]` (T ≥ S; query i sits at position
+    /// T−S+i), grouped-query when Hkv divides Hq. Result `[B, S, Hq, Dh]`.
+    Attention { scale: f32 } = "attention" / 3;
+    /// `silu(gate) * up`.
+    SwiGlu = "swiglu" / 2;
+    Reshape { shape: Vec<Dim> } = "reshape" / 1;
+    Transpose { perm: Vec<i64> } = "transpose" / 1;
+    Concat { axis: i64 } = "concat" / 2;
+    /// Elements `start..end` along `axis`.
+    Slice { axis: i64, start: i64, end: i64 } = "slice" / 1;
+    Cast { dtype: DType } = "cast" / 1;
+}
+
+/// Resolves a possibly negative axis against `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> Result<usize, String> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(format!("axis {axis} out of range for rank {rank}"))
+    }
+}
+
+fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, String> {
+    let n = a.len().max(b.len());
+    let one = Dim::fixed(1);
+    (0..n)
+        .map(|i| {
+            let da = if i + a.len() >= n {
+                &a[i + a.len() - n]
+            } else {
+                &one
+            };
+            let db = if i + b.len() >= n {
+                &b[i + b.len() - n]
+            } else {
+                &one
+            };
+            if da == db || *db == one {
+                Ok(da.clone())
+            } else if *da == one {
+                Ok(db.clone())
+            } else {
+                Err(format!("cannot broadcast dims {da} and {db}"))
+            }
+        })
+        .collect()
+}
+
+fn want_float(t: &TensorType, what: &str) -> Result<(), String> {
+    if t.dtype == DType::F32 {
+        Ok(())
+    } else {
+        Err(format!("{what} must be f32, found {}", t.dtype))
+    }
+}
+
+fn want_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
+    if t.rank() == rank {
+        Ok(())
+    } else {
+        Err(format!("{what} must have rank {rank}, found {t}"))
+    }
+}
+
+fn same_dim(a: &Dim, b: &Dim, what: &str) -> Result<(), String> {
+    if a == b {
+        Ok(())
+    } else {
+        Err(format!("{what}: {a} ≠ {b}"))
+    }
+}
+
+impl Op {
+    /// The type rule: the result type from operand types. Source ops (`input`, `weight`) declare their
+    /// own type, which is passed as `declared`.
+    pub fn infer(
+        &self,
+        ins: &[&TensorType],
+        declared: Option<&TensorType>,
+    ) -> Result<TensorType, String> {
+        if ins.len() != self.arity() {
+            return Err(format!(
+                "`{}` takes {} operands, got {}",
+                self.name(),
+                self.arity(),
+                ins.len()
+            ));
+        }
+        let f32t = |shape: Vec<Dim>| TensorType::new(DType::F32, shape);
+        match self {
+            Op::Input { .. } | Op::Weight { .. } => declared
+                .cloned()
+                .ok_or_else(|| format!("`{}` needs a declared type", self.name())),
+            Op::Constant { .. } => Ok(f32t(vec![])),
+            Op::Embedding => {
+                let (table, ids) = (ins[0], ins[1]);
+                want_rank(table, 2, "embedding table")?;
+                if !ids.dtype.is_int() {
+                    return Err(format!(
+                        "embedding ids must be integers, found {}",
+                        ids.dtype
+                    ));
+                }
+                let mut shape = ids.shape.clone();
+                shape.push(table.shape[1].clone());
+                Ok(f32t(shape))
+            }
+            Op::Linear => {
+                let (x, w) = (ins[0], ins[1]);
+                want_float(x, "linear input")?;
+                want_rank(w, 2, "linear weight")?;
+                if !w.dtype.is_float() {
+                    return Err(format!(
+                        "linear weight must be a float type, found {}",
+                        w.dtype
+                    ));
+                }
+                let k = x.shape.last().ok_or("linear input must have rank ≥ 1")?;
+                same_dim(k, &w.shape[1], "linear inner dimension")?;
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = w.shape[0].clone();
+                Ok(f32t(shape))
+            }
+            Op::MatMul => {
+                let (a, b) = (ins[0], ins[1]);
+                want_float(a, "matmul lhs")?;
+                want_float(b, "matmul rhs")?;
+                if a.rank() < 2 || a.rank() != b.rank() {
+                    return Err(format!("matmul needs equal ranks ≥ 2, found {a} and {b}"));
+                }
+                let r = a.rank();
+                same_dim(&a.shape[r - 1], &b.shape[r - 2], "matmul inner dimension")?;
+                for i in 0..r - 2 {
+                    same_dim(&a.shape[i], &b.shape[i], "matmul batch dimension")?;
+                }
+                let mut shape = a.shape[..r - 1].to_vec();
+                shape.push(b.shape[r - 1].clone());
+                Ok(f32t(shape))
+            }
+            Op::Add | Op::Sub | Op::Mul | Op::Div => {
+                want_float(ins[0], "lhs")?;
+                want_float(ins[1], "rhs")?;
+                Ok(f32t(broadcast(&ins[0].shape, &ins[1].shape)?))
+            }
+            Op::Neg | Op::Exp | Op::Sqrt | Op::Rsqrt | Op::Sigmoid | Op::Silu => {
+                want_float(ins[0], "operand")?;
+                Ok(ins[0].clone())
+            }
+            Op::ReduceSum { axis } | Op::ReduceMax { axis } | Op::ReduceMean { axis } => {
+                want_float(ins[0], "operand")?;
+                let a = norm_axis(*axis, ins[0].rank())?;
+                let mut shape = ins[0].shape.clone();
+                shape[a] = Dim::fixed(1);
+                Ok(f32t(shape))
+            }
+            Op::Softmax { axis } => {
+                want_float(ins[0], "operand")?;
+                norm_axis(*axis, ins[0].rank())?;
+                Ok(ins[0].clone())
+            }
+            Op::RmsNorm { .. } => {
+                let (x, w) = (ins[0], ins[1]);
+                want_float(x, "rms_norm input")?;
+                want_float(w, "rms_norm weight")?;
+                want_rank(w, 1, "rms_norm weight")?;
+                same_dim(
+                    x.shape.last().ok_or("rms_norm input must have rank ≥ 1")?,
+                    &w.shape[0],
+                    "rms_norm width",
+                )?;
+                Ok(x.clone())
+            }
+            Op::Rope { n_rot, .. } => {
+                let (x, pos) = (ins[0], ins[1]);
+                want_float(x, "rope input")?;
+                want_rank(x, 4, "rope input")?;
+                want_rank(pos, 2, "rope positions")?;
+                if !pos.dtype.is_int() {
+                    return Err(format!(
+                        "rope positions must be integers, found {}",
+                        pos.dtype
+                    ));
+                }
+                same_dim(&x.shape[0], &pos.shape[0], "rope batch")?;
+                same_dim(&x.shape[1], &pos.shape[1], "rope sequence")?;
+                if let Some(hd) = x.shape[3].as_fixed() {
+                    if *n_rot <= 0 || *n_rot > hd || n_rot % 2 != 0 {
+                        return Err(format!("rope n_rot {n_rot} must be even and in 1..={hd}"));
+                    }
+                }
+                Ok(x.clone())
+            }
+            Op::Attention { .. } => {
+                let (q, k, v) = (ins[0], ins[1], ins[2]);
+                for (t, what) in [(q, "q"), (k, "k"), (v, "v")] {
+                    want_float(t, what)?;
+                    want_rank(t, 4, what)?;
+                }
+                same_dim(&q.shape[0], &k.shape[0], "attention batch")?;
+                same_dim(&k.shape[0], &v.shape[0], "attention batch")?;
+                same_dim(&k.shape[1], &v.shape[1], "attention kv length")?;
+                same_dim(&k.shape[2], &v.shape[2], "attention kv heads")?;
+                same_dim(&q.shape[3], &k.shape[3], "attention head dim")?;
+                same_dim(&k.shape[3], &v.shape[3], "attention head dim")?;
+                if let (Some(hq), Some(hkv)) = (q.shape[2].as_fixed(), k.shape[2].as_fixed()) {
+                    if hkv == 0 || hq % hkv != 0 {
+                        return Err(format!(
+                            "attention: {hkv} kv heads do not divide {hq} query heads"
+                        ));
+                    }
+                }
+                Ok(q.clone())
+            }
+            Op::SwiGlu => {
+                want_float(ins[0], "gate")?;
+                if ins[0] != ins[1] {
+                    return Err(format!("swiglu operands differ: {} and {}", ins[0], ins[1]));
+                }
+                Ok(ins[0].clone())
+            }
+            Op::Reshape { shape } => {
+                let x = ins[0];
+                // Equal element counts are checked when concrete; symbolic dims must be carried over.
+                let (ka, kb) = (fixed_product(&x.shape), fixed_product(shape));
+                let (sa, sb) = (symbolic_part(&x.shape), symbolic_part(shape));
+                if sa != sb || (ka != kb) {
+                    return Err(format!(
+                        "reshape {} → [{}] changes the element count",
+                        x,
+                        join(shape)
+                    ));
+                }
+                Ok(TensorType::new(x.dtype, shape.clone()))
+            }
+            Op::Transpose { perm } => {
+                let x = ins[0];
+                let mut seen = vec![false; x.rank()];
+                if perm.len() != x.rank() {
+                    return Err(format!(
+                        "transpose perm {perm:?} does not match rank {}",
+                        x.rank()
+                    ));
+                }
+                let mut shape = Vec::with_capacity(perm.len());
+                for &p in perm {
+                    let a = norm_axis(p, x.rank())?;
+                    if std::mem::replace(&mut seen[a], true) {
+                        return Err(format!("transpose perm {perm:?} repeats axis {a}"));
+                    }
+                    shape.push(x.shape[a].clone());
+                }
+                Ok(TensorType::new(x.dtype, shape))
+            }
+            Op::Concat { axis } => {
+                let (a, b) = (ins[0], ins[1]);
+                if a.dtype != b.dtype || a.rank() != b.rank() {
+                    return Err(format!("concat of {a} and {b}"));
+                }
+                let ax = norm_axis(*axis, a.rank())?;
+                let mut shape = a.shape.clone();
+                for i in 0..a.rank() {
+                    if i == ax {
+                        shape[i] = a.shape[i].add(&b.shape[i]);
+                    } else {
+                        same_dim(&a.shape[i], &b.shape[i], "concat dimension")?;
+                    }
+                }
+                Ok(TensorType::new(a.dtype, shape))
+            }
+            Op::Slice { axis, start, end } => {
+                let x = ins[0];
+                let ax = norm_axis(*axis, x.rank())?;
+                if *start < 0 || end < start {
+                    return Err(format!("slice {start}..{end} is empty or negative"));
+                }
+                if let Some(n) = x.shape[ax].as_fixed() {
+                    if *end > n {
+                        return Err(format!("slice {start}..{end} past dimension {n}"));
+                    }
+                }
+                let mut shape = x.shape.clone();
+                shape[ax] = Dim::fixed(end - start);
+                Ok(TensorType::new(x.dtype, shape))
+            }
+            Op::Cast { dtype } => {
+                if dtype.is_quantized() {
+                    return Err(format!(
+                        "cast to quantized type {dtype} is not an op; quantize weights instead"
+                    ));
+                }
+                Ok(TensorType::new(*dtype, ins[0].shape.clone()))
+            }
+        }
+    }
+}
+
+fn fixed_product(shape: &[Dim]) -> i64 {
+    shape.iter().filter_map(Dim::as_fixed).product()
+}
+
+fn symbolic_part(shape: &[Dim]) -> Vec<Dim> {
+    let mut v: Vec<Dim> = shape
+        .iter()
+        .filter(|d| d.as_fixed().is_none())
+        .cloned()
+        .collect();
+    v.sort();
+    v
+}
+
+fn join(shape: &[Dim]) -> String {
+    shape
+        .iter()
+        .map(|d| d.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

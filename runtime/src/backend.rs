@@ -1,0 +1,163 @@
+//! The backend trait and the interpreter backend.
+
+use kiln_ir::interp::{Data, InterpError, Interpreter, Tensor};
+use kiln_ir::{Graph, WeightStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("context length exceeded: {past} cached + {new} new tokens > {limit}")]
+    ContextFull { past: usize, new: usize, limit: usize },
+    #[error("the graph has no `{0}` {1}")]
+    Interface(String, &'static str),
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("empty prompt: at least one token is needed")]
+    EmptyPrompt,
+    #[error(transparent)]
+    Interp(#[from] InterpError),
+}
+
+/// Logits of every position of one step, row-major `[rows, vocab]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    pub rows: usize,
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+    pub fn last(&self) -> &[f32] {
+        self.row(self.rows - 1)
+    }
+}
+
+/// Something that runs the decoder one step at a time, keeping its own KV cache.
+pub trait Backend {
+    fn name(&self) -> &str;
+    fn vocab_size(&self) -> usize;
+    fn context_length(&self) -> usize;
+    /// Tokens already in the cache.
+    fn position(&self) -> usize;
+    /// Appends `tokens` at the current position and returns their logits.
+    fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError>;
+    /// Empties the KV cache.
+    fn reset(&mut self);
+}
+
+/// Runs the graph on the reference interpreter. Every graph input whose name is also an output name
+/// (`k_cache.L`, `v_cache.L`) is state: it starts empty and is replaced by the output after each step.
+pub struct InterpreterBackend<'w> {
+    graph: Graph,
+    interp: Interpreter<'w>,
+    state: Vec<(String, Tensor)>,
+    vocab: usize,
+    context: usize,
+    past: usize,
+}
+
+impl<'w> InterpreterBackend<'w> {
+    pub fn new(graph: Graph, weights: &'w WeightStore, context: usize) -> Result<Self, RuntimeError> {
+        for name in ["tokens", "pos"] {
+            if !graph.inputs().any(|(n, _)| n == name) {
+                return Err(RuntimeError::Interface(name.into(), "input"));
+            }
+        }
+        let logits = graph.output_named("logits").ok_or_else(|| RuntimeError::Interface("logits".into(), "output"))?;
+        let vocab = graph
+            .ty(logits)
+            .shape
+            .last()
+            .and_then(|d| d.as_fixed())
+            .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
+            as usize;
+        let mut b = InterpreterBackend { graph, interp: Interpreter::new(weights), state: Vec::new(), vocab, context, past: 0 };
+        b.reset();
+        Ok(b)
+    }
+
+    /// Dequantizes all weights now (see [`Interpreter::prepare`]).
+    pub fn prepare(&self, tick: impl FnMut()) -> Result<(), RuntimeError> {
+        Ok(self.interp.prepare(&self.graph, tick)?)
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+}
+
+impl Backend for InterpreterBackend<'_> {
+    fn name(&self) -> &str {
+        "interpreter"
+    }
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+    fn context_length(&self) -> usize {
+        self.context
+    }
+    fn position(&self) -> usize {
+        self.past
+    }
+
+    fn reset(&mut self) {
+        self.past = 0;
+        self.state.clear();
+        let g = &self.graph;
+        for (name, v) in g.inputs() {
+            if g.output_named(name).is_none() {
+                continue;
+            }
+            // State starts with every symbolic dim at 0 except batch = 1.
+            let shape: Vec<usize> = g
+                .ty(v)
+                .shape
+                .iter()
+                .map(|d| match (d.as_fixed(), d.as_sym()) {
+                    (Some(n), _) => n as usize,
+                    (None, Some("batch")) => 1,
+                    _ => 0,
+                })
+                .collect();
+            let n = shape.iter().product();
+            self.state.push((name.to_string(), Tensor::f32(shape, vec![0.0; n])));
+        }
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if self.past + tokens.len() > self.context {
+            return Err(RuntimeError::ContextFull { past: self.past, new: tokens.len(), limit: self.context });
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(RuntimeError::BadToken { id, vocab: self.vocab });
+        }
+        let s = tokens.len();
+        let ids = Tensor::i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect());
+        let pos = Tensor::i64(vec![1, s], (self.past..self.past + s).map(|p| p as i64).collect());
+        let mut inputs: Vec<(&str, Tensor)> = vec![("tokens", ids), ("pos", pos)];
+        for (name, t) in &self.state {
+            inputs.push((name.as_str(), t.clone()));
+        }
+        let outputs = self.interp.run(&self.graph, &inputs)?;
+        drop(inputs);
+        let mut logits = None;
+        let mut state = Vec::with_capacity(self.state.len());
+        for (name, t) in outputs {
+            if name == "logits" {
+                logits = Some(t);
+            } else if self.state.iter().any(|(n, _)| *n == name) {
+                state.push((name, t));
+            }
+        }
+        self.state = state;
+        self.past += s;
+        let t = logits.expect("checked in new()");
+        let Data::F32(data) = t.data else { unreachable!("logits are f32 by the type rules") };
+        Ok(Logits { rows: s, vocab: self.vocab, data })
+    }
+}
