@@ -212,7 +212,8 @@ fn run(a: RunArgs) -> Result<()> {
     let BackendKind::Interpreter = a.backend;
     let mut backend = InterpreterBackend::new(graph, &m.weights, m.config.context_length)?;
     prepare_weights(&backend)?;
-    let mut sampler = Sampler::new(SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed });
+    let mut sampler =
+        Sampler::new(SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed });
     let stop: Vec<u32> = if a.ignore_eos { vec![] } else { tok.and_then(|t| t.eos()).into_iter().collect() };
     let mut decoder = tok.map(|t| t.stream_decoder(true));
     let mut out = std::io::stdout().lock();
@@ -279,7 +280,9 @@ fn run(a: RunArgs) -> Result<()> {
 fn prepare_weights(backend: &InterpreterBackend) -> Result<()> {
     let names: Vec<String> = backend.graph().weights().map(|(n, _)| n.to_string()).collect();
     let bar = ProgressBar::new(names.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{msg:>18} [{bar:30}] {pos}/{len} {elapsed}").unwrap().progress_chars("=> "),
+    );
     bar.set_message("preparing weights");
     backend.prepare(|| bar.inc(1))?;
     bar.finish_and_clear();

@@ -1,1 +1,12 @@
-//! Integration tests.
+//! Kiln's integration tests, in one binary (LLVM-linked binaries are large; one link is enough).
+//!
+//! Tests that need the default model expect it in the cache (`scripts/setup.sh` puts it there; the
+//! README's test command runs that first) and fail with a clear message otherwise.
+
+mod bad_input;
+mod common;
+mod fuzz;
+mod golden;
+mod import_roundtrip;
+mod ir_text;
+mod tokenizer;

@@ -1,1 +1,84 @@
-//! (being written)
+//! Code generation: turning IR graphs into native code for a [`Target`].
+//!
+//! The shape: a small `Target` trait (what a target is called, which ops it can lower) with the host
+//! CPU and CUDA behind it. Lowering through MLIR/LLVM lands with the CPU codegen work; until then every
+//! op is reported as unsupported, so `compile` fails up front naming the first op, and the runtime keeps
+//! using the interpreter. Nothing here pretends to generate code.
+
+use kiln_ir::{Graph, Op};
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum CodegenError {
+    #[error("target {target}: op `{op}` ({value}) has no lowering yet")]
+    UnsupportedOp { target: String, op: &'static str, value: String },
+}
+
+/// A code generation target.
+pub trait Target {
+    /// Short name, e.g. `x86_64-cpu` or `cuda-sm80`.
+    fn name(&self) -> String;
+    /// Whether this target can lower `op`.
+    fn supports(&self, op: &Op) -> bool;
+}
+
+/// The CPU Kiln runs on, with the instruction-set features codegen will specialise for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuTarget {
+    pub arch: String,
+    pub features: Vec<String>,
+}
+
+impl CpuTarget {
+    /// Detects the host CPU's features.
+    pub fn host() -> CpuTarget {
+        #[allow(unused_mut)]
+        let mut features: Vec<String> = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            macro_rules! detect {
+                ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { features.push($f.to_string()); } )* };
+            }
+            detect!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni");
+        }
+        CpuTarget { arch: std::env::consts::ARCH.to_string(), features }
+    }
+}
+
+impl Target for CpuTarget {
+    fn name(&self) -> String {
+        format!("{}-cpu", self.arch)
+    }
+    fn supports(&self, _op: &Op) -> bool {
+        false
+    }
+}
+
+/// Checks that `target` can lower every op of `g`; the error names the first op it cannot.
+pub fn check_supported(g: &Graph, target: &dyn Target) -> Result<(), CodegenError> {
+    for (i, n) in g.nodes.iter().enumerate() {
+        if matches!(n.op, Op::Input { .. } | Op::Weight { .. }) {
+            continue;
+        }
+        if !target.supports(&n.op) {
+            return Err(CodegenError::UnsupportedOp { target: target.name(), op: n.op.name(), value: format!("%{i}") });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_ops_are_named() {
+        let g = kiln_ir::text::parse(
+            "graph \"g\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = exp(%0) : f32[4]\n  output \"y\" = %1\n}\n",
+        )
+        .unwrap();
+        let err = check_supported(&g, &CpuTarget::host()).unwrap_err();
+        assert!(err.to_string().contains("op `exp` (%1)"), "{err}");
+        #[cfg(target_arch = "x86_64")]
+        assert!(CpuTarget::host().features.iter().any(|f| f == "sse4.2"));
+    }
+}

@@ -71,9 +71,13 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
     std::fs::write(&cfg_path, text).map_err(|e| FrontendError::io(&cfg_path, e))?;
     let mut tensors: Vec<(String, &TensorData)> = Vec::new();
     for (name, t) in weights.iter() {
-        let hf = gguf_to_hf_name(name).ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
+        let hf =
+            gguf_to_hf_name(name).ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
         if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
-            return Err(FrontendError::invalid(dir, format!("tensor `{name}` is {}; safetensors export takes f32/f16/bf16", t.dtype)));
+            return Err(FrontendError::invalid(
+                dir,
+                format!("tensor `{name}` is {}; safetensors export takes f32/f16/bf16", t.dtype),
+            ));
         }
         tensors.push((hf, t));
     }
@@ -94,7 +98,8 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
                     DType::BF16 => safetensors::Dtype::BF16,
                     _ => safetensors::Dtype::F32,
                 };
-                let view = safetensors::tensor::TensorView::new(dt, t.shape.clone(), &t.bytes).expect("consistent tensor");
+                let view =
+                    safetensors::tensor::TensorView::new(dt, t.shape.clone(), &t.bytes).expect("consistent tensor");
                 (name.clone(), view)
             })
             .collect();
@@ -107,14 +112,21 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
     if shards > 1 {
         let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
         let path = dir.join("model.safetensors.index.json");
-        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json")).map_err(|e| FrontendError::io(&path, e))?;
+        std::fs::write(&path, serde_json::to_string_pretty(&index).expect("json"))
+            .map_err(|e| FrontendError::io(&path, e))?;
     }
     Ok(())
 }
 
 /// Writes a GGUF file with llama.cpp's metadata keys for `cfg`, the weights (Q/K permuted for llama), and
 /// the vocabulary if given.
-pub fn write_gguf(path: &Path, name: &str, cfg: &LlamaConfig, weights: &WeightStore, vocab: Option<&GgufVocab>) -> Result<()> {
+pub fn write_gguf(
+    path: &Path,
+    name: &str,
+    cfg: &LlamaConfig,
+    weights: &WeightStore,
+    vocab: Option<&GgufVocab>,
+) -> Result<()> {
     let mut w = GgufWriter::new();
     let a = cfg.arch.name();
     let u32v = |v: usize| GgufValue::U32(v as u32);
@@ -139,7 +151,10 @@ pub fn write_gguf(path: &Path, name: &str, cfg: &LlamaConfig, weights: &WeightSt
         }
         let strs = |xs: &[String]| GgufValue::Array(xs.iter().map(|s| GgufValue::String(s.clone())).collect());
         w.add_metadata("tokenizer.ggml.tokens", strs(&v.tokens));
-        w.add_metadata("tokenizer.ggml.token_type", GgufValue::Array(v.token_types.iter().map(|&t| GgufValue::I32(t)).collect()));
+        w.add_metadata(
+            "tokenizer.ggml.token_type",
+            GgufValue::Array(v.token_types.iter().map(|&t| GgufValue::I32(t)).collect()),
+        );
         if !v.merges.is_empty() {
             w.add_metadata("tokenizer.ggml.merges", strs(&v.merges));
         }
@@ -163,7 +178,10 @@ pub fn write_gguf(path: &Path, name: &str, cfg: &LlamaConfig, weights: &WeightSt
         match heads {
             Some(h) => {
                 let permuted = llama::permute_qk_rows(&t.bytes, t.shape[0], h);
-                w.add_tensor(tname.clone(), &TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: permuted.into() })?;
+                w.add_tensor(
+                    tname.clone(),
+                    &TensorData { dtype: t.dtype, shape: t.shape.clone(), bytes: permuted.into() },
+                )?;
             }
             None => w.add_tensor(tname.clone(), t)?,
         }

@@ -26,7 +26,10 @@ impl Model {
     /// Loads a `.gguf` file, or a directory / `config.json` of a Hugging Face model.
     pub fn load(path: &Path) -> Result<Model> {
         if !path.exists() {
-            return Err(FrontendError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory")));
+            return Err(FrontendError::io(
+                path,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+            ));
         }
         if path.is_dir() {
             load_hf(path)
@@ -62,7 +65,12 @@ fn check_weights(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Resul
             .get(&name)
             .ok_or_else(|| FrontendError::MissingTensor { path: path.into(), tensor: name.clone() })?;
         if t.shape != shape {
-            return Err(FrontendError::Shape { path: path.into(), tensor: name, expected: shape, found: t.shape.clone() });
+            return Err(FrontendError::Shape {
+                path: path.into(),
+                tensor: name,
+                expected: shape,
+                found: t.shape.clone(),
+            });
         }
     }
     Ok(())
@@ -85,7 +93,13 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         let v = f.get_u64(&key(k))?;
         usize::try_from(v).map_err(|_| gguf_err(path, format!("{} = {v} does not fit in memory", key(k))))
     };
-    let get_or = |k: &str, d: usize| -> Result<usize> { if f.get(&key(k)).is_some() { get(k) } else { Ok(d) } };
+    let get_or = |k: &str, d: usize| -> Result<usize> {
+        if f.get(&key(k)).is_some() {
+            get(k)
+        } else {
+            Ok(d)
+        }
+    };
     let hidden = get("embedding_length")?;
     let n_heads = get("attention.head_count")?;
     if n_heads == 0 {
@@ -119,7 +133,13 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     if f.get(&key("rope.dimension_count")).is_some() {
         let n_rot = get("rope.dimension_count")?;
         if n_rot != head_dim {
-            return Err(gguf_err(path, format!("partial rotary embedding ({} = {n_rot}, head_dim {head_dim}) is not supported", key("rope.dimension_count"))));
+            return Err(gguf_err(
+                path,
+                format!(
+                    "partial rotary embedding ({} = {n_rot}, head_dim {head_dim}) is not supported",
+                    key("rope.dimension_count")
+                ),
+            ));
         }
     }
     if let Some(GgufValue::String(t)) = f.get(&key("rope.scaling.type")) {
@@ -143,7 +163,10 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             };
             if let Some(h) = heads {
                 if t.shape[0] % (2 * h) != 0 {
-                    return Err(gguf_err(path, format!("tensor `{}`: {} rows do not split into {h} heads", info.name, t.shape[0])));
+                    return Err(gguf_err(
+                        path,
+                        format!("tensor `{}`: {} rows do not split into {h} heads", info.name, t.shape[0]),
+                    ));
                 }
                 t.bytes = Bytes::from(llama::unpermute_qk_rows(&t.bytes, t.shape[0], h));
             }
@@ -152,7 +175,10 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     }
     check_weights(path, &config, &weights)?;
     let tokenizer = if f.get("tokenizer.ggml.model").is_some() {
-        Some(Tokenizer::from_gguf_vocab(gguf_vocab(&f)?).map_err(|source| FrontendError::Tokenizer { path: path.into(), source })?)
+        Some(
+            Tokenizer::from_gguf_vocab(gguf_vocab(&f)?)
+                .map_err(|source| FrontendError::Tokenizer { path: path.into(), source })?,
+        )
     } else {
         None
     };
@@ -167,11 +193,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         };
         metadata.insert(k.clone(), shown);
     }
-    let name = f
-        .get("general.name")
-        .and_then(|v| v.as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| file_stem(path));
+    let name = f.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| file_stem(path));
     Ok(Model { name, source: path.into(), format: "gguf", config, weights, tokenizer, metadata })
 }
 
@@ -182,12 +204,15 @@ fn file_stem(path: &Path) -> String {
 /// Reads `tokenizer.ggml.*` metadata.
 pub fn gguf_vocab(f: &GgufFile) -> Result<GgufVocab> {
     let strs = |k: &str| -> Result<Vec<String>> { Ok(f.get_str_array(k)?.into_iter().map(str::to_string).collect()) };
-    let id = |k: &str| -> Result<Option<u32>> {
-        match f.get(k) {
-            None => Ok(None),
-            Some(_) => Ok(Some(u32::try_from(f.get_u64(k)?).map_err(|_| gguf_err(f.path.as_deref().unwrap_or(Path::new("?")), format!("{k} is out of range")))?)),
-        }
-    };
+    let id =
+        |k: &str| -> Result<Option<u32>> {
+            match f.get(k) {
+                None => Ok(None),
+                Some(_) => Ok(Some(u32::try_from(f.get_u64(k)?).map_err(|_| {
+                    gguf_err(f.path.as_deref().unwrap_or(Path::new("?")), format!("{k} is out of range"))
+                })?)),
+            }
+        };
     let token_types = match f.get("tokenizer.ggml.token_type").and_then(|v| v.as_array()) {
         Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(1.0) as i32).collect(),
         None => Vec::new(),
@@ -277,7 +302,8 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         _ => {
-            let shown = if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
+            let shown =
+                if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
             return Err(FrontendError::UnsupportedArch { path: cfg_path, arch: shown });
         }
     };
@@ -317,7 +343,9 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
             .ok_or_else(|| FrontendError::invalid(&index, "no `weight_map` object"))?;
         let mut files: Vec<String> = Vec::new();
         for (tensor, file) in map {
-            let file = file.as_str().ok_or_else(|| FrontendError::invalid(&index, format!("weight_map[{tensor}] is not a string")))?;
+            let file = file
+                .as_str()
+                .ok_or_else(|| FrontendError::invalid(&index, format!("weight_map[{tensor}] is not a string")))?;
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
                 return Err(FrontendError::invalid(&index, format!("shard name `{file}` leaves the model directory")));
             }
@@ -340,7 +368,10 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     check_weights(dir, &config, &weights)?;
     let tok_path = dir.join("tokenizer.json");
     let tokenizer = if tok_path.exists() {
-        Some(Tokenizer::from_tokenizer_json(&tok_path).map_err(|source| FrontendError::Tokenizer { path: tok_path.clone(), source })?)
+        Some(
+            Tokenizer::from_tokenizer_json(&tok_path)
+                .map_err(|source| FrontendError::Tokenizer { path: tok_path.clone(), source })?,
+        )
     } else {
         None
     };
@@ -356,7 +387,8 @@ fn read_safetensors(path: &Path, out: &mut WeightStore) -> Result<()> {
     // it is not truncated underneath us while the model is loaded.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| FrontendError::io(path, e))?;
     let all = Bytes::from_owner(mmap);
-    let st = safetensors::SafeTensors::deserialize(&all).map_err(|e| FrontendError::invalid(path, format!("invalid safetensors: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&all)
+        .map_err(|e| FrontendError::invalid(path, format!("invalid safetensors: {e}")))?;
     let base = all.as_ptr() as usize;
     let mut names = st.names();
     names.sort();
@@ -366,7 +398,12 @@ fn read_safetensors(path: &Path, out: &mut WeightStore) -> Result<()> {
             safetensors::Dtype::F32 => DType::F32,
             safetensors::Dtype::F16 => DType::F16,
             safetensors::Dtype::BF16 => DType::BF16,
-            other => return Err(FrontendError::invalid(path, format!("tensor `{name}` has dtype {other:?}; Kiln reads F32, F16, BF16"))),
+            other => {
+                return Err(FrontendError::invalid(
+                    path,
+                    format!("tensor `{name}` has dtype {other:?}; Kiln reads F32, F16, BF16"),
+                ))
+            }
         };
         let Some(kiln_name) = hf_to_gguf_name(name) else {
             if name.ends_with("rotary_emb.inv_freq") {

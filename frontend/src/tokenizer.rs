@@ -124,10 +124,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage { role: role.into(), content: content.into() }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -158,7 +155,8 @@ const GPT2_RE: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{
 /// Llama 3 (tiktoken cl100k style): numbers in groups of up to three digits.
 const LLAMA3_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2: as Llama 3 but every digit is its own piece.
-const QWEN2_RE: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_RE: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// GPT-4o / Llama 4 (tiktoken o200k style): case-aware word pieces.
 const GPT4O_RE: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// One digit per piece (applied before GPT-2's pattern by the `smollm`/`starcoder` family).
@@ -166,30 +164,12 @@ const DIGIT_RE: &str = r"\p{N}";
 
 /// `tokenizer.ggml.pre` values using GPT-2's pattern alone. (`gpt2` is not a llama.cpp name, accepted
 /// as an alias of `gpt-2`.)
-const GPT2_NAMES: &[&str] = &[
-    "gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "gigachat", "trillion", "exaone4",
-];
+const GPT2_NAMES: &[&str] = &["gpt-2", "gpt2", "phi-2", "mpt", "olmo", "jais", "gigachat", "trillion", "exaone4"];
 /// Individual digits, then GPT-2's pattern.
-const DIGITS_GPT2_NAMES: &[&str] = &[
-    "smollm",
-    "starcoder",
-    "refact",
-    "command-r",
-    "codeshell",
-    "exaone",
-    "minerva-7b",
-];
+const DIGITS_GPT2_NAMES: &[&str] = &["smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"];
 /// Llama 3's pattern; llama.cpp also sets `ignore_merges` (a piece that is a whole vocab token is used as is).
-const LLAMA3_NAMES: &[&str] = &[
-    "llama3",
-    "llama-v3",
-    "llama-bpe",
-    "falcon3",
-    "falcon-h1",
-    "pixtral",
-    "midm-2.0",
-    "lfm2",
-];
+const LLAMA3_NAMES: &[&str] =
+    &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2"];
 /// Llama 3's pattern without `ignore_merges`.
 const LLAMA3_PLAIN_NAMES: &[&str] = &["dbrx", "smaug-bpe", "chatglm-bpe", "glm4"];
 const QWEN2_NAMES: &[&str] = &["qwen2", "deepseek-r1-qwen", "megrez", "stablelm2"];
@@ -197,16 +177,7 @@ const GPT4O_NAMES: &[&str] = &["gpt-4o", "llama4"];
 const FALCON_NAMES: &[&str] = &["falcon"];
 
 fn known_pre_names() -> Vec<&'static str> {
-    [
-        GPT2_NAMES,
-        DIGITS_GPT2_NAMES,
-        LLAMA3_NAMES,
-        LLAMA3_PLAIN_NAMES,
-        QWEN2_NAMES,
-        GPT4O_NAMES,
-        FALCON_NAMES,
-    ]
-    .concat()
+    [GPT2_NAMES, DIGITS_GPT2_NAMES, LLAMA3_NAMES, LLAMA3_PLAIN_NAMES, QWEN2_NAMES, GPT4O_NAMES, FALCON_NAMES].concat()
 }
 
 /// How a GGUF byte-level BPE vocabulary splits text before BPE.
@@ -224,21 +195,10 @@ pub struct PreTokenizerSpec {
 /// runs, then GPT-2, then digit runs, then groups of three ASCII digits) — *not* plain GPT-2; llama.cpp
 /// warns that such files tokenize poorly. An unknown name is an error, as in llama.cpp.
 pub fn pre_tokenizer_regexes(pre: Option<&str>) -> Result<PreTokenizerSpec, TokenizerError> {
-    let spec = |regexes: Vec<&'static str>, ignore_merges| PreTokenizerSpec {
-        regexes,
-        ignore_merges,
-    };
+    let spec = |regexes: Vec<&'static str>, ignore_merges| PreTokenizerSpec { regexes, ignore_merges };
     let name = match pre {
         None | Some("default") => {
-            return Ok(spec(
-                vec![
-                    r"[\p{P}\$\+<=>\^~\|]+",
-                    GPT2_RE,
-                    r"\p{N}+",
-                    r"[0-9][0-9][0-9]",
-                ],
-                false,
-            ))
+            return Ok(spec(vec![r"[\p{P}\$\+<=>\^~\|]+", GPT2_RE, r"\p{N}+", r"[0-9][0-9][0-9]"], false))
         }
         Some(name) => name,
     };
@@ -255,10 +215,7 @@ pub fn pre_tokenizer_regexes(pre: Option<&str>) -> Result<PreTokenizerSpec, Toke
     } else if GPT4O_NAMES.contains(&name) {
         spec(vec![GPT4O_RE], false)
     } else if FALCON_NAMES.contains(&name) {
-        spec(
-            vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, r"[0-9][0-9][0-9]"],
-            false,
-        )
+        spec(vec![r"[\p{P}\$\+<=>\^~\|`]+", GPT2_RE, r"[0-9][0-9][0-9]"], false)
     } else {
         return Err(TokenizerError::UnknownPreTokenizer(name.to_string()));
     })
@@ -268,19 +225,11 @@ pub fn pre_tokenizer_regexes(pre: Option<&str>) -> Result<PreTokenizerSpec, Toke
 fn build_pre_tokenizer(spec: &PreTokenizerSpec) -> Result<PreTokenizerWrapper, TokenizerError> {
     let mut steps = Vec::with_capacity(spec.regexes.len() + 1);
     for re in &spec.regexes {
-        let split = Split::new(
-            SplitPattern::Regex((*re).to_string()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map_err(|e| {
-            TokenizerError::InvalidVocab(format!("bad pre-tokenizer regex {re:?}: {e}"))
-        })?;
+        let split = Split::new(SplitPattern::Regex((*re).to_string()), SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| TokenizerError::InvalidVocab(format!("bad pre-tokenizer regex {re:?}: {e}")))?;
         steps.push(PreTokenizerWrapper::Split(split));
     }
-    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-        false, false, false,
-    )));
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, false, false)));
     Ok(PreTokenizerWrapper::Sequence(Sequence::new(steps)))
 }
 
@@ -294,8 +243,7 @@ fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for (b, slot) in table.iter_mut().enumerate() {
-        let printable =
-            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         let cp = if printable {
             b as u32
         } else {
@@ -308,11 +256,7 @@ fn byte_to_char_table() -> [char; 256] {
 }
 
 fn char_to_byte_map() -> HashMap<char, u8> {
-    byte_to_char_table()
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect()
+    byte_to_char_table().iter().enumerate().map(|(b, &c)| (c, b as u8)).collect()
 }
 
 /// Bytes a byte-level token stands for. Like HF's `ByteLevel` decoder: if some char is outside the
@@ -359,10 +303,7 @@ impl fmt::Debug for Tokenizer {
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("prepend_bos", &self.prepend_bos)
-            .field(
-                "byte_level",
-                &matches!(self.decode_mode, DecodeMode::Bytes(_)),
-            )
+            .field("byte_level", &matches!(self.decode_mode, DecodeMode::Bytes(_)))
             .field("has_chat_template", &self.chat_template.is_some())
             .finish()
     }
@@ -390,27 +331,18 @@ impl Tokenizer {
         }
         let n = v.tokens.len();
         if n == 0 {
-            return Err(TokenizerError::InvalidVocab(
-                "tokenizer.ggml.tokens is empty".into(),
-            ));
+            return Err(TokenizerError::InvalidVocab("tokenizer.ggml.tokens is empty".into()));
         }
         if u32::try_from(n).is_err() {
-            return Err(TokenizerError::InvalidVocab(format!(
-                "{n} tokens do not fit u32 ids"
-            )));
+            return Err(TokenizerError::InvalidVocab(format!("{n} tokens do not fit u32 ids")));
         }
         if !v.token_types.is_empty() && v.token_types.len() != n {
-            return Err(TokenizerError::InvalidVocab(format!(
-                "{} token types for {n} tokens",
-                v.token_types.len()
-            )));
+            return Err(TokenizerError::InvalidVocab(format!("{} token types for {n} tokens", v.token_types.len())));
         }
         for (what, id) in [("bos", v.bos), ("eos", v.eos)] {
             if let Some(id) = id {
                 if id as usize >= n {
-                    return Err(TokenizerError::InvalidVocab(format!(
-                        "{what} id {id} >= vocabulary size {n}"
-                    )));
+                    return Err(TokenizerError::InvalidVocab(format!("{what} id {id} >= vocabulary size {n}")));
                 }
             }
         }
@@ -418,28 +350,19 @@ impl Tokenizer {
         let spec = pre_tokenizer_regexes(v.pre.as_deref())?;
 
         // Later duplicates win, as in llama.cpp's token → id map.
-        let vocab: Vocab = v
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
+        let vocab: Vocab = v.tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
         let mut merges = Vec::with_capacity(v.merges.len());
         for (i, m) in v.merges.iter().enumerate() {
-            let (a, b) = m.split_once(' ').ok_or_else(|| {
-                TokenizerError::InvalidVocab(format!("merge #{i} {m:?} is not of the form \"a b\""))
-            })?;
+            let (a, b) = m
+                .split_once(' ')
+                .ok_or_else(|| TokenizerError::InvalidVocab(format!("merge #{i} {m:?} is not of the form \"a b\"")))?;
             merges.push((a.to_string(), b.to_string()));
         }
-        let mut bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .ignore_merges(spec.ignore_merges);
+        let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).ignore_merges(spec.ignore_merges);
         if let Some(unk) = (0..n).find(|&id| ty(id) == token_type::UNKNOWN) {
             bpe = bpe.unk_token(v.tokens[unk].clone());
         }
-        let bpe = bpe
-            .build()
-            .map_err(|e| TokenizerError::InvalidVocab(format!("BPE model: {e}")))?;
+        let bpe = bpe.build().map_err(|e| TokenizerError::InvalidVocab(format!("BPE model: {e}")))?;
 
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(build_pre_tokenizer(&spec)?));
@@ -453,9 +376,7 @@ impl Tokenizer {
                     special[id] = true;
                     specials.push(AddedToken::from(tok.clone(), true).normalized(false));
                 }
-                token_type::USER_DEFINED => {
-                    user_defined.push(AddedToken::from(tok.clone(), false).normalized(false))
-                }
+                token_type::USER_DEFINED => user_defined.push(AddedToken::from(tok.clone(), false).normalized(false)),
                 _ => {}
             }
         }
@@ -493,19 +414,11 @@ impl Tokenizer {
     /// `chat_template`, `bos_token`, `eos_token` and `add_bos_token` are used; a `chat_template.jinja`
     /// beside it takes precedence for the template. Truncation and padding settings are ignored.
     pub fn from_tokenizer_json(path: &Path) -> Result<Tokenizer, TokenizerError> {
-        let load_err = |message: String| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message,
-        };
-        let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut inner: tokenizers::Tokenizer =
-            text.parse().map_err(|e| load_err(format!("{e}")))?;
-        inner
-            .with_truncation(None)
-            .map_err(|e| load_err(format!("{e}")))?;
+        let load_err = |message: String| TokenizerError::Load { path: path.to_path_buf(), message };
+        let text =
+            std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+        let mut inner: tokenizers::Tokenizer = text.parse().map_err(|e| load_err(format!("{e}")))?;
+        inner.with_truncation(None).map_err(|e| load_err(format!("{e}")))?;
         inner.with_padding(None);
 
         let vocab = inner.get_vocab(true);
@@ -523,12 +436,7 @@ impl Tokenizer {
 
         let decode_mode = if matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_))) {
             let map = char_to_byte_map();
-            DecodeMode::Bytes(
-                tokens
-                    .iter()
-                    .map(|t| t.as_deref().map(|t| byte_level_token_bytes(t, &map)))
-                    .collect(),
-            )
+            DecodeMode::Bytes(tokens.iter().map(|t| t.as_deref().map(|t| byte_level_token_bytes(t, &map))).collect())
         } else {
             DecodeMode::Hf
         };
@@ -541,18 +449,12 @@ impl Tokenizer {
         };
         let bos = token_id("bos_token");
         let eos = token_id("eos_token");
-        let add_bos = config
-            .as_ref()
-            .and_then(|c| c.get("add_bos_token"))
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false);
+        let add_bos = config.as_ref().and_then(|c| c.get("add_bos_token")).and_then(|v| v.as_bool()).unwrap_or(false);
         // Most tokenizer.json files add BOS through their post-processor; only add it ourselves if the
         // config asks for it and the post-processor does not.
         let prepend_bos = match bos {
             Some(bos) if add_bos => {
-                let probe = inner
-                    .encode_fast("", true)
-                    .map_err(|e| load_err(format!("{e}")))?;
+                let probe = inner.encode_fast("", true).map_err(|e| load_err(format!("{e}")))?;
                 !probe.get_ids().contains(&bos)
             }
             _ => false,
@@ -561,38 +463,21 @@ impl Tokenizer {
         let jinja_path = dir.join("chat_template.jinja");
         let chat_template = if jinja_path.is_file() {
             Some(
-                std::fs::read_to_string(&jinja_path).map_err(|source| TokenizerError::Io {
-                    path: jinja_path,
-                    source,
-                })?,
+                std::fs::read_to_string(&jinja_path)
+                    .map_err(|source| TokenizerError::Io { path: jinja_path, source })?,
             )
         } else {
-            config
-                .as_ref()
-                .and_then(|c| c.get("chat_template"))
-                .and_then(chat_template_from_config)
+            config.as_ref().and_then(|c| c.get("chat_template")).and_then(chat_template_from_config)
         };
 
-        Ok(Tokenizer {
-            inner,
-            decode_mode,
-            tokens,
-            special,
-            bos,
-            eos,
-            prepend_bos,
-            chat_template,
-        })
+        Ok(Tokenizer { inner, decode_mode, tokens, special, bos, eos, prepend_bos, chat_template })
     }
 
     /// Encodes `text`. Special and user-defined tokens written in the text (e.g. `<|im_start|>`) become
     /// their single ids. With `add_special`, the BOS token is added if the model asks for it
     /// (`add_bos_token`, or the tokenizer.json post-processor).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self
-            .inner
-            .encode_fast(text, add_special)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let enc = self.inner.encode_fast(text, add_special).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let ids = enc.get_ids();
         match self.bos {
             Some(bos) if add_special && self.prepend_bos => {
@@ -619,10 +504,7 @@ impl Tokenizer {
                 }
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
-            DecodeMode::Hf => self
-                .inner
-                .decode(ids, skip_special)
-                .map_err(|e| TokenizerError::Decode(e.to_string())),
+            DecodeMode::Hf => self.inner.decode(ids, skip_special).map_err(|e| TokenizerError::Decode(e.to_string())),
         }
     }
 
@@ -685,21 +567,9 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or(TokenizerError::NoChatTemplate)?;
-        let text_of = |id: Option<u32>| {
-            id.and_then(|id| self.decode(&[id], false).ok())
-                .unwrap_or_default()
-        };
-        render_chat_template(
-            template,
-            messages,
-            add_generation_prompt,
-            &text_of(self.bos),
-            &text_of(self.eos),
-        )
+        let template = self.chat_template.as_deref().ok_or(TokenizerError::NoChatTemplate)?;
+        let text_of = |id: Option<u32>| id.and_then(|id| self.decode(&[id], false).ok()).unwrap_or_default();
+        render_chat_template(template, messages, add_generation_prompt, &text_of(self.bos), &text_of(self.eos))
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), TokenizerError> {
@@ -717,16 +587,11 @@ fn read_tokenizer_config(path: &Path) -> Result<Option<serde_json::Value>, Token
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| TokenizerError::Load {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        .map_err(|e| TokenizerError::Load { path: path.to_path_buf(), message: e.to_string() })
 }
 
 /// `bos_token` / `eos_token` in tokenizer_config.json: a string or an `AddedToken` object.
@@ -744,14 +609,9 @@ fn chat_template_from_config(v: &serde_json::Value) -> Option<String> {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Array(list) => {
             let named = |name: &str| {
-                list.iter()
-                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))?
-                    .get("template")?
-                    .as_str()
+                list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(name))?.get("template")?.as_str()
             };
-            named("default")
-                .or_else(|| list.first()?.get("template")?.as_str())
-                .map(str::to_string)
+            named("default").or_else(|| list.first()?.get("template")?.as_str()).map(str::to_string)
         }
         _ => None,
     }
@@ -785,18 +645,14 @@ impl StreamDecoder<'_> {
         }
         match &self.tok.decode_mode {
             DecodeMode::Bytes(table) => {
-                self.pending
-                    .extend_from_slice(table[id as usize].as_deref().unwrap_or_default());
+                self.pending.extend_from_slice(table[id as usize].as_deref().unwrap_or_default());
                 let out = drain_utf8(&mut self.pending, false);
                 Ok((!out.is_empty()).then_some(out))
             }
             DecodeMode::Hf => {
                 self.ids.push(id);
                 let text = self.tok.decode(&self.ids, self.skip_special)?;
-                if text.len() <= self.prefix.len()
-                    || text.ends_with('\u{FFFD}')
-                    || !text.starts_with(&self.prefix)
-                {
+                if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') || !text.starts_with(&self.prefix) {
                     return Ok(None);
                 }
                 let new = text[self.prefix.len()..].to_string();
@@ -814,14 +670,8 @@ impl StreamDecoder<'_> {
         let out = match &self.tok.decode_mode {
             DecodeMode::Bytes(_) => drain_utf8(&mut self.pending, true),
             DecodeMode::Hf => {
-                let text = self
-                    .tok
-                    .decode(&self.ids, self.skip_special)
-                    .unwrap_or_default();
-                let out = text
-                    .get(self.prefix.len()..)
-                    .unwrap_or_default()
-                    .to_string();
+                let text = self.tok.decode(&self.ids, self.skip_special).unwrap_or_default();
+                let out = text.get(self.prefix.len()..).unwrap_or_default().to_string();
                 self.ids.clear();
                 self.prefix.clear();
                 self.prefix_index = 0;
@@ -845,9 +695,7 @@ fn drain_utf8(buf: &mut Vec<u8>, flush: bool) -> String {
             }
             Err(e) => {
                 let valid = e.valid_up_to();
-                out.push_str(
-                    std::str::from_utf8(&buf[start..start + valid]).expect("validated prefix"),
-                );
+                out.push_str(std::str::from_utf8(&buf[start..start + valid]).expect("validated prefix"));
                 match e.error_len() {
                     Some(bad) => {
                         out.push('\u{FFFD}');
@@ -887,12 +735,9 @@ pub fn render_chat_template(
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(python_method);
-    env.add_function(
-        "raise_exception",
-        |msg: String| -> Result<Value, minijinja::Error> {
-            Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
-        },
-    );
+    env.add_function("raise_exception", |msg: String| -> Result<Value, minijinja::Error> {
+        Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
+    });
     env.add_function("strftime_now", |fmt: String| strftime_utc_now(&fmt));
     env.add_filter("tojson", tojson_filter);
     let tmpl = env.template_from_str(template).map_err(err)?;
@@ -916,12 +761,7 @@ fn describe_jinja_error(e: &minijinja::Error) -> String {
 }
 
 /// Python `str` / `dict` methods that HF chat templates call (a subset of minijinja-contrib's pycompat).
-fn python_method(
-    _state: &State,
-    value: &Value,
-    method: &str,
-    args: &[Value],
-) -> Result<Value, minijinja::Error> {
+fn python_method(_state: &State, value: &Value, method: &str, args: &[Value]) -> Result<Value, minijinja::Error> {
     let unknown = || Err(minijinja::Error::from(ErrorKind::UnknownMethod));
     if let Some(s) = value.as_str() {
         let strip_set = |chars: Option<&str>| {
@@ -931,18 +771,17 @@ fn python_method(
                 None => c.is_whitespace(),
             }
         };
-        let affix_matches =
-            |arg: &Value, f: &dyn Fn(&str) -> bool| -> Result<bool, minijinja::Error> {
-                if let Some(a) = arg.as_str() {
-                    return Ok(f(a));
+        let affix_matches = |arg: &Value, f: &dyn Fn(&str) -> bool| -> Result<bool, minijinja::Error> {
+            if let Some(a) = arg.as_str() {
+                return Ok(f(a));
+            }
+            for item in arg.try_iter()? {
+                if item.as_str().is_some_and(f) {
+                    return Ok(true);
                 }
-                for item in arg.try_iter()? {
-                    if item.as_str().is_some_and(f) {
-                        return Ok(true);
-                    }
-                }
-                Ok(false)
-            };
+            }
+            Ok(false)
+        };
         return Ok(match method {
             "strip" => {
                 let (chars,): (Option<&str>,) = from_args(args)?;
@@ -970,11 +809,7 @@ fn python_method(
                 let mut out = String::with_capacity(s.len());
                 let mut at_word_start = true;
                 for (i, c) in s.chars().enumerate() {
-                    let upper = if method == "title" {
-                        at_word_start
-                    } else {
-                        i == 0
-                    };
+                    let upper = if method == "title" { at_word_start } else { i == 0 };
                     if upper {
                         out.extend(c.to_uppercase());
                     } else {
@@ -993,10 +828,7 @@ fn python_method(
             }
             "split" | "rsplit" => {
                 let (sep, maxsplit): (Option<&str>, Option<i64>) = from_args(args)?;
-                let max = maxsplit
-                    .filter(|&m| m >= 0)
-                    .map(|m| m as usize + 1)
-                    .unwrap_or(usize::MAX);
+                let max = maxsplit.filter(|&m| m >= 0).map(|m| m as usize + 1).unwrap_or(usize::MAX);
                 let parts: Vec<Value> = match (sep, method) {
                     (Some(sep), "split") => s.splitn(max, sep).map(Value::from).collect(),
                     (Some(sep), _) => {
@@ -1010,11 +842,7 @@ fn python_method(
             }
             "find" => {
                 let (needle,): (&str,) = from_args(args)?;
-                Value::from(
-                    s.find(needle)
-                        .map(|b| s[..b].chars().count() as i64)
-                        .unwrap_or(-1),
-                )
+                Value::from(s.find(needle).map(|b| s[..b].chars().count() as i64).unwrap_or(-1))
             }
             "count" => {
                 let (needle,): (&str,) = from_args(args)?;
@@ -1060,11 +888,7 @@ fn python_method(
             "get" => {
                 let (key, default): (Value, Option<Value>) = from_args(args)?;
                 let v = value.get_item(&key)?;
-                Ok(if v.is_undefined() {
-                    default.unwrap_or(Value::from(()))
-                } else {
-                    v
-                })
+                Ok(if v.is_undefined() { default.unwrap_or(Value::from(())) } else { v })
             }
             _ => unknown(),
         };
@@ -1086,14 +910,8 @@ fn tojson_filter(value: &Value, kwargs: Kwargs) -> Result<Value, minijinja::Erro
     Ok(Value::from_safe_string(out))
 }
 
-fn write_json(
-    value: &Value,
-    indent: Option<usize>,
-    depth: usize,
-    out: &mut String,
-) -> Result<(), minijinja::Error> {
-    let json_err =
-        |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
+fn write_json(value: &Value, indent: Option<usize>, depth: usize, out: &mut String) -> Result<(), minijinja::Error> {
+    let json_err = |e: serde_json::Error| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string());
     let newline = |out: &mut String, depth: usize| {
         if let Some(n) = indent {
             out.push('\n');
@@ -1125,10 +943,7 @@ fn write_json(
                     out.push_str(item_sep);
                 }
                 newline(out, depth + 1);
-                let key_text = key
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| key.to_string());
+                let key_text = key.as_str().map(str::to_string).unwrap_or_else(|| key.to_string());
                 out.push_str(&serde_json::to_string(&key_text).map_err(json_err)?);
                 out.push_str(": ");
                 write_json(&value.get_item(key)?, indent, depth + 1, out)?;
@@ -1147,10 +962,8 @@ fn write_json(
 /// `strftime_now(format)` (used by Llama 3 templates for the date), in UTC. Supports
 /// `%Y %y %m %d %e %j %H %I %M %S %p %b %B %a %A %%`.
 fn strftime_utc_now(fmt: &str) -> Result<String, minijinja::Error> {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     strftime_utc(fmt, secs)
 }
 
@@ -1169,15 +982,7 @@ fn strftime_utc(fmt: &str, unix_secs: i64) -> Result<String, minijinja::Error> {
         "November",
         "December",
     ];
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
+    const DAYS: [&str; 7] = ["Sunday", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday"];
     let days = unix_secs.div_euclid(86_400);
     let secs_of_day = unix_secs.rem_euclid(86_400);
     let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
@@ -1214,10 +1019,7 @@ fn strftime_utc(fmt: &str, unix_secs: i64) -> Result<String, minijinja::Error> {
             Some('e') => out.push_str(&format!("{day:>2}")),
             Some('j') => out.push_str(&format!("{day_of_year:03}")),
             Some('H') => out.push_str(&format!("{hour:02}")),
-            Some('I') => out.push_str(&format!(
-                "{:02}",
-                if hour % 12 == 0 { 12 } else { hour % 12 }
-            )),
+            Some('I') => out.push_str(&format!("{:02}", if hour % 12 == 0 { 12 } else { hour % 12 })),
             Some('M') => out.push_str(&format!("{minute:02}")),
             Some('S') => out.push_str(&format!("{second:02}")),
             Some('p') => out.push_str(if hour < 12 { "AM" } else { "PM" }),
@@ -1251,19 +1053,12 @@ mod tests {
         let table = byte_to_char_table();
         let mut tokens: Vec<String> = table.iter().map(|c| c.to_string()).collect();
         let mut types = vec![1; 256];
-        let merges = [
-            "Ġ t", "l l", "e ll", "h ell", "hell o", "h e", "Ġt he", "1 2", "Ã ©", "o Ġ",
-        ];
+        let merges = ["Ġ t", "l l", "e ll", "h ell", "hell o", "h e", "Ġt he", "1 2", "Ã ©", "o Ġ"];
         for m in merges {
             tokens.push(m.replace(' ', ""));
             types.push(1);
         }
-        for (t, ty) in [
-            ("<|endoftext|>", 3),
-            ("<|im_start|>", 3),
-            ("<|im_end|>", 3),
-            ("<tool>", 4),
-        ] {
+        for (t, ty) in [("<|endoftext|>", 3), ("<|im_start|>", 3), ("<|im_end|>", 3), ("<tool>", 4)] {
             tokens.push(t.to_string());
             types.push(ty);
         }
@@ -1290,8 +1085,7 @@ mod tests {
     }
 
     fn id(tok: &Tokenizer, s: &str) -> u32 {
-        tok.token_to_id(s)
-            .unwrap_or_else(|| panic!("no token {s:?}"))
+        tok.token_to_id(s).unwrap_or_else(|| panic!("no token {s:?}"))
     }
 
     /// Pieces the regex part of a pre-tokenizer makes of `text`.
@@ -1302,12 +1096,7 @@ mod tests {
             .iter()
             .map(|re| {
                 PreTokenizerWrapper::Split(
-                    Split::new(
-                        SplitPattern::Regex(re.to_string()),
-                        SplitDelimiterBehavior::Isolated,
-                        false,
-                    )
-                    .unwrap(),
+                    Split::new(SplitPattern::Regex(re.to_string()), SplitDelimiterBehavior::Isolated, false).unwrap(),
                 )
             })
             .collect();
@@ -1317,6 +1106,12 @@ mod tests {
             .into_iter()
             .map(|(s, _, _)| s.to_string())
             .collect()
+    }
+
+    #[test]
+    fn tokenizer_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Tokenizer>();
     }
 
     #[test]
@@ -1336,13 +1131,7 @@ mod tests {
         let tok = tiny("gpt-2");
         let ids = tok.encode("hello the", false).unwrap();
         assert_eq!(ids, vec![id(&tok, "hello"), id(&tok, "Ġthe")]);
-        for text in [
-            "hello the",
-            "  two  spaces\n\nnewlines\t",
-            "naïve café 😀 日本語",
-            "x=1+2; // ok",
-            "",
-        ] {
+        for text in ["hello the", "  two  spaces\n\nnewlines\t", "naïve café 😀 日本語", "x=1+2; // ok", ""] {
             let ids = tok.encode(text, false).unwrap();
             assert_eq!(tok.decode(&ids, false).unwrap(), text, "{text:?}");
         }
@@ -1354,19 +1143,10 @@ mod tests {
     #[test]
     fn special_tokens_are_single_ids() {
         let tok = tiny("smollm");
-        let (start, end, tool) = (
-            id(&tok, "<|im_start|>"),
-            id(&tok, "<|im_end|>"),
-            id(&tok, "<tool>"),
-        );
-        let ids = tok
-            .encode("<|im_start|>hello<|im_end|><tool>", false)
-            .unwrap();
+        let (start, end, tool) = (id(&tok, "<|im_start|>"), id(&tok, "<|im_end|>"), id(&tok, "<tool>"));
+        let ids = tok.encode("<|im_start|>hello<|im_end|><tool>", false).unwrap();
         assert_eq!(ids, vec![start, id(&tok, "hello"), end, tool]);
-        assert_eq!(
-            tok.decode(&ids, false).unwrap(),
-            "<|im_start|>hello<|im_end|><tool>"
-        );
+        assert_eq!(tok.decode(&ids, false).unwrap(), "<|im_start|>hello<|im_end|><tool>");
         // Control tokens are skipped, user-defined ones kept.
         assert_eq!(tok.decode(&ids, true).unwrap(), "hello<tool>");
         assert!(tok.is_special(start) && !tok.is_special(tool));
@@ -1378,11 +1158,7 @@ mod tests {
     fn bos_is_added_only_when_asked() {
         let tok = tiny("smollm");
         assert_eq!(tok.encode("he", true).unwrap(), vec![id(&tok, "he")]);
-        let tok = Tokenizer::from_gguf_vocab(GgufVocab {
-            add_bos: true,
-            ..tiny_vocab("smollm")
-        })
-        .unwrap();
+        let tok = Tokenizer::from_gguf_vocab(GgufVocab { add_bos: true, ..tiny_vocab("smollm") }).unwrap();
         assert_eq!(tok.encode("he", true).unwrap(), vec![266, id(&tok, "he")]);
         assert_eq!(tok.encode("he", false).unwrap(), vec![id(&tok, "he")]);
         assert!(GgufVocab::default_add_bos("gpt2", Some("llama-bpe")));
@@ -1403,37 +1179,18 @@ mod tests {
     #[test]
     fn pre_tokenizer_pieces() {
         let gpt2 = Some("gpt-2");
-        assert_eq!(
-            pieces(gpt2, "Hello world's  end!!"),
-            ["Hello", " world", "'s", " ", " end", "!!"]
-        );
-        assert_eq!(
-            pieces(gpt2, "a 12345\n\nb"),
-            ["a", " 12345", "\n", "\n", "b"]
-        );
-        assert_eq!(
-            pieces(Some("smollm"), "a 123!"),
-            ["a", " ", "1", "2", "3", "!"]
-        );
+        assert_eq!(pieces(gpt2, "Hello world's  end!!"), ["Hello", " world", "'s", " ", " end", "!!"]);
+        assert_eq!(pieces(gpt2, "a 12345\n\nb"), ["a", " 12345", "\n", "\n", "b"]);
+        assert_eq!(pieces(Some("smollm"), "a 123!"), ["a", " ", "1", "2", "3", "!"]);
         assert_eq!(
             pieces(Some("llama-bpe"), "1234567 I'M ok\n\n x"),
             ["123", "456", "7", " I", "'M", " ok", "\n\n", " x"]
         );
-        assert_eq!(
-            pieces(Some("qwen2"), "1234 ab\n"),
-            ["1", "2", "3", "4", " ab", "\n"]
-        );
-        assert_eq!(
-            pieces(Some("gpt-4o"), "HelloWorld 12345"),
-            ["Hello", "World", " ", "123", "45"]
-        );
+        assert_eq!(pieces(Some("qwen2"), "1234 ab\n"), ["1", "2", "3", "4", " ab", "\n"]);
+        assert_eq!(pieces(Some("gpt-4o"), "HelloWorld 12345"), ["Hello", "World", " ", "123", "45"]);
         assert_eq!(pieces(None, "a+b 1234"), ["a", "+", "b", " ", "123", "4"]);
         assert_eq!(pieces(Some("default"), "x:=y"), ["x", ":=", "y"]);
-        assert!(
-            pre_tokenizer_regexes(Some("llama-bpe"))
-                .unwrap()
-                .ignore_merges
-        );
+        assert!(pre_tokenizer_regexes(Some("llama-bpe")).unwrap().ignore_merges);
         // Every listed name builds.
         for name in known_pre_names() {
             build_pre_tokenizer(&pre_tokenizer_regexes(Some(name)).unwrap()).unwrap();
@@ -1465,10 +1222,7 @@ mod tests {
         assert_eq!(d.push(b(0xE4)).unwrap(), None);
         assert_eq!(d.finish().as_deref(), Some("\u{FFFD}"));
         assert_eq!(d.finish(), None);
-        assert!(matches!(
-            d.push(100_000),
-            Err(TokenizerError::InvalidTokenId { id: 100_000, .. })
-        ));
+        assert!(matches!(d.push(100_000), Err(TokenizerError::InvalidTokenId { id: 100_000, .. })));
     }
 
     #[test]
@@ -1494,27 +1248,18 @@ mod tests {
     fn decode_rejects_bad_ids() {
         let tok = tiny("gpt-2");
         let err = tok.decode(&[1, 270], false).unwrap_err();
-        assert!(
-            err.to_string().contains("token id 270 is out of range"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("token id 270 is out of range"), "{err}");
     }
 
     #[test]
     fn chat_template_renders_chatml() {
         let tok = tiny("smollm");
-        let prompt = tok
-            .apply_chat_template(&[ChatMessage::user("Hi there")], true)
-            .unwrap();
+        let prompt = tok.apply_chat_template(&[ChatMessage::user("Hi there")], true).unwrap();
         assert_eq!(
             prompt,
             "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n"
         );
-        let msgs = [
-            ChatMessage::system("Be terse."),
-            ChatMessage::user("2+2?"),
-            ChatMessage::assistant("4"),
-        ];
+        let msgs = [ChatMessage::system("Be terse."), ChatMessage::user("2+2?"), ChatMessage::assistant("4")];
         let prompt = tok.apply_chat_template(&msgs, false).unwrap();
         assert_eq!(
             prompt,
@@ -1522,10 +1267,7 @@ mod tests {
         );
         let ids = tok.encode(&prompt, false).unwrap();
         assert_eq!(ids[0], id(&tok, "<|im_start|>"));
-        assert_eq!(
-            ids.iter().filter(|&&i| i == id(&tok, "<|im_end|>")).count(),
-            3
-        );
+        assert_eq!(ids.iter().filter(|&&i| i == id(&tok, "<|im_end|>")).count(), 3);
     }
 
     #[test]
@@ -1537,16 +1279,9 @@ mod tests {
                 {% if m.content.strip().startswith(('A', 'B')) %}[{{ loop.index }}/{{ loop.length }}:{{ m.role.upper() }}]{% endif %}
                 {% if true %}{{ m.content | trim }}{% endif %}{% if not loop.last %}|{% endif %}
             {% endfor %}{{ ns.n }}{{ eos_token }}{{ {'a': [1, 'x<y'], 'b': none} | tojson }}";
-        let msgs = [
-            ChatMessage::user("  Apple "),
-            ChatMessage::assistant("cherry"),
-            ChatMessage::user("Banana"),
-        ];
+        let msgs = [ChatMessage::user("  Apple "), ChatMessage::assistant("cherry"), ChatMessage::user("Banana")];
         let out = render_chat_template(template, &msgs, false, "<s>", "</s>").unwrap();
-        assert_eq!(
-            out,
-            "<s>[1/3:USER]Apple|cherry|[3/3:USER]Banana3</s>{\"a\": [1, \"x<y\"], \"b\": null}"
-        );
+        assert_eq!(out, "<s>[1/3:USER]Apple|cherry|[3/3:USER]Banana3</s>{\"a\": [1, \"x<y\"], \"b\": null}");
 
         let out = render_chat_template(
             "{% for k, v in {'x': 1}.items() %}{{ k }}={{ v }}{% endfor %} {{ 'a,b,c'.split(',') | join(' ') }} {{ 'x'.title() }}",
@@ -1567,79 +1302,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(out, "b");
-        let out = render_chat_template(
-            "{{ {'a': [1, {'b': 'c'}], 'e': []} | tojson(indent=2) }}",
-            &[],
-            false,
-            "",
-            "",
-        )
-        .unwrap();
-        assert_eq!(
-            out,
-            "{\n  \"a\": [\n    1,\n    {\n      \"b\": \"c\"\n    }\n  ],\n  \"e\": []\n}"
-        );
+        let out = render_chat_template("{{ {'a': [1, {'b': 'c'}], 'e': []} | tojson(indent=2) }}", &[], false, "", "")
+            .unwrap();
+        assert_eq!(out, "{\n  \"a\": [\n    1,\n    {\n      \"b\": \"c\"\n    }\n  ],\n  \"e\": []\n}");
     }
 
     #[test]
     fn chat_template_errors() {
         let template = "{% if messages[0].role != 'user' %}{{ raise_exception('Conversation must start with user') }}{% endif %}ok";
-        let err =
-            render_chat_template(template, &[ChatMessage::system("s")], false, "", "").unwrap_err();
+        let err = render_chat_template(template, &[ChatMessage::system("s")], false, "", "").unwrap_err();
         assert!(matches!(err, TokenizerError::ChatTemplate(_)));
-        assert!(
-            err.to_string()
-                .contains("Conversation must start with user"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Conversation must start with user"), "{err}");
         let err = render_chat_template("{% for %}", &[], false, "", "").unwrap_err();
         assert!(matches!(err, TokenizerError::ChatTemplate(_)), "{err}");
 
-        let tok = Tokenizer::from_gguf_vocab(GgufVocab {
-            chat_template: None,
-            ..tiny_vocab("smollm")
-        })
-        .unwrap();
-        assert!(matches!(
-            tok.apply_chat_template(&[], true),
-            Err(TokenizerError::NoChatTemplate)
-        ));
+        let tok = Tokenizer::from_gguf_vocab(GgufVocab { chat_template: None, ..tiny_vocab("smollm") }).unwrap();
+        assert!(matches!(tok.apply_chat_template(&[], true), Err(TokenizerError::NoChatTemplate)));
     }
 
     #[test]
     fn load_errors_are_clear() {
-        let err = Tokenizer::from_gguf_vocab(GgufVocab {
-            model: "llama".into(),
-            ..tiny_vocab("smollm")
-        })
-        .unwrap_err();
-        assert!(
-            matches!(err, TokenizerError::Unsupported(_))
-                && err.to_string().contains("SentencePiece"),
-            "{err}"
-        );
+        let err = Tokenizer::from_gguf_vocab(GgufVocab { model: "llama".into(), ..tiny_vocab("smollm") }).unwrap_err();
+        assert!(matches!(err, TokenizerError::Unsupported(_)) && err.to_string().contains("SentencePiece"), "{err}");
         let err = Tokenizer::from_gguf_vocab(tiny_vocab("mystery-pre")).unwrap_err();
         assert!(err.to_string().contains("'mystery-pre'"), "{err}");
-        let err = Tokenizer::from_gguf_vocab(GgufVocab {
-            token_types: vec![1; 3],
-            ..tiny_vocab("smollm")
-        })
-        .unwrap_err();
-        assert!(matches!(err, TokenizerError::InvalidVocab(_)), "{err}");
-        let err = Tokenizer::from_gguf_vocab(GgufVocab {
-            merges: vec!["nospace".into()],
-            ..tiny_vocab("smollm")
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("nospace"), "{err}");
-        let err = Tokenizer::from_gguf_vocab(GgufVocab {
-            eos: Some(5000),
-            ..tiny_vocab("smollm")
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("eos id 5000"), "{err}");
         let err =
-            Tokenizer::from_tokenizer_json(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
+            Tokenizer::from_gguf_vocab(GgufVocab { token_types: vec![1; 3], ..tiny_vocab("smollm") }).unwrap_err();
+        assert!(matches!(err, TokenizerError::InvalidVocab(_)), "{err}");
+        let err = Tokenizer::from_gguf_vocab(GgufVocab { merges: vec!["nospace".into()], ..tiny_vocab("smollm") })
+            .unwrap_err();
+        assert!(err.to_string().contains("nospace"), "{err}");
+        let err = Tokenizer::from_gguf_vocab(GgufVocab { eos: Some(5000), ..tiny_vocab("smollm") }).unwrap_err();
+        assert!(err.to_string().contains("eos id 5000"), "{err}");
+        let err = Tokenizer::from_tokenizer_json(Path::new("/nonexistent/tokenizer.json")).unwrap_err();
         assert!(matches!(err, TokenizerError::Io { .. }), "{err}");
     }
 
@@ -1648,22 +1343,10 @@ mod tests {
         // 2024-07-26 13:05:09 UTC, a Friday.
         let t = 1_722_000_309;
         assert_eq!(strftime_utc("%d %b %Y", t).unwrap(), "26 Jul 2024");
-        assert_eq!(
-            strftime_utc("%A %B %e, %H:%M:%S %p %j %y %%", t).unwrap(),
-            "Friday July 26, 13:25:09 PM 208 24 %"
-        );
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %j %a", 951_782_400).unwrap(),
-            "2000-02-29 060 Tue"
-        );
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %j", 4_107_542_400).unwrap(),
-            "2100-03-01 060"
-        );
-        assert_eq!(
-            strftime_utc("%Y-%m-%d %H:%M:%S", -94_608_001).unwrap(),
-            "1967-01-01 23:59:59"
-        );
+        assert_eq!(strftime_utc("%A %B %e, %H:%M:%S %p %j %y %%", t).unwrap(), "Friday July 26, 13:25:09 PM 208 24 %");
+        assert_eq!(strftime_utc("%Y-%m-%d %j %a", 951_782_400).unwrap(), "2000-02-29 060 Tue");
+        assert_eq!(strftime_utc("%Y-%m-%d %j", 4_107_542_400).unwrap(), "2100-03-01 060");
+        assert_eq!(strftime_utc("%Y-%m-%d %H:%M:%S", -94_608_001).unwrap(), "1967-01-01 23:59:59");
         assert!(strftime_utc("%Q", t).is_err());
     }
 
@@ -1672,12 +1355,8 @@ mod tests {
     #[test]
     fn tokenizer_json_round_trip() {
         let v = tiny_vocab("smollm");
-        let vocab: serde_json::Map<String, serde_json::Value> = v
-            .tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), serde_json::Value::from(i)))
-            .collect();
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            v.tokens.iter().enumerate().map(|(i, t)| (t.clone(), serde_json::Value::from(i))).collect();
         let added: Vec<serde_json::Value> = v.tokens[266..]
             .iter()
             .enumerate()
@@ -1713,29 +1392,87 @@ mod tests {
         assert_eq!(hf.bos(), Some(267));
         assert_eq!(hf.eos(), Some(268));
         assert_eq!(hf.vocab_size(), 270);
-        for text in [
-            "hello the 12345",
-            "<|im_start|>naïve 😀<|im_end|><tool>",
-            " \n\t x",
-        ] {
+        for text in ["hello the 12345", "<|im_start|>naïve 😀<|im_end|><tool>", " \n\t x"] {
             let ids = hf.encode(text, false).unwrap();
             assert_eq!(ids, gg.encode(text, false).unwrap(), "{text:?}");
             assert_eq!(hf.decode(&ids, false).unwrap(), text);
-            assert_eq!(
-                hf.decode(&ids, true).unwrap(),
-                gg.decode(&ids, true).unwrap()
-            );
+            assert_eq!(hf.decode(&ids, true).unwrap(), gg.decode(&ids, true).unwrap());
         }
         // add_bos_token with no post-processor: we prepend it.
+        assert_eq!(hf.encode("he", true).unwrap(), vec![267, gg.token_to_id("he").unwrap()]);
         assert_eq!(
-            hf.encode("he", true).unwrap(),
-            vec![267, gg.token_to_id("he").unwrap()]
+            hf.apply_chat_template(&[ChatMessage::user("x")], true).unwrap(),
+            gg.apply_chat_template(&[ChatMessage::user("x")], true).unwrap()
         );
-        assert_eq!(
-            hf.apply_chat_template(&[ChatMessage::user("x")], true)
-                .unwrap(),
-            gg.apply_chat_template(&[ChatMessage::user("x")], true)
-                .unwrap()
-        );
+    }
+
+    /// A SentencePiece-style tokenizer.json (Metaspace normalizer, byte fallback, Strip decoder): decoding
+    /// is context dependent, so it goes through the HF decoder and the prefix-diff streaming path.
+    #[test]
+    fn tokenizer_json_sentencepiece_style() {
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(t.to_string(), i.into());
+        }
+        for b in 0..=255u32 {
+            vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+        }
+        for (i, t) in ["▁", "a", "b", "▁a", "▁b"].iter().enumerate() {
+            vocab.insert(t.to_string(), (259 + i).into());
+        }
+        let added: Vec<serde_json::Value> = ["<unk>", "<s>", "</s>"]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
+                    "rstrip": false, "normalized": false, "special": true})
+            })
+            .collect();
+        let bos = serde_json::json!({"SpecialToken": {"id": "<s>", "type_id": 0}});
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": null,
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true, "vocab": vocab,
+                "merges": ["▁ a", "▁ b"]},
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": true}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("chat_template.jinja"), "{{ bos_token }}{{ messages[0].content }}").unwrap();
+
+        let tok = Tokenizer::from_tokenizer_json(&path).unwrap();
+        assert_eq!((tok.bos(), tok.eos()), (Some(1), Some(2)));
+        let (c3, a9) = (3 + 0xC3, 3 + 0xA9);
+        // The post-processor adds BOS; it must not be added twice.
+        assert_eq!(tok.encode("a bé", true).unwrap(), vec![1, 262, 263, c3, a9]);
+        let ids = tok.encode("a bé", false).unwrap();
+        assert_eq!(ids, vec![262, 263, c3, a9]);
+        assert_eq!(tok.decode(&ids, false).unwrap(), "a bé");
+        assert_eq!(tok.decode(&[1, 262, 263], true).unwrap(), "a b");
+
+        let mut d = tok.stream_decoder(true);
+        let got: Vec<Option<String>> = [1, 262, 263, c3, a9, 262].iter().map(|&i| d.push(i).unwrap()).collect();
+        let want = [None, Some("a"), Some(" b"), None, Some("é"), Some(" a")];
+        assert_eq!(got, want.map(|s| s.map(String::from)));
+        assert_eq!(d.push(c3).unwrap(), None);
+        assert_eq!(d.finish().as_deref(), Some("\u{FFFD}"));
+        assert_eq!(tok.apply_chat_template(&[ChatMessage::user("hi")], false).unwrap(), "<s>hi");
     }
 }

@@ -29,26 +29,12 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not match shape"
-        );
-        Tensor {
-            shape,
-            data: Data::F32(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not match shape");
+        Tensor { shape, data: Data::F32(data) }
     }
     pub fn i64(shape: Vec<usize>, data: Vec<i64>) -> Tensor {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not match shape"
-        );
-        Tensor {
-            shape,
-            data: Data::I64(data),
-        }
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not match shape");
+        Tensor { shape, data: Data::I64(data) }
     }
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
@@ -76,11 +62,7 @@ pub enum InterpError {
     #[error("weight `{name}`: {msg}")]
     Weight { name: String, msg: String },
     #[error("{value} = {op}: {msg}")]
-    Op {
-        value: ValueId,
-        op: &'static str,
-        msg: String,
-    },
+    Op { value: ValueId, op: &'static str, msg: String },
 }
 
 /// Runs graphs against one weight store, caching dequantized weights between runs.
@@ -91,53 +73,28 @@ pub struct Interpreter<'w> {
 
 impl<'w> Interpreter<'w> {
     pub fn new(weights: &'w WeightStore) -> Self {
-        Interpreter {
-            weights,
-            dequantized: Mutex::new(HashMap::new()),
-        }
+        Interpreter { weights, dequantized: Mutex::new(HashMap::new()) }
     }
 
     fn weight(&self, name: &str, g: &Graph, v: ValueId) -> Result<Arc<Tensor>, InterpError> {
         if let Some(t) = self.dequantized.lock().unwrap().get(name) {
             return Ok(t.clone());
         }
-        let werr = |msg: String| InterpError::Weight {
-            name: name.to_string(),
-            msg,
-        };
-        let data = self
-            .weights
-            .get(name)
-            .ok_or_else(|| werr("not in the weight store".into()))?;
+        let werr = |msg: String| InterpError::Weight { name: name.to_string(), msg };
+        let data = self.weights.get(name).ok_or_else(|| werr("not in the weight store".into()))?;
         let declared = g.ty(v);
-        let want: Option<Vec<usize>> = declared
-            .shape
-            .iter()
-            .map(|d| d.as_fixed().map(|x| x as usize))
-            .collect();
+        let want: Option<Vec<usize>> = declared.shape.iter().map(|d| d.as_fixed().map(|x| x as usize)).collect();
         if declared.dtype != data.dtype || want.as_deref() != Some(&data.shape[..]) {
-            return Err(werr(format!(
-                "graph declares {declared} but the store holds {}{:?}",
-                data.dtype, data.shape
-            )));
+            return Err(werr(format!("graph declares {declared} but the store holds {}{:?}", data.dtype, data.shape)));
         }
         let t = if data.dtype.is_int() {
             let vals = data.to_f32().map_err(|e| werr(e.to_string()))?;
-            Tensor::i64(
-                data.shape.clone(),
-                vals.into_iter().map(|x| x as i64).collect(),
-            )
+            Tensor::i64(data.shape.clone(), vals.into_iter().map(|x| x as i64).collect())
         } else {
-            Tensor::f32(
-                data.shape.clone(),
-                data.to_f32().map_err(|e| werr(e.to_string()))?,
-            )
+            Tensor::f32(data.shape.clone(), data.to_f32().map_err(|e| werr(e.to_string()))?)
         };
         let t = Arc::new(t);
-        self.dequantized
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), t.clone());
+        self.dequantized.lock().unwrap().insert(name.to_string(), t.clone());
         Ok(t)
     }
 
@@ -151,11 +108,7 @@ impl<'w> Interpreter<'w> {
     }
 
     /// Runs `g` on named inputs and returns its named outputs in order.
-    pub fn run(
-        &self,
-        g: &Graph,
-        inputs: &[(&str, Tensor)],
-    ) -> Result<Vec<(String, Tensor)>, InterpError> {
+    pub fn run(&self, g: &Graph, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
         let env = bind_symbols(g, inputs)?;
         // Last use of each value, so intermediates can be dropped early.
         let mut last_use = vec![0usize; g.nodes.len()];
@@ -170,51 +123,30 @@ impl<'w> Interpreter<'w> {
         let mut vals: Vec<Option<Arc<Tensor>>> = vec![None; g.nodes.len()];
         for (i, n) in g.nodes.iter().enumerate() {
             let id = ValueId(i as u32);
-            let oerr = |msg: String| InterpError::Op {
-                value: id,
-                op: n.op.name(),
-                msg,
-            };
+            let oerr = |msg: String| InterpError::Op { value: id, op: n.op.name(), msg };
             let result = match &n.op {
                 Op::Input { name } => {
-                    let t = inputs
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .map(|(_, t)| t.clone());
+                    let t = inputs.iter().find(|(k, _)| k == name).map(|(_, t)| t.clone());
                     Arc::new(t.ok_or_else(|| InterpError::MissingInput(name.clone()))?)
                 }
                 Op::Weight { name } => self.weight(name, g, id)?,
                 Op::Reshape { .. } => {
                     // The target shape is the node's type under the bound symbols.
                     let src = vals[n.inputs[0].index()].as_deref().unwrap();
-                    let want =
-                        n.ty.concrete(&env)
-                            .ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
+                    let want = n.ty.concrete(&env).ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
                     if want.iter().product::<usize>() != src.numel() {
                         return Err(oerr(format!("cannot reshape {:?} to {want:?}", src.shape)));
                     }
-                    Arc::new(Tensor {
-                        shape: want,
-                        data: src.data.clone(),
-                    })
+                    Arc::new(Tensor { shape: want, data: src.data.clone() })
                 }
                 _ => {
-                    let args: Vec<&Tensor> = n
-                        .inputs
-                        .iter()
-                        .map(|v| vals[v.index()].as_deref().unwrap())
-                        .collect();
+                    let args: Vec<&Tensor> = n.inputs.iter().map(|v| vals[v.index()].as_deref().unwrap()).collect();
                     Arc::new(eval(&n.op, &args).map_err(oerr)?)
                 }
             };
-            let want =
-                n.ty.concrete(&env)
-                    .ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
+            let want = n.ty.concrete(&env).ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
             if result.shape != want {
-                return Err(oerr(format!(
-                    "produced shape {:?}, type says {} = {want:?}",
-                    result.shape, n.ty
-                )));
+                return Err(oerr(format!("produced shape {:?}, type says {} = {want:?}", result.shape, n.ty)));
             }
             vals[i] = Some(result);
             for v in &n.inputs {
@@ -223,10 +155,7 @@ impl<'w> Interpreter<'w> {
                 }
             }
         }
-        Ok(g.outputs
-            .iter()
-            .map(|(name, v)| (name.clone(), (*vals[v.index()].clone().unwrap()).clone()))
-            .collect())
+        Ok(g.outputs.iter().map(|(name, v)| (name.clone(), (*vals[v.index()].clone().unwrap()).clone())).collect())
     }
 }
 
@@ -235,23 +164,12 @@ pub fn bind_symbols(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<SymEnv, Inte
     let mut env = SymEnv::new();
     let mut deferred = Vec::new();
     for (name, v) in g.inputs() {
-        let t = &inputs
-            .iter()
-            .find(|(k, _)| *k == name)
-            .ok_or_else(|| InterpError::MissingInput(name.into()))?
-            .1;
+        let t = &inputs.iter().find(|(k, _)| *k == name).ok_or_else(|| InterpError::MissingInput(name.into()))?.1;
         let ty = g.ty(v);
-        let bad = |msg: String| InterpError::BadInput {
-            name: name.to_string(),
-            msg,
-        };
+        let bad = |msg: String| InterpError::BadInput { name: name.to_string(), msg };
         let is_int = matches!(t.data, Data::I64(_));
         if is_int != ty.dtype.is_int() {
-            return Err(bad(format!(
-                "expected {}, got {} data",
-                ty.dtype,
-                if is_int { "integer" } else { "float" }
-            )));
+            return Err(bad(format!("expected {}, got {} data", ty.dtype, if is_int { "integer" } else { "float" })));
         }
         if t.shape.len() != ty.rank() {
             return Err(bad(format!("expected {ty}, got shape {:?}", t.shape)));
@@ -260,9 +178,7 @@ pub fn bind_symbols(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<SymEnv, Inte
             if let Some(s) = d.as_sym() {
                 match env.get(s) {
                     Some(&prev) if prev != n as i64 => {
-                        return Err(bad(format!(
-                            "dimension {s} is {n} here but {prev} elsewhere"
-                        )));
+                        return Err(bad(format!("dimension {s} is {n} here but {prev} elsewhere")));
                     }
                     _ => {
                         env.insert(s.to_string(), n as i64);
@@ -285,13 +201,11 @@ pub fn bind_symbols(g: &Graph, inputs: &[(&str, Tensor)]) -> Result<SymEnv, Inte
 }
 
 fn f(t: &Tensor) -> Result<&[f32], String> {
-    t.as_f32()
-        .ok_or_else(|| "expected a float operand".to_string())
+    t.as_f32().ok_or_else(|| "expected a float operand".to_string())
 }
 
 fn ints(t: &Tensor) -> Result<&[i64], String> {
-    t.as_i64()
-        .ok_or_else(|| "expected an integer operand".to_string())
+    t.as_i64().ok_or_else(|| "expected an integer operand".to_string())
 }
 
 /// Dot product accumulated in f64 with four independent lanes.
@@ -318,18 +232,10 @@ fn strides(shape: &[usize]) -> Vec<usize> {
     s
 }
 
-fn broadcast_binary(
-    a: &Tensor,
-    b: &Tensor,
-    op: impl Fn(f32, f32) -> f32,
-) -> Result<Tensor, String> {
+fn broadcast_binary(a: &Tensor, b: &Tensor, op: impl Fn(f32, f32) -> f32) -> Result<Tensor, String> {
     let (av, bv) = (f(a)?, f(b)?);
     let n = a.shape.len().max(b.shape.len());
-    let pad = |s: &[usize]| -> Vec<usize> {
-        std::iter::repeat_n(1, n - s.len())
-            .chain(s.iter().copied())
-            .collect()
-    };
+    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, n - s.len()).chain(s.iter().copied()).collect() };
     let (sa, sb) = (pad(&a.shape), pad(&b.shape));
     let mut out_shape = Vec::with_capacity(n);
     for i in 0..n {
@@ -341,9 +247,7 @@ fn broadcast_binary(
         });
     }
     let (ta, tb) = (strides(&sa), strides(&sb));
-    let bs = |s: &[usize], t: &[usize]| -> Vec<usize> {
-        (0..n).map(|i| if s[i] == 1 { 0 } else { t[i] }).collect()
-    };
+    let bs = |s: &[usize], t: &[usize]| -> Vec<usize> { (0..n).map(|i| if s[i] == 1 { 0 } else { t[i] }).collect() };
     let (ba, bb) = (bs(&sa, &ta), bs(&sb, &tb));
     let total: usize = out_shape.iter().product();
     let mut out = Vec::with_capacity(total);
@@ -364,19 +268,12 @@ fn broadcast_binary(
 }
 
 fn unary(t: &Tensor, op: impl Fn(f64) -> f64) -> Result<Tensor, String> {
-    Ok(Tensor::f32(
-        t.shape.clone(),
-        f(t)?.iter().map(|&x| op(x as f64) as f32).collect(),
-    ))
+    Ok(Tensor::f32(t.shape.clone(), f(t)?.iter().map(|&x| op(x as f64) as f32).collect()))
 }
 
 /// Splits `shape` around `axis` into (outer, len, inner).
 fn around(shape: &[usize], axis: usize) -> (usize, usize, usize) {
-    (
-        shape[..axis].iter().product(),
-        shape[axis],
-        shape[axis + 1..].iter().product(),
-    )
+    (shape[..axis].iter().product(), shape[axis], shape[axis + 1..].iter().product())
 }
 
 fn reduce(t: &Tensor, axis: i64, op: impl Fn(&[f64]) -> f64) -> Result<Tensor, String> {
@@ -413,9 +310,7 @@ fn softmax_in_place(row: &mut [f64]) {
 /// Evaluates one (non-source) op on concrete operands.
 pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
     match op {
-        Op::Input { .. } | Op::Weight { .. } => {
-            Err("source ops are evaluated by the interpreter".into())
-        }
+        Op::Input { .. } | Op::Weight { .. } => Err("source ops are evaluated by the interpreter".into()),
         Op::Constant { value } => Ok(Tensor::f32(vec![], vec![*value])),
         Op::Embedding => {
             let (table, ids) = (f(args[0])?, ints(args[1])?);
@@ -437,13 +332,11 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             let m = x.len() / k.max(1);
             // Column-major scratch so each weight row is read once and the work splits over output features.
             let mut cols = vec![0f32; n * m];
-            cols.par_chunks_mut(m.max(1))
-                .zip(w.par_chunks(k.max(1)))
-                .for_each(|(col, wrow)| {
-                    for (r, c) in col.iter_mut().enumerate() {
-                        *c = dot(&x[r * k..(r + 1) * k], wrow) as f32;
-                    }
-                });
+            cols.par_chunks_mut(m.max(1)).zip(w.par_chunks(k.max(1))).for_each(|(col, wrow)| {
+                for (r, c) in col.iter_mut().enumerate() {
+                    *c = dot(&x[r * k..(r + 1) * k], wrow) as f32;
+                }
+            });
             let mut out = vec![0f32; m * n];
             for r in 0..m {
                 for c in 0..n {
@@ -457,11 +350,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
         Op::MatMul => {
             let (a, b) = (f(args[0])?, f(args[1])?);
             let r = args[0].shape.len();
-            let (m, k, n) = (
-                args[0].shape[r - 2],
-                args[0].shape[r - 1],
-                args[1].shape[r - 1],
-            );
+            let (m, k, n) = (args[0].shape[r - 2], args[0].shape[r - 1], args[1].shape[r - 1]);
             let batch: usize = args[0].shape[..r - 2].iter().product();
             let mut out = vec![0f32; batch * m * n];
             let mut bt = vec![0f32; k * n];
@@ -494,12 +383,8 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
         Op::Sigmoid => unary(args[0], |x| 1.0 / (1.0 + (-x).exp())),
         Op::Silu => unary(args[0], silu),
         Op::ReduceSum { axis } => reduce(args[0], *axis, |l| l.iter().sum()),
-        Op::ReduceMax { axis } => reduce(args[0], *axis, |l| {
-            l.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-        }),
-        Op::ReduceMean { axis } => {
-            reduce(args[0], *axis, |l| l.iter().sum::<f64>() / l.len() as f64)
-        }
+        Op::ReduceMax { axis } => reduce(args[0], *axis, |l| l.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
+        Op::ReduceMean { axis } => reduce(args[0], *axis, |l| l.iter().sum::<f64>() / l.len() as f64),
         Op::Softmax { axis } => {
             let x = f(args[0])?;
             let ax = norm_axis(*axis, args[0].shape.len())?;
@@ -526,11 +411,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             for row in x.chunks(d.max(1)) {
                 let ms = row.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / d as f64;
                 let inv = 1.0 / (ms + *eps as f64).sqrt();
-                out.extend(
-                    row.iter()
-                        .zip(w)
-                        .map(|(&v, &g)| (v as f64 * inv * g as f64) as f32),
-                );
+                out.extend(row.iter().zip(w).map(|(&v, &g)| (v as f64 * inv * g as f64) as f32));
             }
             Ok(Tensor::f32(args[0].shape.clone(), out))
         }
@@ -572,9 +453,7 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
                 return Err("attention needs rank 4".into());
             };
             if t < s {
-                return Err(format!(
-                    "kv length {t} is shorter than the query length {s}"
-                ));
+                return Err(format!("kv length {t} is shorter than the query length {s}"));
             }
             let group = hq / hkv;
             let mut out = vec![0f32; q.len()];
@@ -608,22 +487,14 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             let (g, u) = (f(args[0])?, f(args[1])?);
             Ok(Tensor::f32(
                 args[0].shape.clone(),
-                g.iter()
-                    .zip(u)
-                    .map(|(&g, &u)| (silu(g as f64) * u as f64) as f32)
-                    .collect(),
+                g.iter().zip(u).map(|(&g, &u)| (silu(g as f64) * u as f64) as f32).collect(),
             ))
         }
-        Op::Reshape { .. } => {
-            Err("reshape needs the bound symbols; the interpreter evaluates it".into())
-        }
+        Op::Reshape { .. } => Err("reshape needs the bound symbols; the interpreter evaluates it".into()),
         Op::Transpose { perm } => {
             let t = args[0];
             let r = t.shape.len();
-            let perm: Vec<usize> = perm
-                .iter()
-                .map(|&p| norm_axis(p, r))
-                .collect::<Result<_, _>>()?;
+            let perm: Vec<usize> = perm.iter().map(|&p| norm_axis(p, r)).collect::<Result<_, _>>()?;
             let out_shape: Vec<usize> = perm.iter().map(|&p| t.shape[p]).collect();
             let src_strides = strides(&t.shape);
             let total = t.numel();
@@ -660,12 +531,8 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
                 out
             }
             Ok(match (&a.data, &b.data) {
-                (Data::F32(x), Data::F32(y)) => {
-                    Tensor::f32(shape, cat(x, y, outer, la * inner, lb * inner))
-                }
-                (Data::I64(x), Data::I64(y)) => {
-                    Tensor::i64(shape, cat(x, y, outer, la * inner, lb * inner))
-                }
+                (Data::F32(x), Data::F32(y)) => Tensor::f32(shape, cat(x, y, outer, la * inner, lb * inner)),
+                (Data::I64(x), Data::I64(y)) => Tensor::i64(shape, cat(x, y, outer, la * inner, lb * inner)),
                 _ => return Err("concat of float and integer tensors".into()),
             })
         }
@@ -679,21 +546,8 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             }
             let mut shape = t.shape.clone();
             shape[ax] = e - s;
-            fn cut<T: Copy>(
-                x: &[T],
-                outer: usize,
-                len: usize,
-                inner: usize,
-                s: usize,
-                e: usize,
-            ) -> Vec<T> {
-                (0..outer)
-                    .flat_map(|o| {
-                        x[(o * len + s) * inner..(o * len + e) * inner]
-                            .iter()
-                            .copied()
-                    })
-                    .collect()
+            fn cut<T: Copy>(x: &[T], outer: usize, len: usize, inner: usize, s: usize, e: usize) -> Vec<T> {
+                (0..outer).flat_map(|o| x[(o * len + s) * inner..(o * len + e) * inner].iter().copied()).collect()
             }
             Ok(match &t.data {
                 Data::F32(x) => Tensor::f32(shape, cut(x, outer, len, inner, s, e)),
@@ -704,27 +558,20 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             let t = args[0];
             Ok(match (&t.data, dtype) {
                 (Data::F32(v), DType::F32) => Tensor::f32(t.shape.clone(), v.clone()),
-                (Data::F32(v), DType::F16) => Tensor::f32(
-                    t.shape.clone(),
-                    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
-                ),
-                (Data::F32(v), DType::BF16) => Tensor::f32(
-                    t.shape.clone(),
-                    v.iter()
-                        .map(|&x| half::bf16::from_f32(x).to_f32())
-                        .collect(),
-                ),
+                (Data::F32(v), DType::F16) => {
+                    Tensor::f32(t.shape.clone(), v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect())
+                }
+                (Data::F32(v), DType::BF16) => {
+                    Tensor::f32(t.shape.clone(), v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect())
+                }
                 (Data::F32(v), DType::I32 | DType::I64) => {
                     Tensor::i64(t.shape.clone(), v.iter().map(|&x| x as i64).collect())
                 }
-                (Data::I64(v), DType::I32) => Tensor::i64(
-                    t.shape.clone(),
-                    v.iter().map(|&x| x as i32 as i64).collect(),
-                ),
-                (Data::I64(v), DType::I64) => Tensor::i64(t.shape.clone(), v.clone()),
-                (Data::I64(v), _) => {
-                    Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect())
+                (Data::I64(v), DType::I32) => {
+                    Tensor::i64(t.shape.clone(), v.iter().map(|&x| x as i32 as i64).collect())
                 }
+                (Data::I64(v), DType::I64) => Tensor::i64(t.shape.clone(), v.clone()),
+                (Data::I64(v), _) => Tensor::f32(t.shape.clone(), v.iter().map(|&x| x as f32).collect()),
                 (_, d) => return Err(format!("cannot cast to {d}")),
             })
         }

@@ -2,6 +2,7 @@
 //! form, a verifier, and the reference interpreter that is the oracle for every other stage.
 
 pub mod dot;
+pub mod decompose;
 pub mod dtype;
 pub mod graph;
 pub mod interp;

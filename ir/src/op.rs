@@ -69,8 +69,7 @@ impl Attr for i64 {
     }
     fn from_attr(v: &AttrValue) -> Result<Self, String> {
         let s = raw(v)?;
-        s.parse()
-            .map_err(|_| format!("expected an integer, found `{s}`"))
+        s.parse().map_err(|_| format!("expected an integer, found `{s}`"))
     }
 }
 
@@ -81,8 +80,7 @@ impl Attr for f32 {
     }
     fn from_attr(v: &AttrValue) -> Result<Self, String> {
         let s = raw(v)?;
-        s.parse()
-            .map_err(|_| format!("expected a number, found `{s}`"))
+        s.parse().map_err(|_| format!("expected a number, found `{s}`"))
     }
 }
 
@@ -261,16 +259,8 @@ fn broadcast(a: &[Dim], b: &[Dim]) -> Result<Vec<Dim>, String> {
     let one = Dim::fixed(1);
     (0..n)
         .map(|i| {
-            let da = if i + a.len() >= n {
-                &a[i + a.len() - n]
-            } else {
-                &one
-            };
-            let db = if i + b.len() >= n {
-                &b[i + b.len() - n]
-            } else {
-                &one
-            };
+            let da = if i + a.len() >= n { &a[i + a.len() - n] } else { &one };
+            let db = if i + b.len() >= n { &b[i + b.len() - n] } else { &one };
             if da == db || *db == one {
                 Ok(da.clone())
             } else if *da == one {
@@ -309,33 +299,21 @@ fn same_dim(a: &Dim, b: &Dim, what: &str) -> Result<(), String> {
 impl Op {
     /// The type rule: the result type from operand types. Source ops (`input`, `weight`) declare their
     /// own type, which is passed as `declared`.
-    pub fn infer(
-        &self,
-        ins: &[&TensorType],
-        declared: Option<&TensorType>,
-    ) -> Result<TensorType, String> {
+    pub fn infer(&self, ins: &[&TensorType], declared: Option<&TensorType>) -> Result<TensorType, String> {
         if ins.len() != self.arity() {
-            return Err(format!(
-                "`{}` takes {} operands, got {}",
-                self.name(),
-                self.arity(),
-                ins.len()
-            ));
+            return Err(format!("`{}` takes {} operands, got {}", self.name(), self.arity(), ins.len()));
         }
         let f32t = |shape: Vec<Dim>| TensorType::new(DType::F32, shape);
         match self {
-            Op::Input { .. } | Op::Weight { .. } => declared
-                .cloned()
-                .ok_or_else(|| format!("`{}` needs a declared type", self.name())),
+            Op::Input { .. } | Op::Weight { .. } => {
+                declared.cloned().ok_or_else(|| format!("`{}` needs a declared type", self.name()))
+            }
             Op::Constant { .. } => Ok(f32t(vec![])),
             Op::Embedding => {
                 let (table, ids) = (ins[0], ins[1]);
                 want_rank(table, 2, "embedding table")?;
                 if !ids.dtype.is_int() {
-                    return Err(format!(
-                        "embedding ids must be integers, found {}",
-                        ids.dtype
-                    ));
+                    return Err(format!("embedding ids must be integers, found {}", ids.dtype));
                 }
                 let mut shape = ids.shape.clone();
                 shape.push(table.shape[1].clone());
@@ -346,10 +324,7 @@ impl Op {
                 want_float(x, "linear input")?;
                 want_rank(w, 2, "linear weight")?;
                 if !w.dtype.is_float() {
-                    return Err(format!(
-                        "linear weight must be a float type, found {}",
-                        w.dtype
-                    ));
+                    return Err(format!("linear weight must be a float type, found {}", w.dtype));
                 }
                 let k = x.shape.last().ok_or("linear input must have rank ≥ 1")?;
                 same_dim(k, &w.shape[1], "linear inner dimension")?;
@@ -399,11 +374,7 @@ impl Op {
                 want_float(x, "rms_norm input")?;
                 want_float(w, "rms_norm weight")?;
                 want_rank(w, 1, "rms_norm weight")?;
-                same_dim(
-                    x.shape.last().ok_or("rms_norm input must have rank ≥ 1")?,
-                    &w.shape[0],
-                    "rms_norm width",
-                )?;
+                same_dim(x.shape.last().ok_or("rms_norm input must have rank ≥ 1")?, &w.shape[0], "rms_norm width")?;
                 Ok(x.clone())
             }
             Op::Rope { n_rot, .. } => {
@@ -412,10 +383,7 @@ impl Op {
                 want_rank(x, 4, "rope input")?;
                 want_rank(pos, 2, "rope positions")?;
                 if !pos.dtype.is_int() {
-                    return Err(format!(
-                        "rope positions must be integers, found {}",
-                        pos.dtype
-                    ));
+                    return Err(format!("rope positions must be integers, found {}", pos.dtype));
                 }
                 same_dim(&x.shape[0], &pos.shape[0], "rope batch")?;
                 same_dim(&x.shape[1], &pos.shape[1], "rope sequence")?;
@@ -440,9 +408,7 @@ impl Op {
                 same_dim(&k.shape[3], &v.shape[3], "attention head dim")?;
                 if let (Some(hq), Some(hkv)) = (q.shape[2].as_fixed(), k.shape[2].as_fixed()) {
                     if hkv == 0 || hq % hkv != 0 {
-                        return Err(format!(
-                            "attention: {hkv} kv heads do not divide {hq} query heads"
-                        ));
+                        return Err(format!("attention: {hkv} kv heads do not divide {hq} query heads"));
                     }
                 }
                 Ok(q.clone())
@@ -460,11 +426,7 @@ impl Op {
                 let (ka, kb) = (fixed_product(&x.shape), fixed_product(shape));
                 let (sa, sb) = (symbolic_part(&x.shape), symbolic_part(shape));
                 if sa != sb || (ka != kb) {
-                    return Err(format!(
-                        "reshape {} → [{}] changes the element count",
-                        x,
-                        join(shape)
-                    ));
+                    return Err(format!("reshape {} → [{}] changes the element count", x, join(shape)));
                 }
                 Ok(TensorType::new(x.dtype, shape.clone()))
             }
@@ -472,10 +434,7 @@ impl Op {
                 let x = ins[0];
                 let mut seen = vec![false; x.rank()];
                 if perm.len() != x.rank() {
-                    return Err(format!(
-                        "transpose perm {perm:?} does not match rank {}",
-                        x.rank()
-                    ));
+                    return Err(format!("transpose perm {perm:?} does not match rank {}", x.rank()));
                 }
                 let mut shape = Vec::with_capacity(perm.len());
                 for &p in perm {
@@ -494,11 +453,11 @@ impl Op {
                 }
                 let ax = norm_axis(*axis, a.rank())?;
                 let mut shape = a.shape.clone();
-                for i in 0..a.rank() {
+                for (i, (da, db)) in a.shape.iter().zip(&b.shape).enumerate() {
                     if i == ax {
-                        shape[i] = a.shape[i].add(&b.shape[i]);
+                        shape[i] = da.add(db);
                     } else {
-                        same_dim(&a.shape[i], &b.shape[i], "concat dimension")?;
+                        same_dim(da, db, "concat dimension")?;
                     }
                 }
                 Ok(TensorType::new(a.dtype, shape))
@@ -520,9 +479,7 @@ impl Op {
             }
             Op::Cast { dtype } => {
                 if dtype.is_quantized() {
-                    return Err(format!(
-                        "cast to quantized type {dtype} is not an op; quantize weights instead"
-                    ));
+                    return Err(format!("cast to quantized type {dtype} is not an op; quantize weights instead"));
                 }
                 Ok(TensorType::new(*dtype, ins[0].shape.clone()))
             }
@@ -535,19 +492,11 @@ fn fixed_product(shape: &[Dim]) -> i64 {
 }
 
 fn symbolic_part(shape: &[Dim]) -> Vec<Dim> {
-    let mut v: Vec<Dim> = shape
-        .iter()
-        .filter(|d| d.as_fixed().is_none())
-        .cloned()
-        .collect();
+    let mut v: Vec<Dim> = shape.iter().filter(|d| d.as_fixed().is_none()).cloned().collect();
     v.sort();
     v
 }
 
 fn join(shape: &[Dim]) -> String {
-    shape
-        .iter()
-        .map(|d| d.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+    shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
 }

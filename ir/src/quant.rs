@@ -23,23 +23,14 @@ use rayon::prelude::*;
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
     #[error("{dtype}: {n} elements is not a whole number of {block_size}-element blocks")]
-    PartialBlock {
-        dtype: DType,
-        n: usize,
-        block_size: usize,
-    },
+    PartialBlock { dtype: DType, n: usize, block_size: usize },
     #[error(
         "{dtype}: got {len} bytes, but {n} elements take exactly {expected} bytes \
          ({} bytes per block of {} elements)",
         .dtype.type_size(),
         .dtype.block_size()
     )]
-    Size {
-        dtype: DType,
-        len: usize,
-        expected: usize,
-        n: usize,
-    },
+    Size { dtype: DType, len: usize, expected: usize, n: usize },
     #[error("{dtype}: the byte size of {n} elements overflows usize")]
     TooLarge { dtype: DType, n: usize },
     #[error("{0}")]
@@ -54,21 +45,15 @@ pub enum QuantError {
 pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), QuantError> {
     check_sizes(dtype, out.len(), bytes.len())?;
     match dtype {
-        DType::F32 => for_each_block(bytes, out, |b: &[u8; 4], y: &mut [f32; 1]| {
-            y[0] = f32::from_le_bytes(*b)
-        }),
-        DType::F16 => for_each_block(bytes, out, |b: &[u8; 2], y: &mut [f32; 1]| {
-            y[0] = f16::from_le_bytes(*b).to_f32()
-        }),
-        DType::BF16 => for_each_block(bytes, out, |b: &[u8; 2], y: &mut [f32; 1]| {
-            y[0] = bf16::from_le_bytes(*b).to_f32()
-        }),
-        DType::I32 => for_each_block(bytes, out, |b: &[u8; 4], y: &mut [f32; 1]| {
-            y[0] = i32::from_le_bytes(*b) as f32
-        }),
-        DType::I64 => for_each_block(bytes, out, |b: &[u8; 8], y: &mut [f32; 1]| {
-            y[0] = i64::from_le_bytes(*b) as f32
-        }),
+        DType::F32 => for_each_block(bytes, out, |b: &[u8; 4], y: &mut [f32; 1]| y[0] = f32::from_le_bytes(*b)),
+        DType::F16 => {
+            for_each_block(bytes, out, |b: &[u8; 2], y: &mut [f32; 1]| y[0] = f16::from_le_bytes(*b).to_f32())
+        }
+        DType::BF16 => {
+            for_each_block(bytes, out, |b: &[u8; 2], y: &mut [f32; 1]| y[0] = bf16::from_le_bytes(*b).to_f32())
+        }
+        DType::I32 => for_each_block(bytes, out, |b: &[u8; 4], y: &mut [f32; 1]| y[0] = i32::from_le_bytes(*b) as f32),
+        DType::I64 => for_each_block(bytes, out, |b: &[u8; 8], y: &mut [f32; 1]| y[0] = i64::from_le_bytes(*b) as f32),
         DType::Q4_0 => for_each_block(bytes, out, dequantize_q4_0),
         DType::Q4_1 => for_each_block(bytes, out, dequantize_q4_1),
         DType::Q5_0 => for_each_block(bytes, out, dequantize_q5_0),
@@ -87,15 +72,13 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
 pub fn quantize(dtype: DType, values: &[f32]) -> Result<Vec<u8>, QuantError> {
     let mut out = vec![0u8; byte_len(dtype, values.len())?];
     match dtype {
-        DType::F32 => quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 4]| {
-            *b = x[0].to_le_bytes()
-        }),
-        DType::F16 => quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 2]| {
-            *b = f16::from_f32(x[0]).to_le_bytes()
-        }),
-        DType::BF16 => quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 2]| {
-            *b = bf16::from_f32(x[0]).to_le_bytes()
-        }),
+        DType::F32 => quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 4]| *b = x[0].to_le_bytes()),
+        DType::F16 => {
+            quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 2]| *b = f16::from_f32(x[0]).to_le_bytes())
+        }
+        DType::BF16 => {
+            quantize_blocks(values, &mut out, |x: &[f32; 1], b: &mut [u8; 2]| *b = bf16::from_f32(x[0]).to_le_bytes())
+        }
         DType::I32 | DType::I64 => {
             return Err(QuantError::Unsupported(format!(
                 "quantize: {dtype} is an integer type; f32 values are not converted to it"
@@ -117,11 +100,7 @@ pub fn quantize(dtype: DType, values: &[f32]) -> Result<Vec<u8>, QuantError> {
 fn byte_len(dtype: DType, n: usize) -> Result<usize, QuantError> {
     let block_size = dtype.block_size();
     if !n.is_multiple_of(block_size) {
-        return Err(QuantError::PartialBlock {
-            dtype,
-            n,
-            block_size,
-        });
+        return Err(QuantError::PartialBlock { dtype, n, block_size });
     }
     dtype.row_bytes(n).ok_or(QuantError::TooLarge { dtype, n })
 }
@@ -130,12 +109,7 @@ fn byte_len(dtype: DType, n: usize) -> Result<usize, QuantError> {
 fn check_sizes(dtype: DType, n: usize, len: usize) -> Result<(), QuantError> {
     let expected = byte_len(dtype, n)?;
     if len != expected {
-        return Err(QuantError::Size {
-            dtype,
-            len,
-            expected,
-            n,
-        });
+        return Err(QuantError::Size { dtype, len, expected, n });
     }
     Ok(())
 }
@@ -152,20 +126,14 @@ fn for_each_block<const T: usize, const B: usize>(
     debug_assert_eq!(bytes.len() / T, out.len() / B);
     let run = |(src, dst): (&[u8], &mut [f32])| {
         for (b, y) in src.chunks_exact(T).zip(dst.chunks_exact_mut(B)) {
-            f(
-                b.try_into().expect("chunks_exact gives T bytes"),
-                y.try_into().expect("B elements"),
-            );
+            f(b.try_into().expect("chunks_exact gives T bytes"), y.try_into().expect("B elements"));
         }
     };
     if out.len() <= TASK_ELEMS {
         run((bytes, out));
     } else {
         let blocks = (TASK_ELEMS / B).max(1);
-        bytes
-            .par_chunks(blocks * T)
-            .zip(out.par_chunks_mut(blocks * B))
-            .for_each(run);
+        bytes.par_chunks(blocks * T).zip(out.par_chunks_mut(blocks * B)).for_each(run);
     }
 }
 
@@ -178,20 +146,14 @@ fn quantize_blocks<const B: usize, const T: usize>(
     debug_assert_eq!(values.len() / B, out.len() / T);
     let run = |(src, dst): (&[f32], &mut [u8])| {
         for (x, b) in src.chunks_exact(B).zip(dst.chunks_exact_mut(T)) {
-            f(
-                x.try_into().expect("chunks_exact gives B elements"),
-                b.try_into().expect("T bytes"),
-            );
+            f(x.try_into().expect("chunks_exact gives B elements"), b.try_into().expect("T bytes"));
         }
     };
     if values.len() <= TASK_ELEMS {
         run((values, out));
     } else {
         let blocks = (TASK_ELEMS / B).max(1);
-        values
-            .par_chunks(blocks * B)
-            .zip(out.par_chunks_mut(blocks * T))
-            .for_each(run);
+        values.par_chunks(blocks * B).zip(out.par_chunks_mut(blocks * T)).for_each(run);
     }
 }
 
@@ -622,13 +584,7 @@ fn make_qkx2_quants(
 
 /// The common part of the Q4_K and Q5_K reference quantizers: fills the `d`, `dmin` and 12 packed
 /// scale bytes of `head` (16 bytes) and returns the final levels 0..=nmax of the 256 elements.
-fn quantize_k_scales(
-    x: &[f32; QK_K],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-    head: &mut [u8],
-) -> [u8; QK_K] {
+fn quantize_k_scales(x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32, head: &mut [u8]) -> [u8; QK_K] {
     let mut levels = [0u8; QK_K];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -650,11 +606,7 @@ fn quantize_k_scales(
             max_min = mins[j];
         }
     }
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     let s = &mut head[4..16];
     s.fill(0);
@@ -756,10 +708,8 @@ fn quantize_q6_k(x: &[f32; QK_K], b: &mut [u8; 210]) {
         for l in 0..32 {
             b[64 * h + l] = (lv[l] & 0x0F) | ((lv[l + 64] & 0x0F) << 4);
             b[64 * h + l + 32] = (lv[l + 32] & 0x0F) | ((lv[l + 96] & 0x0F) << 4);
-            b[128 + 32 * h + l] = (lv[l] >> 4)
-                | ((lv[l + 32] >> 4) << 2)
-                | ((lv[l + 64] >> 4) << 4)
-                | ((lv[l + 96] >> 4) << 6);
+            b[128 + 32 * h + l] =
+                (lv[l] >> 4) | ((lv[l + 32] >> 4) << 2) | ((lv[l + 64] >> 4) << 4) | ((lv[l + 96] >> 4) << 6);
         }
     }
 }
@@ -779,31 +729,16 @@ mod tests {
 
     fn unhex(s: &str) -> Vec<u8> {
         assert!(s.len().is_multiple_of(2));
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
     }
 
     /// JSON numbers written as the exact value of an f32 parse back to that f32.
     fn f32s(v: &Value) -> Vec<f32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap() as f32)
-            .collect()
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
     }
 
-    const BLOCK_TYPES: [DType; 8] = [
-        DType::Q4_0,
-        DType::Q4_1,
-        DType::Q5_0,
-        DType::Q5_1,
-        DType::Q8_0,
-        DType::Q4K,
-        DType::Q5K,
-        DType::Q6K,
-    ];
+    const BLOCK_TYPES: [DType; 8] =
+        [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0, DType::Q4K, DType::Q5K, DType::Q6K];
 
     #[test]
     fn dequantize_matches_gguf_py_bit_for_bit() {
@@ -816,11 +751,7 @@ mod tests {
             let mut got = vec![f32::NAN; want.len()];
             dequantize(dtype, &bytes, &mut got).unwrap();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert_eq!(
-                    g.to_bits(),
-                    w.to_bits(),
-                    "{dtype} element {i}: got {g:e}, gguf-py {w:e}"
-                );
+                assert_eq!(g.to_bits(), w.to_bits(), "{dtype} element {i}: got {g:e}, gguf-py {w:e}");
             }
         }
     }
@@ -830,13 +761,7 @@ mod tests {
         let fx = fixtures();
         let inputs = f32s(&fx["quant"]["inputs"]);
         assert_eq!(inputs.len(), 6 * 32);
-        for dtype in [
-            DType::Q8_0,
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-        ] {
+        for dtype in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1] {
             let want = unhex(fx["quant"][dtype.name()].as_str().unwrap());
             let got = quantize(dtype, &inputs).unwrap();
             assert_eq!(got.len(), want.len(), "{dtype}");
@@ -862,28 +787,14 @@ mod tests {
         }
         // Known encodings (little endian).
         let mut y = [0f32; 5];
-        dequantize(
-            DType::F16,
-            &[0x00, 0x3c, 0x00, 0xc1, 0x01, 0x00, 0x00, 0x7c, 0xff, 0x7b],
-            &mut y,
-        )
-        .unwrap();
+        dequantize(DType::F16, &[0x00, 0x3c, 0x00, 0xc1, 0x01, 0x00, 0x00, 0x7c, 0xff, 0x7b], &mut y).unwrap();
         assert_eq!(y, [1.0, -2.5, 2f32.powi(-24), f32::INFINITY, 65504.0]);
         let mut y = [0f32; 3];
         dequantize(DType::BF16, &[0x80, 0x3f, 0x20, 0xc0, 0x49, 0x40], &mut y).unwrap();
         assert_eq!(y, [1.0, -2.5, 3.140625]);
-        assert_eq!(
-            quantize(DType::BF16, &[f32::NAN]).unwrap()[1] & 0x7f,
-            0x7f,
-            "NaN stays NaN"
-        );
+        assert_eq!(quantize(DType::BF16, &[f32::NAN]).unwrap()[1] & 0x7f, 0x7f, "NaN stays NaN");
         // f32 is a bit-exact copy, NaN payloads and signed zeros included.
-        let odd = [
-            f32::from_bits(0x7fc0_1234),
-            -0.0,
-            f32::MIN_POSITIVE / 8.0,
-            -3.5,
-        ];
+        let odd = [f32::from_bits(0x7fc0_1234), -0.0, f32::MIN_POSITIVE / 8.0, -3.5];
         let bytes = quantize(DType::F32, &odd).unwrap();
         assert_eq!(bytes[..4], 0x7fc0_1234u32.to_le_bytes());
         let mut y = [0f32; 4];
@@ -891,16 +802,10 @@ mod tests {
         assert_eq!(y.map(f32::to_bits), odd.map(f32::to_bits));
         // Integers are value casts.
         let mut y = [0f32; 3];
-        let ints: Vec<u8> = [-7i32, 0, 16_777_217]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let ints: Vec<u8> = [-7i32, 0, 16_777_217].iter().flat_map(|v| v.to_le_bytes()).collect();
         dequantize(DType::I32, &ints, &mut y).unwrap();
         assert_eq!(y, [-7.0, 0.0, 16_777_216.0]);
-        let longs: Vec<u8> = [-1i64, 1 << 40, i64::MIN]
-            .iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect();
+        let longs: Vec<u8> = [-1i64, 1 << 40, i64::MIN].iter().flat_map(|v| v.to_le_bytes()).collect();
         dequantize(DType::I64, &longs, &mut y).unwrap();
         assert_eq!(y, [-1.0, 2f32.powi(40), -(2f32.powi(63))]);
     }
@@ -919,30 +824,18 @@ mod tests {
             dequantize(dtype, &good, &mut out).unwrap();
             for len in [0, 2 * ts - 1, 2 * ts + 1, 3 * ts] {
                 let err = dequantize(dtype, &good_or_more(len), &mut out).unwrap_err();
-                assert!(
-                    matches!(err, QuantError::Size { .. }),
-                    "{dtype} {len}: {err}"
-                );
+                assert!(matches!(err, QuantError::Size { .. }), "{dtype} {len}: {err}");
                 let msg = err.to_string();
-                assert!(
-                    msg.contains(dtype.name()) && msg.contains(&len.to_string()),
-                    "{msg}"
-                );
+                assert!(msg.contains(dtype.name()) && msg.contains(&len.to_string()), "{msg}");
                 assert!(msg.contains(&(2 * ts).to_string()), "{msg}");
             }
             if bs > 1 {
                 let mut partial = vec![0f32; bs + 1];
                 let err = dequantize(dtype, &good, &mut partial).unwrap_err();
-                assert!(
-                    matches!(err, QuantError::PartialBlock { .. }),
-                    "{dtype}: {err}"
-                );
+                assert!(matches!(err, QuantError::PartialBlock { .. }), "{dtype}: {err}");
                 assert!(err.to_string().contains(&(bs + 1).to_string()), "{err}");
                 let err = quantize(dtype, &partial).unwrap_err();
-                assert!(
-                    matches!(err, QuantError::PartialBlock { .. }),
-                    "{dtype}: {err}"
-                );
+                assert!(matches!(err, QuantError::PartialBlock { .. }), "{dtype}: {err}");
             }
             // The output is untouched on error.
             let mut out = vec![7f32; 2 * bs];
@@ -950,10 +843,7 @@ mod tests {
             assert!(out.iter().all(|&v| v == 7.0));
         }
         let err = quantize(DType::I32, &[1.0]).unwrap_err();
-        assert!(
-            matches!(err, QuantError::Unsupported(_)) && err.to_string().contains("i32"),
-            "{err}"
-        );
+        assert!(matches!(err, QuantError::Unsupported(_)) && err.to_string().contains("i32"), "{err}");
         assert!(quantize(DType::I64, &[1.0]).is_err());
     }
 
@@ -997,13 +887,7 @@ mod tests {
     /// the levels but stored as f16, which moves level q by q * |d - d16| + |m - m16|.
     #[test]
     fn round_trip_32_blocks_within_half_step() {
-        for dtype in [
-            DType::Q4_0,
-            DType::Q4_1,
-            DType::Q5_0,
-            DType::Q5_1,
-            DType::Q8_0,
-        ] {
+        for dtype in [DType::Q4_0, DType::Q4_1, DType::Q5_0, DType::Q5_1, DType::Q8_0] {
             let (qmax, symmetric) = match dtype {
                 DType::Q4_0 => (8.0, true),
                 DType::Q5_0 => (16.0, true),
@@ -1028,15 +912,10 @@ mod tests {
                         let (min, max) = min_max(x);
                         ((max - min) / qmax, f16_at(blk, 0), min, f16_at(blk, 2))
                     };
-                    let slack =
-                        qmax * (d - d16).abs() + (m - m16).abs() + 1e-6 * x[0].abs().max(1e-30);
+                    let slack = qmax * (d - d16).abs() + (m - m16).abs() + 1e-6 * x[0].abs().max(1e-30);
                     let half = 0.5 * d.abs() * (1.0 + 1e-5) + slack;
                     // The top level, which the other sign of a symmetric format may exceed.
-                    let top = if symmetric {
-                        (qmax - 1.0) * d16.abs()
-                    } else {
-                        f32::INFINITY
-                    };
+                    let top = if symmetric { (qmax - 1.0) * d16.abs() } else { f32::INFINITY };
                     for (i, (&xv, &yv)) in x.iter().zip(y).enumerate() {
                         let err = (xv - yv).abs();
                         let clamped = dtype != DType::Q8_0
@@ -1078,12 +957,7 @@ mod tests {
                             _ => {
                                 let (sc, m) = scale_min_k4(i / 32, &blk[4..16]);
                                 let hi = if dtype == DType::Q4K { 15.0 } else { 31.0 };
-                                (
-                                    f16_at(blk, 0) * sc as f32,
-                                    f16_at(blk, 2) * m as f32,
-                                    0.0,
-                                    hi,
-                                )
+                                (f16_at(blk, 0) * sc as f32, f16_at(blk, 2) * m as f32, 0.0, hi)
                             }
                         };
                         let (xv, yv) = (x[i], y[i]);
@@ -1106,10 +980,7 @@ mod tests {
                     }
                 }
                 let rel = (se / sx.max(1e-30)).sqrt();
-                assert!(
-                    rel <= max_rel_rmse || sx == 0.0,
-                    "{dtype}: relative rms error {rel}"
-                );
+                assert!(rel <= max_rel_rmse || sx == 0.0, "{dtype}: relative rms error {rel}");
             }
         }
     }
@@ -1128,20 +999,13 @@ mod tests {
     #[test]
     fn parallel_split_matches_single_blocks() {
         let mut rng = StdRng::seed_from_u64(3);
-        for dtype in BLOCK_TYPES
-            .into_iter()
-            .chain([DType::F16, DType::BF16, DType::F32])
-        {
+        for dtype in BLOCK_TYPES.into_iter().chain([DType::F16, DType::BF16, DType::F32]) {
             let n = (TASK_ELEMS * 3 / dtype.block_size() + 5) * dtype.block_size();
             let values = normal(&mut rng, n, 1.0, 0.0);
             let bytes = quantize(dtype, &values).unwrap();
             let ts = dtype.type_size();
             for (b, x) in values.chunks(dtype.block_size()).enumerate().step_by(97) {
-                assert_eq!(
-                    quantize(dtype, x).unwrap(),
-                    bytes[b * ts..(b + 1) * ts],
-                    "{dtype} {b}"
-                );
+                assert_eq!(quantize(dtype, x).unwrap(), bytes[b * ts..(b + 1) * ts], "{dtype} {b}");
             }
             let mut all = vec![0f32; n];
             dequantize(dtype, &bytes, &mut all).unwrap();

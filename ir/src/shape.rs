@@ -22,17 +22,11 @@ pub struct Dim {
 
 impl Dim {
     pub fn fixed(n: i64) -> Dim {
-        Dim {
-            terms: Vec::new(),
-            constant: n,
-        }
+        Dim { terms: Vec::new(), constant: n }
     }
 
     pub fn sym(name: &str) -> Dim {
-        Dim {
-            terms: vec![(name.to_string(), 1)],
-            constant: 0,
-        }
+        Dim { terms: vec![(name.to_string(), 1)], constant: 0 }
     }
 
     /// The value when the dim has no symbols.
@@ -62,10 +56,7 @@ impl Dim {
             }
         }
         out.retain(|(_, c)| *c != 0);
-        Dim {
-            terms: out,
-            constant,
-        }
+        Dim { terms: out, constant }
     }
 
     pub fn add(&self, other: &Dim) -> Dim {
@@ -117,8 +108,7 @@ impl Dim {
         for (sign, piece) in pieces {
             let (coef, name) = match piece.split_once('*') {
                 Some((k, name)) => (
-                    k.parse::<i64>()
-                        .map_err(|_| format!("bad coefficient `{k}` in dimension `{s}`"))?,
+                    k.parse::<i64>().map_err(|_| format!("bad coefficient `{k}` in dimension `{s}`"))?,
                     name.to_string(),
                 ),
                 None => (1, piece),
@@ -202,10 +192,7 @@ impl TensorType {
     }
     /// Concrete shape under `env`, or `None` if a symbol is unbound or a size is negative.
     pub fn concrete(&self, env: &SymEnv) -> Option<Vec<usize>> {
-        self.shape
-            .iter()
-            .map(|d| d.eval(env).and_then(|v| usize::try_from(v).ok()))
-            .collect()
+        self.shape.iter().map(|d| d.eval(env).and_then(|v| usize::try_from(v).ok())).collect()
     }
 }
 

@@ -85,9 +85,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                         None => return Err(err("unterminated string".into())),
                         Some('"') => break,
                         Some('\\') => {
-                            let e = chars
-                                .get(j + 1)
-                                .ok_or_else(|| err("unterminated escape".into()))?;
+                            let e = chars.get(j + 1).ok_or_else(|| err("unterminated escape".into()))?;
                             match e {
                                 'n' => out.push('\n'),
                                 't' => out.push('\t'),
@@ -97,12 +95,8 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
                                 'u' => {
                                     // \u{XXXX}
                                     let rest: String = chars[j + 2..].iter().collect();
-                                    let close = rest
-                                        .find('}')
-                                        .ok_or_else(|| err("bad \\u escape".into()))?;
-                                    let hex = rest
-                                        .get(1..close)
-                                        .ok_or_else(|| err("bad \\u escape".into()))?;
+                                    let close = rest.find('}').ok_or_else(|| err("bad \\u escape".into()))?;
+                                    let hex = rest.get(1..close).ok_or_else(|| err("bad \\u escape".into()))?;
                                     let cp = u32::from_str_radix(hex, 16)
                                         .ok()
                                         .and_then(char::from_u32)
@@ -152,16 +146,10 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, ParseError> {
 
 impl Lexer {
     fn line(&self) -> usize {
-        self.toks
-            .get(self.pos)
-            .or(self.toks.last())
-            .map_or(1, |t| t.1)
+        self.toks.get(self.pos).or(self.toks.last()).map_or(1, |t| t.1)
     }
     fn err<T>(&self, msg: impl Into<String>) -> Result<T, ParseError> {
-        Err(ParseError {
-            line: self.line(),
-            msg: msg.into(),
-        })
+        Err(ParseError { line: self.line(), msg: msg.into() })
     }
     fn peek(&self) -> Option<&Tok> {
         self.toks.get(self.pos).map(|t| &t.0)
@@ -228,10 +216,7 @@ impl Lexer {
             }
             t => {
                 self.pos -= 1;
-                self.err(format!(
-                    "expected an attribute value, found {}",
-                    describe(&t)
-                ))
+                self.err(format!("expected an attribute value, found {}", describe(&t)))
             }
         }
     }
@@ -271,10 +256,7 @@ fn describe(t: &Tok) -> String {
 
 /// Parses the text form and verifies the result (recorded types must match the type rules).
 pub fn parse(src: &str) -> Result<Graph, ParseError> {
-    let mut lx = Lexer {
-        toks: lex(src)?,
-        pos: 0,
-    };
+    let mut lx = Lexer { toks: lex(src)?, pos: 0 };
     if lx.word()? != "graph" {
         lx.pos -= 1;
         return lx.err("expected `graph`");
@@ -317,8 +299,7 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                             },
                             t => {
                                 lx.pos -= 1;
-                                return lx
-                                    .err(format!("expected an operand, found {}", describe(&t)));
+                                return lx.err(format!("expected an operand, found {}", describe(&t)));
                             }
                         }
                         if lx.eat(')') {
@@ -348,28 +329,19 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
                 let op = Op::from_parts(&opname, &attrs).map_err(|msg| ParseError { line, msg })?;
                 let id = ValueId(g.nodes.len() as u32);
                 if names.insert(v.clone(), id).is_some() {
-                    return Err(ParseError {
-                        line,
-                        msg: format!("value %{v} defined twice"),
-                    });
+                    return Err(ParseError { line, msg: format!("value %{v} defined twice") });
                 }
                 g.nodes.push(Node { op, inputs, ty });
             }
             t => {
                 lx.pos -= 1;
-                return lx.err(format!(
-                    "expected a node or `output`, found {}",
-                    describe(&t)
-                ));
+                return lx.err(format!("expected a node or `output`, found {}", describe(&t)));
             }
         }
     }
     if lx.peek().is_some() {
         return lx.err("text after the end of the graph");
     }
-    g.verify().map_err(|e| ParseError {
-        line: 0,
-        msg: e.to_string(),
-    })?;
+    g.verify().map_err(|e| ParseError { line: 0, msg: e.to_string() })?;
     Ok(g)
 }

@@ -33,11 +33,7 @@ impl TensorData {
         for v in values {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        TensorData {
-            dtype: DType::F32,
-            shape,
-            bytes: Bytes::from(bytes),
-        }
+        TensorData { dtype: DType::F32, shape, bytes: Bytes::from(bytes) }
     }
 }
 

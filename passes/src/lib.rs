@@ -1,1 +1,138 @@
-//! (being written)
+//! Graph rewrites: the [`Pass`] trait, the pipeline (the one place pass order lives), and the passes.
+//!
+//! Every pass maps a verified graph to a verified graph computing the same function (lossless passes)
+//! or records what it gave up (lossy passes, later). In debug builds the verifier runs after every pass.
+
+pub mod cse;
+pub mod dce;
+
+use kiln_ir::{Graph, GraphError};
+use std::time::{Duration, Instant};
+
+/// What a pass is given besides the graph.
+#[derive(Clone, Debug, Default)]
+pub struct PassCx {}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("unknown pass `{0}` (known: {1})")]
+    Unknown(String, String),
+    #[error("pass `{pass}` produced an invalid graph: {source}")]
+    Verify {
+        pass: &'static str,
+        #[source]
+        source: GraphError,
+    },
+    #[error("pass `{pass}`: {msg}")]
+    Failed { pass: &'static str, msg: String },
+}
+
+pub trait Pass {
+    /// Kebab-case stage name, as used by `--passes` and `--stop-after`.
+    fn name(&self) -> &'static str;
+    /// Rewrites `g`; returns whether anything changed.
+    fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError>;
+}
+
+/// One pass's entry in a pipeline report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PassReport {
+    pub pass: &'static str,
+    pub changed: bool,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    pub time: Duration,
+}
+
+/// Every pass Kiln knows, by name.
+pub fn registry() -> Vec<Box<dyn Pass>> {
+    vec![Box::new(dce::DeadCodeElimination), Box::new(cse::CommonSubexpressionElimination)]
+}
+
+/// The default pipeline, in order.
+pub const DEFAULT_PIPELINE: &[&str] = &["cse", "dce"];
+
+pub struct Pipeline {
+    passes: Vec<Box<dyn Pass>>,
+}
+
+impl Pipeline {
+    /// Builds a pipeline from stage names.
+    pub fn from_names(names: &[&str]) -> Result<Pipeline, PassError> {
+        let mut passes = Vec::new();
+        for &n in names {
+            let p = registry().into_iter().find(|p| p.name() == n).ok_or_else(|| {
+                let known: Vec<&str> = registry().iter().map(|p| p.name()).collect();
+                PassError::Unknown(n.to_string(), known.join(", "))
+            })?;
+            passes.push(p);
+        }
+        Ok(Pipeline { passes })
+    }
+
+    pub fn default_pipeline() -> Pipeline {
+        Pipeline::from_names(DEFAULT_PIPELINE).expect("default passes exist")
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.passes.iter().map(|p| p.name()).collect()
+    }
+
+    /// Runs the passes in order, stopping after `stop_after` if given.
+    pub fn run(&self, g: &mut Graph, cx: &PassCx, stop_after: Option<&str>) -> Result<Vec<PassReport>, PassError> {
+        let mut reports = Vec::new();
+        for p in &self.passes {
+            let before = g.nodes.len();
+            let t = Instant::now();
+            let changed = p.run(g, cx)?;
+            let time = t.elapsed();
+            if cfg!(debug_assertions) {
+                g.verify().map_err(|source| PassError::Verify { pass: p.name(), source })?;
+            }
+            reports.push(PassReport {
+                pass: p.name(),
+                changed,
+                nodes_before: before,
+                nodes_after: g.nodes.len(),
+                time,
+            });
+            if stop_after == Some(p.name()) {
+                break;
+            }
+        }
+        Ok(reports)
+    }
+}
+
+/// Rebuilds `g` keeping the nodes for which `keep` is true and redirecting operands through `remap`
+/// (`remap[i]` = the node that replaces node i). Shared by the passes that delete or merge nodes.
+pub(crate) fn rebuild(g: &Graph, keep: &[bool], remap: &[usize]) -> Graph {
+    let mut new_index = vec![u32::MAX; g.nodes.len()];
+    let mut out = Graph::new(g.name.clone());
+    for (i, n) in g.nodes.iter().enumerate() {
+        if !keep[i] {
+            continue;
+        }
+        let mut node = n.clone();
+        for v in &mut node.inputs {
+            v.0 = new_index[remap[v.index()]];
+        }
+        new_index[i] = out.nodes.len() as u32;
+        out.nodes.push(node);
+    }
+    out.outputs =
+        g.outputs.iter().map(|(name, v)| (name.clone(), kiln_ir::ValueId(new_index[remap[v.index()]]))).collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pipeline_rejects_unknown_passes_by_name() {
+        let err = Pipeline::from_names(&["dce", "fuse-everything"]).err().unwrap().to_string();
+        assert!(err.contains("fuse-everything") && err.contains("dce"), "{err}");
+        assert_eq!(Pipeline::default_pipeline().names(), DEFAULT_PIPELINE);
+    }
+}

@@ -73,7 +73,8 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b = InterpreterBackend { graph, interp: Interpreter::new(weights), state: Vec::new(), vocab, context, past: 0 };
+        let mut b =
+            InterpreterBackend { graph, interp: Interpreter::new(weights), state: Vec::new(), vocab, context, past: 0 };
         b.reset();
         Ok(b)
     }

@@ -1,0 +1,162 @@
+//! The interpreter against hand-checked math, the fused ops against their decompositions on random
+//! inputs, and the text parser's error messages.
+
+use kiln_ir::decompose::decompose;
+use kiln_ir::interp::{Interpreter, Tensor};
+use kiln_ir::text::{parse, print};
+use kiln_ir::{TensorData, WeightStore};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+fn run1(src: &str, inputs: &[(&str, Tensor)], w: &WeightStore) -> Tensor {
+    let g = parse(src).unwrap_or_else(|e| panic!("{e}\n{src}"));
+    Interpreter::new(w).run(&g, inputs).unwrap().remove(0).1
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: {x} vs {y}\n{a:?}\n{b:?}");
+    }
+}
+
+fn g1(body: &str) -> String {
+    format!("graph \"t\" {{\n{body}\n}}\n")
+}
+
+#[test]
+fn rms_norm_softmax_linear_by_hand() {
+    let mut w = WeightStore::new();
+    w.insert("g", TensorData::from_f32(vec![4], &[1.0, 1.0, 2.0, 0.5]));
+    let src = g1("  %0 = input {name = \"x\"} : f32[1, 4]\n  %1 = weight {name = \"g\"} : f32[4]\n  %2 = rms_norm(%0, %1) {eps = 0.0} : f32[1, 4]\n  output \"y\" = %2");
+    let y = run1(&src, &[("x", Tensor::f32(vec![1, 4], vec![1.0, 2.0, 3.0, 4.0]))], &w);
+    let r = 1.0 / 7.5f32.sqrt(); // mean of squares = 30/4
+    close(y.as_f32().unwrap(), &[r, 2.0 * r, 6.0 * r, 2.0 * r], 1e-6);
+
+    let src = g1("  %0 = input {name = \"x\"} : f32[2, 2]\n  %1 = softmax(%0) {axis = -1} : f32[2, 2]\n  output \"y\" = %1");
+    let y = run1(&src, &[("x", Tensor::f32(vec![2, 2], vec![0.0, 2f32.ln(), 5.0, 5.0]))], &w);
+    close(y.as_f32().unwrap(), &[1.0 / 3.0, 2.0 / 3.0, 0.5, 0.5], 1e-6);
+
+    let mut w = WeightStore::new();
+    w.insert("m", TensorData::from_f32(vec![3, 2], &[1.0, 2.0, 0.0, -1.0, 0.5, 0.5]));
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 2]\n  %1 = weight {name = \"m\"} : f32[3, 2]\n  %2 = linear(%0, %1) : f32[seq, 3]\n  output \"y\" = %2");
+    let y = run1(&src, &[("x", Tensor::f32(vec![2, 2], vec![1.0, 1.0, 2.0, -4.0]))], &w);
+    assert_eq!(y.shape, [2, 3]);
+    close(y.as_f32().unwrap(), &[3.0, -1.0, 1.0, -6.0, 4.0, -1.0], 1e-6);
+}
+
+#[test]
+fn attention_is_causal_and_grouped() {
+    // q = k = 0 makes every visible key equally likely: query i averages v[0..=i + (t - s)].
+    let src = g1("  %0 = input {name = \"q\"} : f32[1, seq, 2, 2]\n  %1 = input {name = \"k\"} : f32[1, kv, 1, 2]\n  %2 = input {name = \"v\"} : f32[1, kv, 1, 2]\n  %3 = attention(%0, %1, %2) {scale = 1.0} : f32[1, seq, 2, 2]\n  output \"y\" = %3");
+    let v = vec![1.0, 10.0, 3.0, 20.0, 5.0, 60.0];
+    let ins = [
+        ("q", Tensor::f32(vec![1, 2, 2, 2], vec![0.0; 8])),
+        ("k", Tensor::f32(vec![1, 3, 1, 2], vec![0.0; 6])),
+        ("v", Tensor::f32(vec![1, 3, 1, 2], v)),
+    ];
+    let y = run1(&src, &ins, &WeightStore::new());
+    // kv length 3, 2 queries: query 0 at position 1 sees v0, v1; query 1 sees all three. Both heads share kv head 0.
+    close(y.as_f32().unwrap(), &[2.0, 15.0, 2.0, 15.0, 3.0, 30.0, 3.0, 30.0], 1e-6);
+}
+
+#[test]
+fn rope_rotates_pairs_by_position() {
+    let src = g1("  %0 = input {name = \"x\"} : f32[1, 2, 1, 4]\n  %1 = input {name = \"p\"} : i32[1, 2]\n  %2 = rope(%0, %1) {mode = normal, n_rot = 4, theta = 100.0} : f32[1, 2, 1, 4]\n  %3 = rope(%0, %1) {mode = neox, n_rot = 4, theta = 100.0} : f32[1, 2, 1, 4]\n  output \"a\" = %2\n  output \"b\" = %3");
+    let g = parse(&src).unwrap();
+    let x = Tensor::f32(vec![1, 2, 1, 4], vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
+    let out = Interpreter::new(&WeightStore::new()).run(&g, &[("x", x), ("p", Tensor::i64(vec![1, 2], vec![0, 3]))]).unwrap();
+    // Position 0: identity. Position 3: pair i turns by 3·100^(-i/2): pair 0 by 3 rad, pair 1 by 0.3 rad.
+    let (normal, neox) = (out[0].1.as_f32().unwrap(), out[1].1.as_f32().unwrap());
+    close(&normal[..4], &[1.0, 0.0, 1.0, 0.0], 1e-7);
+    close(&normal[4..], &[3f32.cos(), 3f32.sin(), 0.3f32.cos(), 0.3f32.sin()], 1e-6);
+    // neox pairs (x0, x2) and (x1, x3): x = [1, 0, 1, 0] → pair 0 = (1, 1), pair 1 = (0, 0).
+    close(&neox[4..], &[3f32.cos() - 3f32.sin(), 0.0, 3f32.sin() + 3f32.cos(), 0.0], 1e-6);
+}
+
+#[test]
+fn shape_ops_by_hand() {
+    let src = g1("  %0 = input {name = \"x\"} : f32[2, 3]\n  %1 = transpose(%0) {perm = [1, 0]} : f32[3, 2]\n  %2 = slice(%1) {axis = 0, end = 3, start = 1} : f32[2, 2]\n  %3 = concat(%2, %2) {axis = 1} : f32[2, 4]\n  %4 = reshape(%3) {shape = [8]} : f32[8]\n  output \"y\" = %4");
+    let y = run1(&src, &[("x", Tensor::f32(vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0]))], &WeightStore::new());
+    assert_eq!(y.as_f32().unwrap(), &[1.0, 4.0, 1.0, 4.0, 2.0, 5.0, 2.0, 5.0]);
+}
+
+#[test]
+fn embedding_rejects_out_of_range_ids() {
+    let mut w = WeightStore::new();
+    w.insert("e", TensorData::from_f32(vec![3, 2], &[0.0; 6]));
+    let g = parse(&g1("  %0 = input {name = \"ids\"} : i32[n]\n  %1 = weight {name = \"e\"} : f32[3, 2]\n  %2 = embedding(%1, %0) : f32[n, 2]\n  output \"y\" = %2")).unwrap();
+    let err = Interpreter::new(&w).run(&g, &[("ids", Tensor::i64(vec![2], vec![1, 3]))]).unwrap_err().to_string();
+    assert!(err.contains("token id 3") && err.contains("embedding"), "{err}");
+}
+
+/// Fused ops equal their decompositions on random inputs of odd sizes.
+#[test]
+fn fused_ops_match_decompositions() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for trial in 0..20 {
+        let (s, d) = (rng.random_range(1..6), rng.random_range(1..40));
+        let src = g1(&format!(
+            "  %0 = input {{name = \"x\"}} : f32[seq, {d}]\n  %1 = input {{name = \"u\"}} : f32[seq, {d}]\n  %2 = weight {{name = \"g\"}} : f32[{d}]\n  %3 = rms_norm(%0, %2) {{eps = 1e-5}} : f32[seq, {d}]\n  %4 = swiglu(%3, %1) : f32[seq, {d}]\n  %5 = softmax(%4) {{axis = {}}} : f32[seq, {d}]\n  %6 = silu(%5) : f32[seq, {d}]\n  output \"y\" = %6",
+            if trial % 2 == 0 { -1 } else { 0 }
+        ));
+        let g = parse(&src).unwrap();
+        let dg = decompose(&g).unwrap();
+        dg.verify().unwrap();
+        assert!(!print(&dg).contains("rms_norm") && !print(&dg).contains("swiglu"));
+        let mut w = WeightStore::new();
+        let gv: Vec<f32> = (0..d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        w.insert("g", TensorData::from_f32(vec![d], &gv));
+        let mut rand_t = || Tensor::f32(vec![s, d], (0..s * d).map(|_| rng.random_range(-3.0..3.0)).collect());
+        let ins = [("x", rand_t()), ("u", rand_t())];
+        let interp = Interpreter::new(&w);
+        let a = interp.run(&g, &ins).unwrap();
+        let b = interp.run(&dg, &ins).unwrap();
+        close(a[0].1.as_f32().unwrap(), b[0].1.as_f32().unwrap(), 1e-5);
+    }
+}
+
+#[test]
+fn parser_errors_name_the_line_and_problem() {
+    let cases = [
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = frobnicate(%0) : f32[4]\n}\n", "unknown op `frobnicate`"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = exp(%7) : f32[4]\n}\n", "undefined value %7"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = exp(%0) : f32[5]\n}\n", "recorded type f32[5]"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : q9_9[4]\n}\n", "unknown dtype"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = softmax(%0) : f32[4]\n}\n", "needs attribute `axis`"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = exp(%0) {axis = 1} : f32[4]\n}\n", "has no attribute `axis`"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = add(%0, %0) : f32[4]\n  output \"y\" = %1\n", "end of input"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = reshape(%0) {shape = [seq, 5]} : f32[seq, 5]\n}\n", "element count"),
+        ("graph \"t\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %0 = exp(%0) : f32[4]\n}\n", "defined twice"),
+    ];
+    for (src, want) in cases {
+        let err = parse(src).unwrap_err().to_string();
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+    }
+}
+
+/// Random garbage and mutated valid text never panic the parser.
+#[test]
+fn parser_survives_mutations() {
+    let valid = g1("  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = weight {name = \"g\"} : f32[4]\n  %2 = rms_norm(%0, %1) {eps = 1e-5} : f32[seq, 4]\n  %3 = reshape(%2) {shape = [seq, 2, 2]} : f32[seq, 2, 2]\n  output \"y\" = %3");
+    let chars: Vec<char> = valid.chars().collect();
+    let alphabet: Vec<char> = "%{}()[],=:\"\\ \n0123456789abcxyz+-*._#é".chars().collect();
+    let mut rng = StdRng::seed_from_u64(4);
+    for _ in 0..20000 {
+        let mut c = chars.clone();
+        for _ in 0..rng.random_range(1..5) {
+            let i = rng.random_range(0..c.len());
+            match rng.random_range(0..3) {
+                0 => c[i] = alphabet[rng.random_range(0..alphabet.len())],
+                1 => {
+                    c.remove(i);
+                }
+                _ => c.insert(i, alphabet[rng.random_range(0..alphabet.len())]),
+            }
+        }
+        let s: String = c.into_iter().collect();
+        if let Ok(g) = parse(&s) {
+            assert_eq!(print(&parse(&print(&g)).unwrap()), print(&g));
+        }
+    }
+}

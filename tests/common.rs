@@ -1,0 +1,91 @@
+//! Shared helpers: the default model (loaded once), tiny random models, running the interpreter.
+
+use kiln::frontend::{Arch, LlamaConfig, Model};
+use kiln::ir::{DType, TensorData, WeightStore};
+use kiln::runtime::{Backend, InterpreterBackend, Logits};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::path::Path;
+use std::sync::OnceLock;
+
+/// The default SmolLM2 model, loaded once per test binary.
+pub fn smollm2() -> &'static Model {
+    static MODEL: OnceLock<Model> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path = kiln::default_model_path();
+        assert!(path.exists(), "default model missing at {} — run scripts/setup.sh", path.display());
+        Model::load(&path).expect("default model loads")
+    })
+}
+
+pub fn tiny_config(arch: Arch) -> LlamaConfig {
+    LlamaConfig {
+        arch,
+        vocab_size: 96,
+        hidden_size: 32,
+        intermediate_size: 64,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        head_dim: 8,
+        rope_theta: 10000.0,
+        rms_norm_eps: 1e-5,
+        context_length: 64,
+        attention_bias: arch == Arch::Qwen2,
+        tie_embeddings: arch == Arch::Llama,
+    }
+}
+
+/// Random weights for `cfg` in `dtype` (f32/f16/bf16), deterministic in `seed`.
+pub fn random_weights(cfg: &LlamaConfig, dtype: DType, seed: u64) -> WeightStore {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut w = WeightStore::new();
+    for (name, shape) in cfg.expected_weights() {
+        let n: usize = shape.iter().product();
+        let is_norm = name.ends_with("norm.weight");
+        let vals: Vec<f32> = (0..n)
+            .map(|_| if is_norm { 1.0 + rng.random_range(-0.2..0.2) } else { rng.random_range(-0.3..0.3) })
+            .collect();
+        let t = TensorData::from_f32(shape, &vals);
+        let t = match dtype {
+            DType::F32 => t,
+            other => {
+                let bytes = kiln::ir::quant::quantize(other, &vals).expect("quantize");
+                TensorData { dtype: other, shape: t.shape, bytes: bytes.into() }
+            }
+        };
+        w.insert(name, t);
+    }
+    w
+}
+
+/// Runs one forward pass of `model` over `tokens` from an empty cache.
+pub fn logits(model: &Model, tokens: &[u32]) -> Logits {
+    let mut b = InterpreterBackend::new(model.graph().expect("graph"), &model.weights, model.config.context_length)
+        .expect("backend");
+    b.forward(tokens).expect("forward")
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+pub fn kiln_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kiln")
+}
+
+/// Runs the `kiln` binary; returns (exit code, stdout, stderr).
+pub fn run_kiln(args: &[&str], model_env: Option<&Path>) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(kiln_bin());
+    cmd.args(args);
+    if let Some(p) = model_env {
+        cmd.env("KILN_MODEL", p);
+    }
+    let out = cmd.output().expect("run kiln");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
