@@ -7,6 +7,8 @@ pub use kiln_ir as ir;
 pub use kiln_passes as passes;
 pub use kiln_runtime as runtime;
 
+pub mod artifact;
+
 use std::path::PathBuf;
 
 /// File name of the default model inside the cache.

@@ -5,6 +5,7 @@
 
 mod bad_input;
 mod common;
+mod compiled;
 mod fuzz;
 mod golden;
 mod import_roundtrip;

@@ -5,12 +5,34 @@
 //! op is reported as unsupported, so `compile` fails up front naming the first op, and the runtime keeps
 //! using the interpreter. Nothing here pretends to generate code.
 
-use kiln_ir::{Graph, Op};
+use kiln_ir::{DType, Graph, Op};
+
+pub mod artifact;
+pub mod kernels;
+pub mod llvm;
+pub mod lower;
+
+pub use artifact::{compile_to_dir, emit_stage, host_target_info, ArtifactInfo, CompileOptions, Stage};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CodegenError {
     #[error("target {target}: op `{op}` ({value}) has no lowering yet")]
     UnsupportedOp { target: String, op: &'static str, value: String },
+    /// A kernel generator was asked for an element type it has no code for.
+    #[error("{kernel} kernel: weights of dtype {dtype} are not supported")]
+    UnsupportedDType { kernel: &'static str, dtype: DType },
+    /// A kernel was asked for with parameters it cannot be generated for (e.g. a partial block).
+    #[error("invalid kernel spec: {0}")]
+    InvalidSpec(String),
+    /// LLVM refused something: building IR, verifying, optimizing, or emitting code.
+    #[error("LLVM: {0}")]
+    Llvm(String),
+}
+
+impl From<inkwell::builder::BuilderError> for CodegenError {
+    fn from(e: inkwell::builder::BuilderError) -> Self {
+        CodegenError::Llvm(format!("IR builder: {e}"))
+    }
 }
 
 /// A code generation target.

@@ -1,12 +1,13 @@
 //! Kiln's intermediate representation: a typed tensor graph with symbolic dimensions, a canonical text
 //! form, a verifier, and the reference interpreter that is the oracle for every other stage.
 
-pub mod dot;
 pub mod decompose;
+pub mod dot;
 pub mod dtype;
 pub mod graph;
 pub mod interp;
 pub mod op;
+pub mod program;
 pub mod quant;
 pub mod shape;
 pub mod text;

@@ -33,7 +33,8 @@ fn rms_norm_softmax_linear_by_hand() {
     let r = 1.0 / 7.5f32.sqrt(); // mean of squares = 30/4
     close(y.as_f32().unwrap(), &[r, 2.0 * r, 6.0 * r, 2.0 * r], 1e-6);
 
-    let src = g1("  %0 = input {name = \"x\"} : f32[2, 2]\n  %1 = softmax(%0) {axis = -1} : f32[2, 2]\n  output \"y\" = %1");
+    let src =
+        g1("  %0 = input {name = \"x\"} : f32[2, 2]\n  %1 = softmax(%0) {axis = -1} : f32[2, 2]\n  output \"y\" = %1");
     let y = run1(&src, &[("x", Tensor::f32(vec![2, 2], vec![0.0, 2f32.ln(), 5.0, 5.0]))], &w);
     close(y.as_f32().unwrap(), &[1.0 / 3.0, 2.0 / 3.0, 0.5, 0.5], 1e-6);
 
@@ -65,7 +66,8 @@ fn rope_rotates_pairs_by_position() {
     let src = g1("  %0 = input {name = \"x\"} : f32[1, 2, 1, 4]\n  %1 = input {name = \"p\"} : i32[1, 2]\n  %2 = rope(%0, %1) {mode = normal, n_rot = 4, theta = 100.0} : f32[1, 2, 1, 4]\n  %3 = rope(%0, %1) {mode = neox, n_rot = 4, theta = 100.0} : f32[1, 2, 1, 4]\n  output \"a\" = %2\n  output \"b\" = %3");
     let g = parse(&src).unwrap();
     let x = Tensor::f32(vec![1, 2, 1, 4], vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0]);
-    let out = Interpreter::new(&WeightStore::new()).run(&g, &[("x", x), ("p", Tensor::i64(vec![1, 2], vec![0, 3]))]).unwrap();
+    let out =
+        Interpreter::new(&WeightStore::new()).run(&g, &[("x", x), ("p", Tensor::i64(vec![1, 2], vec![0, 3]))]).unwrap();
     // Position 0: identity. Position 3: pair i turns by 3·100^(-i/2): pair 0 by 3 rad, pair 1 by 0.3 rad.
     let (normal, neox) = (out[0].1.as_f32().unwrap(), out[1].1.as_f32().unwrap());
     close(&normal[..4], &[1.0, 0.0, 1.0, 0.0], 1e-7);

@@ -5,9 +5,11 @@
 //! behind the same trait. The runtime never depends on the frontend: it takes a graph and weights.
 
 pub mod backend;
+pub mod compiled;
 pub mod generate;
 pub mod sample;
 
 pub use backend::{Backend, InterpreterBackend, Logits, RuntimeError};
+pub use compiled::{ArtifactError, CompiledBackend};
 pub use generate::{generate, GenerateStats, StopReason};
 pub use sample::{Sampler, SamplingParams};

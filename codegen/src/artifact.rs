@@ -1,0 +1,206 @@
+//! From a graph to an artifact directory: lower, generate every kernel into one LLVM module, optimise
+//! for the host CPU, emit an object, link it into `kernels.so`, lay the weights out in `weights.bin`,
+//! and describe it all in `manifest.json`.
+
+use crate::kernels::linear::{emit_linear, LinearKernelSpec};
+use crate::lower::{lower, KernelSpec, Lowered};
+use crate::{kernels, llvm, CodegenError};
+use inkwell::context::Context;
+use inkwell::module::Module;
+use kiln_ir::program::{BufferKind, Manifest, TargetInfo, ARTIFACT_FORMAT_VERSION};
+use kiln_ir::{Graph, WeightStore};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompileOptions {
+    /// LLVM optimisation level, 0-3.
+    pub opt_level: u8,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions { opt_level: 3 }
+    }
+}
+
+/// Facts about the model that the manifest records.
+pub struct ArtifactInfo {
+    pub model_name: String,
+    pub source_hash: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+}
+
+/// Features whose absence on a host makes code compiled with them unsafe to run; the runtime checks them.
+const CHECKED_FEATURES: &[&str] = &[
+    "sse4.2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512vnni",
+    "avxvnni",
+];
+
+/// The host target as recorded in manifests.
+pub fn host_target_info() -> TargetInfo {
+    let triple = inkwell::targets::TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned();
+    let cpu = inkwell::targets::TargetMachine::get_host_cpu_name().to_string_lossy().into_owned();
+    let features = inkwell::targets::TargetMachine::get_host_cpu_features().to_string_lossy().into_owned();
+    let features = features
+        .split(',')
+        .filter_map(|f| f.strip_prefix('+'))
+        .filter(|f| CHECKED_FEATURES.contains(f))
+        .map(str::to_string)
+        .collect();
+    TargetInfo { triple, cpu, features }
+}
+
+/// Generates every kernel of `lowered` into `module`.
+fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lowered) -> Result<(), CodegenError> {
+    for spec in &lowered.kernels {
+        match spec {
+            KernelSpec::Linear { dtype, k } => {
+                let inner = emit_linear(ctx, module, &LinearKernelSpec { dtype: *dtype, k: *k })?;
+                kernels::abi::wrap_linear(ctx, module, inner, &spec.symbol())?;
+            }
+            KernelSpec::Embedding { dtype, d } => {
+                kernels::embedding::emit_embedding(ctx, module, *dtype, *d, &spec.symbol())?;
+            }
+            KernelSpec::Op(op) => {
+                op.emit(ctx, module)?;
+            }
+        }
+    }
+    module.verify().map_err(|e| CodegenError::Llvm(format!("module does not verify: {e}")))?;
+    Ok(())
+}
+
+/// Stages `kiln compile --emit` can print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Llvm,
+    Asm,
+}
+
+/// The optimised LLVM IR or the assembly of the kernels for `g`.
+pub fn emit_stage(
+    g: &Graph,
+    weights: &WeightStore,
+    opts: &CompileOptions,
+    stage: Stage,
+) -> Result<String, CodegenError> {
+    let lowered = lower(g, weights)?;
+    let ctx = Context::create();
+    let module = ctx.create_module("kiln_kernels");
+    emit_kernels(&ctx, &module, &lowered)?;
+    let tm = optimized(&module, opts)?;
+    match stage {
+        Stage::Llvm => Ok(llvm::ir_text(&module)),
+        Stage::Asm => llvm::emit_assembly(&module, &tm),
+    }
+}
+
+/// Specialises `module` for the host and runs LLVM's `default<O{level}>` pipeline.
+fn optimized(module: &Module, opts: &CompileOptions) -> Result<inkwell::targets::TargetMachine, CodegenError> {
+    let tm = llvm::host_target_machine()?;
+    if opts.opt_level == 3 {
+        llvm::optimize(module, &tm)?;
+    } else {
+        llvm::specialise(module, &tm);
+        llvm::verify(module)?;
+        module
+            .run_passes(&format!("default<O{}>", opts.opt_level), &tm, inkwell::passes::PassBuilderOptions::create())
+            .map_err(|e| CodegenError::Llvm(format!("optimizing: {}", e.to_string_lossy())))?;
+    }
+    Ok(tm)
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> CodegenError {
+    CodegenError::Llvm(format!("{}: {e}", path.display()))
+}
+
+/// Compiles `g` over `weights` into the artifact directory `out` (created; existing files replaced).
+pub fn compile_to_dir(
+    g: &Graph,
+    weights: &WeightStore,
+    opts: &CompileOptions,
+    info: &ArtifactInfo,
+    out: &Path,
+) -> Result<Manifest, CodegenError> {
+    let t0 = Instant::now();
+    std::fs::create_dir_all(out).map_err(|e| io_err(out, e))?;
+    let lowered = lower(g, weights)?;
+    let ctx = Context::create();
+    let module = ctx.create_module("kiln_kernels");
+    emit_kernels(&ctx, &module, &lowered)?;
+    let tm = optimized(&module, opts)?;
+    let obj = out.join("kernels.o");
+    std::fs::write(&obj, llvm::emit_object(&module, &tm)?).map_err(|e| io_err(&obj, e))?;
+    let lib = out.join("kernels.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-o"])
+        .arg(&lib)
+        .arg(&obj)
+        .arg("-lm")
+        .status()
+        .map_err(|e| CodegenError::Llvm(format!("running the system linker `cc`: {e}")))?;
+    if !status.success() {
+        return Err(CodegenError::Llvm(format!("linking {} failed ({status})", lib.display())));
+    }
+    std::fs::remove_file(&obj).map_err(|e| io_err(&obj, e))?;
+
+    // Weights, at the offsets lowering assigned, zero-padded between.
+    let wpath = out.join("weights.bin");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&wpath).map_err(|e| io_err(&wpath, e))?);
+    let mut pos = 0u64;
+    let mut weights_iter = lowered.weights.iter();
+    for b in &lowered.program.buffers {
+        if let BufferKind::Weight { offset, len, .. } = &b.kind {
+            let (_, t) = weights_iter.next().expect("one weight per weight buffer");
+            debug_assert_eq!(t.bytes.len() as u64, *len);
+            let pad = vec![0u8; (offset - pos) as usize];
+            file.write_all(&pad).and_then(|_| file.write_all(&t.bytes)).map_err(|e| io_err(&wpath, e))?;
+            pos = offset + len;
+        }
+    }
+    file.flush().map_err(|e| io_err(&wpath, e))?;
+    drop(file);
+
+    let hash = |p: &Path| -> Result<String, CodegenError> {
+        let bytes = std::fs::read(p).map_err(|e| io_err(p, e))?;
+        Ok(blake3::hash(&bytes).to_hex().to_string())
+    };
+    let kernels =
+        lowered.kernels.iter().map(|k| (k.symbol(), serde_json::to_string(k).expect("serialisable"))).collect();
+    let manifest = Manifest {
+        format_version: ARTIFACT_FORMAT_VERSION,
+        kiln_version: env!("CARGO_PKG_VERSION").to_string(),
+        model_name: info.model_name.clone(),
+        source_hash: info.source_hash.clone(),
+        target: host_target_info(),
+        context_length: info.context_length,
+        vocab_size: info.vocab_size,
+        passes: Vec::new(),
+        library: "kernels.so".into(),
+        library_hash: hash(&lib)?,
+        weights: "weights.bin".into(),
+        weights_len: pos,
+        weights_hash: hash(&wpath)?,
+        kernels,
+        program: lowered.program,
+        compile_seconds: t0.elapsed().as_secs_f64(),
+    };
+    let mpath = out.join("manifest.json");
+    let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
+    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
+    Ok(manifest)
+}

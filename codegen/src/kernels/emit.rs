@@ -1,0 +1,266 @@
+//! A thin layer over inkwell for writing kernels: the uniform kernel ABI, counted loops, f32 math.
+//!
+//! Every kernel has the signature of [`kiln_ir::program`]'s ABI:
+//! `void k(i8** bufs, i64* dims, i64 begin, i64 end)`. Accumulators live in entry-block allocas, which
+//! LLVM's SROA/mem2reg turn into registers, so loop bodies can stay simple load/store code.
+
+use crate::CodegenError;
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::{BasicTypeEnum, FloatType, IntType, PointerType};
+use inkwell::values::{BasicMetadataValueEnum, FloatValue, FunctionValue, IntValue, PointerValue};
+use inkwell::{AddressSpace, FloatPredicate, IntPredicate};
+
+pub type R<T> = Result<T, CodegenError>;
+
+pub struct Emitter<'a, 'ctx> {
+    pub ctx: &'ctx Context,
+    pub module: &'a Module<'ctx>,
+    pub b: Builder<'ctx>,
+    pub func: FunctionValue<'ctx>,
+    bufs: PointerValue<'ctx>,
+    dims: PointerValue<'ctx>,
+    pub begin: IntValue<'ctx>,
+    pub end: IntValue<'ctx>,
+}
+
+impl<'a, 'ctx> Emitter<'a, 'ctx> {
+    /// Starts a kernel with the uniform ABI; the builder is positioned in its entry block.
+    pub fn kernel(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str) -> R<Self> {
+        let ptr = ctx.ptr_type(AddressSpace::default());
+        let i64t = ctx.i64_type();
+        let fty = ctx.void_type().fn_type(&[ptr.into(), ptr.into(), i64t.into(), i64t.into()], false);
+        let func = module.add_function(name, fty, Some(Linkage::External));
+        for i in 0..2 {
+            let a = func.get_nth_param(i).unwrap();
+            a.set_name(["bufs", "dims"][i as usize]);
+        }
+        let entry = ctx.append_basic_block(func, "entry");
+        let b = ctx.create_builder();
+        b.position_at_end(entry);
+        let p = |i: u32| func.get_nth_param(i).unwrap();
+        Ok(Emitter {
+            ctx,
+            module,
+            b,
+            func,
+            bufs: p(0).into_pointer_value(),
+            dims: p(1).into_pointer_value(),
+            begin: p(2).into_int_value(),
+            end: p(3).into_int_value(),
+        })
+    }
+
+    pub fn f32t(&self) -> FloatType<'ctx> {
+        self.ctx.f32_type()
+    }
+    pub fn i64t(&self) -> IntType<'ctx> {
+        self.ctx.i64_type()
+    }
+    pub fn ptrt(&self) -> PointerType<'ctx> {
+        self.ctx.ptr_type(AddressSpace::default())
+    }
+    pub fn i64c(&self, v: i64) -> IntValue<'ctx> {
+        self.i64t().const_int(v as u64, true)
+    }
+    pub fn f32c(&self, v: f32) -> FloatValue<'ctx> {
+        self.f32t().const_float(v as f64)
+    }
+
+    /// `bufs[i]`.
+    pub fn buf(&self, i: u64) -> R<PointerValue<'ctx>> {
+        let slot = self.gep(self.ptrt().into(), self.bufs, self.i64c(i as i64))?;
+        Ok(self.b.build_load(self.ptrt(), slot, &format!("buf{i}"))?.into_pointer_value())
+    }
+
+    /// `dims[i]`.
+    pub fn dim(&self, i: u64) -> R<IntValue<'ctx>> {
+        let slot = self.gep(self.i64t().into(), self.dims, self.i64c(i as i64))?;
+        Ok(self.b.build_load(self.i64t(), slot, &format!("dim{i}"))?.into_int_value())
+    }
+
+    pub fn gep(&self, ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        // SAFETY (of the generated code): every index is bounded by the launch's dims, which the runtime
+        // derives from the buffers it allocated.
+        Ok(unsafe { self.b.build_in_bounds_gep(ty, base, &[idx], "p")? })
+    }
+
+    pub fn load_f32(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let p = self.gep(self.f32t().into(), base, idx)?;
+        Ok(self.b.build_load(self.f32t(), p, "v")?.into_float_value())
+    }
+
+    pub fn store_f32(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+        let p = self.gep(self.f32t().into(), base, idx)?;
+        self.b.build_store(p, v)?;
+        Ok(())
+    }
+
+    /// Loads an i32 element and widens it to i64.
+    pub fn load_i32_as_i64(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let i32t = self.ctx.i32_type();
+        let p = self.gep(i32t.into(), base, idx)?;
+        let v = self.b.build_load(i32t, p, "i")?.into_int_value();
+        Ok(self.b.build_int_s_extend(v, self.i64t(), "i64")?)
+    }
+
+    /// An f32 stack slot in the entry block (promoted to a register by LLVM).
+    pub fn var_f32(&self, init: f32) -> R<PointerValue<'ctx>> {
+        let entry = self.func.get_first_basic_block().unwrap();
+        let tmp = self.ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        let slot = tmp.build_alloca(self.f32t(), "acc")?;
+        self.b.build_store(slot, self.f32c(init))?;
+        Ok(slot)
+    }
+
+    /// A fixed-size f32 array in the entry block.
+    pub fn array_f32(&self, n: u32) -> R<PointerValue<'ctx>> {
+        let entry = self.func.get_first_basic_block().unwrap();
+        let tmp = self.ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        Ok(tmp.build_alloca(self.f32t().array_type(n), "arr")?)
+    }
+
+    pub fn get(&self, slot: PointerValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_load(self.f32t(), slot, "x")?.into_float_value())
+    }
+    pub fn set(&self, slot: PointerValue<'ctx>, v: FloatValue<'ctx>) -> R<()> {
+        self.b.build_store(slot, v)?;
+        Ok(())
+    }
+
+    /// `for i in start..end { body(i) }`.
+    pub fn for_range(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        mut body: impl FnMut(IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        let pre = self.b.get_insert_block().unwrap();
+        let header = self.ctx.append_basic_block(self.func, "loop");
+        let body_bb = self.ctx.append_basic_block(self.func, "body");
+        let exit = self.ctx.append_basic_block(self.func, "exit");
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(header);
+        let phi = self.b.build_phi(self.i64t(), "i")?;
+        phi.add_incoming(&[(&start, pre)]);
+        let i = phi.as_basic_value().into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, i, end, "more")?;
+        self.b.build_conditional_branch(more, body_bb, exit)?;
+        self.b.position_at_end(body_bb);
+        body(i)?;
+        let next = self.b.build_int_add(i, self.i64c(1), "next")?;
+        let latch = self.b.get_insert_block().unwrap();
+        phi.add_incoming(&[(&next, latch)]);
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+
+    pub fn add(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_add(a, b, "add")?)
+    }
+    pub fn mul(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_mul(a, b, "mul")?)
+    }
+    pub fn div(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_signed_div(a, b, "div")?)
+    }
+    pub fn rem(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_signed_rem(a, b, "rem")?)
+    }
+    pub fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let lt = self.b.build_int_compare(IntPredicate::SLT, a, b, "lt")?;
+        Ok(self.b.build_select(lt, a, b, "min")?.into_int_value())
+    }
+
+    pub fn fadd(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_float_add(a, b, "fadd")?)
+    }
+    pub fn fsub(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_float_sub(a, b, "fsub")?)
+    }
+    pub fn fmul(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_float_mul(a, b, "fmul")?)
+    }
+    pub fn fdiv(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_float_div(a, b, "fdiv")?)
+    }
+    pub fn fmax(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let gt = self.b.build_float_compare(FloatPredicate::OGT, a, b, "gt")?;
+        Ok(self.b.build_select(gt, a, b, "max")?.into_float_value())
+    }
+    pub fn si_to_f32(&self, v: IntValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_signed_int_to_float(v, self.f32t(), "f")?)
+    }
+
+    /// Calls a unary f32 LLVM intrinsic such as `llvm.exp`, `llvm.sqrt`, `llvm.cos`.
+    pub fn intrinsic_f32(&self, name: &str, args: &[FloatValue<'ctx>]) -> R<FloatValue<'ctx>> {
+        let intr = Intrinsic::find(name).ok_or_else(|| CodegenError::Llvm(format!("no intrinsic {name}")))?;
+        let decl = intr
+            .get_declaration(self.module, &[self.f32t().into()])
+            .ok_or_else(|| CodegenError::Llvm(format!("cannot declare {name}.f32")))?;
+        let args: Vec<BasicMetadataValueEnum> = args.iter().map(|&a| a.into()).collect();
+        let v = self.b.build_call(decl, &args, "call")?;
+        Ok(v.try_as_basic_value().basic().unwrap().into_float_value())
+    }
+
+    pub fn exp(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.intrinsic_f32("llvm.exp", &[x])
+    }
+    pub fn sqrt(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.intrinsic_f32("llvm.sqrt", &[x])
+    }
+    pub fn fma(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.intrinsic_f32("llvm.fma", &[a, b, c])
+    }
+
+    pub fn finish(self) -> R<FunctionValue<'ctx>> {
+        self.b.build_return(None)?;
+        if !self.func.verify(false) {
+            return Err(CodegenError::Llvm(format!(
+                "generated kernel {} is invalid",
+                self.func.get_name().to_string_lossy()
+            )));
+        }
+        Ok(self.func)
+    }
+}
+
+impl<'ctx> Emitter<'_, 'ctx> {
+    /// Calls an f64 LLVM intrinsic (`llvm.cos`, `llvm.sin`).
+    pub fn intrinsic_f64(
+        &self,
+        name: &str,
+        x: inkwell::values::FloatValue<'ctx>,
+    ) -> R<inkwell::values::FloatValue<'ctx>> {
+        let f64t = self.ctx.f64_type();
+        let intr = Intrinsic::find(name).ok_or_else(|| CodegenError::Llvm(format!("no intrinsic {name}")))?;
+        let decl = intr
+            .get_declaration(self.module, &[f64t.into()])
+            .ok_or_else(|| CodegenError::Llvm(format!("cannot declare {name}.f64")))?;
+        let v = self.b.build_call(decl, &[x.into()], "call")?;
+        Ok(v.try_as_basic_value().basic().unwrap().into_float_value())
+    }
+
+    /// A private constant global array of f64 values; returns a pointer to its first element.
+    pub fn const_f64_array(&self, name: &str, values: &[f64]) -> PointerValue<'ctx> {
+        let f64t = self.ctx.f64_type();
+        let consts: Vec<_> = values.iter().map(|&v| f64t.const_float(v)).collect();
+        let arr = f64t.const_array(&consts);
+        let g = self.module.add_global(f64t.array_type(values.len() as u32), None, name);
+        g.set_initializer(&arr);
+        g.set_constant(true);
+        g.set_linkage(Linkage::Private);
+        g.as_pointer_value()
+    }
+}

@@ -1,0 +1,1247 @@
+//! Generated `linear` kernels: `y = x · Wᵀ` with the weights `W` kept in their GGUF storage format.
+//!
+//! One kernel per (weight dtype, `k`), shape-specialised on `k`, with the C ABI
+//! `fn(w: *const u8, x: *const f32, y: *mut f32, m: i64, n: i64, row_begin: i64, row_end: i64)`:
+//! `W` is `[n, k]` (row `r` at `w + r * row_bytes(k)`, each row whole GGUF blocks), `x` is `[m, k]` f32
+//! and `y` is `[m, n]` f32, both row-major; the call computes `y[i][r] = Σ_j W[r][j] · x[i][j]` for every
+//! `i < m` and `r` in `row_begin..row_end` and writes nothing else (the runtime splits rows over threads).
+//!
+//! Weights are dequantized in registers, a chunk of 8 at a time, and never written back: memory traffic
+//! is the quantized bytes. Activations stay f32 and so does all arithmetic (no int8 dot products), so
+//! the result matches `dequantize` + an f32 dot product up to rounding.
+//!
+//! Structure of the generated code (all trip counts over `k` are constants):
+//!
+//! ```text
+//! for r0 in (row_begin..row_end).step_by(ROW_CHUNK)          // weight rows that stay in L2
+//!   for each tile of T x-rows (T = 4, then one tail tile of 1..3)
+//!     for each group of R weight rows in r0..r0+ROW_CHUNK (then single rows)
+//!       acc[T][R][A] = 0                                    // <8 x float> accumulators
+//!       for b in 0..k/block_elems                           // constant trip count
+//!         for each 8-element chunk c of block b
+//!           w[r] = dequant(chunk c of row r)  for each of the R rows   // once, reused by all T x-rows
+//!           for t in T: xv = x[t][chunk]; acc[t][r][c % A] = fma(w[r], xv, acc[t][r][c % A])
+//!       y[t][r] = reduce.fadd(Σ_a acc[t][r][a])              // horizontal sum once per output
+//! ```
+//!
+//! `A` independent accumulators per output hide FMA latency when `T * R` alone is too small (decode,
+//! `m = 1`); `T * R * A` is kept near 8 vector registers so everything stays in the 16 AVX2 registers.
+//! Each dequantized chunk costs a few integer ops, a conversion and one FMA (`q·d + min` folds into
+//! `fma(q, d, min)`), and is then used by `T` FMAs, so prefill (`m ≥ 4`) is FMA bound rather than
+//! dequantization bound.
+
+use crate::CodegenError;
+use inkwell::attributes::{Attribute, AttributeLoc};
+use inkwell::builder::Builder;
+use inkwell::context::Context;
+use inkwell::intrinsics::Intrinsic;
+use inkwell::module::{Linkage, Module};
+use inkwell::types::{BasicType, BasicTypeEnum, FloatType, IntType, VectorType};
+use inkwell::values::{
+    BasicMetadataValueEnum, BasicValue, BasicValueEnum, FloatValue, FunctionValue, InstructionValue, IntValue,
+    PointerValue, VectorValue,
+};
+use inkwell::{AddressSpace, IntPredicate};
+use kiln_ir::DType;
+use std::collections::HashMap;
+
+/// A `linear` kernel to generate: weights of `dtype`, rows of `k` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct LinearKernelSpec {
+    pub dtype: DType,
+    pub k: usize,
+}
+
+/// The generated function's type: `(w, x, y, m, n, row_begin, row_end)`, see the module docs.
+pub type LinearKernelFn = unsafe extern "C" fn(*const u8, *const f32, *mut f32, i64, i64, i64, i64);
+
+impl LinearKernelSpec {
+    /// The weight dtypes [`emit_linear`] generates code for.
+    pub const DTYPES: [DType; 11] = [
+        DType::F32,
+        DType::F16,
+        DType::BF16,
+        DType::Q4_0,
+        DType::Q4_1,
+        DType::Q5_0,
+        DType::Q5_1,
+        DType::Q8_0,
+        DType::Q4K,
+        DType::Q5K,
+        DType::Q6K,
+    ];
+
+    /// The kernel's symbol, e.g. `kiln_linear_q4_1_k576`.
+    pub fn symbol(&self) -> String {
+        format!("kiln_linear_{}_k{}", self.dtype.name(), self.k)
+    }
+
+    /// Bytes per weight row, or `None` when `k` is not a whole number of blocks.
+    pub fn row_bytes(&self) -> Option<usize> {
+        self.dtype.row_bytes(self.k)
+    }
+
+    /// Checks that a kernel can be generated for this spec.
+    pub fn validate(&self) -> Result<(), CodegenError> {
+        if !Self::DTYPES.contains(&self.dtype) {
+            return Err(CodegenError::UnsupportedDType { kernel: "linear", dtype: self.dtype });
+        }
+        let bs = self.dtype.block_size();
+        let row_bytes = self.row_bytes().filter(|_| self.k > 0).ok_or_else(|| {
+            CodegenError::InvalidSpec(format!(
+                "linear {}: k = {} is not a positive multiple of the {bs}-element block",
+                self.dtype, self.k
+            ))
+        })?;
+        // Offsets are computed in i64; keep every row and x row addressable with room to spare.
+        if row_bytes > i32::MAX as usize || self.k > (i32::MAX as usize) / 4 {
+            return Err(CodegenError::InvalidSpec(format!("linear {}: k = {} is too large", self.dtype, self.k)));
+        }
+        Ok(())
+    }
+}
+
+/// Lanes per vector: one AVX2 register of f32. On AVX-512 machines LLVM still uses 256-bit registers
+/// (fine for a first version); on SSE-only ones it splits each vector in two.
+const LANES: u32 = 8;
+/// x rows per tile: each dequantized weight chunk is reused by this many FMAs.
+const TILE_M: usize = 4;
+/// Weight bytes per row chunk: the rows every x tile sweeps before moving on, sized to stay in L2 so
+/// prefill reads each weight from memory once, not once per x tile.
+const ROW_CHUNK_BYTES: usize = 64 << 10;
+/// Minimum software-prefetch distance for weights, in bytes (see [`prefetch_distance`]).
+const PREFETCH_MIN_BYTES: usize = 16384;
+
+/// Register tiling for a tile of `t` x rows: (weight rows per step R, accumulators per output A). Chosen
+/// so `t * R * A` ≈ 8 accumulators, leaving registers for dequantized weights and scales.
+fn tile_shape(t: usize) -> (usize, usize) {
+    match t {
+        4 => (2, 1),
+        3 => (2, 1),
+        2 => (2, 2),
+        _ => (4, 1),
+    }
+}
+
+/// How far ahead of the rows being read to prefetch weights, in bytes: a whole number of row groups
+/// (so it lands on the same block of a later row), at least `PREFETCH_MIN_BYTES`. The hardware
+/// prefetchers alone leave decode of a matrix that misses L3 at a third of DRAM bandwidth: each group
+/// reads R short rows in parallel, which they do not follow far enough ahead.
+fn prefetch_distance(rows: usize, row_bytes: usize) -> usize {
+    let group = rows * row_bytes;
+    PREFETCH_MIN_BYTES.div_ceil(group) * group
+}
+
+/// Accumulators per output for the single-row remainder of a row range.
+fn tail_accumulators(t: usize) -> usize {
+    (8 / t).clamp(1, 4)
+}
+
+/// Emits the `linear` kernel for `spec` into `module` (or returns it if the module already has it) and
+/// returns the function. It is only built, not optimized: run [`crate::llvm::optimize`] on the module.
+pub fn emit_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    spec: &LinearKernelSpec,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    spec.validate()?;
+    let name = spec.symbol();
+    if let Some(f) = module.get_function(&name) {
+        if f.count_basic_blocks() > 0 {
+            return Ok(f);
+        }
+        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    }
+    let kb = Kb::new(ctx, module, &name)?;
+    let fmt = Format::new(spec.dtype, spec.k);
+    emit_body(&kb, &fmt, spec)?;
+    if !kb.func.verify(false) {
+        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
+    }
+    Ok(kb.func)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Loop nest.
+
+fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, spec: &LinearKernelSpec) -> R<()> {
+    let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
+    let (w, x, y) = (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value());
+    let (m, n, row_begin, row_end) =
+        (p(3).into_int_value(), p(4).into_int_value(), p(5).into_int_value(), p(6).into_int_value());
+    let row_bytes = spec.row_bytes().expect("validated");
+    let row_chunk = (ROW_CHUNK_BYTES / row_bytes).max(TILE_M) / TILE_M * TILE_M;
+    let k = kb.i64c(spec.k as i64);
+
+    // m is rounded down to whole tiles; the remaining 0..TILE_M rows get a tile of their own size.
+    let m_full = kb.b.build_int_mul(
+        kb.b.build_int_signed_div(m, kb.i64c(TILE_M as i64), "tiles")?,
+        kb.i64c(TILE_M as i64),
+        "m_full",
+    )?;
+    let m_rem = kb.b.build_int_sub(m, m_full, "m_rem")?;
+
+    kb.for_loop(row_begin, row_end, kb.i64c(row_chunk as i64), "rchunk", |r0| {
+        let r1 = kb.imin(kb.b.build_int_nsw_add(r0, kb.i64c(row_chunk as i64), "r0_plus")?, row_end)?;
+        // Full tiles of TILE_M x rows.
+        kb.for_loop(kb.i64c(0), m_full, kb.i64c(TILE_M as i64), "xtile", |i0| {
+            emit_rows(kb, fmt, TILE_M, (w, x, y), (i0, k, n), (r0, r1), row_bytes)
+        })?;
+        // The last, partial tile: a switch on its size picks code made for it.
+        let after = kb.ctx.append_basic_block(kb.func, "rem_done");
+        let mut cases = Vec::new();
+        for t in 1..TILE_M {
+            let bb = kb.ctx.append_basic_block(kb.func, &format!("rem{t}"));
+            cases.push((kb.i64c(t as i64), bb));
+        }
+        kb.b.build_switch(m_rem, after, &cases)?;
+        for (t, (_, bb)) in (1..TILE_M).zip(&cases) {
+            kb.b.position_at_end(*bb);
+            emit_rows(kb, fmt, t, (w, x, y), (m_full, k, n), (r0, r1), row_bytes)?;
+            kb.b.build_unconditional_branch(after)?;
+        }
+        kb.b.position_at_end(after);
+        Ok(())
+    })?;
+    kb.b.build_return(None)?;
+    Ok(())
+}
+
+/// Weight rows `r0..r1` against the `t` x rows from `i0`: groups of R rows, then single rows.
+fn emit_rows<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    t: usize,
+    (w, x, y): (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>),
+    (i0, k, n): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
+    (r0, r1): (IntValue<'ctx>, IntValue<'ctx>),
+    row_bytes: usize,
+) -> R<()> {
+    let mut xrows = Vec::with_capacity(t);
+    let mut yrows = Vec::with_capacity(t);
+    for ti in 0..t {
+        let i = kb.b.build_int_nsw_add(i0, kb.i64c(ti as i64), "i")?;
+        xrows.push(kb.gep(kb.f32t.as_basic_type_enum(), x, kb.b.build_int_nsw_mul(i, k, "xoff")?)?);
+        yrows.push(kb.gep(kb.f32t.as_basic_type_enum(), y, kb.b.build_int_nsw_mul(i, n, "yoff")?)?);
+    }
+    let (rgroup, acc) = tile_shape(t);
+    let tile = |r: IntValue<'ctx>, rows: usize, acc: usize| -> R<()> {
+        let mut wrows = Vec::with_capacity(rows);
+        let mut outs = Vec::with_capacity(rows);
+        for ri in 0..rows {
+            let row = kb.b.build_int_nsw_add(r, kb.i64c(ri as i64), "row")?;
+            let off = kb.b.build_int_nsw_mul(row, kb.i64c(row_bytes as i64), "woff")?;
+            wrows.push(kb.gep(kb.i8t.as_basic_type_enum(), w, off)?);
+            outs.push(row);
+        }
+        emit_tile(kb, fmt, &xrows, &wrows, acc, row_bytes, |ti, ri, v| {
+            let p = kb.gep(kb.f32t.as_basic_type_enum(), yrows[ti], outs[ri])?;
+            kb.store(p, v.as_basic_value_enum(), 4)
+        })
+    };
+    // r0 + ⌊(r1 - r0) / R⌋ · R: where the groups of R rows end.
+    let span = kb.b.build_int_sub(r1, r0, "span")?;
+    let groups = kb.b.build_int_signed_div(span, kb.i64c(rgroup as i64), "groups")?;
+    let grouped_end =
+        kb.b.build_int_nsw_add(r0, kb.b.build_int_nsw_mul(groups, kb.i64c(rgroup as i64), "g")?, "gend")?;
+    kb.for_loop(r0, grouped_end, kb.i64c(rgroup as i64), "rgroup", |r| tile(r, rgroup, acc))?;
+    if rgroup > 1 {
+        kb.for_loop(grouped_end, r1, kb.i64c(1), "rsingle", |r| tile(r, 1, tail_accumulators(t)))?;
+    }
+    Ok(())
+}
+
+/// One register tile: the dot products of the weight rows `wrows` with the x rows `xrows`, over all of
+/// `k`, handed to `store(t, r, value)`.
+fn emit_tile<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    xrows: &[PointerValue<'ctx>],
+    wrows: &[PointerValue<'ctx>],
+    nacc: usize,
+    row_bytes: usize,
+    mut store: impl FnMut(usize, usize, FloatValue<'ctx>) -> R<()>,
+) -> R<()> {
+    let (t, rows) = (xrows.len(), wrows.len());
+    let prefetch_bytes = prefetch_distance(rows, row_bytes);
+    let idx = |ti: usize, ri: usize, a: usize| (ti * rows + ri) * nacc + a;
+    // Accumulators live in entry-block allocas between blocks of the loop; SROA turns them into phis.
+    let slots: Vec<PointerValue<'ctx>> =
+        (0..t * rows * nacc).map(|_| kb.entry_alloca(kb.v8f32.into())).collect::<R<_>>()?;
+    for s in &slots {
+        kb.store(*s, kb.v8f32.const_zero().into(), 32)?;
+    }
+    let load_accs = || -> R<Vec<VectorValue<'ctx>>> {
+        slots.iter().map(|s| Ok(kb.load(kb.v8f32.into(), *s, 32)?.into_vector_value())).collect()
+    };
+    let store_accs = |accs: &[VectorValue<'ctx>]| -> R<()> {
+        for (s, a) in slots.iter().zip(accs) {
+            kb.store(*s, a.as_basic_value_enum(), 32)?;
+        }
+        Ok(())
+    };
+    // Accumulates chunks `c_begin..c_end` of the block at byte offset `wblk` (in each weight row) and
+    // element offset `xoff` (in each x row).
+    let chunks = |accs: &mut [VectorValue<'ctx>], wblk: IntValue<'ctx>, xoff: IntValue<'ctx>, tail: bool| -> R<()> {
+        let wptrs: Vec<PointerValue<'ctx>> = wrows.iter().map(|&p| kb.gep(kb.i8t.into(), p, wblk)).collect::<R<_>>()?;
+        if !tail && prefetch_bytes > 0 {
+            // The same block `prefetch_bytes` further on: rows are contiguous, so that is a block of a
+            // row group a few groups ahead. One prefetch per cache line of the block.
+            for &p in &wptrs {
+                for line in (0..fmt.block_bytes).step_by(64) {
+                    kb.prefetch(p, prefetch_bytes + line)?;
+                }
+            }
+        }
+        let xptrs: Vec<PointerValue<'ctx>> =
+            xrows.iter().map(|&p| kb.gep(kb.f32t.into(), p, xoff)).collect::<R<_>>()?;
+        let mut memos: Vec<Memo<'ctx>> = (0..rows).map(|_| HashMap::new()).collect();
+        let nchunks = if tail { fmt.tail_elems.div_ceil(LANES as usize) } else { fmt.block_elems / LANES as usize };
+        for c in 0..nchunks {
+            // Lanes of this chunk that hold data (only the plain formats' tail has fewer than 8).
+            let live = if tail { (fmt.tail_elems - c * LANES as usize).min(LANES as usize) } else { LANES as usize };
+            let wv: Vec<VectorValue<'ctx>> = (0..rows)
+                .map(|ri| {
+                    if live == LANES as usize {
+                        fmt.chunk(kb, wptrs[ri], &mut memos[ri], c)
+                    } else {
+                        fmt.partial_chunk(kb, wptrs[ri], c, live)
+                    }
+                })
+                .collect::<R<_>>()?;
+            for ti in 0..t {
+                let xv = if live == LANES as usize {
+                    let p = kb.gep(kb.f32t.into(), xptrs[ti], kb.i64c((c * LANES as usize) as i64))?;
+                    kb.load(kb.v8f32.into(), p, 4)?.into_vector_value()
+                } else {
+                    kb.partial_f32(xptrs[ti], c * LANES as usize, live)?
+                };
+                for ri in 0..rows {
+                    let a = idx(ti, ri, c % nacc);
+                    accs[a] = kb.fma(wv[ri], xv, accs[a])?;
+                }
+            }
+        }
+        Ok(())
+    };
+
+    if fmt.blocks > 0 {
+        let bytes = kb.i64c(fmt.block_bytes as i64);
+        let elems = kb.i64c(fmt.block_elems as i64);
+        kb.for_loop(kb.i64c(0), kb.i64c(fmt.blocks as i64), kb.i64c(1), "blk", |b| {
+            let mut accs = load_accs()?;
+            let wblk = kb.b.build_int_nsw_mul(b, bytes, "wblk")?;
+            let xoff = kb.b.build_int_nsw_mul(b, elems, "xblk")?;
+            chunks(&mut accs, wblk, xoff, false)?;
+            store_accs(&accs)
+        })?;
+    }
+    let mut accs = load_accs()?;
+    if fmt.tail_elems > 0 {
+        let wblk = kb.i64c((fmt.blocks * fmt.block_bytes) as i64);
+        let xoff = kb.i64c((fmt.blocks * fmt.block_elems) as i64);
+        chunks(&mut accs, wblk, xoff, true)?;
+    }
+    for ti in 0..t {
+        for ri in 0..rows {
+            let mut v = accs[idx(ti, ri, 0)];
+            for a in 1..nacc {
+                v = kb.b.build_float_add(v, accs[idx(ti, ri, a)], "accsum")?;
+            }
+            store(ti, ri, kb.reduce_add(v)?)?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Weight formats: how to dequantize 8 consecutive elements of a block into an `<8 x float>`.
+
+/// Values computed once per (weight row, block) and shared by its chunks (scales, unpacked nibbles),
+/// keyed by what they are and an index.
+type Memo<'ctx> = HashMap<(&'static str, usize), BasicValueEnum<'ctx>>;
+
+struct Format {
+    dtype: DType,
+    /// Elements per block the loop steps over: the GGUF block, or 32 for the plain float types.
+    block_elems: usize,
+    block_bytes: usize,
+    /// Whole blocks per row.
+    blocks: usize,
+    /// Elements after the whole blocks (plain types only, when `k` is not a multiple of 32).
+    tail_elems: usize,
+}
+
+impl Format {
+    fn new(dtype: DType, k: usize) -> Format {
+        let block_elems = if dtype.is_quantized() { dtype.block_size() } else { 32 };
+        let block_bytes = block_elems / dtype.block_size() * dtype.type_size();
+        Format { dtype, block_elems, block_bytes, blocks: k / block_elems, tail_elems: k % block_elems }
+    }
+
+    /// Elements `8c..8c + 8` of the block at `blk`, dequantized.
+    fn chunk<'ctx>(
+        &self,
+        kb: &Kb<'_, 'ctx>,
+        blk: PointerValue<'ctx>,
+        memo: &mut Memo<'ctx>,
+        c: usize,
+    ) -> R<VectorValue<'ctx>> {
+        let c8 = c * LANES as usize;
+        match self.dtype {
+            DType::F32 => Ok(kb.load(kb.v8f32.into(), kb.byte_gep(blk, 4 * c8)?, 1)?.into_vector_value()),
+            DType::F16 => {
+                let h = kb.load(kb.v8i16.into(), kb.byte_gep(blk, 2 * c8)?, 1)?;
+                let h = kb.b.build_bit_cast(h, kb.ctx.f16_type().vec_type(LANES), "h")?.into_vector_value();
+                Ok(kb.b.build_float_ext(h, kb.v8f32, "f16")?)
+            }
+            DType::BF16 => {
+                // bf16 is the top half of an f32: widen by shifting into place.
+                let h = kb.load(kb.v8i16.into(), kb.byte_gep(blk, 2 * c8)?, 1)?.into_vector_value();
+                let wide = kb.b.build_int_z_extend(h, kb.v8i32, "bf")?;
+                let wide = kb.b.build_left_shift(wide, kb.splat_i32(16), "bf")?;
+                Ok(kb.b.build_bit_cast(wide, kb.v8f32, "bf16")?.into_vector_value())
+            }
+            DType::Q8_0 => {
+                // y = q * d, q an i8.
+                let d = memo_splat_f16(kb, memo, blk, 0, 0)?;
+                let q = kb.load(kb.v8i8.into(), kb.byte_gep(blk, 2 + c8)?, 1)?.into_vector_value();
+                let q = kb.b.build_signed_int_to_float(q, kb.v8f32, "q")?;
+                Ok(kb.b.build_float_mul(q, d, "w")?)
+            }
+            DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 => {
+                // 16 bytes of nibbles: element j < 16 is the low nibble of byte j, element j + 16 the high
+                // one. Q5 formats add bit j of the u32 `qh` as bit 4. y = q * d + min where min is -8d,
+                // -16d (symmetric formats: exact, a power-of-two multiple) or the stored m.
+                let (has_min, qh_at, qs_at) = match self.dtype {
+                    DType::Q4_0 => (false, None, 2),
+                    DType::Q4_1 => (true, None, 4),
+                    DType::Q5_0 => (false, Some(2), 6),
+                    _ => (true, Some(4), 8),
+                };
+                let bytes = memo_bytes_i32(kb, memo, blk, qs_at + c8 % 16)?;
+                let mut q = nibble(kb, bytes, c8 >= 16)?;
+                if let Some(at) = qh_at {
+                    let qh = memo_get(memo, ("qh", 0), || {
+                        let v = kb.load(kb.i32t.into(), kb.byte_gep(blk, at)?, 1)?.into_int_value();
+                        Ok(kb.splat(v.into(), kb.v8i32)?.into())
+                    })?
+                    .into_vector_value();
+                    // Bit (8c + lane) of qh, moved to bit 4.
+                    let shifts: Vec<IntValue<'ctx>> =
+                        (0..LANES).map(|l| kb.i32t.const_int((c8 as u64) + l as u64, false)).collect();
+                    let hb = kb.b.build_right_shift(qh, VectorType::const_vector(&shifts), false, "qh")?;
+                    let hb = kb.b.build_and(hb, kb.splat_i32(1), "qh")?;
+                    let hb = kb.b.build_left_shift(hb, kb.splat_i32(4), "qh")?;
+                    q = kb.b.build_or(q, hb, "q5")?;
+                }
+                let qf = kb.b.build_signed_int_to_float(q, kb.v8f32, "qf")?;
+                let (d, min) = if has_min {
+                    (memo_splat_f16(kb, memo, blk, 0, 0)?, memo_splat_f16(kb, memo, blk, 0, 1)?)
+                } else {
+                    let d = memo_splat_f16(kb, memo, blk, 0, 0)?;
+                    let offset = if qh_at.is_some() { -16.0 } else { -8.0 };
+                    let min = memo_get(memo, ("dmin", 0), || {
+                        Ok(kb.b.build_float_mul(d, kb.splat_f32(offset), "dmin")?.into())
+                    })?;
+                    (d, min.into_vector_value())
+                };
+                kb.fma(qf, d, min)
+            }
+            DType::Q4K | DType::Q5K => {
+                // Sub-block j (32 elements) of 8; sub-blocks 2p and 2p + 1 share 32 bytes of qs (low and
+                // high nibbles). y = (d·sc_j)·q - dmin·m_j.
+                let (j, l) = (c8 / 32, c8 % 32);
+                let qs_at = if self.dtype == DType::Q4K { 16 } else { 48 };
+                let bytes = memo_bytes_i32(kb, memo, blk, qs_at + 32 * (j / 2) + l)?;
+                let mut q = nibble(kb, bytes, j % 2 == 1)?;
+                if self.dtype == DType::Q5K {
+                    // Bit 4 of element 32j + l is bit j of qh[l]: shift it to bit 4 and mask.
+                    let qh = memo_bytes_i32(kb, memo, blk, 16 + l)?;
+                    let hb = if j <= 4 {
+                        kb.b.build_left_shift(qh, kb.splat_i32(4 - j as u64), "qh")?
+                    } else {
+                        kb.b.build_right_shift(qh, kb.splat_i32(j as u64 - 4), false, "qh")?
+                    };
+                    let hb = kb.b.build_and(hb, kb.splat_i32(0x10), "qh")?;
+                    q = kb.b.build_or(q, hb, "q5")?;
+                }
+                let qf = kb.b.build_signed_int_to_float(q, kb.v8f32, "qf")?;
+                let (scale, neg_min) = kmin_scales(kb, memo, blk, j)?;
+                kb.fma(qf, scale, neg_min)
+            }
+            DType::Q6K => {
+                // Half h (128 elements) of 2, quarter g (32) of 4, l = 8c' within it: the low 4 bits come
+                // from ql[64h + 32(g & 1) + l] (low nibble for g < 2, high for g >= 2), the high 2 bits
+                // from bits 2g..2g+2 of qh[32h + l], the scale from scales[8h + 2g + l / 16].
+                // y = (d·sc)·(q - 32).
+                let (h, g, l) = (c8 / 128, (c8 % 128) / 32, c8 % 32);
+                let ql = memo_bytes_i32(kb, memo, blk, 64 * h + 32 * (g & 1) + l)?;
+                let lo = nibble(kb, ql, g >= 2)?;
+                // Bits 2g..2g+2 of qh, moved to bits 4..6.
+                let qh = memo_bytes_i32(kb, memo, blk, 128 + 32 * h + l)?;
+                let hb = if 2 * g <= 4 {
+                    kb.b.build_left_shift(qh, kb.splat_i32(4 - 2 * g as u64), "qh")?
+                } else {
+                    kb.b.build_right_shift(qh, kb.splat_i32(2 * g as u64 - 4), false, "qh")?
+                };
+                let hb = kb.b.build_and(hb, kb.splat_i32(0x30), "qh")?;
+                let q = kb.b.build_or(lo, hb, "q6")?;
+                let q = kb.b.build_int_sub(q, kb.splat_i32(32), "q6")?;
+                let qf = kb.b.build_signed_int_to_float(q, kb.v8f32, "qf")?;
+                let scale = q6k_scale(kb, memo, blk, 8 * h + 2 * g + l / 16)?;
+                Ok(kb.b.build_float_mul(qf, scale, "w")?)
+            }
+            other => unreachable!("validate() rejects {other}"),
+        }
+    }
+
+    /// The first `live` elements of chunk `c` of the tail of a plain-type row (zeros after them),
+    /// loaded element by element so nothing past the row is read.
+    fn partial_chunk<'ctx>(
+        &self,
+        kb: &Kb<'_, 'ctx>,
+        blk: PointerValue<'ctx>,
+        c: usize,
+        live: usize,
+    ) -> R<VectorValue<'ctx>> {
+        let mut v = kb.v8f32.const_zero();
+        for l in 0..live {
+            let e = c * LANES as usize + l;
+            let f = match self.dtype {
+                DType::F32 => kb.load(kb.f32t.into(), kb.byte_gep(blk, 4 * e)?, 1)?.into_float_value(),
+                DType::F16 => {
+                    let h = kb.load(kb.i16t.into(), kb.byte_gep(blk, 2 * e)?, 1)?;
+                    let h = kb.b.build_bit_cast(h, kb.ctx.f16_type(), "h")?.into_float_value();
+                    kb.b.build_float_ext(h, kb.f32t, "f16")?
+                }
+                DType::BF16 => {
+                    let h = kb.load(kb.i16t.into(), kb.byte_gep(blk, 2 * e)?, 1)?.into_int_value();
+                    let wide = kb.b.build_int_z_extend(h, kb.i32t, "bf")?;
+                    let wide = kb.b.build_left_shift(wide, kb.i32t.const_int(16, false), "bf")?;
+                    kb.b.build_bit_cast(wide, kb.f32t, "bf16")?.into_float_value()
+                }
+                other => unreachable!("only plain types have a tail, not {other}"),
+            };
+            v = kb.b.build_insert_element(v, f, kb.i32t.const_int(l as u64, false), "tail")?;
+        }
+        Ok(v)
+    }
+}
+
+/// The memoized value `key`, computed by `f` the first time. Chunks of one block are emitted into one
+/// basic block, so a value computed for an earlier chunk dominates the later ones.
+fn memo_get<'ctx>(
+    memo: &mut Memo<'ctx>,
+    key: (&'static str, usize),
+    f: impl FnOnce() -> R<BasicValueEnum<'ctx>>,
+) -> R<BasicValueEnum<'ctx>> {
+    if let Some(v) = memo.get(&key) {
+        return Ok(*v);
+    }
+    let v = f()?;
+    memo.insert(key, v);
+    Ok(v)
+}
+
+/// The f16 at byte `at` of the block, widened (exactly) to f32.
+fn memo_f16<'ctx>(kb: &Kb<'_, 'ctx>, memo: &mut Memo<'ctx>, blk: PointerValue<'ctx>, at: usize) -> R<FloatValue<'ctx>> {
+    Ok(memo_get(memo, ("f16", at), || {
+        let h = kb.load(kb.i16t.into(), kb.byte_gep(blk, at)?, 1)?;
+        let h = kb.b.build_bit_cast(h, kb.ctx.f16_type(), "h")?.into_float_value();
+        Ok(kb.b.build_float_ext(h, kb.f32t, "scale")?.into())
+    })?
+    .into_float_value())
+}
+
+/// The f16 at byte `at + 2 * i` of the block, widened and broadcast to all lanes. The pair at `at` is
+/// loaded and converted together (`d` and `m` of Q4_1/Q5_1 are adjacent): one load and one `vcvtph2ps`
+/// instead of two of each.
+fn memo_splat_f16<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    memo: &mut Memo<'ctx>,
+    blk: PointerValue<'ctx>,
+    at: usize,
+    i: u32,
+) -> R<VectorValue<'ctx>> {
+    let pair = memo_get(memo, ("f16x2", at), || {
+        let h = kb.load(kb.i16t.vec_type(2).into(), kb.byte_gep(blk, at)?, 1)?;
+        let h = kb.b.build_bit_cast(h, kb.ctx.f16_type().vec_type(2), "h")?.into_vector_value();
+        Ok(kb.b.build_float_ext(h, kb.f32t.vec_type(2), "scales")?.into())
+    })?
+    .into_vector_value();
+    Ok(memo_get(memo, ("splat_f16", at + 2 * i as usize), || {
+        let mask = kb.const_splat(kb.i32t.const_int(i as u64, false).into(), LANES);
+        Ok(kb.b.build_shuffle_vector(pair, pair.get_type().get_poison(), mask, "splat")?.into())
+    })?
+    .into_vector_value())
+}
+
+/// The 8 bytes at `at`, zero-extended to `<8 x i32>` (one `vpmovzxbd` from memory). Nibbles and bit
+/// fields are then cut out with 32-bit shifts and masks, which x86 has and 8-bit ones it lacks.
+fn memo_bytes_i32<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    memo: &mut Memo<'ctx>,
+    blk: PointerValue<'ctx>,
+    at: usize,
+) -> R<VectorValue<'ctx>> {
+    Ok(memo_get(memo, ("bytes", at), || {
+        let v = kb.load(kb.v8i8.into(), kb.byte_gep(blk, at)?, 1)?.into_vector_value();
+        Ok(kb.b.build_int_z_extend(v, kb.v8i32, "bytes")?.into())
+    })?
+    .into_vector_value())
+}
+
+/// The low or high nibble of each (zero-extended) byte.
+fn nibble<'ctx>(kb: &Kb<'_, 'ctx>, bytes: VectorValue<'ctx>, high: bool) -> R<VectorValue<'ctx>> {
+    Ok(if high {
+        kb.b.build_right_shift(bytes, kb.splat_i32(4), false, "hi")?
+    } else {
+        kb.b.build_and(bytes, kb.splat_i32(0x0F), "lo")?
+    })
+}
+
+/// Byte `i` of the block, as an i8.
+fn memo_byte<'ctx>(kb: &Kb<'_, 'ctx>, memo: &mut Memo<'ctx>, blk: PointerValue<'ctx>, i: usize) -> R<IntValue<'ctx>> {
+    Ok(memo_get(memo, ("byte", i), || kb.load(kb.i8t.into(), kb.byte_gep(blk, i)?, 1))?.into_int_value())
+}
+
+/// Q4_K/Q5_K sub-block `j`: its scale `d · sc_j` and negated min `-(dmin · m_j)`, broadcast. The six-bit
+/// `sc_j` and `m_j` are packed in the 12 bytes `s` at offset 4 (ggml's `get_scale_min_k4`): for j < 4
+/// the low 6 bits of s[j] and s[j + 4]; for j >= 4 the nibbles of s[j + 4] with the top 2 bits of
+/// s[j - 4] (scale) and s[j] (min) on top.
+fn kmin_scales<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    memo: &mut Memo<'ctx>,
+    blk: PointerValue<'ctx>,
+    j: usize,
+) -> R<(VectorValue<'ctx>, VectorValue<'ctx>)> {
+    if let (Some(s), Some(m)) = (memo.get(&("ksc", j)), memo.get(&("kmin", j))) {
+        return Ok((s.into_vector_value(), m.into_vector_value()));
+    }
+    let c = |v: u64| kb.i8t.const_int(v, false);
+    let s = |i: usize, memo: &mut Memo<'ctx>| memo_byte(kb, memo, blk, 4 + i);
+    let (sc, mn) = if j < 4 {
+        (kb.b.build_and(s(j, memo)?, c(63), "sc")?, kb.b.build_and(s(j + 4, memo)?, c(63), "m")?)
+    } else {
+        let top = |i: usize, memo: &mut Memo<'ctx>| -> R<IntValue<'ctx>> {
+            let v = kb.b.build_right_shift(s(i, memo)?, c(6), false, "top")?;
+            Ok(kb.b.build_left_shift(v, c(4), "top")?)
+        };
+        let both = s(j + 4, memo)?;
+        let sc = kb.b.build_or(kb.b.build_and(both, c(0x0F), "sc")?, top(j - 4, memo)?, "sc")?;
+        let mn = kb.b.build_or(kb.b.build_right_shift(both, c(4), false, "m")?, top(j, memo)?, "m")?;
+        (sc, mn)
+    };
+    let d = memo_f16(kb, memo, blk, 0)?;
+    let dmin = memo_f16(kb, memo, blk, 2)?;
+    let scale = kb.b.build_float_mul(d, kb.b.build_unsigned_int_to_float(sc, kb.f32t, "sc")?, "scale")?;
+    let min = kb.b.build_float_mul(dmin, kb.b.build_unsigned_int_to_float(mn, kb.f32t, "m")?, "min")?;
+    let neg_min = kb.b.build_float_neg(min, "neg_min")?;
+    let (scale, neg_min) = (kb.splat(scale.into(), kb.v8f32)?, kb.splat(neg_min.into(), kb.v8f32)?);
+    memo.insert(("ksc", j), scale.into());
+    memo.insert(("kmin", j), neg_min.into());
+    Ok((scale, neg_min))
+}
+
+/// Q6_K scale `si` (of 16, one per 16 elements): `d · scales[si]`, broadcast; `d` is the block's last
+/// two bytes and the scales are i8s at offset 192.
+fn q6k_scale<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    memo: &mut Memo<'ctx>,
+    blk: PointerValue<'ctx>,
+    si: usize,
+) -> R<VectorValue<'ctx>> {
+    if let Some(v) = memo.get(&("q6sc", si)) {
+        return Ok(v.into_vector_value());
+    }
+    let d = memo_f16(kb, memo, blk, 208)?;
+    let sc = memo_byte(kb, memo, blk, 192 + si)?;
+    let scale = kb.b.build_float_mul(d, kb.b.build_signed_int_to_float(sc, kb.f32t, "sc")?, "scale")?;
+    let v = kb.splat(scale.into(), kb.v8f32)?;
+    memo.insert(("q6sc", si), v.into());
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// A small IR-building layer: the kernel's function, typed constants, loads with explicit alignment,
+// vector helpers and counted loops.
+
+type R<T> = Result<T, CodegenError>;
+
+struct Kb<'a, 'ctx> {
+    ctx: &'ctx Context,
+    module: &'a Module<'ctx>,
+    b: Builder<'ctx>,
+    func: FunctionValue<'ctx>,
+    f32t: FloatType<'ctx>,
+    i8t: IntType<'ctx>,
+    i16t: IntType<'ctx>,
+    i32t: IntType<'ctx>,
+    i64t: IntType<'ctx>,
+    v8f32: VectorType<'ctx>,
+    v8i32: VectorType<'ctx>,
+    v8i16: VectorType<'ctx>,
+    v8i8: VectorType<'ctx>,
+}
+
+impl<'a, 'ctx> Kb<'a, 'ctx> {
+    /// Declares the kernel `name` with the linear ABI and positions a builder in its entry block.
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str) -> R<Self> {
+        let ptr = ctx.ptr_type(AddressSpace::default());
+        let i64t = ctx.i64_type();
+        let params = [ptr.into(), ptr.into(), ptr.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into()];
+        let func = module.add_function(name, ctx.void_type().fn_type(&params, false), Some(Linkage::External));
+        for (i, pname) in ["w", "x", "y", "m", "n", "row_begin", "row_end"].iter().enumerate() {
+            func.get_nth_param(i as u32).expect("declared above").set_name(pname);
+        }
+        // The buffers never overlap and are only read (w, x) or written (y): lets LLVM keep loads of x
+        // and w around stores to y, and tells it nothing escapes.
+        let attr = |n: &str| ctx.create_enum_attribute(Attribute::get_named_enum_kind_id(n), 0);
+        for i in 0..3 {
+            func.add_attribute(AttributeLoc::Param(i), attr("noalias"));
+            func.add_attribute(AttributeLoc::Param(i), attr("nocapture"));
+            func.add_attribute(AttributeLoc::Param(i), attr(if i < 2 { "readonly" } else { "writeonly" }));
+        }
+        func.add_attribute(AttributeLoc::Function, attr("nounwind"));
+        let b = ctx.create_builder();
+        b.position_at_end(ctx.append_basic_block(func, "entry"));
+        let (f32t, i8t, i16t, i32t) = (ctx.f32_type(), ctx.i8_type(), ctx.i16_type(), ctx.i32_type());
+        Ok(Kb {
+            ctx,
+            module,
+            b,
+            func,
+            f32t,
+            i8t,
+            i16t,
+            i32t,
+            i64t,
+            v8f32: f32t.vec_type(LANES),
+            v8i32: i32t.vec_type(LANES),
+            v8i16: i16t.vec_type(LANES),
+            v8i8: i8t.vec_type(LANES),
+        })
+    }
+
+    fn i64c(&self, v: i64) -> IntValue<'ctx> {
+        self.i64t.const_int(v as u64, true)
+    }
+
+    /// `<LANES x i32>` of `v`.
+    fn splat_i32(&self, v: u64) -> VectorValue<'ctx> {
+        self.const_splat(self.i32t.const_int(v, false).into(), LANES)
+    }
+
+    /// `<LANES x float>` of `v`.
+    fn splat_f32(&self, v: f32) -> VectorValue<'ctx> {
+        self.const_splat(self.f32t.const_float(v as f64).into(), LANES)
+    }
+
+    fn const_splat(&self, v: BasicValueEnum<'ctx>, lanes: u32) -> VectorValue<'ctx> {
+        VectorType::const_vector(&vec![v; lanes as usize])
+    }
+
+    /// A runtime value broadcast to every lane of `vt`.
+    fn splat(&self, v: BasicValueEnum<'ctx>, vt: VectorType<'ctx>) -> R<VectorValue<'ctx>> {
+        let one = self.b.build_insert_element(vt.get_poison(), v, self.i32t.const_zero(), "splat")?;
+        let zeros = self.i32t.vec_type(vt.get_size()).const_zero();
+        Ok(self.b.build_shuffle_vector(one, vt.get_poison(), zeros, "splat")?)
+    }
+
+    /// `base + idx` elements of `ty`, in bounds.
+    fn gep(&self, ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        // SAFETY (of the generated code): every index stays inside the buffers the ABI describes.
+        Ok(unsafe { self.b.build_in_bounds_gep(ty, base, &[idx], "p")? })
+    }
+
+    /// `base + off` bytes.
+    fn byte_gep(&self, base: PointerValue<'ctx>, off: usize) -> R<PointerValue<'ctx>> {
+        if off == 0 {
+            return Ok(base);
+        }
+        self.gep(self.i8t.into(), base, self.i64c(off as i64))
+    }
+
+    /// A load with an explicit alignment: GGUF blocks are 18, 20, 22... bytes, so nothing inside them
+    /// is aligned, and LLVM would otherwise assume a vector type's natural (16/32-byte) alignment.
+    fn load(&self, ty: BasicTypeEnum<'ctx>, ptr: PointerValue<'ctx>, align: u32) -> R<BasicValueEnum<'ctx>> {
+        let v = self.b.build_load(ty, ptr, "ld")?;
+        set_alignment(v.as_instruction_value(), align)?;
+        Ok(v)
+    }
+
+    fn store(&self, ptr: PointerValue<'ctx>, v: BasicValueEnum<'ctx>, align: u32) -> R<()> {
+        let st = self.b.build_store(ptr, v)?;
+        set_alignment(Some(st), align)
+    }
+
+    /// `ty` stack slot in the entry block, where SROA/mem2reg promote it to registers.
+    fn entry_alloca(&self, ty: BasicTypeEnum<'ctx>) -> R<PointerValue<'ctx>> {
+        let entry = self.func.get_first_basic_block().expect("entry block");
+        let tmp = self.ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        Ok(tmp.build_alloca(ty, "acc")?)
+    }
+
+    /// The first `live` f32s at `base + start` in the low lanes, zeros above; element by element.
+    fn partial_f32(&self, base: PointerValue<'ctx>, start: usize, live: usize) -> R<VectorValue<'ctx>> {
+        let mut v = self.v8f32.const_zero();
+        for l in 0..live {
+            let p = self.gep(self.f32t.into(), base, self.i64c((start + l) as i64))?;
+            let f = self.load(self.f32t.into(), p, 4)?;
+            v = self.b.build_insert_element(v, f, self.i32t.const_int(l as u64, false), "tail")?;
+        }
+        Ok(v)
+    }
+
+    /// Calls the overloaded intrinsic `name` specialised on `types`.
+    fn intrinsic(
+        &self,
+        name: &str,
+        types: &[BasicTypeEnum<'ctx>],
+        args: &[BasicMetadataValueEnum<'ctx>],
+    ) -> R<inkwell::values::CallSiteValue<'ctx>> {
+        let decl = Intrinsic::find(name)
+            .and_then(|i| i.get_declaration(self.module, types))
+            .ok_or_else(|| CodegenError::Llvm(format!("no intrinsic {name}")))?;
+        Ok(self.b.build_call(decl, args, "call")?)
+    }
+
+    /// `a * b + c` rounded once (`llvm.fma`).
+    fn fma(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>, c: VectorValue<'ctx>) -> R<VectorValue<'ctx>> {
+        let call = self.intrinsic("llvm.fma", &[self.v8f32.into()], &[a.into(), b.into(), c.into()])?;
+        Ok(call.try_as_basic_value().unwrap_basic().into_vector_value())
+    }
+
+    /// Sum of the lanes of `v`. The `reassoc` flag lets LLVM add pairwise (a shuffle tree) instead of
+    /// lane by lane; it runs once per output, so either is cheap.
+    fn reduce_add(&self, v: VectorValue<'ctx>) -> R<FloatValue<'ctx>> {
+        let start = self.f32t.const_float(-0.0);
+        let call = self.intrinsic("llvm.vector.reduce.fadd", &[self.v8f32.into()], &[start.into(), v.into()])?;
+        let out = call.try_as_basic_value().unwrap_basic();
+        if let Some(i) = out.as_instruction_value() {
+            i.set_fast_math_flags(inkwell::values::FastMathFlags::AllowReassoc)
+                .map_err(|e| CodegenError::Llvm(format!("fast-math flags: {e}")))?;
+        }
+        Ok(out.into_float_value())
+    }
+
+    /// Prefetches the cache line at `base + off` for reading, into all cache levels. Plain (not
+    /// in-bounds) address arithmetic: the address may be past the end of the weights, which a prefetch
+    /// tolerates.
+    fn prefetch(&self, base: PointerValue<'ctx>, off: usize) -> R<()> {
+        // SAFETY (of the generated code): the pointer is only used by the prefetch, which never faults.
+        let p = unsafe { self.b.build_gep(self.i8t, base, &[self.i64c(off as i64)], "pf")? };
+        let i32c = |v: u64| self.i32t.const_int(v, false).into();
+        self.intrinsic("llvm.prefetch", &[p.get_type().into()], &[p.into(), i32c(0), i32c(3), i32c(1)])?;
+        Ok(())
+    }
+
+    fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let lt = self.b.build_int_compare(IntPredicate::SLT, a, b, "lt")?;
+        Ok(self.b.build_select(lt, a, b, "min")?.into_int_value())
+    }
+
+    /// `for (i = start; i < end; i += step) body(i)`, leaving the builder after the loop.
+    fn for_loop(
+        &self,
+        start: IntValue<'ctx>,
+        end: IntValue<'ctx>,
+        step: IntValue<'ctx>,
+        name: &str,
+        mut body: impl FnMut(IntValue<'ctx>) -> R<()>,
+    ) -> R<()> {
+        let pre = self.b.get_insert_block().expect("builder is positioned");
+        let header = self.ctx.append_basic_block(self.func, name);
+        let body_bb = self.ctx.append_basic_block(self.func, &format!("{name}.body"));
+        let exit = self.ctx.append_basic_block(self.func, &format!("{name}.end"));
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(header);
+        let phi = self.b.build_phi(self.i64t, name)?;
+        phi.add_incoming(&[(&start, pre)]);
+        let i = phi.as_basic_value().into_int_value();
+        let more = self.b.build_int_compare(IntPredicate::SLT, i, end, "more")?;
+        self.b.build_conditional_branch(more, body_bb, exit)?;
+        self.b.position_at_end(body_bb);
+        body(i)?;
+        let next = self.b.build_int_nsw_add(i, step, "next")?;
+        let latch = self.b.get_insert_block().expect("builder is positioned");
+        phi.add_incoming(&[(&next, latch)]);
+        self.b.build_unconditional_branch(header)?;
+        self.b.position_at_end(exit);
+        Ok(())
+    }
+}
+
+fn set_alignment(inst: Option<InstructionValue<'_>>, align: u32) -> R<()> {
+    inst.ok_or_else(|| CodegenError::Llvm("load/store folded to a constant".into()))?
+        .set_alignment(align)
+        .map_err(|e| CodegenError::Llvm(format!("alignment: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::llvm;
+    use inkwell::OptimizationLevel;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Generates `specs` into one module, optimizes it for the host, JIT-compiles it and hands the
+    /// kernels (in `specs` order) to `f`.
+    pub(super) fn with_kernels(specs: &[LinearKernelSpec], f: impl FnOnce(&[LinearKernelFn])) {
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "linear_test");
+        for s in specs {
+            emit_linear(&ctx, &module, s).unwrap();
+        }
+        let tm = llvm::host_target_machine().unwrap();
+        llvm::optimize(&module, &tm).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+        let fns: Vec<LinearKernelFn> = specs
+            .iter()
+            .map(|s| {
+                let addr = ee.get_function_address(&s.symbol()).unwrap();
+                // SAFETY: the symbol was generated with exactly this signature.
+                unsafe { std::mem::transmute::<usize, LinearKernelFn>(addr) }
+            })
+            .collect();
+        f(&fns);
+    }
+
+    /// Byte offsets of the f16 scale fields in a block of `dtype`.
+    fn scale_fields(dtype: DType) -> &'static [usize] {
+        match dtype {
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
+            DType::Q4_1 | DType::Q5_1 | DType::Q4K | DType::Q5K => &[0, 2],
+            DType::Q6K => &[208],
+            _ => &[],
+        }
+    }
+
+    /// `n` rows of `k` weights of `dtype`: the quantized bytes of random f32s for even rows, and for odd
+    /// rows of block formats, random bytes (every bit pattern of the packed fields) with finite f16
+    /// scales patched in.
+    pub(super) fn random_weights(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> Vec<u8> {
+        let row_bytes = dtype.row_bytes(k).unwrap();
+        let mut w = Vec::with_capacity(n * row_bytes);
+        for r in 0..n {
+            if r % 2 == 1 && dtype.is_quantized() {
+                let mut row: Vec<u8> = (0..row_bytes).map(|_| rng.random()).collect();
+                for blk in row.chunks_mut(dtype.type_size()) {
+                    for &at in scale_fields(dtype) {
+                        let v = rng.random_range(0.001f32..0.1) * if rng.random() { 1.0 } else { -1.0 };
+                        blk[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+                    }
+                }
+                w.extend(row);
+            } else {
+                let vals: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                w.extend(kiln_ir::quant::quantize(dtype, &vals).unwrap());
+            }
+        }
+        w
+    }
+
+    /// Checks `kernel` (for `dtype`, `k`) against dequantize + f64 dot products, for several m, n and row
+    /// ranges; rows outside the range must keep their sentinel.
+    fn check(rng: &mut StdRng, kernel: LinearKernelFn, dtype: DType, k: usize) {
+        const SENTINEL: u32 = 0x7fc0_dead;
+        for n in [1usize, 7, 33] {
+            let w = random_weights(rng, dtype, n, k);
+            let mut wf = vec![0f32; n * k];
+            kiln_ir::quant::dequantize(dtype, &w, &mut wf).unwrap();
+            for m in [1usize, 2, 3, 5, 9] {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                for (rb, re) in [(0, n), (n / 3, n - n / 3), (n / 2, n / 2 + 1)] {
+                    let mut y = vec![f32::from_bits(SENTINEL); m * n];
+                    // SAFETY: buffers sized as the ABI requires.
+                    unsafe { kernel(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, rb as i64, re as i64) };
+                    for i in 0..m {
+                        for r in 0..n {
+                            let got = y[i * n + r];
+                            if !(rb..re).contains(&r) {
+                                assert_eq!(got.to_bits(), SENTINEL, "{dtype} k={k} n={n} m={m}: row {r} written");
+                                continue;
+                            }
+                            let (mut want, mut mag) = (0f64, 0f64);
+                            for j in 0..k {
+                                let p = f64::from(wf[r * k + j]) * f64::from(x[i * k + j]);
+                                want += p;
+                                mag += p.abs();
+                            }
+                            assert!(
+                                (f64::from(got) - want).abs() <= 1e-4 * mag + 1e-30,
+                                "{dtype} k={k} n={n} m={m} rows {rb}..{re}: y[{i}][{r}] = {got}, want {want} (Σ|wx| {mag})"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_dtype(dtype: DType, ks: &[usize]) {
+        let specs: Vec<LinearKernelSpec> = ks.iter().map(|&k| LinearKernelSpec { dtype, k }).collect();
+        let mut rng = StdRng::seed_from_u64(dtype.ggml_id() as u64);
+        with_kernels(&specs, |fns| {
+            for (s, f) in specs.iter().zip(fns) {
+                check(&mut rng, *f, s.dtype, s.k);
+            }
+        });
+    }
+
+    #[test]
+    fn f32_matches_reference() {
+        check_dtype(DType::F32, &[1, 8, 13, 64, 100]);
+    }
+
+    #[test]
+    fn f16_matches_reference() {
+        check_dtype(DType::F16, &[3, 40, 96]);
+    }
+
+    #[test]
+    fn bf16_matches_reference() {
+        check_dtype(DType::BF16, &[5, 32, 72]);
+    }
+
+    #[test]
+    fn q4_0_matches_reference() {
+        check_dtype(DType::Q4_0, &[32, 96, 576]);
+    }
+
+    #[test]
+    fn q4_1_matches_reference() {
+        check_dtype(DType::Q4_1, &[32, 96, 576]);
+    }
+
+    #[test]
+    fn q5_0_matches_reference() {
+        check_dtype(DType::Q5_0, &[32, 160]);
+    }
+
+    #[test]
+    fn q5_1_matches_reference() {
+        check_dtype(DType::Q5_1, &[32, 160]);
+    }
+
+    #[test]
+    fn q8_0_matches_reference() {
+        check_dtype(DType::Q8_0, &[32, 96, 576]);
+    }
+
+    #[test]
+    fn q4_k_matches_reference() {
+        check_dtype(DType::Q4K, &[256, 768]);
+    }
+
+    #[test]
+    fn q5_k_matches_reference() {
+        check_dtype(DType::Q5K, &[256, 512]);
+    }
+
+    #[test]
+    fn q6_k_matches_reference() {
+        check_dtype(DType::Q6K, &[256, 768]);
+    }
+
+    #[test]
+    fn bad_specs_are_errors() {
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "bad");
+        for dtype in [DType::I32, DType::I64] {
+            let err = emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k: 64 }).unwrap_err();
+            assert_eq!(err, CodegenError::UnsupportedDType { kernel: "linear", dtype });
+            assert!(err.to_string().contains(dtype.name()), "{err}");
+        }
+        for (dtype, k) in [(DType::Q4_1, 48), (DType::Q6K, 576), (DType::F32, 0)] {
+            let err = emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k }).unwrap_err();
+            assert!(matches!(err, CodegenError::InvalidSpec(_)) && err.to_string().contains(&k.to_string()), "{err}");
+        }
+        assert_eq!(module.get_functions().count(), 0, "nothing is left behind on error");
+    }
+
+    #[test]
+    fn emits_host_object_and_assembly() {
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "linear_obj");
+        let spec = LinearKernelSpec { dtype: DType::Q4_1, k: 576 };
+        let f = emit_linear(&ctx, &module, &spec).unwrap();
+        // Emitting the same spec again returns the existing definition.
+        assert_eq!(emit_linear(&ctx, &module, &spec).unwrap(), f);
+        assert_eq!(spec.symbol(), "kiln_linear_q4_1_k576");
+        let tm = llvm::host_target_machine().unwrap();
+        llvm::optimize(&module, &tm).unwrap();
+        let ir = llvm::ir_text(&module);
+        assert!(ir.contains("define void @kiln_linear_q4_1_k576(") && ir.contains("<8 x float>"), "{ir}");
+        let obj = llvm::emit_object(&module, &tm).unwrap();
+        #[cfg(target_os = "linux")]
+        assert_eq!(&obj[..4], b"\x7fELF");
+        assert!(obj.windows(spec.symbol().len()).any(|w| w == spec.symbol().as_bytes()), "symbol in the object");
+        let asm = llvm::emit_assembly(&module, &tm).unwrap();
+        assert!(asm.contains("kiln_linear_q4_1_k576:"), "{asm}");
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("avx2") {
+            assert!(asm.contains("vfmadd") && asm.contains("%ymm"), "host kernel uses 256-bit FMAs");
+        }
+    }
+}
+
+/// Timings for SmolLM2-135M's shapes against a naive Rust loop. Print-only; run with
+/// `cargo test -p kiln-codegen --release -- --ignored --nocapture bench_linear`.
+#[cfg(test)]
+mod bench {
+    use super::tests::{random_weights, with_kernels};
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use std::time::{Duration, Instant};
+
+    /// Seconds per call of `f`: the best of 5 runs of enough calls to take ~0.1 s each.
+    fn time_per_call(mut f: impl FnMut()) -> f64 {
+        f();
+        let start = Instant::now();
+        f();
+        let once = start.elapsed().max(Duration::from_nanos(100));
+        let reps = (0.1 / once.as_secs_f64()).ceil().max(1.0) as usize;
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    f();
+                }
+                t.elapsed().as_secs_f64() / reps as f64
+            })
+            .fold(f64::INFINITY, f64::min)
+    }
+
+    /// The baseline: per weight row, dequantize block by block with `kiln_ir::quant::dequantize` (each
+    /// block once, reused for all m rows of x) and accumulate plain f32 dot products.
+    fn naive(dtype: DType, k: usize, w: &[u8], x: &[f32], y: &mut [f32], m: usize, n: usize) {
+        let (bs, ts) = (dtype.block_size(), dtype.type_size());
+        let row_bytes = dtype.row_bytes(k).unwrap();
+        let mut buf = vec![0f32; bs];
+        let mut acc = vec![0f32; m];
+        for r in 0..n {
+            acc.fill(0.0);
+            for (b, blk) in w[r * row_bytes..(r + 1) * row_bytes].chunks_exact(ts).enumerate() {
+                kiln_ir::quant::dequantize(dtype, blk, &mut buf).unwrap();
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a += buf.iter().zip(&x[i * k + b * bs..]).map(|(w, x)| w * x).sum::<f32>();
+                }
+            }
+            for i in 0..m {
+                y[i * n + r] = acc[i];
+            }
+        }
+    }
+
+    #[test]
+    #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+    fn bench_linear() {
+        // SmolLM2-135M: attention/MLP projections (Q4_1) and the tied embedding as LM head (Q8_0).
+        // `KILN_BENCH=q8_0:576:1536,...` benchmarks other (dtype:k:n) shapes instead.
+        let mut shapes = vec![(DType::Q4_1, 576, 1536), (DType::Q4_1, 1536, 576), (DType::Q8_0, 576, 49152)];
+        if let Ok(list) = std::env::var("KILN_BENCH") {
+            shapes = list
+                .split(',')
+                .map(|s| {
+                    let f: Vec<&str> = s.split(':').collect();
+                    (f[0].parse().unwrap(), f[1].parse().unwrap(), f[2].parse().unwrap())
+                })
+                .collect();
+        }
+        let specs: Vec<LinearKernelSpec> = shapes.iter().map(|&(dtype, k, _)| LinearKernelSpec { dtype, k }).collect();
+        let t = Instant::now();
+        with_kernels(&specs, |fns| {
+            println!("generate + O3 + JIT of {} kernels: {:.0} ms", specs.len(), t.elapsed().as_secs_f64() * 1e3);
+            let mut rng = StdRng::seed_from_u64(1);
+            println!(
+                "{:<6} {:>5} {:>6} {:>3} | {:>10} {:>8} {:>7} | {:>10} {:>8} {:>7} | {:>7}",
+                "dtype", "k", "n", "m", "kernel µs", "GFLOP/s", "GB/s", "naive µs", "GFLOP/s", "GB/s", "speedup"
+            );
+            for (&(dtype, k, n), f) in shapes.iter().zip(fns) {
+                let w = random_weights(&mut rng, dtype, n, k);
+                for m in [1usize, 64] {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let mut y = vec![0f32; m * n];
+                    // SAFETY: buffers sized as the ABI requires.
+                    let tk = time_per_call(|| unsafe {
+                        f(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                    });
+                    let mut y_naive = vec![0f32; m * n];
+                    let tn = time_per_call(|| naive(dtype, k, &w, &x, &mut y_naive, m, n));
+                    let flops = 2.0 * (m * n * k) as f64;
+                    let bytes = w.len() as f64;
+                    println!(
+                        "{:<6} {:>5} {:>6} {:>3} | {:>10.1} {:>8.2} {:>7.2} | {:>10.1} {:>8.2} {:>7.2} | {:>6.1}x",
+                        dtype.name(),
+                        k,
+                        n,
+                        m,
+                        tk * 1e6,
+                        flops / tk / 1e9,
+                        bytes / tk / 1e9,
+                        tn * 1e6,
+                        flops / tn / 1e9,
+                        bytes / tn / 1e9,
+                        tn / tk
+                    );
+                    for (a, b) in y.iter().zip(&y_naive) {
+                        assert!((a - b).abs() <= 1e-3 * (1.0 + b.abs()), "kernel {a} vs naive {b}");
+                    }
+                }
+            }
+        });
+    }
+}
+#[cfg(test)]
+mod tmp_dump {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn dump_asm() {
+        let dtype: DType = std::env::var("DT").unwrap().parse().unwrap();
+        let k: usize = std::env::var("K").unwrap().parse().unwrap();
+        let ctx = Context::create();
+        let module = crate::llvm::create_module(&ctx, "d");
+        emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k }).unwrap();
+        std::fs::write("/tmp/k.ll", crate::llvm::ir_text(&module)).unwrap();
+        let tm = crate::llvm::host_target_machine().unwrap();
+        crate::llvm::optimize(&module, &tm).unwrap();
+        std::fs::write("/tmp/k.opt.ll", crate::llvm::ir_text(&module)).unwrap();
+        std::fs::write("/tmp/k.s", crate::llvm::emit_assembly(&module, &tm).unwrap()).unwrap();
+    }
+}
+#[cfg(test)]
+mod tmp_ctime {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn compile_times() {
+        let tm = crate::llvm::host_target_machine().unwrap();
+        for dtype in LinearKernelSpec::DTYPES {
+            let t = std::time::Instant::now();
+            let ctx = Context::create();
+            let module = crate::llvm::create_module(&ctx, "d");
+            emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k: 1536 }).unwrap();
+            let t1 = t.elapsed();
+            crate::llvm::optimize(&module, &tm).unwrap();
+            let t2 = t.elapsed();
+            let obj = crate::llvm::emit_object(&module, &tm).unwrap();
+            let t3 = t.elapsed();
+            println!(
+                "{dtype:>5}: emit {:>6.1} ms, O3 {:>6.1} ms, codegen {:>6.1} ms, object {} KiB",
+                t1.as_secs_f64() * 1e3,
+                (t2 - t1).as_secs_f64() * 1e3,
+                (t3 - t2).as_secs_f64() * 1e3,
+                obj.len() / 1024
+            );
+        }
+    }
+}

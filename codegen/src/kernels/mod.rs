@@ -1,0 +1,15 @@
+//! Generated CPU kernels: functions emitted as LLVM IR into a caller's module, shape-specialised at
+//! generation time, then optimized and compiled with [`crate::llvm`].
+//!
+//! - [`linear`]: quantized matrix × activations, weights dequantized in registers;
+//! - [`ops`]: normalisation, rotary embedding, KV append, attention, elementwise;
+//! - [`embedding`]: row gathers from (quantized) tables;
+//! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
+
+pub mod abi;
+pub mod embedding;
+pub mod emit;
+pub mod linear;
+pub mod ops;
+
+pub use linear::{emit_linear, LinearKernelFn, LinearKernelSpec};

@@ -1,0 +1,199 @@
+//! Kernels for the non-matrix ops of a decoder: RMSNorm, RoPE, KV-cache append, causal attention,
+//! residual add, bias add, SwiGLU. Each is shape-specialised on the model's constant sizes (width, heads,
+//! head dim) and takes the step's sizes (rows, `seq`, `past`) as dims.
+
+use super::emit::{Emitter, R};
+use crate::CodegenError;
+use inkwell::context::Context;
+use inkwell::module::Module;
+use inkwell::values::FunctionValue;
+use serde::{Deserialize, Serialize};
+
+/// What to generate for one launch; equal specs share one kernel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum OpKernel {
+    /// bufs [x, w, y]; items: rows; y[r] = x[r] / sqrt(mean(x[r]²) + eps) * w.
+    RmsNorm { d: usize, eps: f32 },
+    /// bufs [x, pos(i32), y]; items: rows of `heads * head_dim`.
+    Rope { heads: usize, head_dim: usize, n_rot: usize, theta: f32, neox: bool },
+    /// bufs [src, cache]; dims [past]; items: rows of `row` floats, written at rows `past..`.
+    AppendKv { row: usize },
+    /// bufs [q, k_cache, v_cache, out]; dims [seq, past]; items: `seq * q_heads` (query, head) pairs.
+    Attention { q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// bufs [a, b, y]; items: elements; y = a + b.
+    Add,
+    /// bufs [a, bias, y]; items: rows of `d`; y[r] = a[r] + bias.
+    AddRow { d: usize },
+    /// bufs [gate, up, y]; items: elements; y = silu(gate) * up.
+    SwiGlu,
+}
+
+impl OpKernel {
+    pub fn symbol(&self) -> String {
+        let f = |x: f32| format!("{:08x}", x.to_bits());
+        match self {
+            OpKernel::RmsNorm { d, eps } => format!("kiln_rms_norm_d{d}_e{}", f(*eps)),
+            OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => format!(
+                "kiln_rope_{}_h{heads}_hd{head_dim}_r{n_rot}_t{}",
+                if *neox { "neox" } else { "normal" },
+                f(*theta)
+            ),
+            OpKernel::AppendKv { row } => format!("kiln_append_kv_{row}"),
+            OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
+                format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}", f(*scale))
+            }
+            OpKernel::Add => "kiln_add".into(),
+            OpKernel::AddRow { d } => format!("kiln_add_row_d{d}"),
+            OpKernel::SwiGlu => "kiln_swiglu".into(),
+        }
+    }
+
+    pub fn emit<'ctx>(&self, ctx: &'ctx Context, module: &Module<'ctx>) -> R<FunctionValue<'ctx>> {
+        let e = Emitter::kernel(ctx, module, &self.symbol())?;
+        match *self {
+            OpKernel::RmsNorm { d, eps } => {
+                let (x, w, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                let dc = e.i64c(d as i64);
+                e.for_range(e.begin, e.end, |r| {
+                    let base = e.mul(r, dc)?;
+                    let ss = e.var_f32(0.0)?;
+                    e.for_range(e.i64c(0), dc, |j| {
+                        let v = e.load_f32(x, e.add(base, j)?)?;
+                        e.set(ss, e.fma(v, v, e.get(ss)?)?)
+                    })?;
+                    let mean = e.fdiv(e.get(ss)?, e.f32c(d as f32))?;
+                    let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
+                    e.for_range(e.i64c(0), dc, |j| {
+                        let i = e.add(base, j)?;
+                        let v = e.fmul(e.fmul(e.load_f32(x, i)?, inv)?, e.load_f32(w, j)?)?;
+                        e.store_f32(y, i, v)
+                    })
+                })?;
+            }
+            OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => {
+                if n_rot % 2 != 0 || n_rot > head_dim {
+                    return Err(CodegenError::Llvm(format!("rope n_rot {n_rot} for head dim {head_dim}")));
+                }
+                let half = n_rot / 2;
+                let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
+                let fr = e.const_f64_array(&format!("{}_freqs", self.symbol()), &freqs);
+                let (x, pos, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                let row = e.i64c((heads * head_dim) as i64);
+                let f64t = ctx.f64_type();
+                e.for_range(e.begin, e.end, |r| {
+                    let p = e.load_i32_as_i64(pos, r)?;
+                    let pf = e.b.build_signed_int_to_float(p, f64t, "p")?;
+                    let base = e.mul(r, row)?;
+                    e.for_range(e.i64c(0), e.i64c(half as i64), |i| {
+                        let fp = unsafe { e.b.build_in_bounds_gep(f64t, fr, &[i], "fp")? };
+                        let freq = e.b.build_load(f64t, fp, "freq")?.into_float_value();
+                        let angle = e.b.build_float_mul(pf, freq, "angle")?;
+                        let cos = e.b.build_float_trunc(e.intrinsic_f64("llvm.cos", angle)?, e.f32t(), "cos")?;
+                        let sin = e.b.build_float_trunc(e.intrinsic_f64("llvm.sin", angle)?, e.f32t(), "sin")?;
+                        let (i0, i1) = if neox {
+                            (i, e.add(i, e.i64c(half as i64))?)
+                        } else {
+                            let two_i = e.mul(i, e.i64c(2))?;
+                            (two_i, e.add(two_i, e.i64c(1))?)
+                        };
+                        e.for_range(e.i64c(0), e.i64c(heads as i64), |h| {
+                            let hb = e.add(base, e.mul(h, e.i64c(head_dim as i64))?)?;
+                            let (a, b) = (e.add(hb, i0)?, e.add(hb, i1)?);
+                            let (x0, x1) = (e.load_f32(x, a)?, e.load_f32(x, b)?);
+                            e.store_f32(y, a, e.fsub(e.fmul(x0, cos)?, e.fmul(x1, sin)?)?)?;
+                            e.store_f32(y, b, e.fadd(e.fmul(x0, sin)?, e.fmul(x1, cos)?)?)
+                        })
+                    })?;
+                    // Dimensions past n_rot pass through unrotated.
+                    e.for_range(e.i64c(0), e.i64c(heads as i64), |h| {
+                        let hb = e.add(base, e.mul(h, e.i64c(head_dim as i64))?)?;
+                        e.for_range(e.i64c(n_rot as i64), e.i64c(head_dim as i64), |j| {
+                            let a = e.add(hb, j)?;
+                            e.store_f32(y, a, e.load_f32(x, a)?)
+                        })
+                    })
+                })?;
+            }
+            OpKernel::AppendKv { row } => {
+                let (src, cache) = (e.buf(0)?, e.buf(1)?);
+                let past = e.dim(0)?;
+                let rc = e.i64c(row as i64);
+                e.for_range(e.begin, e.end, |r| {
+                    let from = e.mul(r, rc)?;
+                    let to = e.mul(e.add(past, r)?, rc)?;
+                    e.for_range(e.i64c(0), rc, |j| e.store_f32(cache, e.add(to, j)?, e.load_f32(src, e.add(from, j)?)?))
+                })?;
+            }
+            OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
+                if kv_heads == 0 || q_heads % kv_heads != 0 {
+                    return Err(CodegenError::Llvm(format!("attention {q_heads} heads over {kv_heads} kv heads")));
+                }
+                let (q, kc, vc, out) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?);
+                let past = e.dim(1)?;
+                let hd = e.i64c(head_dim as i64);
+                let acc = e.array_f32(head_dim as u32)?;
+                let (m, l) = (e.var_f32(0.0)?, e.var_f32(0.0)?);
+                e.for_range(e.begin, e.end, |it| {
+                    let i = e.div(it, e.i64c(q_heads as i64))?;
+                    let h = e.rem(it, e.i64c(q_heads as i64))?;
+                    let kh = e.div(h, e.i64c((q_heads / kv_heads) as i64))?;
+                    let qbase = e.mul(it, hd)?; // (i * q_heads + h) * head_dim
+                    let visible = e.add(e.add(past, i)?, e.i64c(1))?;
+                    e.set(m, e.f32c(f32::NEG_INFINITY))?;
+                    e.set(l, e.f32c(0.0))?;
+                    e.for_range(e.i64c(0), hd, |c| e.store_f32(acc, c, e.f32c(0.0)))?;
+                    e.for_range(e.i64c(0), visible, |j| {
+                        let kbase = e.mul(e.add(e.mul(j, e.i64c(kv_heads as i64))?, kh)?, hd)?;
+                        let s = e.var_f32(0.0)?;
+                        e.for_range(e.i64c(0), hd, |c| {
+                            let qv = e.load_f32(q, e.add(qbase, c)?)?;
+                            let kv = e.load_f32(kc, e.add(kbase, c)?)?;
+                            e.set(s, e.fma(qv, kv, e.get(s)?)?)
+                        })?;
+                        // Online softmax: rescale what was accumulated when the running max grows.
+                        let score = e.fmul(e.get(s)?, e.f32c(scale))?;
+                        let m_old = e.get(m)?;
+                        let m_new = e.fmax(m_old, score)?;
+                        let corr = e.exp(e.fsub(m_old, m_new)?)?;
+                        let p = e.exp(e.fsub(score, m_new)?)?;
+                        e.set(l, e.fma(e.get(l)?, corr, p)?)?;
+                        e.set(m, m_new)?;
+                        e.for_range(e.i64c(0), hd, |c| {
+                            let v = e.load_f32(vc, e.add(kbase, c)?)?;
+                            e.store_f32(acc, c, e.fma(v, p, e.fmul(e.load_f32(acc, c)?, corr)?)?)
+                        })
+                    })?;
+                    let inv = e.fdiv(e.f32c(1.0), e.get(l)?)?;
+                    e.for_range(e.i64c(0), hd, |c| {
+                        e.store_f32(out, e.add(qbase, c)?, e.fmul(e.load_f32(acc, c)?, inv)?)
+                    })
+                })?;
+            }
+            OpKernel::Add => {
+                let (a, b, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                e.for_range(e.begin, e.end, |i| e.store_f32(y, i, e.fadd(e.load_f32(a, i)?, e.load_f32(b, i)?)?))?;
+            }
+            OpKernel::AddRow { d } => {
+                let (a, bias, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                let dc = e.i64c(d as i64);
+                e.for_range(e.begin, e.end, |r| {
+                    let base = e.mul(r, dc)?;
+                    e.for_range(e.i64c(0), dc, |j| {
+                        let i = e.add(base, j)?;
+                        e.store_f32(y, i, e.fadd(e.load_f32(a, i)?, e.load_f32(bias, j)?)?)
+                    })
+                })?;
+            }
+            OpKernel::SwiGlu => {
+                let (g, u, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                e.for_range(e.begin, e.end, |i| {
+                    let gv = e.load_f32(g, i)?;
+                    let sig = e.fdiv(e.f32c(1.0), e.fadd(e.f32c(1.0), e.exp(e.fsub(e.f32c(0.0), gv)?)?)?)?;
+                    e.store_f32(y, i, e.fmul(e.fmul(gv, sig)?, e.load_f32(u, i)?)?)
+                })?;
+            }
+        }
+        e.finish()
+    }
+}

@@ -1,0 +1,314 @@
+//! Lowering a decoder graph to a [`Program`] (buffers + kernel launches) and the set of kernels to
+//! generate for it.
+//!
+//! Decisions made here, per op: which kernel implements it, which sizes are compile-time constants
+//! (widths, heads) and which are step dims (`seq`, `past`), which values share a buffer (reshape is free),
+//! and how the KV cache is kept: the graph's functional `concat(k_cache.L, k) → output k_cache.L`
+//! becomes an in-place append into a persistent buffer, so decode never copies the cache.
+
+use crate::kernels::linear::LinearKernelSpec;
+use crate::kernels::ops::OpKernel;
+use crate::CodegenError;
+use kiln_ir::program::{Buffer, BufferKind, Launch, Program};
+use kiln_ir::{DType, Dim, Graph, Op, TensorData, WeightStore};
+use serde::{Deserialize, Serialize};
+
+/// One kernel to generate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum KernelSpec {
+    /// bufs [w, x, y]; dims [m, n]; items: n output rows.
+    Linear {
+        dtype: DType,
+        k: usize,
+    },
+    /// bufs [table, ids(i32), y]; items: ids.
+    Embedding {
+        dtype: DType,
+        d: usize,
+    },
+    Op(OpKernel),
+}
+
+impl KernelSpec {
+    /// The symbol the program calls (the uniform-ABI entry point).
+    pub fn symbol(&self) -> String {
+        match self {
+            KernelSpec::Linear { dtype, k } => format!("{}_abi", LinearKernelSpec { dtype: *dtype, k: *k }.symbol()),
+            KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
+            KernelSpec::Op(op) => op.symbol(),
+        }
+    }
+}
+
+/// A lowered graph: the program, its kernels (deduplicated, in first-use order), and the weight data the
+/// program's weight buffers refer to (offsets into one 64-byte-aligned blob, in buffer order).
+pub struct Lowered {
+    pub program: Program,
+    pub kernels: Vec<KernelSpec>,
+    pub weights: Vec<(String, TensorData)>,
+}
+
+const WEIGHT_ALIGN: u64 = 64;
+
+struct Cx<'g> {
+    g: &'g Graph,
+    store: &'g WeightStore,
+    program: Program,
+    kernels: Vec<KernelSpec>,
+    weights: Vec<(String, TensorData)>,
+    blob_len: u64,
+    val_buf: Vec<Option<usize>>,
+}
+
+impl Cx<'_> {
+    fn unsupported(&self, i: usize, why: impl Into<String>) -> CodegenError {
+        CodegenError::UnsupportedOp {
+            target: "cpu".into(),
+            op: self.g.nodes[i].op.name(),
+            value: format!("%{i}: {}", why.into()),
+        }
+    }
+
+    fn buffer(&mut self, kind: BufferKind, dtype: DType, shape: Vec<Dim>) -> usize {
+        self.program.buffers.push(Buffer { kind, dtype, shape });
+        self.program.buffers.len() - 1
+    }
+
+    fn temp(&mut self, i: usize) -> usize {
+        let ty = &self.g.nodes[i].ty;
+        self.buffer(BufferKind::Temp, ty.dtype, ty.shape.clone())
+    }
+
+    fn weight(&mut self, name: String, t: TensorData) -> usize {
+        let offset = self.blob_len.div_ceil(WEIGHT_ALIGN) * WEIGHT_ALIGN;
+        let len = t.bytes.len() as u64;
+        self.blob_len = offset + len;
+        let shape = t.shape.iter().map(|&d| Dim::from(d)).collect();
+        let b = self.buffer(BufferKind::Weight { name: name.clone(), offset, len }, t.dtype, shape);
+        self.weights.push((name, t));
+        b
+    }
+
+    fn operand(&self, i: usize, k: usize) -> usize {
+        self.val_buf[self.g.nodes[i].inputs[k].index()].expect("operands are lowered before use")
+    }
+
+    fn is_weight(&self, b: usize) -> bool {
+        matches!(self.program.buffers[b].kind, BufferKind::Weight { .. })
+    }
+
+    fn is_state(&self, b: usize) -> bool {
+        matches!(self.program.buffers[b].kind, BufferKind::State { .. })
+    }
+
+    fn launch(
+        &mut self,
+        i: usize,
+        spec: KernelSpec,
+        bufs: Vec<usize>,
+        dims: Vec<Vec<Dim>>,
+        items: Vec<Dim>,
+        parallel: bool,
+    ) {
+        let kernel = spec.symbol();
+        if !self.kernels.iter().any(|k| k.symbol() == kernel) {
+            self.kernels.push(spec);
+        }
+        let label = format!("%{i} {}", self.g.nodes[i].op.name());
+        self.program.launches.push(Launch { kernel, label, bufs, dims, items, parallel });
+    }
+}
+
+fn fixed(d: &Dim) -> Option<usize> {
+    d.as_fixed().and_then(|v| usize::try_from(v).ok())
+}
+
+/// Lowers `g` (whose weights are in `store`) for the CPU.
+pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
+    g.verify().map_err(|e| CodegenError::Llvm(format!("invalid graph: {e}")))?;
+    let mut cx = Cx {
+        g,
+        store,
+        program: Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new() },
+        kernels: Vec::new(),
+        weights: Vec::new(),
+        blob_len: 0,
+        val_buf: vec![None; g.nodes.len()],
+    };
+    for (i, n) in g.nodes.iter().enumerate() {
+        let ty = &n.ty;
+        let buf = match &n.op {
+            Op::Input { name } => {
+                if ty.dtype.is_int() {
+                    cx.buffer(BufferKind::Input { name: name.clone() }, DType::I32, ty.shape.clone())
+                } else if g.output_named(name).is_some() {
+                    // A KV cache: [batch, past, heads, head_dim] with constant trailing dims.
+                    let row: Option<usize> = match ty.shape.as_slice() {
+                        [_, past, rest @ ..] if past.as_sym() == Some("past") => {
+                            rest.iter().map(fixed).try_fold(1usize, |a, d| Some(a * d?))
+                        }
+                        _ => None,
+                    };
+                    let row =
+                        row.ok_or_else(|| cx.unsupported(i, format!("state `{name}` must be [batch, past, …]")))?;
+                    cx.buffer(
+                        BufferKind::State { name: name.clone(), row_elems: row as u64 },
+                        DType::F32,
+                        ty.shape.clone(),
+                    )
+                } else {
+                    return Err(cx.unsupported(i, format!("float input `{name}` that is not a cache")));
+                }
+            }
+            Op::Weight { name } => {
+                let t = store.get(name).ok_or_else(|| cx.unsupported(i, format!("weight `{name}` missing")))?.clone();
+                cx.weight(name.clone(), t)
+            }
+            Op::Cast { dtype: DType::F32 } if cx.is_weight(cx.operand(i, 0)) => {
+                // Constant-fold casts of weights: store them as f32.
+                let src = n.inputs[0].index();
+                let Op::Weight { name } = &g.nodes[src].op else { unreachable!() };
+                let t = store.get(name).expect("checked when lowered");
+                if t.dtype == DType::F32 {
+                    cx.operand(i, 0)
+                } else {
+                    let vals = t.to_f32().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                    cx.weight(format!("{name}@f32"), TensorData::from_f32(t.shape.clone(), &vals))
+                }
+            }
+            Op::Reshape { .. } => cx.operand(i, 0),
+            Op::Embedding => {
+                let (table, ids) = (cx.operand(i, 0), cx.operand(i, 1));
+                if !cx.is_weight(table) {
+                    return Err(cx.unsupported(i, "embedding table must be a weight"));
+                }
+                let tty = g.ty(n.inputs[0]);
+                let d = fixed(&tty.shape[1]).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
+                let out = cx.temp(i);
+                let items = g.ty(n.inputs[1]).shape.clone();
+                cx.launch(
+                    i,
+                    KernelSpec::Embedding { dtype: tty.dtype, d },
+                    vec![table, ids, out],
+                    vec![],
+                    items,
+                    false,
+                );
+                out
+            }
+            Op::Linear => {
+                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
+                if !cx.is_weight(w) {
+                    return Err(cx.unsupported(i, "linear weight must be a weight"));
+                }
+                let wty = g.ty(n.inputs[1]);
+                let (nn, k) = match (fixed(&wty.shape[0]), fixed(&wty.shape[1])) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => return Err(cx.unsupported(i, "symbolic weight shape")),
+                };
+                let xs = &g.ty(n.inputs[0]).shape;
+                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let spec = KernelSpec::Linear { dtype: wty.dtype, k };
+                cx.launch(i, spec, vec![w, x, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::Add => {
+                let (a, b) = (cx.operand(i, 0), cx.operand(i, 1));
+                let (ta, tb) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
+                let out = cx.temp(i);
+                if ta == tb {
+                    cx.launch(i, KernelSpec::Op(OpKernel::Add), vec![a, b, out], vec![], ta.shape.clone(), false);
+                } else if tb.rank() == 1 && ta.shape.last() == Some(&tb.shape[0]) {
+                    let d = fixed(&tb.shape[0]).ok_or_else(|| cx.unsupported(i, "symbolic bias width"))?;
+                    let rows = ta.shape[..ta.rank() - 1].to_vec();
+                    cx.launch(i, KernelSpec::Op(OpKernel::AddRow { d }), vec![a, b, out], vec![], rows, false);
+                } else {
+                    return Err(cx.unsupported(i, format!("broadcast of {ta} and {tb}")));
+                }
+                out
+            }
+            Op::RmsNorm { eps } => {
+                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
+                let d = fixed(ty.shape.last().unwrap()).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
+                let out = cx.temp(i);
+                let rows = ty.shape[..ty.rank() - 1].to_vec();
+                cx.launch(i, KernelSpec::Op(OpKernel::RmsNorm { d, eps: *eps }), vec![x, w, out], vec![], rows, false);
+                out
+            }
+            Op::Rope { mode, theta, n_rot } => {
+                let (x, pos) = (cx.operand(i, 0), cx.operand(i, 1));
+                let (heads, hd) = match (fixed(&ty.shape[2]), fixed(&ty.shape[3])) {
+                    (Some(h), Some(d)) => (h, d),
+                    _ => return Err(cx.unsupported(i, "symbolic heads")),
+                };
+                let spec = OpKernel::Rope {
+                    heads,
+                    head_dim: hd,
+                    n_rot: *n_rot as usize,
+                    theta: *theta,
+                    neox: *mode == kiln_ir::RopeMode::Neox,
+                };
+                let out = cx.temp(i);
+                let rows = ty.shape[..2].to_vec();
+                cx.launch(i, KernelSpec::Op(spec), vec![x, pos, out], vec![], rows, false);
+                out
+            }
+            Op::Concat { axis: 1 } if cx.is_state(cx.operand(i, 0)) => {
+                let (state, new) = (cx.operand(i, 0), cx.operand(i, 1));
+                let BufferKind::State { name, row_elems } = cx.program.buffers[state].kind.clone() else {
+                    unreachable!()
+                };
+                // The grown cache must be the graph's output of the same name, and nothing else may read
+                // the old cache: then appending in place is exactly the concat.
+                if g.output_named(&name) != Some(kiln_ir::ValueId(i as u32)) {
+                    return Err(cx.unsupported(i, format!("cache `{name}` is not returned as `{name}`")));
+                }
+                let old = n.inputs[0];
+                let readers = g.nodes.iter().filter(|m| m.inputs.contains(&old)).count();
+                if readers != 1 || g.outputs.iter().any(|(_, v)| *v == old) {
+                    return Err(cx.unsupported(i, format!("cache `{name}` is read by more than the append")));
+                }
+                let rows = g.ty(n.inputs[1]).shape[..2].to_vec();
+                let spec = OpKernel::AppendKv { row: row_elems as usize };
+                cx.launch(i, KernelSpec::Op(spec), vec![new, state], vec![vec![Dim::sym("past")]], rows, false);
+                state
+            }
+            Op::Attention { scale } => {
+                let (q, k, v) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
+                if !cx.is_state(k) || !cx.is_state(v) {
+                    return Err(cx.unsupported(i, "keys and values must come from the KV cache"));
+                }
+                let (qt, kt) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
+                let (hq, hkv, hd) = match (fixed(&qt.shape[2]), fixed(&kt.shape[2]), fixed(&qt.shape[3])) {
+                    (Some(a), Some(b), Some(c)) => (a, b, c),
+                    _ => return Err(cx.unsupported(i, "symbolic heads")),
+                };
+                let seq = qt.shape[1].clone();
+                let past = kt.shape[1].sub(&seq);
+                let spec = OpKernel::Attention { q_heads: hq, kv_heads: hkv, head_dim: hd, scale: *scale };
+                let out = cx.temp(i);
+                let items = vec![seq.clone(), Dim::from(hq)];
+                cx.launch(i, KernelSpec::Op(spec), vec![q, k, v, out], vec![vec![seq], vec![past]], items, true);
+                out
+            }
+            Op::SwiGlu => {
+                let (gt, up) = (cx.operand(i, 0), cx.operand(i, 1));
+                let out = cx.temp(i);
+                cx.launch(i, KernelSpec::Op(OpKernel::SwiGlu), vec![gt, up, out], vec![], ty.shape.clone(), false);
+                out
+            }
+            _ => return Err(cx.unsupported(i, "no CPU lowering")),
+        };
+        cx.val_buf[i] = Some(buf);
+    }
+    for (name, v) in &g.outputs {
+        let b = cx.val_buf[v.index()].expect("lowered");
+        if !cx.is_state(b) {
+            cx.program.outputs.push((name.clone(), b));
+        }
+    }
+    let _ = cx.store;
+    Ok(Lowered { program: cx.program, kernels: cx.kernels, weights: cx.weights })
+}

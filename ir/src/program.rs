@@ -1,0 +1,105 @@
+//! The lowered form of a graph: buffers and a schedule of kernel launches.
+//!
+//! Code generation turns a [`crate::Graph`] into a `Program` plus native kernels; the runtime executes
+//! the program by evaluating each launch's symbolic dims, splitting its work items over threads, and
+//! calling the kernel. It lives here (not in codegen) so the runtime can read it without linking LLVM.
+//!
+//! Kernel ABI (every generated kernel): `extern "C" fn(bufs: *const *mut u8, dims: *const i64, begin: i64,
+//! end: i64)` — `bufs` are the launch's buffers in order, `dims` its evaluated dims, and `begin..end` the
+//! slice of its work items this call computes.
+
+use crate::dtype::DType;
+use crate::shape::{Dim, SymEnv};
+use serde::{Deserialize, Serialize};
+
+/// Where a buffer's memory comes from.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BufferKind {
+    /// Filled by the caller each step (token ids, positions), as i32.
+    Input { name: String },
+    /// A weight in the artifact's weight file, at `offset` (bytes, 64-aligned), `len` bytes.
+    Weight { name: String, offset: u64, len: u64 },
+    /// A per-step temporary.
+    Temp,
+    /// Persistent across steps: a KV cache of `capacity` rows (positions) of `row_elems` f32 each.
+    /// Launches append rows at position `past`; reads see rows `0..past+seq`.
+    State { name: String, row_elems: u64 },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Buffer {
+    pub kind: BufferKind,
+    pub dtype: DType,
+    /// Shape per step (symbolic); the element count is its product. Unused for `State` (sized by capacity).
+    pub shape: Vec<Dim>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Launch {
+    /// Symbol of the kernel in the artifact's library.
+    pub kernel: String,
+    /// The IR op this launch implements, for profiles and errors (e.g. `%42 linear`).
+    pub label: String,
+    pub bufs: Vec<usize>,
+    /// Scalar arguments, each a product of dims.
+    pub dims: Vec<Vec<Dim>>,
+    /// Number of independent work items (a product of dims); the runtime splits `0..items` across threads.
+    pub items: Vec<Dim>,
+    /// Whether the launch is worth splitting across threads.
+    pub parallel: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Program {
+    pub buffers: Vec<Buffer>,
+    pub launches: Vec<Launch>,
+    /// Named results: the output name and its buffer. State outputs are not listed (they stay inside).
+    pub outputs: Vec<(String, usize)>,
+}
+
+impl Program {
+    /// Evaluates a product of dims under `env`, as a non-negative count.
+    pub fn eval(dims: &[Dim], env: &SymEnv) -> Option<usize> {
+        dims.iter().try_fold(1usize, |acc, d| acc.checked_mul(d.eval(env).and_then(|v| usize::try_from(v).ok())?))
+    }
+}
+
+/// What an artifact directory holds, as `manifest.json`. Written by codegen, checked by the runtime.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Bumped when the artifact layout or kernel ABI changes.
+    pub format_version: u32,
+    pub kiln_version: String,
+    pub model_name: String,
+    /// Hash of the model's source (file, or config + weights) that was compiled.
+    pub source_hash: String,
+    /// Target description: triple, CPU name and the features the code was compiled for.
+    pub target: TargetInfo,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    /// Stages that ran, in order.
+    pub passes: Vec<String>,
+    /// The kernel library's file name and blake3 hash.
+    pub library: String,
+    pub library_hash: String,
+    /// The weight blob's file name, size and blake3 hash.
+    pub weights: String,
+    pub weights_len: u64,
+    pub weights_hash: String,
+    /// Generated kernels (symbol → description), for `inspect` and `--explain`.
+    pub kernels: Vec<(String, String)>,
+    pub program: Program,
+    /// Seconds spent compiling.
+    pub compile_seconds: f64,
+}
+
+pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub triple: String,
+    pub cpu: String,
+    /// LLVM feature names (`avx2`, `fma`, …) the code may use; the runtime refuses hosts lacking one.
+    pub features: Vec<String>,
+}

@@ -1,0 +1,281 @@
+//! The compiled backend: loads an artifact directory (manifest, kernel library, weight blob), checks it
+//! belongs together and fits this CPU, and executes its program step by step with a persistent KV cache.
+//!
+//! Execution: for each launch, evaluate its dims for this step (`batch` = 1, `seq`, `past`), point the
+//! kernel at its buffers, and split its work items over a thread pool built once per backend.
+
+use crate::backend::{Backend, Logits, RuntimeError};
+use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
+use kiln_ir::{DType, SymEnv};
+use std::path::{Path, PathBuf};
+
+type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> ArtifactError {
+    ArtifactError::Invalid { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// Whether this CPU has an LLVM-named feature; `None` for features the runtime does not know.
+fn host_has(feature: &str) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! check {
+            ($($f:tt),*) => { match feature { $( $f => Some(std::arch::is_x86_feature_detected!($f)), )* _ => None } };
+        }
+        check!(
+            "sse4.2",
+            "avx",
+            "avx2",
+            "fma",
+            "f16c",
+            "bmi2",
+            "avx512f",
+            "avx512bw",
+            "avx512vl",
+            "avx512dq",
+            "avx512vnni",
+            "avxvnni"
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = feature;
+        None
+    }
+}
+
+pub fn blake3_file(path: &Path) -> Result<String, ArtifactError> {
+    let mut h = blake3::Hasher::new();
+    h.update_mmap_rayon(path).map_err(|source| ArtifactError::Io { path: path.into(), source })?;
+    Ok(h.finalize().to_hex().to_string())
+}
+
+/// Reads and checks `DIR/manifest.json` and the files it names.
+pub fn load_manifest(dir: &Path) -> Result<Manifest, ArtifactError> {
+    let mpath = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).map_err(|source| ArtifactError::Io { path: mpath.clone(), source })?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&mpath, format!("invalid manifest: {e}")))?;
+    if m.format_version != ARTIFACT_FORMAT_VERSION {
+        return Err(invalid(
+            &mpath,
+            format!("artifact format {} (this Kiln reads {ARTIFACT_FORMAT_VERSION}); recompile", m.format_version),
+        ));
+    }
+    let missing: Vec<&str> =
+        m.target.features.iter().map(String::as_str).filter(|f| host_has(f) == Some(false)).collect();
+    if !missing.is_empty() {
+        return Err(invalid(
+            &mpath,
+            format!("compiled for CPU features this machine lacks: {}; recompile for this host", missing.join(", ")),
+        ));
+    }
+    let wpath = dir.join(&m.weights);
+    let len = std::fs::metadata(&wpath).map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?.len();
+    if len != m.weights_len {
+        return Err(invalid(
+            &wpath,
+            format!("weights are {len} bytes, the manifest says {} (truncated or replaced)", m.weights_len),
+        ));
+    }
+    if blake3_file(&wpath)? != m.weights_hash {
+        return Err(invalid(&wpath, "weights do not match the manifest's hash (corrupted or from another model)"));
+    }
+    let lpath = dir.join(&m.library);
+    if blake3_file(&lpath)? != m.library_hash {
+        return Err(invalid(&lpath, "kernel library does not match the manifest's hash"));
+    }
+    Ok(m)
+}
+
+/// Raw pointers handed to kernels on worker threads; the buffers outlive the launch and threads write
+/// disjoint work items.
+#[derive(Clone, Copy)]
+struct SendPtr(*const *mut u8, *const i64);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+enum Storage {
+    Weight(usize),
+    Floats(Vec<f32>),
+    Ints(Vec<i32>),
+}
+
+pub struct CompiledBackend {
+    manifest: Manifest,
+    weights: memmap2::Mmap,
+    kernels: Vec<KernelFn>,
+    storage: Vec<Storage>,
+    past: usize,
+    capacity: usize,
+    pool: rayon::ThreadPool,
+    _lib: libloading::Library,
+}
+
+impl CompiledBackend {
+    /// Loads the artifact in `dir`; `threads` = 0 uses every core; the KV cache holds `capacity`
+    /// positions (at most the model's context length).
+    pub fn load(dir: &Path, threads: usize, capacity: Option<usize>) -> Result<Self, ArtifactError> {
+        let manifest = load_manifest(dir)?;
+        let wpath = dir.join(&manifest.weights);
+        let file = std::fs::File::open(&wpath).map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?;
+        // SAFETY: mapped read-only; the artifact is not modified while loaded (its hash was just checked).
+        let weights =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?;
+        let lpath = dir.join(&manifest.library);
+        // SAFETY: the library is Kiln's own generated code, whose hash the manifest vouches for; loading runs
+        // no initialisers of ours.
+        let lib =
+            unsafe { libloading::Library::new(&lpath) }.map_err(|e| invalid(&lpath, format!("cannot load: {e}")))?;
+        let mut kernels = Vec::new();
+        for l in &manifest.program.launches {
+            // SAFETY: every kernel symbol has the uniform kernel ABI (see kiln_ir::program).
+            let f: libloading::Symbol<KernelFn> = unsafe { lib.get(l.kernel.as_bytes()) }
+                .map_err(|e| invalid(&lpath, format!("kernel `{}` missing: {e}", l.kernel)))?;
+            kernels.push(*f);
+        }
+        let capacity = capacity.unwrap_or(manifest.context_length).min(manifest.context_length);
+        let mut storage = Vec::new();
+        for (i, b) in manifest.program.buffers.iter().enumerate() {
+            storage.push(match &b.kind {
+                BufferKind::Weight { offset, len, name } => {
+                    if offset.checked_add(*len).is_none_or(|end| end > weights.len() as u64) {
+                        return Err(invalid(&wpath, format!("weight `{name}` lies outside the weight file")));
+                    }
+                    Storage::Weight(*offset as usize)
+                }
+                BufferKind::Input { .. } => Storage::Ints(Vec::new()),
+                BufferKind::Temp => Storage::Floats(Vec::new()),
+                BufferKind::State { row_elems, .. } => Storage::Floats(vec![0.0; capacity * *row_elems as usize]),
+            });
+            if !matches!(b.dtype, DType::F32 | DType::I32) && !matches!(b.kind, BufferKind::Weight { .. }) {
+                return Err(invalid(dir, format!("buffer {i} has unsupported dtype {}", b.dtype)));
+            }
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("kiln-worker-{i}"))
+            .build()
+            .map_err(|e| invalid(dir, format!("thread pool: {e}")))?;
+        Ok(CompiledBackend { manifest, weights, kernels, storage, past: 0, capacity, pool, _lib: lib })
+    }
+
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+}
+
+impl Backend for CompiledBackend {
+    fn name(&self) -> &str {
+        "compiled-cpu"
+    }
+    fn vocab_size(&self) -> usize {
+        self.manifest.vocab_size
+    }
+    fn context_length(&self) -> usize {
+        self.capacity
+    }
+    fn position(&self) -> usize {
+        self.past
+    }
+    fn reset(&mut self) {
+        // Rows past `past` are never read, so the cache need not be cleared.
+        self.past = 0;
+    }
+
+    fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
+        if tokens.is_empty() {
+            return Err(RuntimeError::EmptyPrompt);
+        }
+        if self.past + tokens.len() > self.capacity {
+            return Err(RuntimeError::ContextFull { past: self.past, new: tokens.len(), limit: self.capacity });
+        }
+        let vocab = self.manifest.vocab_size;
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::BadToken { id, vocab });
+        }
+        let s = tokens.len();
+        let env: SymEnv =
+            [("batch".to_string(), 1), ("seq".to_string(), s as i64), ("past".to_string(), self.past as i64)].into();
+        let program: &Program = &self.manifest.program;
+        for (b, st) in program.buffers.iter().zip(self.storage.iter_mut()) {
+            match (&b.kind, st) {
+                (BufferKind::Input { name }, Storage::Ints(v)) => {
+                    v.clear();
+                    match name.as_str() {
+                        "tokens" => v.extend(tokens.iter().map(|&t| t as i32)),
+                        "pos" => v.extend((self.past..self.past + s).map(|p| p as i32)),
+                        other => return Err(RuntimeError::Interface(other.to_string(), "input the runtime can fill")),
+                    }
+                }
+                (BufferKind::Temp, Storage::Floats(v)) => {
+                    let n = Program::eval(&b.shape, &env).expect("shapes use batch/seq/past only");
+                    v.resize(n, 0.0);
+                }
+                _ => {}
+            }
+        }
+        let base = self.weights.as_ptr();
+        let ptrs: Vec<*mut u8> = self
+            .storage
+            .iter_mut()
+            .map(|st| match st {
+                // SAFETY: offsets were checked against the mapping's length at load time.
+                Storage::Weight(off) => unsafe { base.add(*off) as *mut u8 },
+                Storage::Floats(v) => v.as_mut_ptr() as *mut u8,
+                Storage::Ints(v) => v.as_mut_ptr() as *mut u8,
+            })
+            .collect();
+        let threads = self.pool.current_num_threads();
+        let mut args: Vec<*mut u8> = Vec::with_capacity(8);
+        let mut dims: Vec<i64> = Vec::with_capacity(4);
+        for (l, &kernel) in program.launches.iter().zip(&self.kernels) {
+            args.clear();
+            args.extend(l.bufs.iter().map(|&b| ptrs[b]));
+            dims.clear();
+            dims.extend(l.dims.iter().map(|d| Program::eval(d, &env).expect("dims use batch/seq/past") as i64));
+            let items = Program::eval(&l.items, &env).expect("items use batch/seq/past") as i64;
+            let p = SendPtr(args.as_ptr(), dims.as_ptr());
+            if l.parallel && threads > 1 && items > 1 {
+                let chunks = (threads as i64).min(items);
+                self.pool.scope(|sc| {
+                    for c in 0..chunks {
+                        let (lo, hi) = (items * c / chunks, items * (c + 1) / chunks);
+                        sc.spawn(move |_| {
+                            let p = p;
+                            // SAFETY: each chunk computes disjoint work items of a kernel generated for
+                            // exactly these buffers and dims.
+                            unsafe { kernel(p.0, p.1, lo, hi) }
+                        });
+                    }
+                });
+            } else {
+                // SAFETY: as above, one chunk.
+                unsafe { kernel(p.0, p.1, 0, items) }
+            }
+        }
+        self.past += s;
+        let (_, lb) = program
+            .outputs
+            .iter()
+            .find(|(n, _)| n == "logits")
+            .ok_or(RuntimeError::Interface("logits".into(), "output"))?;
+        let Storage::Floats(v) = &self.storage[*lb] else { unreachable!("logits are a temp") };
+        Ok(Logits { rows: s, vocab, data: v.clone() })
+    }
+}

@@ -1,0 +1,249 @@
+//! The compiled CPU backend against the reference interpreter: whole real model, tiny random models with
+//! odd sizes, prefill-then-decode, thread-count determinism, the artifact cache, and refusal of
+//! corrupted or foreign artifacts.
+
+use crate::common::{max_abs_diff, random_weights, run_kiln, smollm2};
+use kiln::codegen::CompileOptions;
+use kiln::frontend::export::write_hf;
+use kiln::frontend::{Arch, LlamaConfig, Model};
+use kiln::ir::DType;
+use kiln::runtime::{generate, Backend, CompiledBackend, InterpreterBackend, Sampler, SamplingParams};
+use std::path::Path;
+
+fn compile(m: &Model, dir: &Path) {
+    kiln::artifact::compile_model(m, "test", &CompileOptions::default(), dir).expect("compiles");
+}
+
+fn interp_logits(m: &Model, steps: &[&[u32]]) -> Vec<Vec<f32>> {
+    let mut b = InterpreterBackend::new(m.graph().unwrap(), &m.weights, m.config.context_length).unwrap();
+    steps.iter().map(|s| b.forward(s).unwrap().data).collect()
+}
+
+fn compiled_logits(dir: &Path, threads: usize, steps: &[&[u32]]) -> Vec<Vec<f32>> {
+    let mut b = CompiledBackend::load(dir, threads, None).unwrap();
+    steps.iter().map(|s| b.forward(s).unwrap().data).collect()
+}
+
+#[test]
+fn smollm2_compiled_matches_interpreter_and_reference() {
+    let m = smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    compile(m, dir.path());
+    let prompt = [6403u32, 1980, 253, 655];
+    let mut b = CompiledBackend::load(dir.path(), 0, Some(256)).unwrap();
+    let mut sampler = Sampler::new(SamplingParams::default());
+    let stats = generate(&mut b, &prompt, 20, &mut sampler, &[], |_| true).unwrap();
+    assert_eq!(
+        stats.generated,
+        [
+            28, 260, 2240, 282, 23324, 27108, 436, 253, 15114, 39228, 28, 351, 25854, 41658, 284, 14055, 9018, 30,
+            1249, 347
+        ]
+    );
+    // Logits: prefill and two decode steps, against the interpreter.
+    let steps: [&[u32]; 3] = [&prompt, &[28], &[260]];
+    let want = interp_logits(m, &steps);
+    let got = compiled_logits(dir.path(), 0, &steps);
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let d = max_abs_diff(w, g);
+        assert!(d < 1e-3, "step {i}: compiled logits differ from the interpreter by {d}");
+    }
+    // Prefill-then-decode equals recomputing everything at once.
+    let all = compiled_logits(dir.path(), 0, &[&[6403, 1980, 253, 655, 28, 260]]);
+    let vocab = m.config.vocab_size;
+    assert!(max_abs_diff(&all[0][5 * vocab..], &got[2]) < 1e-4);
+    // Thread count does not change a single bit.
+    let one = compiled_logits(dir.path(), 1, &steps);
+    assert_eq!(one, got);
+}
+
+fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
+    // Sizes that are not multiples of vector widths, GQA ratios 1 and >1, several layers.
+    let (heads, kv) = [(5, 1), (3, 3), (6, 2)][seed as usize % 3];
+    let head_dim = [6, 8, 10][seed as usize % 3];
+    LlamaConfig {
+        arch,
+        vocab_size: 101 + seed as usize,
+        hidden_size: 37 + seed as usize,
+        intermediate_size: 61 + 2 * seed as usize,
+        n_layers: 2,
+        n_heads: heads,
+        n_kv_heads: kv,
+        head_dim,
+        rope_theta: 10000.0 + 5000.0 * seed as f32,
+        rms_norm_eps: 1e-5,
+        context_length: 32,
+        attention_bias: arch == Arch::Qwen2,
+        tie_embeddings: seed % 2 == 0,
+    }
+}
+
+#[test]
+fn tiny_models_with_odd_sizes_match_interpreter() {
+    for seed in 0..4u64 {
+        for (arch, dtype) in [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16), (Arch::Llama, DType::BF16)] {
+            let cfg = odd_config(arch, seed);
+            let src = tempfile::tempdir().unwrap();
+            write_hf(src.path(), &cfg, &random_weights(&cfg, dtype, seed), 1).unwrap();
+            let m = Model::load(src.path()).unwrap();
+            let art = tempfile::tempdir().unwrap();
+            compile(&m, art.path());
+            let steps: [&[u32]; 3] = [&[1, 7, 3, 99, 0], &[42], &[5, 6]];
+            let want = interp_logits(&m, &steps);
+            let got = compiled_logits(art.path(), 2, &steps);
+            for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                let d = max_abs_diff(w, g);
+                assert!(d < 1e-4, "{arch:?}/{dtype} seed {seed} step {i}: differs by {d}");
+            }
+        }
+    }
+}
+
+#[test]
+fn quantized_tiny_model_matches_interpreter() {
+    // Widths that are multiples of 32 so every block format applies; one format per run.
+    for (i, dtype) in [DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q5_0].into_iter().enumerate() {
+        let mut cfg = crate::common::tiny_config(Arch::Qwen2);
+        cfg.hidden_size = 64;
+        cfg.intermediate_size = 96;
+        cfg.n_heads = 8;
+        cfg.n_kv_heads = 2;
+        cfg.head_dim = 8;
+        cfg.vocab_size = 70;
+        let mut w = random_weights(&cfg, DType::F32, i as u64);
+        // Quantize the matrices (not norms/biases), as GGUF models do.
+        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            let t = w.get(&n).unwrap().clone();
+            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+        let m = Model::load(&path).unwrap();
+        let art = tempfile::tempdir().unwrap();
+        compile(&m, art.path());
+        let steps: [&[u32]; 2] = [&[3, 1, 4, 1, 5, 9, 2, 6], &[53]];
+        let want = interp_logits(&m, &steps);
+        let got = compiled_logits(art.path(), 2, &steps);
+        for (s, (w, g)) in want.iter().zip(&got).enumerate() {
+            let d = max_abs_diff(w, g);
+            assert!(d < 1e-4, "{dtype} step {s}: differs by {d}");
+        }
+    }
+}
+
+#[test]
+fn corrupted_or_foreign_artifacts_are_refused() {
+    let cfg = crate::common::tiny_config(Arch::Llama);
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 1), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let good = tempfile::tempdir().unwrap();
+    compile(&m, good.path());
+    assert!(CompiledBackend::load(good.path(), 1, None).is_ok());
+
+    let copy = |f: &dyn Fn(&Path)| -> String {
+        let d = tempfile::tempdir().unwrap();
+        for e in std::fs::read_dir(good.path()).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
+        }
+        f(d.path());
+        match CompiledBackend::load(d.path(), 1, None) {
+            Ok(_) => panic!("corrupted artifact was accepted"),
+            Err(e) => e.to_string(),
+        }
+    };
+    let e = copy(&|d| {
+        let p = d.join("weights.bin");
+        let b = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &b[..b.len() - 10]).unwrap();
+    });
+    assert!(e.contains("weights.bin") && e.contains("truncated"), "{e}");
+    let e = copy(&|d| {
+        let p = d.join("weights.bin");
+        let mut b = std::fs::read(&p).unwrap();
+        b[100] ^= 0x40;
+        std::fs::write(&p, b).unwrap();
+    });
+    assert!(e.contains("hash"), "{e}");
+    let e =
+        copy(&|d| edit_manifest(d, |m| m["target"]["features"] = serde_json::json!(["avx512vnni-missing", "avx512f"])));
+    // Either the host has avx512f (then the unknown name is ignored and this must load) or it is refused.
+    let has_avx512 = std::arch::is_x86_feature_detected!("avx512f");
+    if !has_avx512 {
+        assert!(e.contains("avx512f") && e.contains("lacks"), "{e}");
+    }
+    let e = copy(&|d| std::fs::write(d.join("manifest.json"), "{ not json").unwrap());
+    assert!(e.contains("manifest"), "{e}");
+    let e = copy(&|d| edit_manifest(d, |m| m["format_version"] = 999.into()));
+    assert!(e.contains("format"), "{e}");
+    let e = copy(&|d| std::fs::write(d.join("kernels.so"), b"not a library").unwrap());
+    assert!(e.contains("kernels.so"), "{e}");
+}
+
+fn edit_manifest(dir: &Path, f: impl Fn(&mut serde_json::Value)) {
+    let p = dir.join("manifest.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(p, v.to_string()).unwrap();
+}
+
+#[test]
+fn unsupported_op_fails_at_compile_time_naming_it() {
+    let g = kiln::ir::text::parse(
+        "graph \"g\" {\n  %0 = input {name = \"tokens\"} : i32[batch, seq]\n  %1 = input {name = \"x\"} : f32[seq, 4]\n  %2 = exp(%1) : f32[seq, 4]\n  output \"logits\" = %2\n}\n",
+    )
+    .unwrap();
+    let err = kiln::codegen::lower::lower(&g, &kiln::ir::WeightStore::new()).err().expect("must fail").to_string();
+    assert!(err.contains("float input `x`") || err.contains("`exp`"), "{err}");
+    let g = kiln::ir::text::parse(
+        "graph \"g\" {\n  %0 = input {name = \"tokens\"} : i32[seq]\n  %1 = cast(%0) {dtype = f32} : f32[seq]\n  %2 = exp(%1) : f32[seq]\n  output \"logits\" = %2\n}\n",
+    )
+    .unwrap();
+    let err = kiln::codegen::lower::lower(&g, &kiln::ir::WeightStore::new()).err().expect("must fail").to_string();
+    assert!(err.contains("`cast`") && err.contains("%1"), "{err}");
+}
+
+#[test]
+fn cli_caches_compiled_artifacts() {
+    let cfg = crate::common::tiny_config(Arch::Llama);
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 4), 1).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let run = || {
+        let out = std::process::Command::new(crate::common::kiln_bin())
+            .args(["run", src.path().to_str().unwrap(), "--prompt-ids", "1,2,3", "-n", "5", "--json"])
+            .env("KILN_CACHE_DIR", cache.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (String::from_utf8_lossy(&out.stderr).contains("[compiled"), v["generated_ids"].clone(), v["backend"].clone())
+    };
+    let (compiled_first, ids1, backend) = run();
+    let (compiled_second, ids2, _) = run();
+    assert!(compiled_first && !compiled_second, "second run must reuse the cache");
+    assert_eq!(ids1, ids2);
+    assert_eq!(backend, "compiled-cpu");
+    // And the interpreter agrees on the ids.
+    let (code, out, err) = run_kiln(
+        &[
+            "run",
+            src.path().to_str().unwrap(),
+            "--prompt-ids",
+            "1,2,3",
+            "-n",
+            "5",
+            "--json",
+            "--backend",
+            "interpreter",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["generated_ids"], ids1);
+}
