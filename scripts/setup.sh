@@ -11,6 +11,20 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# LLVM 19 for the code generator (kiln-codegen links it through inkwell/llvm-sys; .cargo/config.toml
+# points the build at /usr/lib/llvm-19) and mold, the linker .cargo/config.toml uses.
+LLVM_PKGS="llvm-19-dev libmlir-19-dev mlir-19-tools clang-19 libclang-19-dev libpolly-19-dev libzstd-dev mold"
+missing=""
+for pkg in $LLVM_PKGS; do
+  if ! dpkg -s "$pkg" >/dev/null 2>&1; then
+    missing="$missing $pkg"
+  fi
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing$missing (apt)"
+  apt-get update -qq && apt-get install -y -qq $missing >/dev/null
+fi
+
 if ! command -v python3 >/dev/null 2>&1 || ! python3 -m pip --version >/dev/null 2>&1; then
   echo "setup: installing python3-pip (apt)"
   apt-get update -qq && apt-get install -y -qq python3 python3-pip >/dev/null

@@ -68,9 +68,13 @@ pub fn host_target_info() -> TargetInfo {
 fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lowered) -> Result<(), CodegenError> {
     for spec in &lowered.kernels {
         match spec {
-            KernelSpec::Linear { dtype, k } => {
-                let inner = emit_linear(ctx, module, &LinearKernelSpec { dtype: *dtype, k: *k })?;
-                kernels::abi::wrap_linear(ctx, module, inner, &spec.symbol())?;
+            KernelSpec::Linear { dtype, k, group } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k };
+                let inner = match module.get_function(&lin.symbol()) {
+                    Some(f) => f,
+                    None => emit_linear(ctx, module, &lin)?,
+                };
+                kernels::abi::wrap_linear(ctx, module, inner, *group, &spec.symbol())?;
             }
             KernelSpec::Embedding { dtype, d } => {
                 kernels::embedding::emit_embedding(ctx, module, *dtype, *d, &spec.symbol())?;

@@ -17,11 +17,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KernelSpec {
-    /// bufs [w, x, y]; dims [m, n]; items: n output rows.
-    Linear {
-        dtype: DType,
-        k: usize,
-    },
+    /// `group` linears sharing one input x (e.g. Q, K and V): bufs [x, w0, y0, w1, y1, …];
+    /// dims [m, n0, n1, …]; items: n0 + n1 + … output rows, split over threads as one range.
+    Linear { dtype: DType, k: usize, group: usize },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -34,7 +32,9 @@ impl KernelSpec {
     /// The symbol the program calls (the uniform-ABI entry point).
     pub fn symbol(&self) -> String {
         match self {
-            KernelSpec::Linear { dtype, k } => format!("{}_abi", LinearKernelSpec { dtype: *dtype, k: *k }.symbol()),
+            KernelSpec::Linear { dtype, k, group } => {
+                format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k }.symbol())
+            }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
         }
@@ -59,6 +59,8 @@ struct Cx<'g> {
     weights: Vec<(String, TensorData)>,
     blob_len: u64,
     val_buf: Vec<Option<usize>>,
+    /// Linear launches that later linears on the same input may join: (x, dtype, k, launch index).
+    linear_groups: Vec<(usize, DType, usize, usize)>,
 }
 
 impl Cx<'_> {
@@ -102,6 +104,34 @@ impl Cx<'_> {
         matches!(self.program.buffers[b].kind, BufferKind::State { .. })
     }
 
+    /// Adds a linear launch, or joins an earlier one reading the same input with the same kernel, so
+    /// projections of one activation (Q/K/V, gate/up) run as one parallel launch. Safe because temps are
+    /// written once: the input is unchanged at the earlier launch's position, and nothing between reads
+    /// the new output (it did not exist yet).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(&mut self, i: usize, dtype: DType, k: usize, x: usize, w: usize, out: usize, m: Vec<Dim>, n: usize) {
+        let joinable = self.linear_groups.iter().position(|&(lx, ld, lk, _)| lx == x && ld == dtype && lk == k);
+        if let Some(gi) = joinable {
+            let li = self.linear_groups[gi].3;
+            let l = &mut self.program.launches[li];
+            l.bufs.extend([w, out]);
+            l.dims.push(vec![Dim::from(n)]);
+            let total = l.items[0].add(&Dim::from(n));
+            l.items = vec![total];
+            l.label.push_str(&format!(" +%{i}"));
+            let group = (l.bufs.len() - 1) / 2;
+            let spec = KernelSpec::Linear { dtype, k, group };
+            l.kernel = spec.symbol();
+            if !self.kernels.iter().any(|s| s.symbol() == l.kernel) {
+                self.kernels.push(spec);
+            }
+            return;
+        }
+        let spec = KernelSpec::Linear { dtype, k, group: 1 };
+        self.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(n)]], vec![Dim::from(n)], true);
+        self.linear_groups.push((x, dtype, k, self.program.launches.len() - 1));
+    }
+
     fn launch(
         &mut self,
         i: usize,
@@ -135,6 +165,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
         weights: Vec::new(),
         blob_len: 0,
         val_buf: vec![None; g.nodes.len()],
+        linear_groups: Vec::new(),
     };
     for (i, n) in g.nodes.iter().enumerate() {
         let ty = &n.ty;
@@ -210,8 +241,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let xs = &g.ty(n.inputs[0]).shape;
                 let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
-                let spec = KernelSpec::Linear { dtype: wty.dtype, k };
-                cx.launch(i, spec, vec![w, x, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                cx.linear(i, wty.dtype, k, x, w, out, m, nn);
                 out
             }
             Op::Add => {
@@ -310,5 +340,8 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
         }
     }
     let _ = cx.store;
+    // Kernels that only served as stepping stones of a growing group are not called by any launch.
+    let used: std::collections::HashSet<&str> = cx.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+    cx.kernels.retain(|k| used.contains(k.symbol().as_str()));
     Ok(Lowered { program: cx.program, kernels: cx.kernels, weights: cx.weights })
 }

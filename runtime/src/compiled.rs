@@ -7,6 +7,7 @@
 use crate::backend::{Backend, Logits, RuntimeError};
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -105,6 +106,11 @@ pub fn load_manifest(dir: &Path) -> Result<Manifest, ArtifactError> {
 struct SendPtr(*const *mut u8, *const i64);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
+
+/// The step's buffer addresses, shared with the pool for the duration of one step.
+struct SendPtrs(Vec<*mut u8>);
+unsafe impl Send for SendPtrs {}
+unsafe impl Sync for SendPtrs {}
 
 enum Storage {
     Weight(usize),
@@ -242,33 +248,36 @@ impl Backend for CompiledBackend {
             })
             .collect();
         let threads = self.pool.current_num_threads();
-        let mut args: Vec<*mut u8> = Vec::with_capacity(8);
-        let mut dims: Vec<i64> = Vec::with_capacity(4);
-        for (l, &kernel) in program.launches.iter().zip(&self.kernels) {
-            args.clear();
-            args.extend(l.bufs.iter().map(|&b| ptrs[b]));
-            dims.clear();
-            dims.extend(l.dims.iter().map(|d| Program::eval(d, &env).expect("dims use batch/seq/past") as i64));
-            let items = Program::eval(&l.items, &env).expect("items use batch/seq/past") as i64;
-            let p = SendPtr(args.as_ptr(), dims.as_ptr());
-            if l.parallel && threads > 1 && items > 1 {
-                let chunks = (threads as i64).min(items);
-                self.pool.scope(|sc| {
-                    for c in 0..chunks {
+        let kernels = &self.kernels;
+        let ptrs = SendPtrs(ptrs);
+        // The whole step runs inside the pool: the calling thread is a worker too, and workers spinning
+        // between launches pick up the next split without a sleep/wake round trip.
+        self.pool.install(|| {
+            let ptrs = &ptrs;
+            let mut args: Vec<*mut u8> = Vec::with_capacity(8);
+            let mut dims: Vec<i64> = Vec::with_capacity(4);
+            for (l, &kernel) in program.launches.iter().zip(kernels) {
+                args.clear();
+                args.extend(l.bufs.iter().map(|&b| ptrs.0[b]));
+                dims.clear();
+                dims.extend(l.dims.iter().map(|d| Program::eval(d, &env).expect("dims use batch/seq/past") as i64));
+                let items = Program::eval(&l.items, &env).expect("items use batch/seq/past") as i64;
+                let p = SendPtr(args.as_ptr(), dims.as_ptr());
+                if l.parallel && threads > 1 && items > 1 {
+                    let chunks = (threads as i64).min(items);
+                    (0..chunks).into_par_iter().for_each(|c| {
                         let (lo, hi) = (items * c / chunks, items * (c + 1) / chunks);
-                        sc.spawn(move |_| {
-                            let p = p;
-                            // SAFETY: each chunk computes disjoint work items of a kernel generated for
-                            // exactly these buffers and dims.
-                            unsafe { kernel(p.0, p.1, lo, hi) }
-                        });
-                    }
-                });
-            } else {
-                // SAFETY: as above, one chunk.
-                unsafe { kernel(p.0, p.1, 0, items) }
+                        let p = p;
+                        // SAFETY: each chunk computes disjoint work items of a kernel generated for
+                        // exactly these buffers and dims.
+                        unsafe { kernel(p.0, p.1, lo, hi) }
+                    });
+                } else {
+                    // SAFETY: as above, one chunk.
+                    unsafe { kernel(p.0, p.1, 0, items) }
+                }
             }
-        }
+        });
         self.past += s;
         let (_, lb) = program
             .outputs
