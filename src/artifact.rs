@@ -49,7 +49,7 @@ pub fn cache_key(source_hash: &str, opts: &CompileOptions) -> String {
 
 /// Compiles `model` into `out` (created or replaced) and writes its tokenizer beside the code.
 pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, out: &Path) -> Result<Manifest> {
-    let graph = model.graph()?;
+    let graph = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
     let manifest = kiln_codegen::compile_to_dir(
         &graph,
         &model.weights,

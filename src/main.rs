@@ -59,6 +59,9 @@ struct CompileArgs {
     /// Print a compiler stage instead of (or besides, with -o) writing the artifact.
     #[arg(long, value_enum)]
     emit: Option<CompileEmit>,
+    /// Compute logits for every prompt position (for evaluation), not only the last.
+    #[arg(long)]
+    all_logits: bool,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
@@ -231,10 +234,10 @@ fn inspect(model: Option<PathBuf>, json: bool, tensors: bool) -> Result<()> {
 fn compile(a: CompileArgs) -> Result<()> {
     let path = model_path(a.model.clone())?;
     let TargetKind::Cpu = a.target;
-    let opts = CompileOptions { opt_level: a.opt_level };
+    let opts = CompileOptions { opt_level: a.opt_level, all_logits: a.all_logits };
     let m = load(&path)?;
     if let Some(stage) = a.emit {
-        let graph = m.graph()?;
+        let graph = m.graph_with(kiln::frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
             CompileEmit::Program => {
@@ -294,7 +297,7 @@ struct Loaded {
 
 fn run(a: RunArgs) -> Result<()> {
     let path = model_path(a.model.clone())?;
-    let opts = CompileOptions { opt_level: 3 };
+    let opts = CompileOptions::default();
     let is_artifact = kiln::artifact::is_artifact(&path);
     if a.emit.is_some() && is_artifact {
         bail!("--emit needs a model, not an artifact");

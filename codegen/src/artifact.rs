@@ -18,11 +18,13 @@ use std::time::Instant;
 pub struct CompileOptions {
     /// LLVM optimisation level, 0-3.
     pub opt_level: u8,
+    /// Return logits for every position (evaluation) instead of the last one only (generation).
+    pub all_logits: bool,
 }
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { opt_level: 3 }
+        CompileOptions { opt_level: 3, all_logits: false }
     }
 }
 

@@ -19,7 +19,11 @@ use serde::{Deserialize, Serialize};
 pub enum KernelSpec {
     /// `group` linears sharing one input x (e.g. Q, K and V): bufs [x, w0, y0, w1, y1, …];
     /// dims [m, n0, n1, …]; items: n0 + n1 + … output rows, split over threads as one range.
-    Linear { dtype: DType, k: usize, group: usize },
+    Linear {
+        dtype: DType,
+        k: usize,
+        group: usize,
+    },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -321,6 +325,22 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let out = cx.temp(i);
                 let items = vec![seq.clone(), Dim::from(hq)];
                 cx.launch(i, KernelSpec::Op(spec), vec![q, k, v, out], vec![vec![seq], vec![past]], items, true);
+                out
+            }
+            Op::Slice { axis, start, end: _ } => {
+                // Rows of a [batch, rows, …] tensor: with batch = 1 at run time, a contiguous copy.
+                let x = cx.operand(i, 0);
+                let xt = g.ty(n.inputs[0]);
+                let ax = kiln_ir::op::norm_axis(*axis, xt.rank()).map_err(|e| cx.unsupported(i, e))?;
+                let outer_ok = xt.shape[..ax].iter().all(|d| d.as_sym() == Some("batch") || d.as_fixed() == Some(1));
+                let row: Option<usize> = xt.shape[ax + 1..].iter().map(fixed).try_fold(1usize, |a, d| Some(a * d?));
+                let (Some(row), true) = (row, outer_ok) else {
+                    return Err(cx.unsupported(i, "only row slices of [batch, rows, …] tensors"));
+                };
+                let out = cx.temp(i);
+                let rows = vec![ty.shape[ax].clone()];
+                let spec = KernelSpec::Op(OpKernel::SliceRows { row });
+                cx.launch(i, spec, vec![x, out], vec![vec![start.clone()]], rows, false);
                 out
             }
             Op::SwiGlu => {

@@ -9,7 +9,7 @@
 //! - outputs `logits: f32[batch, seq, vocab]` and the grown caches `k_cache.L` / `v_cache.L:
 //!   f32[batch, past+seq, n_kv_heads, head_dim]`, which the caller feeds back on the next step.
 
-use kiln_ir::{shape, DType, Graph, GraphError, Op, RopeMode, TensorType, ValueId, WeightStore};
+use kiln_ir::{shape, DType, Dim, Graph, GraphError, Op, RopeMode, TensorType, ValueId, WeightStore};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,9 +183,22 @@ impl Builder<'_> {
     }
 }
 
+/// Choices in how the decoder graph is built.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphOptions {
+    /// Compute logits for the last position only (`logits: f32[batch, 1, vocab]`): what generation
+    /// needs, and it skips the LM head for every other prompt position. Evaluation needs all positions.
+    pub last_logits_only: bool,
+}
+
 /// Builds the decoder graph for `cfg` over the weights in `weights` (types and shapes are read from the
 /// store; missing weights are an error naming them).
-pub fn build_graph(name: &str, cfg: &LlamaConfig, weights: &WeightStore) -> Result<Graph, GraphError> {
+pub fn build_graph(
+    name: &str,
+    cfg: &LlamaConfig,
+    weights: &WeightStore,
+    opts: GraphOptions,
+) -> Result<Graph, GraphError> {
     let mut b = Builder { g: Graph::new(name), weights };
     let (nh, nkv, hd) = (cfg.n_heads as i64, cfg.n_kv_heads as i64, cfg.head_dim as i64);
     let tokens = b.g.input("tokens", TensorType::new(DType::I32, shape!["batch", "seq"]))?;
@@ -238,6 +251,9 @@ pub fn build_graph(name: &str, cfg: &LlamaConfig, weights: &WeightStore) -> Resu
         let act = b.op(Op::SwiGlu, &[gate, up])?;
         let down = b.op(Op::Linear, &[act, wd])?;
         x = b.op(Op::Add, &[x, down])?;
+    }
+    if opts.last_logits_only {
+        x = b.op(Op::Slice { axis: 1, start: Dim::parse("seq-1").expect("dim"), end: Dim::sym("seq") }, &[x])?;
     }
     let norm_w = b.f32_weight("output_norm.weight")?;
     let x = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[x, norm_w])?;

@@ -42,7 +42,12 @@ impl Model {
 
     /// The decoder graph over this model's weights.
     pub fn graph(&self) -> Result<Graph> {
-        llama::build_graph(&self.name, &self.config, &self.weights)
+        self.graph_with(llama::GraphOptions::default())
+    }
+
+    /// The decoder graph built with `opts`.
+    pub fn graph_with(&self, opts: llama::GraphOptions) -> Result<Graph> {
+        llama::build_graph(&self.name, &self.config, &self.weights, opts)
             .map_err(|source| FrontendError::Graph { path: self.source.clone(), source })
     }
 

@@ -141,7 +141,7 @@ impl<'w> Interpreter<'w> {
                 }
                 _ => {
                     let args: Vec<&Tensor> = n.inputs.iter().map(|v| vals[v.index()].as_deref().unwrap()).collect();
-                    Arc::new(eval(&n.op, &args).map_err(oerr)?)
+                    Arc::new(eval(&n.op, &args, &env).map_err(oerr)?)
                 }
             };
             let want = n.ty.concrete(&env).ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
@@ -308,7 +308,7 @@ fn softmax_in_place(row: &mut [f64]) {
 }
 
 /// Evaluates one (non-source) op on concrete operands.
-pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
+pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
     match op {
         Op::Input { .. } | Op::Weight { .. } => Err("source ops are evaluated by the interpreter".into()),
         Op::Constant { value } => Ok(Tensor::f32(vec![], vec![*value])),
@@ -540,10 +540,11 @@ pub fn eval(op: &Op, args: &[&Tensor]) -> Result<Tensor, String> {
             let t = args[0];
             let ax = norm_axis(*axis, t.shape.len())?;
             let (outer, len, inner) = around(&t.shape, ax);
-            let (s, e) = (*start as usize, *end as usize);
-            if e > len {
-                return Err(format!("slice {s}..{e} past dimension {len}"));
-            }
+            let bound = |d: &crate::shape::Dim| d.eval(env).and_then(|v| usize::try_from(v).ok());
+            let (s, e) = match (bound(start), bound(end)) {
+                (Some(s), Some(e)) if s <= e && e <= len => (s, e),
+                _ => return Err(format!("slice {start}..{end} is outside dimension {len}")),
+            };
             let mut shape = t.shape.clone();
             shape[ax] = e - s;
             fn cut<T: Copy>(x: &[T], outer: usize, len: usize, inner: usize, s: usize, e: usize) -> Vec<T> {

@@ -238,8 +238,8 @@ ops! {
     Reshape { shape: Vec<Dim> } = "reshape" / 1;
     Transpose { perm: Vec<i64> } = "transpose" / 1;
     Concat { axis: i64 } = "concat" / 2;
-    /// Elements `start..end` along `axis`.
-    Slice { axis: i64, start: i64, end: i64 } = "slice" / 1;
+    /// Elements `start..end` along `axis`; the bounds may be symbolic (`seq-1`).
+    Slice { axis: i64, start: Dim, end: Dim } = "slice" / 1;
     Cast { dtype: DType } = "cast" / 1;
 }
 
@@ -465,16 +465,21 @@ impl Op {
             Op::Slice { axis, start, end } => {
                 let x = ins[0];
                 let ax = norm_axis(*axis, x.rank())?;
-                if *start < 0 || end < start {
-                    return Err(format!("slice {start}..{end} is empty or negative"));
-                }
-                if let Some(n) = x.shape[ax].as_fixed() {
-                    if *end > n {
-                        return Err(format!("slice {start}..{end} past dimension {n}"));
+                let len = end.sub(start);
+                if let (Some(s), Some(e)) = (start.as_fixed(), end.as_fixed()) {
+                    if s < 0 || e < s {
+                        return Err(format!("slice {start}..{end} is negative or reversed"));
                     }
+                    if let Some(n) = x.shape[ax].as_fixed() {
+                        if e > n {
+                            return Err(format!("slice {start}..{end} past dimension {n}"));
+                        }
+                    }
+                } else if len.as_fixed().is_none_or(|l| l < 0) {
+                    return Err(format!("slice {start}..{end} must have a constant, non-negative length"));
                 }
                 let mut shape = x.shape.clone();
-                shape[ax] = Dim::fixed(end - start);
+                shape[ax] = len;
                 Ok(TensorType::new(x.dtype, shape))
             }
             Op::Cast { dtype } => {

@@ -285,6 +285,7 @@ impl Backend for CompiledBackend {
             .find(|(n, _)| n == "logits")
             .ok_or(RuntimeError::Interface("logits".into(), "output"))?;
         let Storage::Floats(v) = &self.storage[*lb] else { unreachable!("logits are a temp") };
-        Ok(Logits { rows: s, vocab, data: v.clone() })
+        // Artifacts compiled for generation return the last position only.
+        Ok(Logits { rows: v.len() / vocab, vocab, data: v.clone() })
     }
 }

@@ -224,6 +224,18 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         self.intrinsic_f32("llvm.fma", &[a, b, c])
     }
 
+    /// `a * b + c` for a reduction: marked reassociable so LLVM may vectorize the sum (the order of a
+    /// kernel's additions is then fixed by the generated code, not by the thread count).
+    pub fn fma_reduce(&self, a: FloatValue<'ctx>, b: FloatValue<'ctx>, c: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        use inkwell::values::{BasicValue, FastMathFlags};
+        let v = self.fma(a, b, c)?;
+        if let Some(inst) = v.as_instruction_value() {
+            inst.set_fast_math_flags(FastMathFlags::AllowReassoc | FastMathFlags::AllowContract)
+                .map_err(|e| CodegenError::Llvm(format!("fast-math flags: {e:?}")))?;
+        }
+        Ok(v)
+    }
+
     pub fn finish(self) -> R<FunctionValue<'ctx>> {
         self.b.build_return(None)?;
         if !self.func.verify(false) {

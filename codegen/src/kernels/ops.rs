@@ -19,6 +19,8 @@ pub enum OpKernel {
     Rope { heads: usize, head_dim: usize, n_rot: usize, theta: f32, neox: bool },
     /// bufs [src, cache]; dims [past]; items: rows of `row` floats, written at rows `past..`.
     AppendKv { row: usize },
+    /// bufs [src, dst]; dims [start]; items: rows of `row` floats; dst[r] = src[start + r].
+    SliceRows { row: usize },
     /// bufs [q, k_cache, v_cache, out]; dims [seq, past]; items: `seq * q_heads` (query, head) pairs.
     Attention { q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
     /// bufs [a, b, y]; items: elements; y = a + b.
@@ -40,6 +42,7 @@ impl OpKernel {
                 f(*theta)
             ),
             OpKernel::AppendKv { row } => format!("kiln_append_kv_{row}"),
+            OpKernel::SliceRows { row } => format!("kiln_slice_rows_{row}"),
             OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
                 format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}", f(*scale))
             }
@@ -60,7 +63,7 @@ impl OpKernel {
                     let ss = e.var_f32(0.0)?;
                     e.for_range(e.i64c(0), dc, |j| {
                         let v = e.load_f32(x, e.add(base, j)?)?;
-                        e.set(ss, e.fma(v, v, e.get(ss)?)?)
+                        e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
                     })?;
                     let mean = e.fdiv(e.get(ss)?, e.f32c(d as f32))?;
                     let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
@@ -125,6 +128,16 @@ impl OpKernel {
                     e.for_range(e.i64c(0), rc, |j| e.store_f32(cache, e.add(to, j)?, e.load_f32(src, e.add(from, j)?)?))
                 })?;
             }
+            OpKernel::SliceRows { row } => {
+                let (src, dst) = (e.buf(0)?, e.buf(1)?);
+                let start = e.dim(0)?;
+                let rc = e.i64c(row as i64);
+                e.for_range(e.begin, e.end, |r| {
+                    let from = e.mul(e.add(start, r)?, rc)?;
+                    let to = e.mul(r, rc)?;
+                    e.for_range(e.i64c(0), rc, |j| e.store_f32(dst, e.add(to, j)?, e.load_f32(src, e.add(from, j)?)?))
+                })?;
+            }
             OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
                 if kv_heads == 0 || q_heads % kv_heads != 0 {
                     return Err(CodegenError::Llvm(format!("attention {q_heads} heads over {kv_heads} kv heads")));
@@ -149,7 +162,7 @@ impl OpKernel {
                         e.for_range(e.i64c(0), hd, |c| {
                             let qv = e.load_f32(q, e.add(qbase, c)?)?;
                             let kv = e.load_f32(kc, e.add(kbase, c)?)?;
-                            e.set(s, e.fma(qv, kv, e.get(s)?)?)
+                            e.set(s, e.fma_reduce(qv, kv, e.get(s)?)?)
                         })?;
                         // Online softmax: rescale what was accumulated when the running max grows.
                         let score = e.fmul(e.get(s)?, e.f32c(scale))?;
