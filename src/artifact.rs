@@ -108,24 +108,26 @@ pub fn is_artifact(path: &Path) -> bool {
     path.join("manifest.json").is_file()
 }
 
-/// The cached artifact for `model_path` with `opts`, compiling it first if it is not cached.
-/// Returns the directory and whether it was compiled now.
-pub fn cached_artifact(
-    model_path: &Path,
-    opts: &CompileOptions,
-    load: impl FnOnce() -> Result<Model>,
-) -> Result<(PathBuf, bool)> {
+/// The cached artifact for `model` (loaded from `model_path`) with `opts`, compiling it first if it is
+/// not cached. Returns the directory and whether it was compiled now.
+pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) -> Result<(PathBuf, bool)> {
     let hash = source_hash(model_path)?;
     let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, opts));
-    if is_artifact(&dir) && kiln_runtime::compiled::load_manifest(&dir).is_ok() {
+    // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
+    if is_artifact(&dir) {
         return Ok((dir, false));
     }
-    let model = load()?;
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_model(&model, &hash, opts, &tmp)?;
+    compile_model(model, &hash, opts, &tmp)?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).with_context(|| format!("moving artifact into {}", dir.display()))?;
     Ok((dir, true))
+}
+
+/// Removes a cache entry that failed to load (corrupted, or made by an incompatible Kiln), so the next
+/// `cached_artifact` compiles it afresh.
+pub fn evict(dir: &Path) -> Result<()> {
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
 }

@@ -290,7 +290,7 @@ fn compile(a: CompileArgs) -> Result<()> {
 /// A loaded model or artifact, ready to make a backend.
 struct Loaded {
     model: Option<Model>,
-    artifact: Option<PathBuf>,
+    compiled: Option<kiln::runtime::CompiledBackend>,
     tokenizer: Option<kiln::frontend::tokenizer::Tokenizer>,
     name: String,
 }
@@ -306,12 +306,12 @@ fn run(a: RunArgs) -> Result<()> {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
-        let manifest = kiln::runtime::compiled::load_manifest(&path)?;
+        let compiled = kiln::runtime::CompiledBackend::load(&path, a.threads, None)?;
         Loaded {
             model: None,
             tokenizer: kiln::artifact::artifact_tokenizer(&path)?,
-            artifact: Some(path.clone()),
-            name: manifest.model_name,
+            name: compiled.manifest().model_name.clone(),
+            compiled: Some(compiled),
         }
     } else {
         let mut m = load(&path)?;
@@ -326,27 +326,34 @@ fn run(a: RunArgs) -> Result<()> {
             }
             None => {}
         }
-        let artifact = if a.backend == BackendKind::Compiled {
+        let compiled = if a.backend == BackendKind::Compiled {
             let t = std::time::Instant::now();
-            let (dir, fresh) = kiln::artifact::cached_artifact(&path, &opts, || Ok(load(&path)?))?;
+            let (dir, fresh) = kiln::artifact::cached_artifact(&path, &opts, &m)?;
+            let backend = match kiln::runtime::CompiledBackend::load(&dir, a.threads, None) {
+                Err(e) if !fresh => {
+                    // A damaged or incompatible cache entry: compile it again, once.
+                    eprintln!("[cached artifact unusable ({e}); recompiling]");
+                    kiln::artifact::evict(&dir)?;
+                    let (dir, _) = kiln::artifact::cached_artifact(&path, &opts, &m)?;
+                    kiln::runtime::CompiledBackend::load(&dir, a.threads, None)?
+                }
+                other => other?,
+            };
             if fresh {
                 eprintln!("[compiled {} in {:.1}s → {}]", m.name, t.elapsed().as_secs_f64(), dir.display());
             }
-            Some(dir)
+            Some(backend)
         } else {
             None
         };
         let name = m.name.clone();
         let tokenizer = m.tokenizer.take();
-        Loaded { model: Some(m), tokenizer, artifact, name }
+        Loaded { model: Some(m), tokenizer, compiled, name }
     };
-    let mut compiled;
+    let mut loaded = loaded;
     let mut interp;
-    let backend: &mut dyn Backend = match (&loaded.artifact, &loaded.model) {
-        (Some(dir), _) => {
-            compiled = kiln::runtime::CompiledBackend::load(dir, a.threads, None)?;
-            &mut compiled
-        }
+    let backend: &mut dyn Backend = match (&mut loaded.compiled, &loaded.model) {
+        (Some(compiled), _) => compiled,
         (None, Some(m)) => {
             interp = InterpreterBackend::new(m.graph()?, &m.weights, m.config.context_length)?;
             prepare_weights(&interp)?;

@@ -1,9 +1,8 @@
-//! Code generation: turning IR graphs into native code for a [`Target`].
+//! Code generation: turning IR graphs into native code.
 //!
-//! The shape: a small `Target` trait (what a target is called, which ops it can lower) with the host
-//! CPU and CUDA behind it. Lowering through MLIR/LLVM lands with the CPU codegen work; until then every
-//! op is reported as unsupported, so `compile` fails up front naming the first op, and the runtime keeps
-//! using the interpreter. Nothing here pretends to generate code.
+//! `lower` maps a graph to a kernel program, `kernels` generates each kernel as LLVM IR, `llvm` optimises
+//! and emits code for the host, `artifact` writes the artifact directory the runtime loads. The small
+//! [`Target`] trait says which ops a target can lower; [`check_supported`] names the first one it cannot.
 
 use kiln_ir::{DType, Graph, Op};
 
@@ -70,8 +69,24 @@ impl Target for CpuTarget {
     fn name(&self) -> String {
         format!("{}-cpu", self.arch)
     }
-    fn supports(&self, _op: &Op) -> bool {
-        false
+    fn supports(&self, op: &Op) -> bool {
+        // The ops `lower` has a CPU lowering for (each with the patterns it accepts, checked there).
+        matches!(
+            op,
+            Op::Input { .. }
+                | Op::Weight { .. }
+                | Op::Embedding
+                | Op::Linear
+                | Op::Add
+                | Op::RmsNorm { .. }
+                | Op::Rope { .. }
+                | Op::Concat { .. }
+                | Op::Attention { .. }
+                | Op::SwiGlu
+                | Op::Reshape { .. }
+                | Op::Slice { .. }
+                | Op::Cast { .. }
+        )
     }
 }
 

@@ -107,6 +107,16 @@ struct SendPtr(*const *mut u8, *const i64);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Calls `kernel` on work items `lo..hi` (a method, so closures capture the whole `SendPtr`).
+    ///
+    /// # Safety
+    /// The pointers must be the launch's live argument arrays and `lo..hi` within its work items.
+    unsafe fn call(self, kernel: KernelFn, lo: i64, hi: i64) {
+        kernel(self.0, self.1, lo, hi)
+    }
+}
+
 /// The step's buffer addresses, shared with the pool for the duration of one step.
 struct SendPtrs(Vec<*mut u8>);
 unsafe impl Send for SendPtrs {}
@@ -267,14 +277,13 @@ impl Backend for CompiledBackend {
                     let chunks = (threads as i64).min(items);
                     (0..chunks).into_par_iter().for_each(|c| {
                         let (lo, hi) = (items * c / chunks, items * (c + 1) / chunks);
-                        let p = p;
                         // SAFETY: each chunk computes disjoint work items of a kernel generated for
                         // exactly these buffers and dims.
-                        unsafe { kernel(p.0, p.1, lo, hi) }
+                        unsafe { p.call(kernel, lo, hi) }
                     });
                 } else {
                     // SAFETY: as above, one chunk.
-                    unsafe { kernel(p.0, p.1, 0, items) }
+                    unsafe { p.call(kernel, 0, items) }
                 }
             }
         });
