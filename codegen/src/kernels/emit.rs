@@ -236,6 +236,67 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         Ok(v)
     }
 
+    /// `<8 x float>` at `base[idx..idx + 8]` (4-byte aligned).
+    pub fn load_v8(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<inkwell::values::VectorValue<'ctx>> {
+        use inkwell::values::BasicValue;
+        let p = self.gep(self.f32t().into(), base, idx)?;
+        let v = self.b.build_load(self.f32t().vec_type(8), p, "v8")?;
+        v.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(format!("{e:?}")))?;
+        Ok(v.into_vector_value())
+    }
+
+    pub fn store_v8(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+        v: inkwell::values::VectorValue<'ctx>,
+    ) -> R<()> {
+        let p = self.gep(self.f32t().into(), base, idx)?;
+        self.b.build_store(p, v)?.set_alignment(4).map_err(|e| CodegenError::Llvm(format!("{e:?}")))?;
+        Ok(())
+    }
+
+    pub fn splat_v8(&self, x: FloatValue<'ctx>) -> R<inkwell::values::VectorValue<'ctx>> {
+        let undef = self.f32t().vec_type(8).get_undef();
+        let v = self.b.build_insert_element(undef, x, self.i64c(0), "ins")?;
+        let zeros = self.ctx.i32_type().vec_type(8).const_zero();
+        Ok(self.b.build_shuffle_vector(v, undef, zeros, "splat")?)
+    }
+
+    /// `a * b + c` on `<8 x float>` (`llvm.fmuladd`: an FMA where the CPU has one).
+    pub fn fma_v8(
+        &self,
+        a: inkwell::values::VectorValue<'ctx>,
+        b: inkwell::values::VectorValue<'ctx>,
+        c: inkwell::values::VectorValue<'ctx>,
+    ) -> R<inkwell::values::VectorValue<'ctx>> {
+        let vt = self.f32t().vec_type(8);
+        let intr = Intrinsic::find("llvm.fmuladd").ok_or_else(|| CodegenError::Llvm("no llvm.fmuladd".into()))?;
+        let decl = intr
+            .get_declaration(self.module, &[vt.into()])
+            .ok_or_else(|| CodegenError::Llvm("cannot declare llvm.fmuladd.v8f32".into()))?;
+        let v = self.b.build_call(decl, &[a.into(), b.into(), c.into()], "fma8")?;
+        Ok(v.try_as_basic_value().basic().unwrap().into_vector_value())
+    }
+
+    /// Sum of the lanes (reassociated: a tree, fixed by the generated code).
+    pub fn reduce_v8(&self, v: inkwell::values::VectorValue<'ctx>) -> R<FloatValue<'ctx>> {
+        use inkwell::values::{BasicValue, FastMathFlags};
+        let vt = self.f32t().vec_type(8);
+        let intr = Intrinsic::find("llvm.vector.reduce.fadd")
+            .ok_or_else(|| CodegenError::Llvm("no llvm.vector.reduce.fadd".into()))?;
+        let decl = intr
+            .get_declaration(self.module, &[vt.into()])
+            .ok_or_else(|| CodegenError::Llvm("cannot declare llvm.vector.reduce.fadd.v8f32".into()))?;
+        let r = self.b.build_call(decl, &[self.f32c(0.0).into(), v.into()], "sum")?;
+        let r = r.try_as_basic_value().basic().unwrap();
+        if let Some(inst) = r.as_instruction_value() {
+            inst.set_fast_math_flags(FastMathFlags::AllowReassoc)
+                .map_err(|e| CodegenError::Llvm(format!("fast-math flags: {e:?}")))?;
+        }
+        Ok(r.into_float_value())
+    }
+
     pub fn finish(self) -> R<FunctionValue<'ctx>> {
         self.b.build_return(None)?;
         if !self.func.verify(false) {

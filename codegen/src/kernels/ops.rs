@@ -146,6 +146,7 @@ impl OpKernel {
                 let past = e.dim(1)?;
                 let hd = e.i64c(head_dim as i64);
                 let acc = e.array_f32(head_dim as u32)?;
+                let vec8 = head_dim % 8 == 0;
                 let (m, l) = (e.var_f32(0.0)?, e.var_f32(0.0)?);
                 e.for_range(e.begin, e.end, |it| {
                     let i = e.div(it, e.i64c(q_heads as i64))?;
@@ -158,24 +159,46 @@ impl OpKernel {
                     e.for_range(e.i64c(0), hd, |c| e.store_f32(acc, c, e.f32c(0.0)))?;
                     e.for_range(e.i64c(0), visible, |j| {
                         let kbase = e.mul(e.add(e.mul(j, e.i64c(kv_heads as i64))?, kh)?, hd)?;
-                        let s = e.var_f32(0.0)?;
-                        e.for_range(e.i64c(0), hd, |c| {
-                            let qv = e.load_f32(q, e.add(qbase, c)?)?;
-                            let kv = e.load_f32(kc, e.add(kbase, c)?)?;
-                            e.set(s, e.fma_reduce(qv, kv, e.get(s)?)?)
-                        })?;
+                        // q·k: 8 lanes at a time when the head dim allows, else a scalar loop.
+                        let dot = if vec8 {
+                            let mut acc8 = e.f32t().vec_type(8).const_zero();
+                            for c in (0..head_dim as i64).step_by(8) {
+                                let qv = e.load_v8(q, e.add(qbase, e.i64c(c))?)?;
+                                let kv = e.load_v8(kc, e.add(kbase, e.i64c(c))?)?;
+                                acc8 = e.fma_v8(qv, kv, acc8)?;
+                            }
+                            e.reduce_v8(acc8)?
+                        } else {
+                            let s = e.var_f32(0.0)?;
+                            e.for_range(e.i64c(0), hd, |c| {
+                                let qv = e.load_f32(q, e.add(qbase, c)?)?;
+                                let kv = e.load_f32(kc, e.add(kbase, c)?)?;
+                                e.set(s, e.fma_reduce(qv, kv, e.get(s)?)?)
+                            })?;
+                            e.get(s)?
+                        };
                         // Online softmax: rescale what was accumulated when the running max grows.
-                        let score = e.fmul(e.get(s)?, e.f32c(scale))?;
+                        let score = e.fmul(dot, e.f32c(scale))?;
                         let m_old = e.get(m)?;
                         let m_new = e.fmax(m_old, score)?;
                         let corr = e.exp(e.fsub(m_old, m_new)?)?;
                         let p = e.exp(e.fsub(score, m_new)?)?;
                         e.set(l, e.fma(e.get(l)?, corr, p)?)?;
                         e.set(m, m_new)?;
-                        e.for_range(e.i64c(0), hd, |c| {
-                            let v = e.load_f32(vc, e.add(kbase, c)?)?;
-                            e.store_f32(acc, c, e.fma(v, p, e.fmul(e.load_f32(acc, c)?, corr)?)?)
-                        })
+                        if vec8 {
+                            let (pv, cv) = (e.splat_v8(p)?, e.splat_v8(corr)?);
+                            for c in (0..head_dim as i64).step_by(8) {
+                                let v = e.load_v8(vc, e.add(kbase, e.i64c(c))?)?;
+                                let a = e.b.build_float_mul(e.load_v8(acc, e.i64c(c))?, cv, "scaled")?;
+                                e.store_v8(acc, e.i64c(c), e.fma_v8(v, pv, a)?)?;
+                            }
+                            Ok(())
+                        } else {
+                            e.for_range(e.i64c(0), hd, |c| {
+                                let v = e.load_f32(vc, e.add(kbase, c)?)?;
+                                e.store_f32(acc, c, e.fma(v, p, e.fmul(e.load_f32(acc, c)?, corr)?)?)
+                            })
+                        }
                     })?;
                     let inv = e.fdiv(e.f32c(1.0), e.get(l)?)?;
                     e.for_range(e.i64c(0), hd, |c| {
