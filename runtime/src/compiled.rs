@@ -5,9 +5,9 @@
 //! kernel at its buffers, and split its work items over a thread pool built once per backend.
 
 use crate::backend::{Backend, Logits, RuntimeError};
+use crate::pool::SpinPool;
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
-use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 
 type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -117,11 +117,6 @@ impl SendPtr {
     }
 }
 
-/// The step's buffer addresses, shared with the pool for the duration of one step.
-struct SendPtrs(Vec<*mut u8>);
-unsafe impl Send for SendPtrs {}
-unsafe impl Sync for SendPtrs {}
-
 enum Storage {
     Weight(usize),
     Floats(Vec<f32>),
@@ -135,7 +130,7 @@ pub struct CompiledBackend {
     storage: Vec<Storage>,
     past: usize,
     capacity: usize,
-    pool: rayon::ThreadPool,
+    pool: SpinPool,
     _lib: libloading::Library,
 }
 
@@ -179,11 +174,8 @@ impl CompiledBackend {
                 return Err(invalid(dir, format!("buffer {i} has unsupported dtype {}", b.dtype)));
             }
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("kiln-worker-{i}"))
-            .build()
-            .map_err(|e| invalid(dir, format!("thread pool: {e}")))?;
+        let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
+        let pool = SpinPool::new(threads).map_err(|e| invalid(dir, format!("starting worker threads: {e}")))?;
         Ok(CompiledBackend { manifest, weights, kernels, storage, past: 0, capacity, pool, _lib: lib })
     }
 
@@ -192,7 +184,7 @@ impl CompiledBackend {
     }
 
     pub fn threads(&self) -> usize {
-        self.pool.current_num_threads()
+        self.pool.threads()
     }
 }
 
@@ -257,36 +249,32 @@ impl Backend for CompiledBackend {
                 Storage::Ints(v) => v.as_mut_ptr() as *mut u8,
             })
             .collect();
-        let threads = self.pool.current_num_threads();
-        let kernels = &self.kernels;
-        let ptrs = SendPtrs(ptrs);
-        // The whole step runs inside the pool: the calling thread is a worker too, and workers spinning
-        // between launches pick up the next split without a sleep/wake round trip.
-        self.pool.install(|| {
-            let ptrs = &ptrs;
-            let mut args: Vec<*mut u8> = Vec::with_capacity(8);
-            let mut dims: Vec<i64> = Vec::with_capacity(4);
-            for (l, &kernel) in program.launches.iter().zip(kernels) {
-                args.clear();
-                args.extend(l.bufs.iter().map(|&b| ptrs.0[b]));
-                dims.clear();
-                dims.extend(l.dims.iter().map(|d| Program::eval(d, &env).expect("dims use batch/seq/past") as i64));
-                let items = Program::eval(&l.items, &env).expect("items use batch/seq/past") as i64;
-                let p = SendPtr(args.as_ptr(), dims.as_ptr());
-                if l.parallel && threads > 1 && items > 1 {
-                    let chunks = (threads as i64).min(items);
-                    (0..chunks).into_par_iter().for_each(|c| {
+        let threads = self.pool.threads();
+        let mut args: Vec<*mut u8> = Vec::with_capacity(8);
+        let mut dims: Vec<i64> = Vec::with_capacity(4);
+        for (l, &kernel) in program.launches.iter().zip(&self.kernels) {
+            args.clear();
+            args.extend(l.bufs.iter().map(|&b| ptrs[b]));
+            dims.clear();
+            dims.extend(l.dims.iter().map(|d| Program::eval(d, &env).expect("dims use batch/seq/past") as i64));
+            let items = Program::eval(&l.items, &env).expect("items use batch/seq/past") as i64;
+            let p = SendPtr(args.as_ptr(), dims.as_ptr());
+            if l.parallel && threads > 1 && items > 1 {
+                let chunks = (threads as i64).min(items);
+                self.pool.run(&|c| {
+                    let c = c as i64;
+                    if c < chunks {
                         let (lo, hi) = (items * c / chunks, items * (c + 1) / chunks);
                         // SAFETY: each chunk computes disjoint work items of a kernel generated for
                         // exactly these buffers and dims.
                         unsafe { p.call(kernel, lo, hi) }
-                    });
-                } else {
-                    // SAFETY: as above, one chunk.
-                    unsafe { p.call(kernel, 0, items) }
-                }
+                    }
+                });
+            } else {
+                // SAFETY: as above, one chunk.
+                unsafe { p.call(kernel, 0, items) }
             }
-        });
+        }
         self.past += s;
         let (_, lb) = program
             .outputs

@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod compiled;
 pub mod generate;
+pub mod pool;
 pub mod sample;
 
 pub use backend::{Backend, InterpreterBackend, Logits, RuntimeError};
