@@ -7,7 +7,7 @@ use crate::lower::{lower, KernelSpec, Lowered};
 use crate::{kernels, llvm, CodegenError};
 use inkwell::context::Context;
 use inkwell::module::Module;
-use kiln_ir::program::{BufferKind, Manifest, TargetInfo, ARTIFACT_FORMAT_VERSION};
+use kiln_ir::program::{BufferKind, Manifest, TargetInfo, ARTIFACT_FORMAT_VERSION, CHECKED_CPU_FEATURES};
 use kiln_ir::{Graph, WeightStore};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
@@ -36,22 +36,6 @@ pub struct ArtifactInfo {
     pub vocab_size: usize,
 }
 
-/// Features whose absence on a host makes code compiled with them unsafe to run; the runtime checks them.
-const CHECKED_FEATURES: &[&str] = &[
-    "sse4.2",
-    "avx",
-    "avx2",
-    "fma",
-    "f16c",
-    "bmi2",
-    "avx512f",
-    "avx512bw",
-    "avx512vl",
-    "avx512dq",
-    "avx512vnni",
-    "avxvnni",
-];
-
 /// The host target as recorded in manifests.
 pub fn host_target_info() -> TargetInfo {
     let triple = inkwell::targets::TargetMachine::get_default_triple().as_str().to_string_lossy().into_owned();
@@ -60,7 +44,7 @@ pub fn host_target_info() -> TargetInfo {
     let features = features
         .split(',')
         .filter_map(|f| f.strip_prefix('+'))
-        .filter(|f| CHECKED_FEATURES.contains(f))
+        .filter(|f| CHECKED_CPU_FEATURES.contains(f))
         .map(str::to_string)
         .collect();
     TargetInfo { triple, cpu, features }

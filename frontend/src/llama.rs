@@ -121,23 +121,16 @@ impl LlamaConfig {
 /// "normal" RoPE), restoring the Hugging Face row order for which RoPE is "neox". Rows are whole
 /// (quantized) byte runs, so this works for every dtype.
 pub fn unpermute_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize) -> Vec<u8> {
-    let row = bytes.len() / n_rows;
-    let hd = n_rows / n_heads;
-    let mut out = vec![0u8; bytes.len()];
-    for h in 0..n_heads {
-        for half in 0..2 {
-            for i in 0..hd / 2 {
-                let hf = h * hd + half * hd / 2 + i;
-                let gg = h * hd + 2 * i + half;
-                out[hf * row..(hf + 1) * row].copy_from_slice(&bytes[gg * row..(gg + 1) * row]);
-            }
-        }
-    }
-    out
+    move_qk_rows(bytes, n_rows, n_heads, false)
 }
 
 /// The inverse of [`unpermute_qk_rows`], as llama.cpp's converter applies it (used by our GGUF writer).
 pub fn permute_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize) -> Vec<u8> {
+    move_qk_rows(bytes, n_rows, n_heads, true)
+}
+
+/// Within each head, HF row `half * hd/2 + i` is GGUF row `2i + half`; copies rows one way or the other.
+fn move_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize, to_gguf: bool) -> Vec<u8> {
     let row = bytes.len() / n_rows;
     let hd = n_rows / n_heads;
     let mut out = vec![0u8; bytes.len()];
@@ -146,7 +139,8 @@ pub fn permute_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize) -> Vec<u8> {
             for i in 0..hd / 2 {
                 let hf = h * hd + half * hd / 2 + i;
                 let gg = h * hd + 2 * i + half;
-                out[gg * row..(gg + 1) * row].copy_from_slice(&bytes[hf * row..(hf + 1) * row]);
+                let (dst, src) = if to_gguf { (gg, hf) } else { (hf, gg) };
+                out[dst * row..(dst + 1) * row].copy_from_slice(&bytes[src * row..(src + 1) * row]);
             }
         }
     }

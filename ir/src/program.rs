@@ -96,6 +96,23 @@ pub struct Manifest {
 
 pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
 
+/// LLVM feature names whose absence on a host makes code compiled with them unsafe to run: codegen
+/// records those it compiled with, the runtime refuses hosts lacking one.
+pub const CHECKED_CPU_FEATURES: &[&str] = &[
+    "sse4.2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "bmi2",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512dq",
+    "avx512vnni",
+    "avxvnni",
+];
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetInfo {
     pub triple: String,

@@ -28,7 +28,8 @@ fn invalid(path: &Path, msg: impl Into<String>) -> ArtifactError {
     ArtifactError::Invalid { path: path.to_path_buf(), msg: msg.into() }
 }
 
-/// Whether this CPU has an LLVM-named feature; `None` for features the runtime does not know.
+/// Whether this CPU has an LLVM-named feature; `None` for features the runtime does not know. The
+/// names are `kiln_ir::program::CHECKED_CPU_FEATURES` (`is_x86_feature_detected!` needs literals).
 fn host_has(feature: &str) -> Option<bool> {
     #[cfg(target_arch = "x86_64")]
     {
@@ -284,5 +285,16 @@ impl Backend for CompiledBackend {
         let Storage::Floats(v) = &self.storage[*lb] else { unreachable!("logits are a temp") };
         // Artifacts compiled for generation return the last position only.
         Ok(Logits { rows: v.len() / vocab, vocab, data: v.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn knows_every_feature_codegen_records() {
+        for f in kiln_ir::program::CHECKED_CPU_FEATURES {
+            assert!(super::host_has(f).is_some(), "runtime cannot check `{f}`");
+        }
     }
 }
