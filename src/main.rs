@@ -79,6 +79,8 @@ enum CompileEmit {
     Ir,
     /// The lowered program: buffers and kernel launches (JSON).
     Program,
+    /// The MLIR of the fused elementwise kernels (linalg on memrefs), before lowering to LLVM.
+    Mlir,
     /// The generated LLVM IR, optimised.
     Llvm,
     /// The generated machine code, as assembly.
@@ -244,11 +246,13 @@ fn compile(a: CompileArgs) -> Result<()> {
                 let lowered = kiln::codegen::lower::lower(&graph, &m.weights)?;
                 println!("{}", serde_json::to_string_pretty(&lowered.program)?);
             }
-            CompileEmit::Llvm => {
-                print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, kiln::codegen::Stage::Llvm)?)
-            }
-            CompileEmit::Asm => {
-                print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, kiln::codegen::Stage::Asm)?)
+            CompileEmit::Mlir | CompileEmit::Llvm | CompileEmit::Asm => {
+                let stage = match stage {
+                    CompileEmit::Mlir => kiln::codegen::Stage::Mlir,
+                    CompileEmit::Llvm => kiln::codegen::Stage::Llvm,
+                    _ => kiln::codegen::Stage::Asm,
+                };
+                print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, stage)?)
             }
         }
         if a.output.is_none() {

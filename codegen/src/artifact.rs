@@ -50,8 +50,27 @@ pub fn host_target_info() -> TargetInfo {
     TargetInfo { triple, cpu, features }
 }
 
-/// Generates every kernel of `lowered` into `module`.
+/// The MLIR module holding the bodies of `lowered`'s fused kernels (empty when it has none).
+pub fn mlir_source(lowered: &Lowered) -> String {
+    let bodies: Vec<String> = lowered
+        .kernels
+        .iter()
+        .filter_map(|k| match k {
+            KernelSpec::Fused(f) => Some(f.mlir()),
+            _ => None,
+        })
+        .collect();
+    bodies.join("\n")
+}
+
+/// Generates every kernel of `lowered` into `module`: the fused kernels' MLIR is lowered and linked in
+/// first, then each kernel is emitted (or, for fused ones, wrapped) as LLVM IR.
 fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lowered) -> Result<(), CodegenError> {
+    let mlir = mlir_source(lowered);
+    if !mlir.is_empty() {
+        let m = crate::mlir::lower_to_llvm(&mlir, ctx)?;
+        module.link_in_module(m).map_err(|e| CodegenError::Llvm(format!("linking MLIR kernels: {e}")))?;
+    }
     for spec in &lowered.kernels {
         match spec {
             KernelSpec::Linear { dtype, k, group } => {
@@ -68,6 +87,9 @@ fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lower
             KernelSpec::Op(op) => {
                 op.emit(ctx, module)?;
             }
+            KernelSpec::Fused(f) => {
+                f.wrap(ctx, module)?;
+            }
         }
     }
     module.verify().map_err(|e| CodegenError::Llvm(format!("module does not verify: {e}")))?;
@@ -77,6 +99,8 @@ fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lower
 /// Stages `kiln compile --emit` can print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stage {
+    /// The MLIR of the fused kernels, before lowering.
+    Mlir,
     Llvm,
     Asm,
 }
@@ -89,11 +113,15 @@ pub fn emit_stage(
     stage: Stage,
 ) -> Result<String, CodegenError> {
     let lowered = lower(g, weights)?;
+    if stage == Stage::Mlir {
+        return Ok(mlir_source(&lowered));
+    }
     let ctx = Context::create();
     let module = ctx.create_module("kiln_kernels");
     emit_kernels(&ctx, &module, &lowered)?;
     let tm = optimized(&module, opts)?;
     match stage {
+        Stage::Mlir => unreachable!("returned above"),
         Stage::Llvm => Ok(llvm::ir_text(&module)),
         Stage::Asm => llvm::emit_assembly(&module, &tm),
     }

@@ -10,6 +10,7 @@ pub mod artifact;
 pub mod kernels;
 pub mod llvm;
 pub mod lower;
+pub mod mlir;
 
 pub use artifact::{compile_to_dir, emit_stage, host_target_info, ArtifactInfo, CompileOptions, Stage};
 
@@ -77,7 +78,17 @@ impl Target for CpuTarget {
                 | Op::Weight { .. }
                 | Op::Embedding
                 | Op::Linear
+                | Op::Constant { .. }
                 | Op::Add
+                | Op::Sub
+                | Op::Mul
+                | Op::Div
+                | Op::Neg
+                | Op::Exp
+                | Op::Sqrt
+                | Op::Rsqrt
+                | Op::Sigmoid
+                | Op::Silu
                 | Op::RmsNorm { .. }
                 | Op::Rope { .. }
                 | Op::Concat { .. }
@@ -110,11 +121,11 @@ mod tests {
     #[test]
     fn unsupported_ops_are_named() {
         let g = kiln_ir::text::parse(
-            "graph \"g\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = exp(%0) : f32[4]\n  output \"y\" = %1\n}\n",
+            "graph \"g\" {\n  %0 = input {name = \"x\"} : f32[4]\n  %1 = reduce_max(%0) {axis = 0} : f32[1]\n  output \"y\" = %1\n}\n",
         )
         .unwrap();
         let err = check_supported(&g, &CpuTarget::host()).unwrap_err();
-        assert!(err.to_string().contains("op `exp` (%1)"), "{err}");
+        assert!(err.to_string().contains("op `reduce_max` (%1)"), "{err}");
         #[cfg(target_arch = "x86_64")]
         assert!(CpuTarget::host().features.iter().any(|f| f == "sse4.2"));
     }

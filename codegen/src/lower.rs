@@ -6,6 +6,7 @@
 //! and how the KV cache is kept: the graph's functional `concat(k_cache.L, k) → output k_cache.L`
 //! becomes an in-place append into a persistent buffer, so decode never copies the cache.
 
+use crate::kernels::fused::{Arg, Bcast, EwOp, FusedKernel, Step};
 use crate::kernels::linear::LinearKernelSpec;
 use crate::kernels::ops::OpKernel;
 use crate::CodegenError;
@@ -30,6 +31,8 @@ pub enum KernelSpec {
         d: usize,
     },
     Op(OpKernel),
+    /// A tree of elementwise ops computed in one pass (see [`FusedKernel`]).
+    Fused(FusedKernel),
 }
 
 impl KernelSpec {
@@ -41,6 +44,7 @@ impl KernelSpec {
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
+            KernelSpec::Fused(f) => f.symbol(),
         }
     }
 }
@@ -65,6 +69,8 @@ struct Cx<'g> {
     val_buf: Vec<Option<usize>>,
     /// Linear launches that later linears on the same input may join: (x, dtype, k, launch index).
     linear_groups: Vec<(usize, DType, usize, usize)>,
+    /// Values computed inside their consumer's fused kernel instead of a buffer of their own.
+    folded: Vec<bool>,
 }
 
 impl Cx<'_> {
@@ -154,6 +160,126 @@ impl Cx<'_> {
     }
 }
 
+/// Elementwise fusion: which values are computed inside their consumer's kernel. An elementwise value is
+/// folded into its consumer when that consumer is its only reader, is elementwise too, has the same type
+/// (no broadcast of the intermediate), and the value is not a graph output; scalar constants read only by
+/// elementwise ops become literals. Each remaining elementwise value roots one fused kernel.
+fn folded_into_consumers(g: &Graph) -> Vec<bool> {
+    let n = g.nodes.len();
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (j, node) in g.nodes.iter().enumerate() {
+        for v in &node.inputs {
+            readers[v.index()].push(j);
+        }
+    }
+    let is_ew = |j: usize| EwOp::from_op(&g.nodes[j].op).is_some() && g.nodes[j].ty.dtype == DType::F32;
+    let is_output = |i: usize| g.outputs.iter().any(|(_, v)| v.index() == i);
+    (0..n)
+        .map(|i| {
+            let r = &readers[i];
+            if is_output(i) || r.is_empty() {
+                return false;
+            }
+            match g.nodes[i].op {
+                Op::Constant { .. } => r.iter().all(|&j| is_ew(j)),
+                _ => is_ew(i) && r.len() == 1 && is_ew(r[0]) && g.nodes[r[0]].ty == g.nodes[i].ty,
+            }
+        })
+        .collect()
+}
+
+/// How an input of type `leaf` is indexed when fused into a kernel producing `root` (rows × `cols`,
+/// `cols` the last dim when that is a constant, else 1 with every element a row).
+fn broadcast(leaf: &kiln_ir::TensorType, root: &kiln_ir::TensorType, cols_is_last: bool) -> Option<Bcast> {
+    let ones = |s: &[Dim]| s.iter().all(|d| d.as_fixed() == Some(1));
+    if leaf.shape == root.shape {
+        return Some(Bcast::Full);
+    }
+    if ones(&leaf.shape) {
+        return Some(Bcast::Scalar);
+    }
+    if !cols_is_last {
+        return None;
+    }
+    let (lr, rr) = (leaf.rank(), root.rank());
+    if lr <= rr && leaf.shape.last() == root.shape.last() && ones(&leaf.shape[..lr - 1]) {
+        return Some(Bcast::Row);
+    }
+    if lr == rr && leaf.shape[..lr - 1] == root.shape[..rr - 1] && leaf.shape[lr - 1].as_fixed() == Some(1) {
+        return Some(Bcast::Col);
+    }
+    None
+}
+
+impl Cx<'_> {
+    /// Lowers the elementwise value `i` and every value folded into it as one fused kernel.
+    fn fused(&mut self, i: usize) -> Result<usize, CodegenError> {
+        let g = self.g;
+        let root = &g.nodes[i].ty;
+        if root.dtype != DType::F32 {
+            return Err(self.unsupported(i, format!("elementwise op on {}", root.dtype)));
+        }
+        let cols = root.shape.last().and_then(fixed).filter(|&c| c > 0);
+        let mut k = FusedKernel { cols: cols.unwrap_or(1), inputs: Vec::new(), steps: Vec::new() };
+        let mut leaves: Vec<usize> = Vec::new();
+        let mut label = String::new();
+        self.fuse_tree(i, &mut k, &mut leaves, &mut label, root, cols.is_some())?;
+        let mut bufs: Vec<usize> = leaves.iter().map(|&v| self.val_buf[v].expect("lowered before use")).collect();
+        if let Some(&b) = bufs.iter().find(|&&b| self.program.buffers[b].dtype != DType::F32) {
+            return Err(self.unsupported(i, format!("elementwise input of dtype {}", self.program.buffers[b].dtype)));
+        }
+        let out = self.temp(i);
+        bufs.push(out);
+        let items = if cols.is_some() { root.shape[..root.rank() - 1].to_vec() } else { root.shape.clone() };
+        self.launch(i, KernelSpec::Fused(k), bufs, vec![], items, true);
+        let l = self.program.launches.last_mut().expect("just pushed");
+        l.label.push_str(&label);
+        Ok(out)
+    }
+
+    /// Appends the steps computing value `v` to `k` and returns the argument that reads it.
+    fn fuse_tree(
+        &self,
+        v: usize,
+        k: &mut FusedKernel,
+        leaves: &mut Vec<usize>,
+        label: &mut String,
+        root: &kiln_ir::TensorType,
+        cols_is_last: bool,
+    ) -> Result<Arg, CodegenError> {
+        let node = &self.g.nodes[v];
+        let op = EwOp::from_op(&node.op).expect("fused trees are elementwise");
+        let mut args = Vec::new();
+        for input in &node.inputs {
+            let u = input.index();
+            let a = match &self.g.nodes[u].op {
+                Op::Constant { value } if self.folded[u] => Arg::Const(*value),
+                _ if self.folded[u] => {
+                    label.push_str(&format!(" +%{u}"));
+                    self.fuse_tree(u, k, leaves, label, root, cols_is_last)?
+                }
+                _ => {
+                    let idx = match leaves.iter().position(|&l| l == u) {
+                        Some(p) => p,
+                        None => {
+                            let b = broadcast(&self.g.nodes[u].ty, root, cols_is_last).ok_or_else(|| {
+                                self.unsupported(v, format!("broadcast of {} to {root}", self.g.nodes[u].ty))
+                            })?;
+                            leaves.push(u);
+                            k.inputs.push(b);
+                            leaves.len() - 1
+                        }
+                    };
+                    Arg::Input(idx)
+                }
+            };
+            args.push(a);
+        }
+        k.steps.push(Step { op, args });
+        Ok(Arg::Step(k.steps.len() - 1))
+    }
+}
+
 fn fixed(d: &Dim) -> Option<usize> {
     d.as_fixed().and_then(|v| usize::try_from(v).ok())
 }
@@ -170,8 +296,12 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
         blob_len: 0,
         val_buf: vec![None; g.nodes.len()],
         linear_groups: Vec::new(),
+        folded: folded_into_consumers(g),
     };
     for (i, n) in g.nodes.iter().enumerate() {
+        if cx.folded[i] {
+            continue;
+        }
         let ty = &n.ty;
         let buf = match &n.op {
             Op::Input { name } => {
@@ -246,21 +376,6 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
                 cx.linear(i, wty.dtype, k, x, w, out, m, nn);
-                out
-            }
-            Op::Add => {
-                let (a, b) = (cx.operand(i, 0), cx.operand(i, 1));
-                let (ta, tb) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
-                let out = cx.temp(i);
-                if ta == tb {
-                    cx.launch(i, KernelSpec::Op(OpKernel::Add), vec![a, b, out], vec![], ta.shape.clone(), false);
-                } else if tb.rank() == 1 && ta.shape.last() == Some(&tb.shape[0]) {
-                    let d = fixed(&tb.shape[0]).ok_or_else(|| cx.unsupported(i, "symbolic bias width"))?;
-                    let rows = ta.shape[..ta.rank() - 1].to_vec();
-                    cx.launch(i, KernelSpec::Op(OpKernel::AddRow { d }), vec![a, b, out], vec![], rows, false);
-                } else {
-                    return Err(cx.unsupported(i, format!("broadcast of {ta} and {tb}")));
-                }
                 out
             }
             Op::RmsNorm { eps } => {
@@ -343,12 +458,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, spec, vec![x, out], vec![vec![start.clone()]], rows, false);
                 out
             }
-            Op::SwiGlu => {
-                let (gt, up) = (cx.operand(i, 0), cx.operand(i, 1));
-                let out = cx.temp(i);
-                cx.launch(i, KernelSpec::Op(OpKernel::SwiGlu), vec![gt, up, out], vec![], ty.shape.clone(), false);
-                out
-            }
+            op if EwOp::from_op(op).is_some() => cx.fused(i)?,
             _ => return Err(cx.unsupported(i, "no CPU lowering")),
         };
         cx.val_buf[i] = Some(buf);

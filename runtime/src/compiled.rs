@@ -208,6 +208,27 @@ impl Backend for CompiledBackend {
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
+        self.step(tokens)?;
+        let vocab = self.manifest.vocab_size;
+        let v = self.output("logits").ok_or(RuntimeError::Interface("logits".into(), "output"))?;
+        // Artifacts compiled for generation return the last position only.
+        Ok(Logits { rows: v.len() / vocab, vocab, data: v.to_vec() })
+    }
+}
+
+impl CompiledBackend {
+    /// The named output of the last step (e.g. `logits`), if the program has it.
+    pub fn output(&self, name: &str) -> Option<&[f32]> {
+        let (_, b) = self.manifest.program.outputs.iter().find(|(n, _)| n == name)?;
+        match &self.storage[*b] {
+            Storage::Floats(v) => Some(v),
+            _ => None,
+        }
+    }
+
+    /// Runs the program on `tokens` at the next positions, appending to the KV cache; the results are
+    /// then available from [`CompiledBackend::output`].
+    pub fn step(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
         }
@@ -277,14 +298,7 @@ impl Backend for CompiledBackend {
             }
         }
         self.past += s;
-        let (_, lb) = program
-            .outputs
-            .iter()
-            .find(|(n, _)| n == "logits")
-            .ok_or(RuntimeError::Interface("logits".into(), "output"))?;
-        let Storage::Floats(v) = &self.storage[*lb] else { unreachable!("logits are a temp") };
-        // Artifacts compiled for generation return the last position only.
-        Ok(Logits { rows: v.len() / vocab, vocab, data: v.clone() })
+        Ok(())
     }
 }
 

@@ -2,13 +2,15 @@
 //! generation time, then optimized and compiled with [`crate::llvm`].
 //!
 //! - [`linear`]: quantized matrix × activations, weights dequantized in registers;
-//! - [`ops`]: normalisation, rotary embedding, KV append, attention, elementwise;
+//! - [`ops`]: normalisation, rotary embedding, KV append, attention;
+//! - [`fused`]: chains of elementwise ops, generated as MLIR (`linalg.generic`) and lowered by [`crate::mlir`];
 //! - [`embedding`]: row gathers from (quantized) tables;
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
 pub mod embedding;
 pub mod emit;
+pub mod fused;
 pub mod linear;
 pub mod ops;
 

@@ -1,5 +1,5 @@
-//! Kernels for the non-matrix ops of a decoder: RMSNorm, RoPE, KV-cache append, causal attention,
-//! residual add, bias add, SwiGLU. Each is shape-specialised on the model's constant sizes (width, heads,
+//! Kernels for the non-matrix, non-elementwise ops of a decoder: RMSNorm, RoPE, KV-cache append, row
+//! slices, causal attention (elementwise ops are fused kernels, see `fused`). Each is shape-specialised on the model's constant sizes (width, heads,
 //! head dim) and takes the step's sizes (rows, `seq`, `past`) as dims.
 
 use super::emit::{Emitter, R};
@@ -23,12 +23,6 @@ pub enum OpKernel {
     SliceRows { row: usize },
     /// bufs [q, k_cache, v_cache, out]; dims [seq, past]; items: `seq * q_heads` (query, head) pairs.
     Attention { q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
-    /// bufs [a, b, y]; items: elements; y = a + b.
-    Add,
-    /// bufs [a, bias, y]; items: rows of `d`; y[r] = a[r] + bias.
-    AddRow { d: usize },
-    /// bufs [gate, up, y]; items: elements; y = silu(gate) * up.
-    SwiGlu,
 }
 
 impl OpKernel {
@@ -46,9 +40,6 @@ impl OpKernel {
             OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
                 format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}", f(*scale))
             }
-            OpKernel::Add => "kiln_add".into(),
-            OpKernel::AddRow { d } => format!("kiln_add_row_d{d}"),
-            OpKernel::SwiGlu => "kiln_swiglu".into(),
         }
     }
 
@@ -204,29 +195,6 @@ impl OpKernel {
                     e.for_range(e.i64c(0), hd, |c| {
                         e.store_f32(out, e.add(qbase, c)?, e.fmul(e.load_f32(acc, c)?, inv)?)
                     })
-                })?;
-            }
-            OpKernel::Add => {
-                let (a, b, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
-                e.for_range(e.begin, e.end, |i| e.store_f32(y, i, e.fadd(e.load_f32(a, i)?, e.load_f32(b, i)?)?))?;
-            }
-            OpKernel::AddRow { d } => {
-                let (a, bias, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
-                let dc = e.i64c(d as i64);
-                e.for_range(e.begin, e.end, |r| {
-                    let base = e.mul(r, dc)?;
-                    e.for_range(e.i64c(0), dc, |j| {
-                        let i = e.add(base, j)?;
-                        e.store_f32(y, i, e.fadd(e.load_f32(a, i)?, e.load_f32(bias, j)?)?)
-                    })
-                })?;
-            }
-            OpKernel::SwiGlu => {
-                let (g, u, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
-                e.for_range(e.begin, e.end, |i| {
-                    let gv = e.load_f32(g, i)?;
-                    let sig = e.fdiv(e.f32c(1.0), e.fadd(e.f32c(1.0), e.exp(e.fsub(e.f32c(0.0), gv)?)?)?)?;
-                    e.store_f32(y, i, e.fmul(e.fmul(gv, sig)?, e.load_f32(u, i)?)?)
                 })?;
             }
         }
