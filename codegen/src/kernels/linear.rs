@@ -26,6 +26,19 @@
 //!       y[t][r] = reduce.fadd(Σ_a acc[t][r][a])              // horizontal sum once per output
 //! ```
 //!
+//! That is the decode path (and any `m < PANEL_MIN_M`). With more x rows (prefill), re-dequantizing each
+//! weight chunk for every tile of 4 x rows would cost more than the FMAs it feeds, so the kernel switches
+//! (on `m`, at run time) to the panel path:
+//!
+//! ```text
+//! for each block of M_BLOCK x rows                          // their rows stay in L2
+//!   for each panel of P weight rows (P·k·4 bytes ≈ 32 KiB)   // stays in L1
+//!     dequantize the panel's rows into an f32 stack buffer   // once per block, not once per x tile
+//!     run the loop nest above on the f32 panel, tiles of 2 x rows × 4 panel rows
+//! ```
+//!
+//! whose inner loop is only vector loads and FMAs (6 loads feed 8 FMAs, the weights from L1).
+//!
 //! `A` independent accumulators per output hide FMA latency when `T * R` alone is too small; `T * R * A`
 //! stays at 4 to 8 so accumulators, dequantized weights and scales fit in the 16 AVX2 registers. A
 //! dequantized chunk costs a `vpmovzxbd`, a mask or shift, a conversion and one FMA (`q·d + min` folds
@@ -115,6 +128,12 @@ const TILE_M: usize = 4;
 /// Weight bytes per row chunk: the rows every x tile sweeps before moving on, sized to stay in L2 so
 /// prefill reads each weight from memory once, not once per x tile.
 const ROW_CHUNK_BYTES: usize = 64 << 10;
+/// From this many x rows on, weights are dequantized into f32 panels first (see [`emit_panels`]).
+const PANEL_MIN_M: usize = 8;
+/// Bytes of dequantized weights per panel: small enough to stay in L1/L2 while every x row sweeps it.
+const PANEL_BYTES: usize = 32 << 10;
+/// x rows per block of the panel path: their f32 rows stay in L2 while the panels go by.
+const M_BLOCK: usize = 32;
 /// Minimum software-prefetch distance for weights, in bytes (see [`prefetch_distance`]).
 const PREFETCH_MIN_BYTES: usize = 16384;
 
@@ -137,6 +156,15 @@ fn tile_shape(t: usize) -> (usize, usize) {
 fn prefetch_distance(rows: usize, row_bytes: usize) -> usize {
     let group = rows * row_bytes;
     PREFETCH_MIN_BYTES.div_ceil(group) * group
+}
+
+/// x rows per tile of the panel path, and its register tiling: (weight rows, accumulators per output).
+const PANEL_TILE_M: usize = 2;
+fn panel_tile_shape(t: usize) -> (usize, usize) {
+    match t {
+        2 => (4, 1),
+        _ => (4, 2),
+    }
 }
 
 /// Accumulators per output for the single-row remainder of a row range.
@@ -173,56 +201,178 @@ pub fn emit_linear<'ctx>(
 
 fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, spec: &LinearKernelSpec) -> R<()> {
     let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let (w, x, y) = (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value());
+    let bufs = (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value());
     let (m, n, row_begin, row_end) =
         (p(3).into_int_value(), p(4).into_int_value(), p(5).into_int_value(), p(6).into_int_value());
-    let row_bytes = spec.row_bytes().expect("validated");
-    let row_chunk = (ROW_CHUNK_BYTES / row_bytes).max(TILE_M) / TILE_M * TILE_M;
-    let k = kb.i64c(spec.k as i64);
-
-    // m is rounded down to whole tiles; the remaining 0..TILE_M rows get a tile of their own size.
-    let m_full = kb.b.build_int_mul(
-        kb.b.build_int_signed_div(m, kb.i64c(TILE_M as i64), "tiles")?,
-        kb.i64c(TILE_M as i64),
-        "m_full",
-    )?;
-    let m_rem = kb.b.build_int_sub(m, m_full, "m_rem")?;
-
-    kb.for_loop(row_begin, row_end, kb.i64c(row_chunk as i64), "rchunk", |r0| {
-        let r1 = kb.imin(kb.b.build_int_nsw_add(r0, kb.i64c(row_chunk as i64), "r0_plus")?, row_end)?;
-        // Full tiles of TILE_M x rows.
-        kb.for_loop(kb.i64c(0), m_full, kb.i64c(TILE_M as i64), "xtile", |i0| {
-            emit_rows(kb, fmt, TILE_M, (w, x, y), (i0, k, n), (r0, r1), row_bytes)
-        })?;
-        // The last, partial tile: a switch on its size picks code made for it.
-        let after = kb.ctx.append_basic_block(kb.func, "rem_done");
-        let mut cases = Vec::new();
-        for t in 1..TILE_M {
-            let bb = kb.ctx.append_basic_block(kb.func, &format!("rem{t}"));
-            cases.push((kb.i64c(t as i64), bb));
-        }
-        kb.b.build_switch(m_rem, after, &cases)?;
-        for (t, (_, bb)) in (1..TILE_M).zip(&cases) {
-            kb.b.position_at_end(*bb);
-            emit_rows(kb, fmt, t, (w, x, y), (m_full, k, n), (r0, r1), row_bytes)?;
-            kb.b.build_unconditional_branch(after)?;
-        }
-        kb.b.position_at_end(after);
-        Ok(())
-    })?;
+    if spec.dtype == DType::F32 {
+        emit_direct(kb, fmt, spec, bufs, (m, n, row_begin, row_end))?;
+    } else {
+        // Prefill-sized m: dequantize weight panels once and run an f32 kernel over them; small m
+        // (decode): dequantize in registers as the weights stream by.
+        let big = kb.b.build_int_compare(IntPredicate::SGE, m, kb.i64c(PANEL_MIN_M as i64), "big_m")?;
+        let (panel_bb, direct_bb, done) = (
+            kb.ctx.append_basic_block(kb.func, "panel_path"),
+            kb.ctx.append_basic_block(kb.func, "direct_path"),
+            kb.ctx.append_basic_block(kb.func, "done"),
+        );
+        kb.b.build_conditional_branch(big, panel_bb, direct_bb)?;
+        kb.b.position_at_end(panel_bb);
+        emit_panels(kb, fmt, spec, bufs, (m, n, row_begin, row_end))?;
+        kb.b.build_unconditional_branch(done)?;
+        kb.b.position_at_end(direct_bb);
+        emit_direct(kb, fmt, spec, bufs, (m, n, row_begin, row_end))?;
+        kb.b.build_unconditional_branch(done)?;
+        kb.b.position_at_end(done);
+    }
     kb.b.build_return(None)?;
     Ok(())
 }
 
+type Bufs<'ctx> = (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>);
+type Sizes<'ctx> = (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>);
+
+/// Dequantizing in registers: for each chunk of rows (sized to stay in L2), every tile of x rows.
+fn emit_direct<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    spec: &LinearKernelSpec,
+    bufs: Bufs<'ctx>,
+    (m, n, row_begin, row_end): Sizes<'ctx>,
+) -> R<()> {
+    let row_bytes = spec.row_bytes().expect("validated");
+    let row_chunk = (ROW_CHUNK_BYTES / row_bytes).max(TILE_M) / TILE_M * TILE_M;
+    let k = kb.i64c(spec.k as i64);
+    kb.for_loop(row_begin, row_end, kb.i64c(row_chunk as i64), "rchunk", |r0| {
+        let r1 = kb.imin(kb.b.build_int_nsw_add(r0, kb.i64c(row_chunk as i64), "r0_plus")?, row_end)?;
+        emit_x_tiles(kb, TILE_M, kb.i64c(0), m, |i0, t| {
+            emit_rows(kb, fmt, t, tile_shape(t), bufs, (i0, k, n), (r0, r1), row_bytes, true)
+        })
+    })
+}
+
+/// The panel path: for each block of `M_BLOCK` x rows (kept in L2) and each panel of weight rows,
+/// dequantize the panel into an f32 scratch (once per block, not once per x tile) and compute it with the
+/// f32 kernel, whose inner loop is then only loads and FMAs.
+fn emit_panels<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    spec: &LinearKernelSpec,
+    (w, x, y): Bufs<'ctx>,
+    (m, n, row_begin, row_end): Sizes<'ctx>,
+) -> R<()> {
+    let row_bytes = spec.row_bytes().expect("validated");
+    let (rgroup, _) = panel_tile_shape(PANEL_TILE_M);
+    let prows = ((PANEL_BYTES / (4 * spec.k)).max(rgroup) / rgroup * rgroup) as i64;
+    // Slack after the last row: a plain-type tail is stored as a whole vector.
+    let panel_len = prows as u32 * spec.k as u32 + LANES;
+    let panel = kb.entry_alloca(kb.f32t.array_type(panel_len).into())?;
+    let f32fmt = Format::new(DType::F32, spec.k);
+    let k = kb.i64c(spec.k as i64);
+    kb.for_loop(kb.i64c(0), m, kb.i64c(M_BLOCK as i64), "mblock", |mb| {
+        let m1 = kb.imin(kb.b.build_int_nsw_add(mb, kb.i64c(M_BLOCK as i64), "mb_plus")?, m)?;
+        kb.for_loop(row_begin, row_end, kb.i64c(prows), "panel", |r0| {
+            let r1 = kb.imin(kb.b.build_int_nsw_add(r0, kb.i64c(prows), "r0_plus")?, row_end)?;
+            kb.for_loop(r0, r1, kb.i64c(1), "dequant", |r| {
+                let src = kb.gep(kb.i8t.into(), w, kb.b.build_int_nsw_mul(r, kb.i64c(row_bytes as i64), "woff")?)?;
+                let pr = kb.b.build_int_nsw_sub(r, r0, "prow")?;
+                let dst = kb.gep(kb.f32t.into(), panel, kb.b.build_int_nsw_mul(pr, k, "poff")?)?;
+                emit_dequant_row(kb, fmt, src, dst)
+            })?;
+            let yp = kb.gep(kb.f32t.into(), y, r0)?;
+            let rows = kb.b.build_int_nsw_sub(r1, r0, "prows")?;
+            emit_x_tiles(kb, PANEL_TILE_M, mb, m1, |i0, t| {
+                let shape = panel_tile_shape(t);
+                emit_rows(kb, &f32fmt, t, shape, (panel, x, yp), (i0, k, n), (kb.i64c(0), rows), 4 * spec.k, false)
+            })
+        })
+    })
+}
+
+/// One weight row at `src`, dequantized into `dst` (f32s, plus up to 7 more for a plain-type tail).
+fn emit_dequant_row<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, src: PointerValue<'ctx>, dst: PointerValue<'ctx>) -> R<()> {
+    let store_chunk = |d: PointerValue<'ctx>, c: usize, v: VectorValue<'ctx>| -> R<()> {
+        kb.store(kb.gep(kb.f32t.into(), d, kb.i64c((c * LANES as usize) as i64))?, v.into(), 4)
+    };
+    if fmt.blocks > 0 {
+        kb.for_loop(kb.i64c(0), kb.i64c(fmt.blocks as i64), kb.i64c(1), "dblk", |b| {
+            let wp = kb.gep(kb.i8t.into(), src, kb.b.build_int_nsw_mul(b, kb.i64c(fmt.block_bytes as i64), "wb")?)?;
+            let dp = kb.gep(kb.f32t.into(), dst, kb.b.build_int_nsw_mul(b, kb.i64c(fmt.block_elems as i64), "db")?)?;
+            let mut memo: Memo<'ctx> = HashMap::new();
+            fmt.prologue(kb, wp, &mut memo)?;
+            if fmt.groups == 1 {
+                for c in fmt.chunk_order() {
+                    store_chunk(dp, c, fmt.chunk(kb, wp, &mut memo, None, c)?)?;
+                }
+                return Ok(());
+            }
+            let group_elems = kb.i64c((fmt.block_elems / fmt.groups) as i64);
+            kb.for_loop(kb.i64c(0), kb.i64c(fmt.groups as i64), kb.i64c(1), "dgrp", |g| {
+                let dg = kb.gep(kb.f32t.into(), dp, kb.b.build_int_nsw_mul(g, group_elems, "dg")?)?;
+                let mut gmemo = memo.clone();
+                for c in fmt.chunk_order() {
+                    store_chunk(dg, c, fmt.chunk(kb, wp, &mut gmemo, Some(g), c)?)?;
+                }
+                Ok(())
+            })
+        })?;
+    }
+    if fmt.tail_elems > 0 {
+        let wp = kb.byte_gep(src, fmt.blocks * fmt.block_bytes)?;
+        let dp = kb.gep(kb.f32t.into(), dst, kb.i64c((fmt.blocks * fmt.block_elems) as i64))?;
+        for c in 0..fmt.tail_elems.div_ceil(LANES as usize) {
+            let live = (fmt.tail_elems - c * LANES as usize).min(LANES as usize);
+            store_chunk(dp, c, fmt.partial_chunk(kb, wp, c, live)?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Calls `body(i0, t)` for tiles of x rows covering `lo..hi`: full tiles of `TILE_M`, then one tile of
+/// the remaining 1..TILE_M rows, through a switch that picks code generated for that size.
+fn emit_x_tiles<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    tile_m: usize,
+    lo: IntValue<'ctx>,
+    hi: IntValue<'ctx>,
+    body: impl Fn(IntValue<'ctx>, usize) -> R<()>,
+) -> R<()> {
+    let tm = kb.i64c(tile_m as i64);
+    let count = kb.b.build_int_nsw_sub(hi, lo, "xcount")?;
+    let full = kb.b.build_int_nsw_add(
+        lo,
+        kb.b.build_int_nsw_mul(kb.b.build_int_signed_div(count, tm, "tiles")?, tm, "full")?,
+        "full_end",
+    )?;
+    let rem = kb.b.build_int_nsw_sub(hi, full, "xrem")?;
+    kb.for_loop(lo, full, tm, "xtile", |i0| body(i0, tile_m))?;
+    let after = kb.ctx.append_basic_block(kb.func, "rem_done");
+    let mut cases = Vec::new();
+    for t in 1..tile_m {
+        let bb = kb.ctx.append_basic_block(kb.func, &format!("rem{t}"));
+        cases.push((kb.i64c(t as i64), bb));
+    }
+    kb.b.build_switch(rem, after, &cases)?;
+    for (t, (_, bb)) in (1..tile_m).zip(&cases) {
+        kb.b.position_at_end(*bb);
+        body(full, t)?;
+        kb.b.build_unconditional_branch(after)?;
+    }
+    kb.b.position_at_end(after);
+    Ok(())
+}
+
 /// Weight rows `r0..r1` against the `t` x rows from `i0`: groups of R rows, then single rows.
+#[allow(clippy::too_many_arguments)]
 fn emit_rows<'ctx>(
     kb: &Kb<'_, 'ctx>,
     fmt: &Format,
     t: usize,
+    (rgroup, acc): (usize, usize),
     (w, x, y): (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>),
     (i0, k, n): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
     (r0, r1): (IntValue<'ctx>, IntValue<'ctx>),
     row_bytes: usize,
+    prefetch: bool,
 ) -> R<()> {
     let mut xrows = Vec::with_capacity(t);
     let mut yrows = Vec::with_capacity(t);
@@ -231,7 +381,6 @@ fn emit_rows<'ctx>(
         xrows.push(kb.gep(kb.f32t.as_basic_type_enum(), x, kb.b.build_int_nsw_mul(i, k, "xoff")?)?);
         yrows.push(kb.gep(kb.f32t.as_basic_type_enum(), y, kb.b.build_int_nsw_mul(i, n, "yoff")?)?);
     }
-    let (rgroup, acc) = tile_shape(t);
     let tile = |r: IntValue<'ctx>, rows: usize, acc: usize| -> R<()> {
         let mut wrows = Vec::with_capacity(rows);
         let mut outs = Vec::with_capacity(rows);
@@ -241,7 +390,8 @@ fn emit_rows<'ctx>(
             wrows.push(kb.gep(kb.i8t.as_basic_type_enum(), w, off)?);
             outs.push(row);
         }
-        emit_tile(kb, fmt, &xrows, &wrows, acc, row_bytes, |ti, ri, v| {
+        let prefetch_bytes = if prefetch { prefetch_distance(rows, row_bytes) } else { 0 };
+        emit_tile(kb, fmt, &xrows, &wrows, acc, prefetch_bytes, |ti, ri, v| {
             let p = kb.gep(kb.f32t.as_basic_type_enum(), yrows[ti], outs[ri])?;
             kb.store(p, v.as_basic_value_enum(), 4)
         })
@@ -266,11 +416,10 @@ fn emit_tile<'ctx>(
     xrows: &[PointerValue<'ctx>],
     wrows: &[PointerValue<'ctx>],
     nacc: usize,
-    row_bytes: usize,
+    prefetch_bytes: usize,
     mut store: impl FnMut(usize, usize, FloatValue<'ctx>) -> R<()>,
 ) -> R<()> {
     let (t, rows) = (xrows.len(), wrows.len());
-    let prefetch_bytes = prefetch_distance(rows, row_bytes);
     let idx = |ti: usize, ri: usize, a: usize| (ti * rows + ri) * nacc + a;
     // Accumulators live in entry-block allocas between loop iterations; SROA turns them into phis.
     let slots: Vec<PointerValue<'ctx>> =
@@ -1078,7 +1227,8 @@ mod tests {
             let w = random_weights(rng, dtype, n, k);
             let mut wf = vec![0f32; n * k];
             kiln_ir::quant::dequantize(dtype, &w, &mut wf).unwrap();
-            for m in [1usize, 2, 3, 5, 9] {
+            // m ≥ 8 takes the panel path; 70 spans two x-row blocks with a partial tile.
+            for m in [1usize, 2, 3, 5, 8, 9, 70] {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
                 for (rb, re) in [(0, n), (n / 3, n - n / 3), (n / 2, n / 2 + 1)] {
                     let mut y = vec![f32::from_bits(SENTINEL); m * n];
