@@ -19,6 +19,7 @@ struct Case {
     store: WeightStore,
     rng: StdRng,
     d: usize,
+    tokens: ValueId,
     x: ValueId,
     x2: ValueId,
     col: ValueId,
@@ -33,6 +34,7 @@ impl Case {
             store: WeightStore::new(),
             rng: StdRng::seed_from_u64(seed),
             d,
+            tokens: ValueId(0),
             x: ValueId(0),
             x2: ValueId(0),
             col: ValueId(0),
@@ -40,6 +42,7 @@ impl Case {
             outputs: Vec::new(),
         };
         let tokens = c.g.input("tokens", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
+        c.tokens = tokens;
         c.g.input("pos", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
         c.x = c.lookup("table_x", d, tokens, lo, hi);
         c.x2 = c.lookup("table_x2", d, tokens, lo, hi);
@@ -208,7 +211,7 @@ fn norm_rope_linear_and_slice_match_interpreter_on_odd_shapes() {
         let head_dim = 2 * rng.random_range(1..=9); // even, odd halves included
         let d = heads * head_dim;
         let mut c = Case::new(300 + trial, d, -1.5, 1.5);
-        let (x, w) = (c.x, c.w);
+        let (x, w, tokens) = (c.x, c.w, c.tokens);
         let norm = c.op(Op::RmsNorm { eps: 1e-5 }, &[x, w]);
         c.out("rms_norm", norm);
         let xr =
@@ -224,9 +227,18 @@ fn norm_rope_linear_and_slice_match_interpreter_on_odd_shapes() {
         let lw = c.weight("lin", vec![n_out, d], -1.0, 1.0);
         let y = c.op(Op::Linear, &[x, lw]);
         c.out("linear", y);
+        // A residual add after a projection runs inside the linear kernel.
+        let r = c.lookup("table_r", n_out, tokens, -1.0, 1.0);
+        let lw2 = c.weight("lin2", vec![n_out, d], -1.0, 1.0);
+        let y2 = c.op(Op::Linear, &[c.x2, lw2]);
+        let sum = c.op(Op::Add, &[y2, r]);
+        c.out("linear_residual", sum);
         let last =
             c.op(Op::Slice { axis: 1, start: Dim::sym("seq").sub(&Dim::from(1i64)), end: Dim::sym("seq") }, &[y]);
         c.out("slice_last", last);
-        c.check(&random_tokens(&mut rng), 1 + (trial % 2) as usize, 1e-4);
+        let manifest = c.check(&random_tokens(&mut rng), 1 + (trial % 2) as usize, 1e-4);
+        let fused: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        assert_eq!(fused.iter().filter(|k| k.contains("_res_x1")).count(), 1, "{fused:?}");
+        assert!(!fused.iter().any(|k| k.starts_with("kiln_fused_")), "the add is fused into the linear: {fused:?}");
     }
 }

@@ -73,8 +73,8 @@ fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lower
     }
     for spec in &lowered.kernels {
         match spec {
-            KernelSpec::Linear { dtype, k, group } => {
-                let lin = LinearKernelSpec { dtype: *dtype, k: *k };
+            KernelSpec::Linear { dtype, k, group, residual } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: *residual };
                 let inner = match module.get_function(&lin.symbol()) {
                     Some(f) => f,
                     None => emit_linear(ctx, module, &lin)?,

@@ -20,10 +20,13 @@ use serde::{Deserialize, Serialize};
 pub enum KernelSpec {
     /// `group` linears sharing one input x (e.g. Q, K and V): bufs [x, w0, y0, w1, y1, …];
     /// dims [m, n0, n1, …]; items: n0 + n1 + … output rows, split over threads as one range.
+    /// With `residual` (one linear): bufs [x, w, y, r] and y = x · wᵀ + r, an add fused into the linear.
     Linear {
         dtype: DType,
         k: usize,
         group: usize,
+        #[serde(default)]
+        residual: bool,
     },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
@@ -39,8 +42,8 @@ impl KernelSpec {
     /// The symbol the program calls (the uniform-ABI entry point).
     pub fn symbol(&self) -> String {
         match self {
-            KernelSpec::Linear { dtype, k, group } => {
-                format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k }.symbol())
+            KernelSpec::Linear { dtype, k, group, residual } => {
+                format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k, residual: *residual }.symbol())
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
@@ -71,6 +74,10 @@ struct Cx<'g> {
     linear_groups: Vec<(usize, DType, usize, usize)>,
     /// Values computed inside their consumer's fused kernel instead of a buffer of their own.
     folded: Vec<bool>,
+    /// Readers of each value (graph outputs count as readers).
+    readers: Vec<usize>,
+    /// The launch computing each linear node.
+    linear_launch: std::collections::HashMap<usize, usize>,
 }
 
 impl Cx<'_> {
@@ -130,16 +137,17 @@ impl Cx<'_> {
             l.items = vec![total];
             l.label.push_str(&format!(" +%{i}"));
             let group = (l.bufs.len() - 1) / 2;
-            let spec = KernelSpec::Linear { dtype, k, group };
+            let spec = KernelSpec::Linear { dtype, k, group, residual: false };
             l.kernel = spec.symbol();
             if !self.kernels.iter().any(|s| s.symbol() == l.kernel) {
                 self.kernels.push(spec);
             }
             return;
         }
-        let spec = KernelSpec::Linear { dtype, k, group: 1 };
+        let spec = KernelSpec::Linear { dtype, k, group: 1, residual: false };
         self.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(n)]], vec![Dim::from(n)], true);
         self.linear_groups.push((x, dtype, k, self.program.launches.len() - 1));
+        self.linear_launch.insert(i, self.program.launches.len() - 1);
     }
 
     fn launch(
@@ -188,6 +196,14 @@ fn folded_into_consumers(g: &Graph) -> Vec<bool> {
         .collect()
 }
 
+fn reader_counts(g: &Graph) -> Vec<usize> {
+    let mut r = vec![0; g.nodes.len()];
+    for v in g.nodes.iter().flat_map(|n| &n.inputs).chain(g.outputs.iter().map(|(_, v)| v)) {
+        r[v.index()] += 1;
+    }
+    r
+}
+
 /// How an input of type `leaf` is indexed when fused into a kernel producing `root` (rows × `cols`,
 /// `cols` the last dim when that is a constant, else 1 with every element a row).
 fn broadcast(leaf: &kiln_ir::TensorType, root: &kiln_ir::TensorType, cols_is_last: bool) -> Option<Bcast> {
@@ -212,8 +228,50 @@ fn broadcast(leaf: &kiln_ir::TensorType, root: &kiln_ir::TensorType, cols_is_las
 }
 
 impl Cx<'_> {
+    /// `add(linear(x, w), r)` where the linear's result is read only by the add, runs alone (not grouped)
+    /// and `r` (same type) is computed before it: fused into the linear as its residual. Returns the
+    /// buffer now holding the sum.
+    fn residual_into_linear(&mut self, i: usize) -> Option<usize> {
+        let g = self.g;
+        let n = &g.nodes[i];
+        if !matches!(n.op, Op::Add) || n.inputs.iter().any(|v| self.folded[v.index()]) {
+            return None;
+        }
+        let (a, b) = (n.inputs[0].index(), n.inputs[1].index());
+        let (lin, r) = match (self.linear_launch.get(&a), self.linear_launch.get(&b)) {
+            (Some(_), _) if b < a => (a, b),
+            (_, Some(_)) if a < b => (b, a),
+            _ => return None,
+        };
+        let li = self.linear_launch[&lin];
+        let rb = self.val_buf[r]?;
+        let l = &self.program.launches[li];
+        if self.readers[lin] != 1 || g.nodes[r].ty != n.ty || l.bufs.len() != 3 || self.is_state(rb) {
+            return None;
+        }
+        let KernelSpec::Linear { dtype, k, .. } = self.kernels.iter().find(|s| s.symbol() == l.kernel)?.clone() else {
+            return None;
+        };
+        let spec = KernelSpec::Linear { dtype, k, group: 1, residual: true };
+        let symbol = spec.symbol();
+        if !self.kernels.iter().any(|s| s.symbol() == symbol) {
+            self.kernels.push(spec);
+        }
+        let l = &mut self.program.launches[li];
+        l.bufs.push(rb);
+        l.kernel = symbol;
+        l.label.push_str(&format!(" +%{i} add"));
+        let out = l.bufs[2];
+        // Nothing may join the launch any more: its kernel takes a residual.
+        self.linear_groups.retain(|&(.., launch)| launch != li);
+        Some(out)
+    }
+
     /// Lowers the elementwise value `i` and every value folded into it as one fused kernel.
     fn fused(&mut self, i: usize) -> Result<usize, CodegenError> {
+        if let Some(out) = self.residual_into_linear(i) {
+            return Ok(out);
+        }
         let g = self.g;
         let root = &g.nodes[i].ty;
         if root.dtype != DType::F32 {
@@ -297,6 +355,8 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
         val_buf: vec![None; g.nodes.len()],
         linear_groups: Vec::new(),
         folded: folded_into_consumers(g),
+        readers: reader_counts(g),
+        linear_launch: Default::default(),
     };
     for (i, n) in g.nodes.iter().enumerate() {
         if cx.folded[i] {

@@ -8,6 +8,7 @@ use inkwell::IntPredicate;
 
 /// `symbol(bufs=[x, w0, y0, …, w{g-1}, y{g-1}], dims=[m, n0, …, n{g-1}], begin, end)`: rows `begin..end`
 /// of the concatenation of the `g` outputs, each segment computed by `inner(w_i, x, y_i, m, n_i, lo, hi)`.
+/// When `inner` takes a residual (one linear, `g` = 1), it is the buffer after `y0`.
 pub fn wrap_linear<'ctx>(
     ctx: &'ctx Context,
     module: &Module<'ctx>,
@@ -34,7 +35,11 @@ pub fn wrap_linear<'ctx>(
         let next_bb = ctx.append_basic_block(e.func, "next");
         e.b.build_conditional_branch(any, call_bb, next_bb)?;
         e.b.position_at_end(call_bb);
-        e.b.build_call(inner, &[w.into(), x.into(), y.into(), m.into(), n.into(), lo.into(), hi.into()], "")?;
+        let mut args = vec![w.into(), x.into(), y.into(), m.into(), n.into(), lo.into(), hi.into()];
+        if inner.count_params() == 8 {
+            args.push(e.buf(3)?.into());
+        }
+        e.b.build_call(inner, &args, "")?;
         e.b.build_unconditional_branch(next_bb)?;
         e.b.position_at_end(next_bb);
         offset = e.add(offset, n)?;

@@ -69,10 +69,16 @@ use std::collections::HashMap;
 pub struct LinearKernelSpec {
     pub dtype: DType,
     pub k: usize,
+    /// Adds a residual `r` (`[m, n]` f32, the 8th parameter) to the result as it is stored: the
+    /// elementwise add after a projection, fused into its producer.
+    #[serde(default)]
+    pub residual: bool,
 }
 
 /// The generated function's type: `(w, x, y, m, n, row_begin, row_end)`, see the module docs.
 pub type LinearKernelFn = unsafe extern "C" fn(*const u8, *const f32, *mut f32, i64, i64, i64, i64);
+/// With a residual: `(w, x, y, m, n, row_begin, row_end, r)`, storing `y = x · Wᵀ + r`.
+pub type LinearResidualKernelFn = unsafe extern "C" fn(*const u8, *const f32, *mut f32, i64, i64, i64, i64, *const f32);
 
 impl LinearKernelSpec {
     /// The weight dtypes [`emit_linear`] generates code for.
@@ -90,9 +96,13 @@ impl LinearKernelSpec {
         DType::Q6K,
     ];
 
-    /// The kernel's symbol, e.g. `kiln_linear_q4_1_k576`.
+    pub fn new(dtype: DType, k: usize) -> Self {
+        LinearKernelSpec { dtype, k, residual: false }
+    }
+
+    /// The kernel's symbol, e.g. `kiln_linear_q4_1_k576` (`…_res` with a residual).
     pub fn symbol(&self) -> String {
-        format!("kiln_linear_{}_k{}", self.dtype.name(), self.k)
+        format!("kiln_linear_{}_k{}{}", self.dtype.name(), self.k, if self.residual { "_res" } else { "" })
     }
 
     /// Bytes per weight row, or `None` when `k` is not a whole number of blocks.
@@ -187,7 +197,7 @@ pub fn emit_linear<'ctx>(
         }
         return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
     }
-    let kb = Kb::new(ctx, module, &name)?;
+    let kb = Kb::new(ctx, module, &name, spec.residual)?;
     let fmt = Format::new(spec.dtype, spec.k);
     emit_body(&kb, &fmt, spec)?;
     if !kb.func.verify(false) {
@@ -201,7 +211,8 @@ pub fn emit_linear<'ctx>(
 
 fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, spec: &LinearKernelSpec) -> R<()> {
     let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let bufs = (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value());
+    let res = spec.residual.then(|| p(7).into_pointer_value());
+    let bufs = (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value(), res);
     let (m, n, row_begin, row_end) =
         (p(3).into_int_value(), p(4).into_int_value(), p(5).into_int_value(), p(6).into_int_value());
     if spec.dtype == DType::F32 {
@@ -228,7 +239,8 @@ fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, spec: &LinearKernelSpec) -> 
     Ok(())
 }
 
-type Bufs<'ctx> = (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>);
+/// (w, x, y, residual).
+type Bufs<'ctx> = (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>, Option<PointerValue<'ctx>>);
 type Sizes<'ctx> = (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>);
 
 /// Dequantizing in registers: for each chunk of rows (sized to stay in L2), every tile of x rows.
@@ -257,7 +269,7 @@ fn emit_panels<'ctx>(
     kb: &Kb<'_, 'ctx>,
     fmt: &Format,
     spec: &LinearKernelSpec,
-    (w, x, y): Bufs<'ctx>,
+    (w, x, y, res): Bufs<'ctx>,
     (m, n, row_begin, row_end): Sizes<'ctx>,
 ) -> R<()> {
     let row_bytes = spec.row_bytes().expect("validated");
@@ -278,11 +290,13 @@ fn emit_panels<'ctx>(
                 let dst = kb.gep(kb.f32t.into(), panel, kb.b.build_int_nsw_mul(pr, k, "poff")?)?;
                 emit_dequant_row(kb, fmt, src, dst)
             })?;
+            // The panel's rows are 0..rows; its outputs (and residuals) start at column r0.
             let yp = kb.gep(kb.f32t.into(), y, r0)?;
+            let rp = res.map(|r| kb.gep(kb.f32t.into(), r, r0)).transpose()?;
             let rows = kb.b.build_int_nsw_sub(r1, r0, "prows")?;
             emit_x_tiles(kb, PANEL_TILE_M, mb, m1, |i0, t| {
                 let shape = panel_tile_shape(t);
-                emit_rows(kb, &f32fmt, t, shape, (panel, x, yp), (i0, k, n), (kb.i64c(0), rows), 4 * spec.k, false)
+                emit_rows(kb, &f32fmt, t, shape, (panel, x, yp, rp), (i0, k, n), (kb.i64c(0), rows), 4 * spec.k, false)
             })
         })
     })
@@ -368,7 +382,7 @@ fn emit_rows<'ctx>(
     fmt: &Format,
     t: usize,
     (rgroup, acc): (usize, usize),
-    (w, x, y): (PointerValue<'ctx>, PointerValue<'ctx>, PointerValue<'ctx>),
+    (w, x, y, res): Bufs<'ctx>,
     (i0, k, n): (IntValue<'ctx>, IntValue<'ctx>, IntValue<'ctx>),
     (r0, r1): (IntValue<'ctx>, IntValue<'ctx>),
     row_bytes: usize,
@@ -376,10 +390,15 @@ fn emit_rows<'ctx>(
 ) -> R<()> {
     let mut xrows = Vec::with_capacity(t);
     let mut yrows = Vec::with_capacity(t);
+    let mut rrows = Vec::with_capacity(t);
     for ti in 0..t {
         let i = kb.b.build_int_nsw_add(i0, kb.i64c(ti as i64), "i")?;
         xrows.push(kb.gep(kb.f32t.as_basic_type_enum(), x, kb.b.build_int_nsw_mul(i, k, "xoff")?)?);
-        yrows.push(kb.gep(kb.f32t.as_basic_type_enum(), y, kb.b.build_int_nsw_mul(i, n, "yoff")?)?);
+        let yoff = kb.b.build_int_nsw_mul(i, n, "yoff")?;
+        yrows.push(kb.gep(kb.f32t.as_basic_type_enum(), y, yoff)?);
+        if let Some(r) = res {
+            rrows.push(kb.gep(kb.f32t.as_basic_type_enum(), r, yoff)?);
+        }
     }
     let tile = |r: IntValue<'ctx>, rows: usize, acc: usize| -> R<()> {
         let mut wrows = Vec::with_capacity(rows);
@@ -393,6 +412,14 @@ fn emit_rows<'ctx>(
         let prefetch_bytes = if prefetch { prefetch_distance(rows, row_bytes) } else { 0 };
         emit_tile(kb, fmt, &xrows, &wrows, acc, prefetch_bytes, |ti, ri, v| {
             let p = kb.gep(kb.f32t.as_basic_type_enum(), yrows[ti], outs[ri])?;
+            let v = match rrows.get(ti) {
+                Some(&rrow) => {
+                    let rp = kb.gep(kb.f32t.as_basic_type_enum(), rrow, outs[ri])?;
+                    let rv = kb.load(kb.f32t.into(), rp, 4)?.into_float_value();
+                    kb.b.build_float_add(v, rv, "res")?
+                }
+                None => v,
+            };
             kb.store(p, v.as_basic_value_enum(), 4)
         })
     };
@@ -958,13 +985,22 @@ struct Kb<'a, 'ctx> {
 
 impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// Declares the kernel `name` with the linear ABI and positions a builder in its entry block.
-    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str) -> R<Self> {
+    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str, residual: bool) -> R<Self> {
         let ptr = ctx.ptr_type(AddressSpace::default());
         let i64t = ctx.i64_type();
-        let params = [ptr.into(), ptr.into(), ptr.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into()];
+        let mut params = vec![ptr.into(), ptr.into(), ptr.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into()];
+        if residual {
+            params.push(ptr.into());
+        }
         let func = module.add_function(name, ctx.void_type().fn_type(&params, false), Some(Linkage::External));
-        for (i, pname) in ["w", "x", "y", "m", "n", "row_begin", "row_end"].iter().enumerate() {
+        for (i, pname) in ["w", "x", "y", "m", "n", "row_begin", "row_end", "r"].iter().take(params.len()).enumerate() {
             func.get_nth_param(i as u32).expect("declared above").set_name(pname);
+        }
+        if residual {
+            let attr = |n: &str| ctx.create_enum_attribute(Attribute::get_named_enum_kind_id(n), 0);
+            for a in ["noalias", "nocapture", "readonly"] {
+                func.add_attribute(AttributeLoc::Param(7), attr(a));
+            }
         }
         // The buffers never overlap and are only read (w, x) or written (y): lets LLVM keep loads of x
         // and w around stores to y, and tells it nothing escapes.
@@ -1259,13 +1295,45 @@ mod tests {
     }
 
     fn check_dtype(dtype: DType, ks: &[usize]) {
-        let specs: Vec<LinearKernelSpec> = ks.iter().map(|&k| LinearKernelSpec { dtype, k }).collect();
+        let specs: Vec<LinearKernelSpec> = ks.iter().map(|&k| LinearKernelSpec::new(dtype, k)).collect();
         let mut rng = StdRng::seed_from_u64(dtype.ggml_id() as u64);
         with_kernels(&specs, |fns| {
             for (s, f) in specs.iter().zip(fns) {
                 check(&mut rng, *f, s.dtype, s.k);
             }
         });
+    }
+
+    /// The residual variant stores the plain kernel's result plus `r` (up to rounding: LLVM may fold the
+    /// add into the final horizontal sum), on the decode and panel paths, for row sub-ranges.
+    #[test]
+    fn residual_kernels_add_r_to_the_plain_result() {
+        let mut rng = StdRng::seed_from_u64(99);
+        for (dtype, k) in [(DType::Q4_1, 64), (DType::F16, 40), (DType::Q6K, 256)] {
+            let specs = [LinearKernelSpec::new(dtype, k), LinearKernelSpec { dtype, k, residual: true }];
+            with_kernels(&specs, |fns| {
+                // SAFETY: the residual kernel was generated with this signature.
+                let res: LinearResidualKernelFn = unsafe { std::mem::transmute(fns[1]) };
+                let n = 13;
+                let w = random_weights(&mut rng, dtype, n, k);
+                for m in [1usize, 3, 9, 70] {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let r: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let (mut plain, mut with_r) = (vec![0f32; m * n], vec![0f32; m * n]);
+                    // SAFETY: buffers sized as the ABI requires.
+                    unsafe {
+                        fns[0](w.as_ptr(), x.as_ptr(), plain.as_mut_ptr(), m as i64, n as i64, 0, n as i64);
+                        res(w.as_ptr(), x.as_ptr(), with_r.as_mut_ptr(), m as i64, n as i64, 2, n as i64, r.as_ptr());
+                        res(w.as_ptr(), x.as_ptr(), with_r.as_mut_ptr(), m as i64, n as i64, 0, 2, r.as_ptr());
+                    }
+                    for i in 0..m * n {
+                        let want = plain[i] + r[i];
+                        let tol = 1e-5 * (1.0 + plain[i].abs() + r[i].abs());
+                        assert!((with_r[i] - want).abs() <= tol, "{dtype} k={k} m={m} [{i}]: {} vs {want}", with_r[i]);
+                    }
+                }
+            });
+        }
     }
 
     // The larger k (rows of over 4 KiB) make row chunks of a few rows, so n = 33 spans several.
@@ -1329,12 +1397,12 @@ mod tests {
         let ctx = Context::create();
         let module = llvm::create_module(&ctx, "bad");
         for dtype in [DType::I32, DType::I64] {
-            let err = emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k: 64 }).unwrap_err();
+            let err = emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, 64)).unwrap_err();
             assert_eq!(err, CodegenError::UnsupportedDType { kernel: "linear", dtype });
             assert!(err.to_string().contains(dtype.name()), "{err}");
         }
         for (dtype, k) in [(DType::Q4_1, 48), (DType::Q6K, 576), (DType::F32, 0)] {
-            let err = emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k }).unwrap_err();
+            let err = emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, k)).unwrap_err();
             assert!(matches!(err, CodegenError::InvalidSpec(_)) && err.to_string().contains(&k.to_string()), "{err}");
         }
         assert_eq!(module.get_functions().count(), 0, "nothing is left behind on error");
@@ -1344,7 +1412,7 @@ mod tests {
     fn emits_host_object_and_assembly() {
         let ctx = Context::create();
         let module = llvm::create_module(&ctx, "linear_obj");
-        let spec = LinearKernelSpec { dtype: DType::Q4_1, k: 576 };
+        let spec = LinearKernelSpec::new(DType::Q4_1, 576);
         let f = emit_linear(&ctx, &module, &spec).unwrap();
         // Emitting the same spec again returns the existing definition.
         assert_eq!(emit_linear(&ctx, &module, &spec).unwrap(), f);
@@ -1373,7 +1441,7 @@ mod tests {
         let ctx = Context::create();
         let module = llvm::create_module(&ctx, "linear_baseline");
         for dtype in [DType::Q4K, DType::F16] {
-            emit_linear(&ctx, &module, &LinearKernelSpec { dtype, k: 256 }).unwrap();
+            emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, 256)).unwrap();
         }
         let triple = inkwell::targets::TargetTriple::create("x86_64-unknown-linux-gnu");
         let tm = llvm::target_machine(&triple, "x86-64", "").unwrap();
@@ -1450,7 +1518,8 @@ mod bench {
                 })
                 .collect();
         }
-        let specs: Vec<LinearKernelSpec> = shapes.iter().map(|&(dtype, k, _)| LinearKernelSpec { dtype, k }).collect();
+        let specs: Vec<LinearKernelSpec> =
+            shapes.iter().map(|&(dtype, k, _)| LinearKernelSpec::new(dtype, k)).collect();
         let t = Instant::now();
         with_kernels(&specs, |fns| {
             println!("generate + O3 + JIT of {} kernels: {:.0} ms", specs.len(), t.elapsed().as_secs_f64() * 1e3);
