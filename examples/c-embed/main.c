@@ -14,6 +14,9 @@
 
 #include "kiln_model.h"
 
+#ifndef KILN_MODEL_THREADS
+#define KILN_MODEL_THREADS 0
+#endif
 #ifndef KILN_MODEL_WEIGHTS
 #define KILN_MODEL_WEIGHTS "weights.bin"
 #endif
@@ -41,7 +44,7 @@ static int parse_ids(const char *s, uint32_t **ids, size_t *n) {
 
 int main(int argc, char **argv) {
     const char *weights = KILN_MODEL_WEIGHTS, *prompt = NULL;
-    long n = 20, threads = 0;
+    long n = 20, threads = KILN_MODEL_THREADS;
     KilnSamplingParams params = {0.0f, 0, 1.0f, 0};
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
