@@ -36,7 +36,7 @@ fn ensure_capi() {
     BUILT.get_or_init(|| {
         let release = Path::new(kiln_bin()).parent().is_some_and(|d| d.ends_with("release"));
         let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-        cmd.current_dir(repo()).args(["build", "--quiet", "-p", "kiln-capi"]);
+        cmd.current_dir(repo()).args(["build", "--quiet", "--locked", "-p", "kiln-capi"]);
         if release {
             cmd.arg("--release");
         }

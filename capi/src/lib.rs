@@ -496,7 +496,10 @@ mod tests {
             "kiln_status_string",
             "kiln_last_error",
         ] {
-            assert!(h.contains(&format!(" {f}(")), "kiln_model.h does not declare {f}");
+            assert!(
+                h.contains(&format!(" {f}(")) || h.contains(&format!("*{f}(")),
+                "kiln_model.h does not declare {f}"
+            );
         }
     }
 
@@ -533,7 +536,92 @@ mod tests {
             assert!(out.is_null() && last().contains("ABI"), "{}", last());
             kiln_model_free(std::ptr::null_mut());
             kiln_sampler_free(std::ptr::null_mut());
+            assert_eq!(kiln_capi_create_embedded(&d, c"w".as_ptr(), 1, 0, std::ptr::null_mut()), 1);
             assert_eq!(CStr::from_ptr(kiln_status_string(99)).to_str().unwrap(), "unknown status code");
         }
+    }
+
+    /// A descriptor over `manifest` with no kernels, and the status and message of creating from it.
+    fn create_with(manifest: &kiln_ir::program::Manifest, weights: &std::ffi::CStr) -> (i32, String) {
+        let json = serde_json::to_string(manifest).unwrap();
+        let names: [*const c_char; 0] = [];
+        let kernels: [KernelFn; 0] = [];
+        let d = EmbeddedModel {
+            abi_version: KILN_ABI_VERSION,
+            kernel_count: 0,
+            manifest: json.as_ptr(),
+            manifest_len: json.len() as u64,
+            names: names.as_ptr(),
+            kernels: kernels.as_ptr(),
+        };
+        let mut out = std::ptr::null_mut();
+        let status = unsafe { kiln_capi_create_embedded(&d, weights.as_ptr(), 1, 0, &mut out) };
+        assert!(out.is_null());
+        (status, unsafe { CStr::from_ptr(kiln_last_error()) }.to_string_lossy().into_owned())
+    }
+
+    fn manifest(features: &[&str], weights_len: u64) -> kiln_ir::program::Manifest {
+        kiln_ir::program::Manifest {
+            format_version: kiln_ir::program::ARTIFACT_FORMAT_VERSION,
+            kiln_version: "test".into(),
+            model_name: "m".into(),
+            source_hash: String::new(),
+            target: kiln_ir::program::TargetInfo {
+                triple: "x".into(),
+                cpu: "y".into(),
+                features: features.iter().map(|f| f.to_string()).collect(),
+            },
+            context_length: 4,
+            vocab_size: 2,
+            passes: Vec::new(),
+            library: kiln_ir::program::EMBEDDED_LIBRARY.into(),
+            library_hash: String::new(),
+            weights: "weights.bin".into(),
+            weights_len,
+            weights_hash: blake3_hex(b"abcd"),
+            kernels: Vec::new(),
+            program: kiln_ir::program::Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new() },
+            compile_seconds: 0.0,
+        }
+    }
+
+    fn blake3_hex(bytes: &[u8]) -> String {
+        let dir = std::env::temp_dir().join(format!("kiln-capi-hash-{}", std::process::id()));
+        std::fs::write(&dir, bytes).unwrap();
+        let h = kiln_runtime::compiled::blake3_file(&dir).unwrap();
+        std::fs::remove_file(&dir).unwrap();
+        h
+    }
+
+    #[test]
+    fn create_checks_cpu_features_format_and_weights() {
+        let path = std::env::temp_dir().join(format!("kiln-capi-weights-{}", std::process::id()));
+        std::fs::write(&path, b"abcd").unwrap();
+        let cpath = CString::new(path.to_str().unwrap()).unwrap();
+        // Code for a CPU feature this machine lacks is refused, naming the feature.
+        #[cfg(target_arch = "x86_64")]
+        if let Some(f) = ["avx512f", "avx512vnni", "avxvnni", "avx2"].into_iter().find(|f| match *f {
+            "avx512f" => !std::arch::is_x86_feature_detected!("avx512f"),
+            "avx512vnni" => !std::arch::is_x86_feature_detected!("avx512vnni"),
+            "avxvnni" => !std::arch::is_x86_feature_detected!("avxvnni"),
+            _ => !std::arch::is_x86_feature_detected!("avx2"),
+        }) {
+            let (status, msg) = create_with(&manifest(&[f], 4), &cpath);
+            assert_eq!(status, Status::UnsupportedCpu as i32, "{msg}");
+            assert!(msg.contains(f), "{msg}");
+        }
+        let mut m = manifest(&[], 4);
+        m.format_version += 1;
+        let (status, msg) = create_with(&m, &cpath);
+        assert_eq!(status, Status::Internal as i32);
+        assert!(msg.contains("format"), "{msg}");
+        let (status, msg) = create_with(&manifest(&[], 5), &cpath);
+        assert_eq!(status, Status::WrongWeights as i32);
+        assert!(msg.contains(path.to_str().unwrap()) && msg.contains("5"), "{msg}");
+        std::fs::write(&path, b"abce").unwrap();
+        let (status, msg) = create_with(&manifest(&[], 4), &cpath);
+        assert_eq!(status, Status::WrongWeights as i32);
+        assert!(msg.contains("hash"), "{msg}");
+        std::fs::remove_file(&path).unwrap();
     }
 }
