@@ -65,12 +65,14 @@ fn compile_lib(model: &Path, out: &Path, extra: &[&str]) {
     run_ok(&mut kiln(&args));
 }
 
-/// `kiln run`'s generated ids (EOS ignored, as the embedded examples have no tokenizer).
+/// `kiln run`'s generated ids (EOS ignored, as the embedded examples have no tokenizer). Each call
+/// compiles into its own artifact cache, so tests running side by side never share a cache entry.
 fn kiln_run_ids(model: &Path, prompt: &str, n: usize, sampling: &[&str]) -> Vec<u64> {
     let n = n.to_string();
     let mut args = vec!["run", model.to_str().unwrap(), "--prompt-ids", prompt, "-n", &n, "--ignore-eos", "--json"];
     args.extend_from_slice(sampling);
-    let out = run_ok(&mut kiln(&args));
+    let cache = tempfile::tempdir().unwrap();
+    let out = run_ok(kiln(&args).env("KILN_CACHE_DIR", cache.path()));
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
 }
