@@ -128,33 +128,42 @@ fn rust_embed_example_builds_with_kiln_build_and_matches_kiln_run() {
     let model = kiln::default_model_path();
     assert!(model.exists(), "default model missing at {} — run scripts/setup.sh", model.display());
     let project = repo().join("examples/rust-embed");
-    let target = repo().join("target/rust-embed");
-    let build = || {
-        let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
-            .current_dir(&project)
-            .args(["build", "--locked"])
-            .env("CARGO_TARGET_DIR", &target)
-            .env("KILN", kiln_bin())
-            .env("KILN_EMBED_MODEL", &model)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "building examples/rust-embed failed:\n{stderr}");
-        stderr
-    };
-    build();
-    // Unchanged inputs: the build script (and so kiln) does not run again.
-    let again = build();
-    assert!(!again.contains("Compiling rust-embed"), "an up-to-date build reran:\n{again}");
-    let exe = target.join("debug/rust-embed");
     let prompt = "6403,1980,253,655";
-    for sampling in [&[][..], &["--temperature", "0.7", "--top-p", "0.95", "--seed", "11"][..]] {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--prompt-ids", prompt, "-n", "24", "--threads", "2"]).args(sampling);
-        let got = parse_ids(&run_ok(&mut cmd));
-        let want = kiln_run_ids(&model, prompt, 24, sampling);
-        assert_eq!(got.len(), 24);
-        assert_eq!(got, want, "rust-embed {sampling:?} differs from kiln run");
+    // Linked against the shared library (the default) and the static one, each in its own target dir.
+    for (link_static, target) in [("0", "target/rust-embed"), ("1", "target/rust-embed-static")] {
+        let target = repo().join(target);
+        let build = || {
+            let out = Command::new(option_env!("CARGO").unwrap_or("cargo"))
+                .current_dir(&project)
+                .args(["build", "--locked"])
+                .env("CARGO_TARGET_DIR", &target)
+                .env("KILN", kiln_bin())
+                .env("KILN_EMBED_MODEL", &model)
+                .env("KILN_EMBED_STATIC", link_static)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "building examples/rust-embed failed:\n{stderr}");
+            stderr
+        };
+        build();
+        // Unchanged inputs: the build script (and so kiln) does not run again.
+        let again = build();
+        assert!(!again.contains("Compiling rust-embed"), "an up-to-date build reran:\n{again}");
+        let exe = target.join("debug/rust-embed");
+        let samplings: &[&[&str]] = if link_static == "0" {
+            &[&[], &["--temperature", "0.7", "--top-p", "0.95", "--seed", "11"]]
+        } else {
+            &[&[]]
+        };
+        for sampling in samplings {
+            let mut cmd = Command::new(&exe);
+            cmd.args(["--prompt-ids", prompt, "-n", "24", "--threads", "2"]).args(*sampling);
+            let got = parse_ids(&run_ok(&mut cmd));
+            let want = kiln_run_ids(&model, prompt, 24, sampling);
+            assert_eq!(got.len(), 24);
+            assert_eq!(got, want, "rust-embed (static: {link_static}) {sampling:?} differs from kiln run");
+        }
     }
 }
 

@@ -16,9 +16,11 @@
 //! `$OUT_DIR/kiln_model.rs`: safe bindings (`kiln_model::Model`, `kiln_model::Sampler`) over the C ABI
 //! of `kiln_model.h`.
 //!
-//! The program links `libkiln_model.so` (with an rpath to it) rather than the static library: the static
-//! library carries its own copy of Rust's standard library, which would clash with the program's; the
-//! shared one exports only the `kiln_*` functions. This crate has no dependencies (no LLVM): the
+//! By default the program links `libkiln_model.so` (with an rpath to it, for the package's own binaries,
+//! tests and examples): the shared library exports only the `kiln_*` functions, so the Rust standard
+//! library inside it never meets the program's. [`Builder::static_link`] links `libkiln_model.a`
+//! instead (a self-contained binary; the program should be built by the same Rust toolchain as
+//! kiln-capi, since both carry a standard library). This crate has no dependencies (no LLVM): the
 //! compiler is the `kiln` executable.
 
 use std::fmt;
@@ -37,6 +39,7 @@ pub fn compile(model: impl AsRef<Path>) -> Builder {
         opt_level: None,
         kiln: None,
         out_dir: None,
+        static_link: false,
     }
 }
 
@@ -49,6 +52,7 @@ pub struct Builder {
     opt_level: Option<u8>,
     kiln: Option<PathBuf>,
     out_dir: Option<PathBuf>,
+    static_link: bool,
 }
 
 /// What [`Builder::run`] produced.
@@ -120,6 +124,12 @@ impl Builder {
     /// The kiln executable to use instead of `$KILN` / `PATH`.
     pub fn kiln(mut self, path: impl AsRef<Path>) -> Self {
         self.kiln = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Link the static library instead of the shared one (see the crate docs).
+    pub fn static_link(mut self, yes: bool) -> Self {
+        self.static_link = yes;
         self
     }
 
@@ -221,8 +231,15 @@ impl Builder {
         directives.push(format!("cargo:rerun-if-changed={}", kiln.display()));
         directives.push("cargo:rerun-if-env-changed=KILN".into());
         directives.push(format!("cargo:rustc-link-search=native={}", dir.display()));
-        directives.push("cargo:rustc-link-lib=dylib=kiln_model".into());
-        directives.push(format!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display()));
+        if self.static_link {
+            directives.push("cargo:rustc-link-lib=static=kiln_model".into());
+            for lib in ["pthread", "dl", "m"] {
+                directives.push(format!("cargo:rustc-link-lib=dylib={lib}"));
+            }
+        } else {
+            directives.push("cargo:rustc-link-lib=dylib=kiln_model".into());
+            directives.push(format!("cargo:rustc-link-arg=-Wl,-rpath,{}", dir.display()));
+        }
         Ok((Output { dir, weights, bindings }, directives))
     }
 }
