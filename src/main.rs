@@ -255,7 +255,7 @@ fn compile(a: CompileArgs) -> Result<()> {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
     if let Some(stage) = a.emit {
-        let graph = m.graph_with(kiln::frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
+        let graph = kiln::artifact::compile_graph(&m, &opts, &a.passes)?;
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
             CompileEmit::Program => {

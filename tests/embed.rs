@@ -315,7 +315,8 @@ fn cross_target_objects_have_the_target_architecture() {
     assert_eq!(h, (ELFCLASS64, 1, ET_REL, EM_X86_64));
     let _ = h;
 
-    // Misuse: a library for another machine, an unknown triple, a malformed target.
+    // Misuse: a library for another machine, an unknown triple, a malformed target, an unknown pass, no
+    // runtime library to link.
     let out = d.join("x");
     let o = out.to_str().unwrap();
     for (args, needle) in [
@@ -323,10 +324,12 @@ fn cross_target_objects_have_the_target_architecture() {
         (vec!["--target", "aarch64-unknown-linux-gnu"], "--emit obj"),
         (vec!["--emit", "obj", "--target", "sparc9-nothing-here:foo"], "sparc9"),
         (vec!["--emit", "obj", "--target", "aarch64"], "TRIPLE"),
+        (vec!["--emit", "obj", "--passes", "cse,no-such-pass"], "no-such-pass"),
+        (vec!["--emit", "lib"], "no-such-libkiln_capi.a"),
     ] {
         let mut a = vec!["compile", m, "-o", o];
         a.extend(args.iter().copied());
-        let res = kiln(&a).output().unwrap();
+        let res = kiln(&a).env("KILN_CAPI_LIB", d.join("no-such-libkiln_capi.a")).output().unwrap();
         let err = String::from_utf8_lossy(&res.stderr);
         assert_eq!(res.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
