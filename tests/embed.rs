@@ -190,7 +190,7 @@ fn c_abi_misuse_returns_errors_under_valgrind() {
             .arg("-I")
             .arg(d.join("good"))
             .arg(d.join("good/libkiln_model.a"))
-            .args(["-lpthread", "-ldl", "-lm"]),
+            .args(["-pthread", "-ldl", "-lm"]),
     );
     let args = [
         d.join("good/weights.bin"),

@@ -7,6 +7,7 @@
  *
  * Prints one line per failed check and ends with "N passed, M failed"; exits non-zero if any failed.
  */
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -36,6 +37,43 @@ static void check(const char *what, int ok) {
         printf("FAIL %s\n", what);
         failed++;
     }
+}
+
+/* One thread's work on its own model: prefill a prompt and sample greedily; also fail one call, which must
+ * set this thread's last error only. */
+struct job {
+    KilnModel *model;
+    uint32_t token;
+    int32_t status;
+};
+
+static void *run_job(void *arg) {
+    struct job *j = arg;
+    uint32_t ids[5] = {3, 1, 4, 1, 5};
+    KilnSamplingParams greedy = {0.0f, 0, 1.0f, 0};
+    KilnSampler *s = NULL;
+    (void)kiln_model_decode(NULL, 1);
+    j->status = kiln_model_prefill(j->model, ids, 5);
+    if (j->status == KILN_OK) j->status = kiln_sampler_create(&greedy, &s);
+    if (j->status == KILN_OK) j->status = kiln_sampler_sample(s, j->model, &j->token);
+    kiln_sampler_free(s);
+    return NULL;
+}
+
+/* Two models used from two threads at once agree, and errors stay in their thread. */
+static void threads(const char *good) {
+    struct job jobs[2] = {{NULL, 0, -1}, {NULL, 0, -1}};
+    pthread_t t[2];
+    for (int i = 0; i < 2; i++) expect("create for a thread", kiln_model_create(good, 1, 16, &jobs[i].model), KILN_OK, NULL);
+    if (!jobs[0].model || !jobs[1].model) return;
+    char before[256];
+    snprintf(before, sizeof before, "%s", kiln_last_error());
+    for (int i = 0; i < 2; i++) check("pthread_create", pthread_create(&t[i], NULL, run_job, &jobs[i]) == 0);
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    for (int i = 0; i < 2; i++) expect("steps on a thread", jobs[i].status, KILN_OK, NULL);
+    check("two threads, two models, the same token", jobs[0].token == jobs[1].token);
+    check("errors on other threads leave this thread's last error", strcmp(before, kiln_last_error()) == 0);
+    for (int i = 0; i < 2; i++) kiln_model_free(jobs[i].model);
 }
 
 int main(int argc, char **argv) {
@@ -137,6 +175,7 @@ int main(int argc, char **argv) {
 
     kiln_sampler_free(s);
     kiln_model_free(m);
+    threads(good);
     printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
