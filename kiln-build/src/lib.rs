@@ -269,6 +269,55 @@ mod tests {
         assert!(BINDINGS.contains(&format!("pub const ABI_VERSION: u32 = {version};")), "ABI version differs");
     }
 
+    /// A stand-in `kiln` that records its arguments (or fails with a message).
+    fn fake_kiln(dir: &Path, fail: bool) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join(if fail { "kiln-failing" } else { "kiln" });
+        let body = if fail {
+            "echo 'error: model is broken' >&2; exit 1".to_string()
+        } else {
+            // compile MODEL --emit lib -o DIR ...
+            "mkdir -p \"$6\" && echo \"$@\" > \"$6/args\"".to_string()
+        };
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    #[test]
+    fn runs_kiln_with_the_options_and_prints_link_and_rerun_directives() {
+        let dir = std::env::temp_dir().join(format!("kiln-build-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let model = dir.join("m.gguf");
+        std::fs::write(&model, b"x").unwrap();
+        let kiln = fake_kiln(&dir, false);
+        let b = compile(&model).passes(&["cse", "dce"]).target("cpu").opt_level(2).kiln(&kiln).out_dir(&dir);
+        let (out, directives) = b.clone().run_quiet().unwrap();
+        let args = std::fs::read_to_string(out.dir.join("args")).unwrap();
+        assert_eq!(
+            args.trim(),
+            format!(
+                "compile {} --emit lib -o {} --passes cse,dce --target cpu -O2",
+                model.display(),
+                out.dir.display()
+            )
+        );
+        let has = |d: &str| directives.iter().any(|x| x == d);
+        assert!(has(&format!("cargo:rerun-if-changed={}", model.display())), "{directives:?}");
+        assert!(has(&format!("cargo:rerun-if-changed={}", kiln.display())), "{directives:?}");
+        assert!(has(&format!("cargo:rustc-link-search=native={}", out.dir.display())), "{directives:?}");
+        assert!(has("cargo:rustc-link-lib=dylib=kiln_model"), "{directives:?}");
+        assert!(has(&format!("cargo:rustc-link-arg=-Wl,-rpath,{}", out.dir.display())), "{directives:?}");
+        let bindings = std::fs::read_to_string(&out.bindings).unwrap();
+        assert!(bindings.contains(&format!("pub const WEIGHTS: &str = {:?};", out.weights.to_string_lossy())));
+        let (_, directives) = b.static_link(true).run_quiet().unwrap();
+        assert!(directives.iter().any(|x| x == "cargo:rustc-link-lib=static=kiln_model"), "{directives:?}");
+        assert!(!directives.iter().any(|x| x.contains("rpath")), "{directives:?}");
+        let e = compile(&model).kiln(fake_kiln(&dir, true)).out_dir(&dir).run_quiet().unwrap_err();
+        assert!(e.to_string().contains("model is broken"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn missing_kiln_and_model_are_clear_errors() {
         let dir = std::env::temp_dir();
