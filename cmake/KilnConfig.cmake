@@ -1,7 +1,8 @@
 # KilnConfig.cmake — compile Kiln models into C libraries at build time.
 #
 #   find_package(Kiln CONFIG REQUIRED PATHS /path/to/kiln/cmake)
-#   kiln_add_model(<target> MODEL <model.gguf | hf-dir> [PASSES <pass>...] [THREADS <n>] [OPT_LEVEL <0-3>] [SHARED])
+#   kiln_add_model(<target> MODEL <model.gguf | hf-dir> [PASSES <pass>...] [THREADS <n>] [OPT_LEVEL <0-3>]
+#                  [TARGET cpu | x86_64-unknown-linux-gnu:x86-64-v3 ...] [SHARED])
 #   target_link_libraries(my_program PRIVATE <target>)
 #
 # kiln_add_model runs `kiln compile MODEL --emit lib -o <build>/kiln/<target>` as a build step (rerun only
@@ -18,7 +19,7 @@ find_program(KILN_EXECUTABLE NAMES kiln HINTS ENV KILN DOC "the kiln compiler")
 find_package(Threads REQUIRED)
 
 function(kiln_add_model target)
-  cmake_parse_arguments(PARSE_ARGV 1 KILN "SHARED" "MODEL;THREADS;OPT_LEVEL" "PASSES")
+  cmake_parse_arguments(PARSE_ARGV 1 KILN "SHARED" "MODEL;THREADS;OPT_LEVEL;TARGET" "PASSES")
   if(KILN_UNPARSED_ARGUMENTS)
     message(FATAL_ERROR "kiln_add_model(${target}): unknown arguments: ${KILN_UNPARSED_ARGUMENTS}")
   endif()
@@ -47,6 +48,9 @@ function(kiln_add_model target)
   if(KILN_PASSES)
     list(JOIN KILN_PASSES "," passes)
     list(APPEND args --passes "${passes}")
+  endif()
+  if(KILN_TARGET)
+    list(APPEND args --target "${KILN_TARGET}")
   endif()
   if(DEFINED KILN_OPT_LEVEL)
     list(APPEND args -O "${KILN_OPT_LEVEL}")

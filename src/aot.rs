@@ -120,8 +120,11 @@ pub fn compile_library(
     kind: LibraryKind,
     out: &Path,
 ) -> Result<Manifest> {
-    if kind == LibraryKind::Library && *target != TargetSpec::Host {
-        bail!("--emit lib links for this machine only; use --emit obj for --target TRIPLE[:CPU]");
+    if kind == LibraryKind::Library && !target.runs_here() {
+        bail!(
+            "--emit lib links for this machine (`--target cpu`, or a portable x86-64 level such as \
+             x86_64-unknown-linux-gnu:x86-64-v3); use --emit obj for other --target TRIPLE[:CPU]"
+        );
     }
     // Find the runtime before the (long) compile, so a missing one fails fast.
     let capi = match kind {

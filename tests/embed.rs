@@ -321,6 +321,7 @@ fn cross_target_objects_have_the_target_architecture() {
     let o = out.to_str().unwrap();
     for (args, needle) in [
         (vec!["--emit", "lib", "--target", "aarch64-unknown-linux-gnu"], "--emit obj"),
+        (vec!["--emit", "lib", "--target", "x86_64-unknown-linux-gnu:znver4"], "x86-64-v3"),
         (vec!["--target", "aarch64-unknown-linux-gnu"], "--emit obj"),
         (vec!["--emit", "obj", "--target", "sparc9-nothing-here:foo"], "sparc9"),
         (vec!["--emit", "obj", "--target", "aarch64"], "TRIPLE"),
@@ -333,5 +334,75 @@ fn cross_target_objects_have_the_target_architecture() {
         let err = String::from_utf8_lossy(&res.stderr);
         assert_eq!(res.status.code(), Some(1), "{args:?}: {err}");
         assert!(err.contains(needle) && !err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Whether this CPU has an LLVM-named feature (the ones portable levels record).
+#[cfg(target_arch = "x86_64")]
+fn host_has(feature: &str) -> bool {
+    match feature {
+        "sse4.2" => std::arch::is_x86_feature_detected!("sse4.2"),
+        "avx" => std::arch::is_x86_feature_detected!("avx"),
+        "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+        "fma" => std::arch::is_x86_feature_detected!("fma"),
+        "f16c" => std::arch::is_x86_feature_detected!("f16c"),
+        "bmi2" => std::arch::is_x86_feature_detected!("bmi2"),
+        "avx512f" => std::arch::is_x86_feature_detected!("avx512f"),
+        "avx512bw" => std::arch::is_x86_feature_detected!("avx512bw"),
+        "avx512vl" => std::arch::is_x86_feature_detected!("avx512vl"),
+        "avx512dq" => std::arch::is_x86_feature_detected!("avx512dq"),
+        other => panic!("unexpected feature {other}"),
+    }
+}
+
+/// Portable libraries (x86-64 psABI levels): the manifest records the level's features; where this CPU
+/// has them the library's tokens equal `kiln run`'s, where it lacks one, `kiln_model_create` refuses
+/// with KILN_ERR_UNSUPPORTED_CPU naming it (v4 = AVX-512 exercises that on most machines).
+#[test]
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn portable_x86_64_levels_record_features_and_are_checked_at_create() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = tiny_gguf(d, Arch::Llama, 7);
+    for (level, want) in [
+        ("x86-64-v2", &["sse4.2"][..]),
+        ("x86-64-v4", &["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq"]),
+    ] {
+        let out = d.join(level);
+        compile_lib(&model, &out, &["--target", &format!("x86_64-unknown-linux-gnu:{level}")]);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest["target"]["features"], serde_json::json!(want), "{level}");
+        let exe = out.join("c-embed");
+        run_ok(
+            Command::new("cc")
+                .arg("-o")
+                .arg(&exe)
+                .arg(repo().join("examples/c-embed/main.c"))
+                .arg("-I")
+                .arg(&out)
+                .arg(out.join("libkiln_model.a"))
+                .args(["-pthread", "-ldl", "-lm"]),
+        );
+        let weights = out.join("weights.bin");
+        let res = Command::new(&exe)
+            .args(["--prompt-ids", "5,3,9", "-n", "8", "--weights", weights.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&res.stderr);
+        match want.iter().find(|f| !host_has(f)) {
+            None => {
+                assert!(res.status.success(), "{level}: {stderr}");
+                let got = parse_ids(&String::from_utf8_lossy(&res.stdout));
+                assert_eq!(got, kiln_run_ids(&model, "5,3,9", 8, &[]), "{level} library vs kiln run");
+            }
+            Some(missing) => {
+                assert_eq!(res.status.code(), Some(1), "{level}: {stderr}");
+                assert!(
+                    stderr.contains("lacks") && stderr.contains(missing) && stderr.contains("CPU lacks features"),
+                    "{level}: {stderr}"
+                );
+            }
+        }
     }
 }

@@ -43,16 +43,49 @@ impl TargetSpec {
         Ok(TargetSpec::Cross { triple: triple.to_string(), cpu: cpu.to_string() })
     }
 
-    /// A target machine and the description the manifest records. A cross target records no features:
-    /// LLVM derives them from the CPU name, and the code cannot run on the compiling machine anyway.
+    /// A target machine and the description the manifest records. For the x86-64 psABI levels the
+    /// checked features are known ([`x86_64_level_features`]); other cross targets record none (LLVM
+    /// derives them from the CPU name, and the code does not run on the compiling machine).
     fn machine(&self) -> Result<(TargetMachine, TargetInfo), CodegenError> {
         match self {
             TargetSpec::Host => Ok((llvm::host_target_machine()?, host_target_info())),
             TargetSpec::Cross { triple, cpu } => {
                 let tm = llvm::target_machine(&TargetTriple::create(triple), cpu, "")?;
-                Ok((tm, TargetInfo { triple: triple.clone(), cpu: cpu.clone(), features: Vec::new() }))
+                let features = x86_64_level_features(triple, cpu).unwrap_or_default();
+                let features = features.iter().map(|f| f.to_string()).collect();
+                Ok((tm, TargetInfo { triple: triple.clone(), cpu: cpu.clone(), features }))
             }
         }
+    }
+
+    /// Whether code for this target runs on this machine and the runtime can check its CPU features: the
+    /// host, or an x86-64 psABI level (`x86-64`, `x86-64-v2` … `-v4`) for Linux on an x86-64 Linux host
+    /// (portable libraries).
+    pub fn runs_here(&self) -> bool {
+        match self {
+            TargetSpec::Host => true,
+            TargetSpec::Cross { triple, cpu } => {
+                cfg!(all(target_arch = "x86_64", target_os = "linux")) && x86_64_level_features(triple, cpu).is_some()
+            }
+        }
+    }
+}
+
+/// The features of [`kiln_ir::program::CHECKED_CPU_FEATURES`] an x86-64 psABI level implies, for
+/// `x86_64-*-linux-*` triples; `None` for any other target or CPU name.
+pub fn x86_64_level_features(triple: &str, cpu: &str) -> Option<&'static [&'static str]> {
+    if !(triple.starts_with("x86_64-") && triple.contains("-linux")) {
+        return None;
+    }
+    const V3: &[&str] = &["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2"];
+    const V4: &[&str] =
+        &["sse4.2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq"];
+    match cpu {
+        "x86-64" => Some(&[]),
+        "x86-64-v2" => Some(&["sse4.2"]),
+        "x86-64-v3" => Some(V3),
+        "x86-64-v4" => Some(V4),
+        _ => None,
     }
 }
 
