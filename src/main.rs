@@ -53,8 +53,9 @@ struct CompileArgs {
     /// Optimisation level of the generated code (0-3).
     #[arg(short = 'O', long = "opt-level", default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=3))]
     opt_level: u8,
-    /// Code generation target: `cpu` (this machine, every feature it has) or TRIPLE[:CPU] for object code
-    /// (--emit obj), e.g. aarch64-unknown-linux-gnu:cortex-a76.
+    /// Code generation target: `cpu` (this machine, every feature it has) or TRIPLE[:CPU] — object code for
+    /// any LLVM target with --emit obj (e.g. aarch64-unknown-linux-gnu:cortex-a76), libraries for x86-64
+    /// levels with --emit lib (e.g. x86_64-unknown-linux-gnu:x86-64-v3).
     #[arg(long, default_value = "cpu")]
     target: String,
     /// Graph passes to run before code generation, comma separated (e.g. cse,dce).
