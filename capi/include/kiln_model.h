@@ -72,7 +72,7 @@ uint32_t kiln_abi_version(void);
 
 /*
  * Loads the model over `weights_path` (the weights.bin written beside the library). `threads`: worker
- * threads for a step, 0 = one per core. `context_length`: positions the KV cache holds, 0 = the model's
+ * threads for a step, 0 = one per core, at most 1024. `context_length`: positions the KV cache holds, 0 = the model's
  * full context (larger values are capped to it). On success *out is the model; on failure *out is NULL.
  */
 int32_t kiln_model_create(const char *weights_path, uint32_t threads, uint32_t context_length,

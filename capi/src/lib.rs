@@ -22,6 +22,9 @@ use std::path::{Path, PathBuf};
 /// `KILN_ABI_VERSION` in `kiln_model.h`.
 pub const KILN_ABI_VERSION: u32 = C_ABI_VERSION;
 
+/// The most worker threads a model may ask for (more is a mistake, not a machine).
+const MAX_THREADS: u32 = 1024;
+
 /// Status codes (`KilnStatus` in `kiln_model.h`).
 #[repr(i32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +222,9 @@ pub unsafe extern "C" fn kiln_capi_create_embedded(
             return err(Status::Internal, "model descriptor has a NULL table");
         }
         let wpath = path_arg(weights_path, "weights_path")?;
+        if threads > MAX_THREADS {
+            return err(Status::InvalidArgument, format!("threads {threads} is more than {MAX_THREADS}"));
+        }
         // SAFETY: the descriptor's arrays have the lengths it states and live as long as the program.
         let (json, names, kernels) = unsafe {
             (

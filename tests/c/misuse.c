@@ -90,6 +90,7 @@ int main(int argc, char **argv) {
     check("create(NULL path) leaves *out NULL", m == NULL);
     expect("create(NULL out)", kiln_model_create(good, 1, 0, NULL), KILN_ERR_NULL_ARGUMENT, "out");
     expect("create(\"\")", kiln_model_create("", 1, 0, &m), KILN_ERR_INVALID_ARGUMENT, "empty");
+    expect("create(10^8 threads)", kiln_model_create(good, 100000000, 0, &m), KILN_ERR_INVALID_ARGUMENT, "threads");
     expect("create(missing file)", kiln_model_create(missing, 1, 0, &m), KILN_ERR_IO, missing);
     expect("create(another model's weights)", kiln_model_create(other, 1, 0, &m), KILN_ERR_WRONG_WEIGHTS, other);
     expect("create(truncated weights)", kiln_model_create(truncated, 1, 0, &m), KILN_ERR_WRONG_WEIGHTS, "truncated");
