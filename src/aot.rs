@@ -40,6 +40,7 @@ const EXPORTS: &[&str] = &[
     "kiln_model_vocab_size",
     "kiln_model_context_length",
     "kiln_model_position",
+    "kiln_model_eos_token",
     "kiln_sampler_create",
     "kiln_sampler_sample",
     "kiln_sampler_free",

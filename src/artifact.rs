@@ -70,6 +70,7 @@ pub fn artifact_info(model: &Model, source_hash: &str, passes: &[String]) -> kil
         source_hash: source_hash.to_string(),
         context_length: model.config.context_length,
         vocab_size: model.config.vocab_size,
+        eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
         passes: passes.to_vec(),
     }
 }

@@ -65,16 +65,56 @@ fn compile_lib(model: &Path, out: &Path, extra: &[&str]) {
     run_ok(&mut kiln(&args));
 }
 
-/// `kiln run`'s generated ids (EOS ignored, as the embedded examples have no tokenizer). Each call
-/// compiles into its own artifact cache, so tests running side by side never share a cache entry.
-fn kiln_run_ids(model: &Path, prompt: &str, n: usize, sampling: &[&str]) -> Vec<u64> {
-    let n = n.to_string();
-    let mut args = vec!["run", model.to_str().unwrap(), "--prompt-ids", prompt, "-n", &n, "--ignore-eos", "--json"];
-    args.extend_from_slice(sampling);
+/// `kiln run MODEL ARGS --json`'s report. Each call compiles into its own artifact cache, so tests
+/// running side by side never share a cache entry.
+fn kiln_run_json(model: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["run", model.to_str().unwrap(), "--json"];
+    all.extend_from_slice(args);
     let cache = tempfile::tempdir().unwrap();
-    let out = run_ok(kiln(&args).env("KILN_CACHE_DIR", cache.path()));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["generated_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+    let out = run_ok(kiln(&all).env("KILN_CACHE_DIR", cache.path()));
+    serde_json::from_str(&out).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u64> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect()
+}
+
+/// `kiln run`'s generated ids for `prompt` (ids) and generation `args` (`-n`, sampling, `--ignore-eos`).
+fn kiln_run_ids(model: &Path, prompt: &str, args: &[&str]) -> Vec<u64> {
+    let mut all = vec!["--prompt-ids", prompt];
+    all.extend_from_slice(args);
+    ids(&kiln_run_json(model, &all)["generated_ids"])
+}
+
+/// Cases for the embedding examples, which take the same generation options as `kiln run`: (prompt ids,
+/// options, `kiln run`'s tokens). Greedy and seeded sampling for 24 tokens past EOS, and a chat prompt
+/// that stops at the end-of-sequence token.
+fn example_cases(model: &Path) -> Vec<(String, Vec<&'static str>, Vec<u64>)> {
+    let plain = "6403,1980,253,655".to_string();
+    let mut cases = Vec::new();
+    for opts in [
+        vec!["-n", "24", "--ignore-eos"],
+        vec!["-n", "24", "--ignore-eos", "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3"],
+    ] {
+        let want = kiln_run_ids(model, &plain, &opts);
+        assert_eq!(want.len(), 24);
+        cases.push((plain.clone(), opts, want));
+    }
+    let chat = kiln_run_json(model, &["--chat", "--prompt", "What is the capital of France?", "-n", "48"]);
+    assert_eq!(chat["stop"], "eos", "the chat case must end at the end-of-sequence token: {chat}");
+    let prompt: Vec<String> = ids(&chat["prompt_ids"]).iter().map(u64::to_string).collect();
+    cases.push((prompt.join(","), vec!["-n", "48"], ids(&chat["generated_ids"])));
+    cases
+}
+
+/// Runs an example binary on every case of [`example_cases`].
+fn check_example(exe: &Path, cases: &[(String, Vec<&str>, Vec<u64>)]) {
+    for (prompt, opts, want) in cases {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--prompt-ids", prompt, "--threads", "2"]).args(opts);
+        let got = parse_ids(&run_ok(&mut cmd));
+        assert_eq!(&got, want, "{} {opts:?} differs from kiln run", exe.display());
+    }
 }
 
 fn parse_ids(line: &str) -> Vec<u64> {
@@ -110,16 +150,7 @@ fn c_embed_example_builds_with_cmake_and_matches_kiln_run() {
     let second = cmake(&["--build", build.path().to_str().unwrap()]);
     assert!(!second.contains("kiln: compiling"), "an up-to-date build recompiled the model:\n{second}");
 
-    let exe = build.path().join("c-embed");
-    let prompt = "6403,1980,253,655";
-    for sampling in [&[][..], &["--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3"][..]] {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["--prompt-ids", prompt, "-n", "24", "--threads", "2"]).args(sampling);
-        let got = parse_ids(&run_ok(&mut cmd));
-        let want = kiln_run_ids(&model, prompt, 24, sampling);
-        assert_eq!(got.len(), 24);
-        assert_eq!(got, want, "c-embed {sampling:?} differs from kiln run");
-    }
+    check_example(&build.path().join("c-embed"), &example_cases(&model));
 }
 
 #[test]
@@ -128,7 +159,7 @@ fn rust_embed_example_builds_with_kiln_build_and_matches_kiln_run() {
     let model = kiln::default_model_path();
     assert!(model.exists(), "default model missing at {} — run scripts/setup.sh", model.display());
     let project = repo().join("examples/rust-embed");
-    let prompt = "6403,1980,253,655";
+    let cases = example_cases(&model);
     // Linked against the shared library (the default) and the static one, each in its own target dir.
     for (link_static, target) in [("0", "target/rust-embed"), ("1", "target/rust-embed-static")] {
         let target = repo().join(target);
@@ -151,19 +182,8 @@ fn rust_embed_example_builds_with_kiln_build_and_matches_kiln_run() {
         let again = build();
         assert!(!again.contains("Compiling rust-embed"), "an up-to-date build reran:\n{again}");
         let exe = target.join("debug/rust-embed");
-        let samplings: &[&[&str]] = if link_static == "0" {
-            &[&[], &["--temperature", "0.7", "--top-p", "0.95", "--seed", "11"]]
-        } else {
-            &[&[]]
-        };
-        for sampling in samplings {
-            let mut cmd = Command::new(&exe);
-            cmd.args(["--prompt-ids", prompt, "-n", "24", "--threads", "2"]).args(*sampling);
-            let got = parse_ids(&run_ok(&mut cmd));
-            let want = kiln_run_ids(&model, prompt, 24, sampling);
-            assert_eq!(got.len(), 24);
-            assert_eq!(got, want, "rust-embed (static: {link_static}) {sampling:?} differs from kiln run");
-        }
+        // The static build runs the greedy case only: the link, not the generation, is what differs.
+        check_example(&exe, if link_static == "0" { &cases } else { &cases[..1] });
     }
 }
 
@@ -394,7 +414,7 @@ fn portable_x86_64_levels_record_features_and_are_checked_at_create() {
             None => {
                 assert!(res.status.success(), "{level}: {stderr}");
                 let got = parse_ids(&String::from_utf8_lossy(&res.stdout));
-                assert_eq!(got, kiln_run_ids(&model, "5,3,9", 8, &[]), "{level} library vs kiln run");
+                assert_eq!(got, kiln_run_ids(&model, "5,3,9", &["-n", "8"]), "{level} library vs kiln run");
             }
             Some(missing) => {
                 assert_eq!(res.status.code(), Some(1), "{level}: {stderr}");

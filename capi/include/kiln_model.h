@@ -104,6 +104,13 @@ size_t kiln_model_vocab_size(const KilnModel *model);
 size_t kiln_model_context_length(const KilnModel *model);
 size_t kiln_model_position(const KilnModel *model);
 
+/* No such token. */
+#define KILN_NO_TOKEN UINT32_MAX
+
+/* The end-of-sequence token of the model's tokenizer (generation usually stops there, as `kiln run`
+ * does), or KILN_NO_TOKEN if it has none or `model` is NULL. */
+uint32_t kiln_model_eos_token(const KilnModel *model);
+
 /* Sampling: temperature 0 is greedy (arg-max, ties to the lowest id); top_k 0 keeps all tokens; top_p 1
  * keeps all; the same seed gives the same tokens as `kiln run --seed`. */
 typedef struct KilnSamplingParams {

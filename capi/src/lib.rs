@@ -376,6 +376,17 @@ pub unsafe extern "C" fn kiln_model_position(model: *const KilnModel) -> usize {
     unsafe { model.as_ref() }.map_or(0, |m| m.backend.position())
 }
 
+/// The end-of-sequence token of the model's tokenizer, or `KILN_NO_TOKEN` (u32::MAX) if it has none or
+/// `model` is NULL.
+///
+/// # Safety
+/// `model` NULL or live.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_eos_token(model: *const KilnModel) -> u32 {
+    // SAFETY: NULL or a live model per the function's safety.
+    unsafe { model.as_ref() }.and_then(|m| m.backend.manifest().eos_token).unwrap_or(u32::MAX)
+}
+
 /// Makes a sampler; temperature 0 is greedy (arg-max, ties to the lowest id).
 ///
 /// # Safety
@@ -496,6 +507,7 @@ mod tests {
             "kiln_model_vocab_size",
             "kiln_model_context_length",
             "kiln_model_position",
+            "kiln_model_eos_token",
             "kiln_sampler_create",
             "kiln_sampler_sample",
             "kiln_sampler_free",
@@ -579,6 +591,7 @@ mod tests {
             },
             context_length: 4,
             vocab_size: 2,
+            eos_token: None,
             passes: Vec::new(),
             library: kiln_ir::program::EMBEDDED_LIBRARY.into(),
             library_hash: String::new(),

@@ -34,6 +34,8 @@ pub struct ArtifactInfo {
     pub source_hash: String,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// The tokenizer's end-of-sequence token, if any.
+    pub eos_token: Option<u32>,
     /// Graph passes that ran before code generation, in order.
     pub passes: Vec<String>,
 }
@@ -214,6 +216,7 @@ pub(crate) fn make_manifest(
         target,
         context_length: info.context_length,
         vocab_size: info.vocab_size,
+        eos_token: info.eos_token,
         passes: info.passes.clone(),
         library: library.0.into(),
         library_hash: library.1,

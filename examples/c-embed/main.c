@@ -2,10 +2,10 @@
  * c-embed: generates tokens with a model compiled into this program by CMake's kiln_add_model.
  *
  *   c-embed --prompt-ids 6403,1980,253 [-n 20] [--temperature T] [--top-k K] [--top-p P] [--seed S]
- *           [--threads N] [--weights PATH]
+ *           [--threads N] [--weights PATH] [--ignore-eos]
  *
- * Prints the generated token ids on one line, separated by spaces. It never stops early at an
- * end-of-sequence token (it has no tokenizer), like `kiln run --ignore-eos`.
+ * Prints the generated token ids on one line, separated by spaces. Like `kiln run`, it stops at the
+ * model's end-of-sequence token (not printed) unless --ignore-eos is given.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -46,8 +46,13 @@ int main(int argc, char **argv) {
     const char *weights = KILN_MODEL_WEIGHTS, *prompt = NULL;
     long n = 20, threads = KILN_MODEL_THREADS;
     KilnSamplingParams params = {0.0f, 0, 1.0f, 0};
+    int ignore_eos = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--ignore-eos")) {
+            ignore_eos = 1;
+            continue;
+        }
         if (!v) { fprintf(stderr, "c-embed: %s needs a value\n", a); return 2; }
         if (!strcmp(a, "--prompt-ids")) prompt = v;
         else if (!strcmp(a, "-n")) n = strtol(v, NULL, 10);
@@ -76,9 +81,11 @@ int main(int argc, char **argv) {
     KilnSampler *sampler;
     if ((st = kiln_sampler_create(&params, &sampler)) != KILN_OK) return fail("sampler", st);
     if ((st = kiln_model_prefill(model, ids, n_ids)) != KILN_OK) return fail("prefill", st);
+    uint32_t eos = ignore_eos ? KILN_NO_TOKEN : kiln_model_eos_token(model);
     for (long i = 0; i < n; i++) {
         uint32_t t;
         if ((st = kiln_sampler_sample(sampler, model, &t)) != KILN_OK) return fail("sample", st);
+        if (t == eos) break;
         printf(i ? " %u" : "%u", t);
         if (i + 1 == n || kiln_model_position(model) >= kiln_model_context_length(model)) break;
         if ((st = kiln_model_decode(model, t)) != KILN_OK) return fail("decode", st);

@@ -78,6 +78,9 @@ pub struct Manifest {
     pub target: TargetInfo,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// The tokenizer's end-of-sequence token, if it has one (for programs that embed the code).
+    #[serde(default)]
+    pub eos_token: Option<u32>,
     /// Stages that ran, in order.
     pub passes: Vec<String>,
     /// The kernel library's file name and blake3 hash.

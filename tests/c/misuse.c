@@ -120,6 +120,8 @@ int main(int argc, char **argv) {
     size_t vocab = kiln_model_vocab_size(m);
     check("context capacity is 8", kiln_model_context_length(m) == 8);
     check("vocabulary is non-empty", vocab > 0);
+    check("a model without a tokenizer has no EOS token", kiln_model_eos_token(m) == KILN_NO_TOKEN);
+    check("a NULL model has no EOS token", kiln_model_eos_token(NULL) == KILN_NO_TOKEN);
 
     /* Order of calls. */
     expect("decode before prefill", kiln_model_decode(m, 1), KILN_ERR_NOT_READY, "prefill");

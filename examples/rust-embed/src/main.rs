@@ -1,9 +1,10 @@
 //! rust-embed: generates tokens with the model compiled in by kiln-build.
 //!
 //!   rust-embed --prompt-ids 6403,1980,253 [-n 20] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-//!              [--threads N]
+//!              [--threads N] [--ignore-eos]
 //!
-//! Prints the generated ids on one line (no early stop at end-of-sequence, like `kiln run --ignore-eos`).
+//! Prints the generated ids on one line; like `kiln run`, stops at the end-of-sequence token (not printed)
+//! unless --ignore-eos is given.
 
 include!(concat!(env!("OUT_DIR"), "/kiln_model.rs"));
 
@@ -22,7 +23,9 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (mut prompt, mut n, mut threads) = (Vec::new(), 20usize, 0u32);
     let (mut temperature, mut top_k, mut top_p, mut seed) = (0.0f32, 0u32, 1.0f32, 0u64);
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let ignore_eos = args.iter().any(|a| a == "--ignore-eos");
+    args.retain(|a| a != "--ignore-eos");
     for pair in args.chunks(2) {
         let [flag, value] = pair else { return Err(format!("{} needs a value", pair[0]).into()) };
         match flag.as_str() {
@@ -41,10 +44,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     }
     let mut model = kiln_model::Model::new(threads)?;
     let mut sampler = kiln_model::Sampler::new(temperature, top_k, top_p, seed)?;
+    let eos = if ignore_eos { None } else { model.eos_token() };
     model.prefill(&prompt)?;
     let mut out = Vec::new();
     while out.len() < n {
         let t = sampler.sample(&mut model)?;
+        if Some(t) == eos {
+            break;
+        }
         out.push(t.to_string());
         if out.len() == n || model.position() >= model.context_length() {
             break;
