@@ -146,6 +146,9 @@ fn c_embed_example_builds_with_cmake_and_matches_kiln_run() {
     for f in ["libkiln_model.a", "libkiln_model.so", "kiln_model.h", "weights.bin", "manifest.json"] {
         assert!(lib.join(f).is_file(), "{f} missing from {}", lib.display());
     }
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lib.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["passes"], serde_json::json!(["cse", "dce"]), "kiln_add_model's PASSES reach kiln");
     // Nothing changed: the model is not compiled again.
     let second = cmake(&["--build", build.path().to_str().unwrap()]);
     assert!(!second.contains("kiln: compiling"), "an up-to-date build recompiled the model:\n{second}");
