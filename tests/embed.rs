@@ -204,17 +204,6 @@ fn c_abi_misuse_returns_errors_under_valgrind() {
     flipped[weights.len() / 2] ^= 1;
     std::fs::write(d.join("flipped.bin"), &flipped).unwrap();
 
-    let exe = d.join("misuse");
-    run_ok(
-        Command::new("cc")
-            .args(["-g", "-O1", "-Wall", "-Wextra", "-Werror", "-o"])
-            .arg(&exe)
-            .arg(repo().join("tests/c/misuse.c"))
-            .arg("-I")
-            .arg(d.join("good"))
-            .arg(d.join("good/libkiln_model.a"))
-            .args(["-pthread", "-ldl", "-lm"]),
-    );
     let args = [
         d.join("good/weights.bin"),
         d.join("other/weights.bin"),
@@ -224,20 +213,39 @@ fn c_abi_misuse_returns_errors_under_valgrind() {
     ];
     // valgrind cannot execute AVX-512 instructions; on such a host the code compiled for it runs natively.
     let manifest = std::fs::read_to_string(d.join("good/manifest.json")).unwrap();
-    let mut cmd = if manifest.contains("\"avx512") {
+    let valgrind = !manifest.contains("\"avx512");
+    if !valgrind {
         eprintln!("note: the host has AVX-512, which valgrind cannot run; running the misuse suite natively");
-        Command::new(&exe)
-    } else {
-        let mut c = Command::new("valgrind");
-        c.args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"]).arg(&exe);
-        c
-    };
-    let out = cmd.args(&args).output().expect("run valgrind (scripts/setup.sh installs it)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "misuse suite failed ({}):\n{stdout}\n{stderr}", out.status);
-    let summary = stdout.lines().last().unwrap_or_default();
-    assert!(summary.ends_with(" passed, 0 failed") && !summary.starts_with("0 "), "{stdout}");
+    }
+    // The suite linked against the static library, then against the shared one (its exports).
+    for shared in [false, true] {
+        let exe = d.join(if shared { "misuse-shared" } else { "misuse-static" });
+        let mut cc = Command::new("cc");
+        cc.args(["-g", "-O1", "-Wall", "-Wextra", "-Werror", "-o"]).arg(&exe).arg(repo().join("tests/c/misuse.c"));
+        cc.arg("-I").arg(d.join("good"));
+        if shared {
+            cc.arg("-L")
+                .arg(d.join("good"))
+                .arg("-lkiln_model")
+                .arg(format!("-Wl,-rpath,{}", d.join("good").display()));
+        } else {
+            cc.arg(d.join("good/libkiln_model.a"));
+        }
+        run_ok(cc.args(["-pthread", "-ldl", "-lm"]));
+        let mut cmd = if valgrind {
+            let mut c = Command::new("valgrind");
+            c.args(["-q", "--error-exitcode=99", "--leak-check=full", "--errors-for-leak-kinds=definite"]).arg(&exe);
+            c
+        } else {
+            Command::new(&exe)
+        };
+        let out = cmd.args(&args).output().expect("run valgrind (scripts/setup.sh installs it)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "misuse suite (shared: {shared}) failed ({}):\n{stdout}\n{stderr}", out.status);
+        let summary = stdout.lines().last().unwrap_or_default();
+        assert!(summary.ends_with(" passed, 0 failed") && !summary.starts_with("0 "), "{stdout}");
+    }
 }
 
 /// Every file under `dir`, by relative name, with its bytes.
