@@ -41,6 +41,7 @@ const EXPORTS: &[&str] = &[
     "kiln_model_context_length",
     "kiln_model_position",
     "kiln_model_eos_token",
+    "kiln_model_token_bytes",
     "kiln_sampler_create",
     "kiln_sampler_sample",
     "kiln_sampler_free",
@@ -134,7 +135,14 @@ pub fn compile_library(
     };
     let graph = crate::artifact::compile_graph(model, opts, passes)?;
     let info = crate::artifact::artifact_info(model, source_hash, passes);
-    let manifest = kiln_codegen::compile_library_object(&graph, &model.weights, opts, &info, target, out)?;
+    // Each token's bytes, for kiln_model_token_bytes: GGUF tokenizers give them (ids the tokenizer lacks
+    // are empty); tokenizer.json ones decode whole sequences only, so those libraries have no table.
+    let vocab: Option<Vec<Vec<u8>>> = model.tokenizer.as_ref().and_then(|t| {
+        let per_token: Vec<Option<Vec<u8>>> = (0..t.vocab_size() as u32).map(|id| t.token_bytes(id)).collect();
+        per_token.iter().any(Option::is_some).then(|| per_token.into_iter().map(Option::unwrap_or_default).collect())
+    });
+    let manifest =
+        kiln_codegen::compile_library_object(&graph, &model.weights, opts, &info, vocab.as_deref(), target, out)?;
     let header = out.join(HEADER_FILE);
     std::fs::write(&header, HEADER).with_context(|| format!("writing {}", header.display()))?;
     let Some(capi) = capi else { return Ok(manifest) };

@@ -107,13 +107,26 @@ fn example_cases(model: &Path) -> Vec<(String, Vec<&'static str>, Vec<u64>)> {
     cases
 }
 
-/// Runs an example binary on every case of [`example_cases`].
-fn check_example(exe: &Path, cases: &[(String, Vec<&str>, Vec<u64>)]) {
+/// `kiln run`'s text for the chat case of [`example_cases`] (the last one).
+fn chat_text(model: &Path) -> String {
+    let chat = kiln_run_json(model, &["--chat", "--prompt", "What is the capital of France?", "-n", "48"]);
+    chat["text"].as_str().unwrap().to_string()
+}
+
+/// Runs an example binary on every case of [`example_cases`], and with `--text` on the chat case.
+fn check_example(exe: &Path, cases: &[(String, Vec<&str>, Vec<u64>)], text: Option<&str>) {
     for (prompt, opts, want) in cases {
         let mut cmd = Command::new(exe);
         cmd.args(["--prompt-ids", prompt, "--threads", "2"]).args(opts);
         let got = parse_ids(&run_ok(&mut cmd));
         assert_eq!(&got, want, "{} {opts:?} differs from kiln run", exe.display());
+    }
+    if let (Some(want), Some((prompt, opts, _))) = (text, cases.last()) {
+        let mut cmd = Command::new(exe);
+        cmd.args(["--prompt-ids", prompt, "--threads", "2", "--text"]).args(opts);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want, "{} --text differs from kiln run", exe.display());
     }
 }
 
@@ -153,7 +166,7 @@ fn c_embed_example_builds_with_cmake_and_matches_kiln_run() {
     let second = cmake(&["--build", build.path().to_str().unwrap()]);
     assert!(!second.contains("kiln: compiling"), "an up-to-date build recompiled the model:\n{second}");
 
-    check_example(&build.path().join("c-embed"), &example_cases(&model));
+    check_example(&build.path().join("c-embed"), &example_cases(&model), Some(&chat_text(&model)));
 }
 
 #[test]
@@ -163,6 +176,7 @@ fn rust_embed_example_builds_with_kiln_build_and_matches_kiln_run() {
     assert!(model.exists(), "default model missing at {} — run scripts/setup.sh", model.display());
     let project = repo().join("examples/rust-embed");
     let cases = example_cases(&model);
+    let text = chat_text(&model);
     // Linked against the shared library (the default) and the static one, each in its own target dir.
     for (link_static, target) in [("0", "target/rust-embed"), ("1", "target/rust-embed-static")] {
         let target = repo().join(target);
@@ -186,7 +200,11 @@ fn rust_embed_example_builds_with_kiln_build_and_matches_kiln_run() {
         assert!(!again.contains("Compiling rust-embed"), "an up-to-date build reran:\n{again}");
         let exe = target.join("debug/rust-embed");
         // The static build runs the greedy case only: the link, not the generation, is what differs.
-        check_example(&exe, if link_static == "0" { &cases } else { &cases[..1] });
+        if link_static == "0" {
+            check_example(&exe, &cases, Some(&text));
+        } else {
+            check_example(&exe, &cases[..1], None);
+        }
     }
 }
 

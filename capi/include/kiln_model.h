@@ -62,6 +62,7 @@ typedef enum KilnStatus {
     KILN_ERR_CONTEXT_FULL = 8,      /* the tokens do not fit in the remaining context */
     KILN_ERR_NOT_READY = 9,         /* decode, logits or sampling before any prefill */
     KILN_ERR_INTERNAL = 10,         /* a Kiln bug; a model that reports it must be freed */
+    KILN_ERR_UNAVAILABLE = 11,      /* the model lacks what was asked for (e.g. a token table) */
 } KilnStatus;
 
 typedef struct KilnModel KilnModel;
@@ -110,6 +111,14 @@ size_t kiln_model_position(const KilnModel *model);
 /* The end-of-sequence token of the model's tokenizer (generation usually stops there, as `kiln run`
  * does), or KILN_NO_TOKEN if it has none or `model` is NULL. */
 uint32_t kiln_model_eos_token(const KilnModel *model);
+
+/*
+ * Detokenization: the bytes token `token` stands for in text (empty for control tokens such as BOS/EOS),
+ * so text is the concatenation over the generated ids (a piece may end inside a UTF-8 character).
+ * *bytes points to *len bytes owned by the library, not NUL-terminated, valid while the program runs.
+ * KILN_ERR_UNAVAILABLE for models whose tokenizer came from tokenizer.json (no per-token table).
+ */
+int32_t kiln_model_token_bytes(const KilnModel *model, uint32_t token, const uint8_t **bytes, size_t *len);
 
 /* Sampling: temperature 0 is greedy (arg-max, ties to the lowest id); top_k 0 keeps all tokens; top_p 1
  * keeps all; the same seed gives the same tokens as `kiln run --seed`. */

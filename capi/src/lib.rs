@@ -40,6 +40,7 @@ pub enum Status {
     ContextFull = 8,
     NotReady = 9,
     Internal = 10,
+    Unavailable = 11,
 }
 
 impl Status {
@@ -56,6 +57,7 @@ impl Status {
             8 => c"context full",
             9 => c"not ready (prefill first)",
             10 => c"internal error",
+            11 => c"not available for this model",
             _ => c"unknown status code",
         }
     }
@@ -124,6 +126,8 @@ fn guard(what: &str, f: impl FnOnce() -> Result<(), Error>) -> i32 {
 /// A model instance (`KilnModel` in C): the compiled backend, its KV cache and the last step's logits.
 pub struct KilnModel {
     backend: CompiledBackend,
+    /// Detokenization table from the descriptor: (bytes, offsets), token `i` = `bytes[offsets[i]..offsets[i+1]]`.
+    vocab: Option<(&'static [u8], &'static [u32])>,
     logits: Option<Logits>,
     /// Set when a call panicked part-way: the state may be inconsistent, so the model refuses further use.
     poisoned: bool,
@@ -153,6 +157,9 @@ pub struct EmbeddedModel {
     pub manifest_len: u64,
     pub names: *const *const c_char,
     pub kernels: *const KernelFn,
+    pub vocab_count: u32,
+    pub vocab_bytes: *const u8,
+    pub vocab_offsets: *const u32,
 }
 
 fn path_arg(p: *const c_char, what: &str) -> Result<PathBuf, Error> {
@@ -245,7 +252,20 @@ pub unsafe extern "C" fn kiln_capi_create_embedded(
         let capacity = (context_length > 0).then_some(context_length as usize);
         let backend =
             CompiledBackend::from_parts(manifest, &wpath, KernelSource::Linked(table), threads as usize, capacity)?;
-        let model = Box::new(KilnModel { backend, logits: None, poisoned: false });
+        let vocab = if d.vocab_count == 0 || d.vocab_bytes.is_null() || d.vocab_offsets.is_null() {
+            None
+        } else {
+            // SAFETY: the descriptor's table holds `vocab_count + 1` offsets into its byte blob, for the
+            // program's lifetime.
+            let offsets = unsafe { std::slice::from_raw_parts(d.vocab_offsets, d.vocab_count as usize + 1) };
+            let len = *offsets.last().expect("count + 1 > 0") as usize;
+            if offsets.windows(2).any(|w| w[0] > w[1]) {
+                return err(Status::Internal, "model descriptor has a malformed vocabulary table");
+            }
+            // SAFETY: as above; the last offset is the blob's length.
+            Some((unsafe { std::slice::from_raw_parts(d.vocab_bytes, len) }, offsets))
+        };
+        let model = Box::new(KilnModel { backend, vocab, logits: None, poisoned: false });
         // SAFETY: `out` checked non-null above.
         unsafe { *out = Box::into_raw(model) };
         Ok(())
@@ -387,6 +407,45 @@ pub unsafe extern "C" fn kiln_model_eos_token(model: *const KilnModel) -> u32 {
     unsafe { model.as_ref() }.and_then(|m| m.backend.manifest().eos_token).unwrap_or(u32::MAX)
 }
 
+/// The bytes token `token` stands for in text (empty for control tokens such as BOS/EOS):
+/// `*bytes` points to `*len` bytes owned by the library (not NUL-terminated, possibly part of a UTF-8
+/// character), valid as long as the program runs.
+///
+/// # Safety
+/// `model` NULL or live; `bytes`/`len` writable.
+#[no_mangle]
+pub unsafe extern "C" fn kiln_model_token_bytes(
+    model: *const KilnModel,
+    token: u32,
+    bytes: *mut *const u8,
+    len: *mut usize,
+) -> i32 {
+    guard("kiln_model_token_bytes", || {
+        // SAFETY: NULL or a live model per the function's safety.
+        let Some(m) = (unsafe { model.as_ref() }) else { return err(Status::NullArgument, "model is NULL") };
+        if bytes.is_null() || len.is_null() {
+            return err(Status::NullArgument, if bytes.is_null() { "bytes is NULL" } else { "len is NULL" });
+        }
+        let Some((blob, offsets)) = m.vocab else {
+            return err(Status::Unavailable, "the model was compiled without a token table (no GGUF tokenizer)");
+        };
+        let i = token as usize;
+        if i + 1 >= offsets.len() {
+            return err(
+                Status::BadToken,
+                format!("token id {token} is outside the vocabulary of {}", offsets.len() - 1),
+            );
+        }
+        let piece = &blob[offsets[i] as usize..offsets[i + 1] as usize];
+        // SAFETY: both checked non-null.
+        unsafe {
+            *bytes = piece.as_ptr();
+            *len = piece.len();
+        }
+        Ok(())
+    })
+}
+
 /// Makes a sampler; temperature 0 is greedy (arg-max, ties to the lowest id).
 ///
 /// # Safety
@@ -493,6 +552,7 @@ mod tests {
             ("KILN_ERR_CONTEXT_FULL", Status::ContextFull),
             ("KILN_ERR_NOT_READY", Status::NotReady),
             ("KILN_ERR_INTERNAL", Status::Internal),
+            ("KILN_ERR_UNAVAILABLE", Status::Unavailable),
         ] {
             assert!(h.contains(&format!("{name} = {},", code as i32)), "kiln_model.h lacks `{name} = {}`", code as i32);
         }
@@ -508,6 +568,7 @@ mod tests {
             "kiln_model_context_length",
             "kiln_model_position",
             "kiln_model_eos_token",
+            "kiln_model_token_bytes",
             "kiln_sampler_create",
             "kiln_sampler_sample",
             "kiln_sampler_free",
@@ -549,6 +610,9 @@ mod tests {
                 manifest_len: 0,
                 names: std::ptr::null(),
                 kernels: std::ptr::null(),
+                vocab_count: 0,
+                vocab_bytes: std::ptr::null(),
+                vocab_offsets: std::ptr::null(),
             };
             assert_eq!(kiln_capi_create_embedded(&d, c"w".as_ptr(), 1, 0, &mut out), Status::AbiMismatch as i32);
             assert!(out.is_null() && last().contains("ABI"), "{}", last());
@@ -571,6 +635,9 @@ mod tests {
             manifest_len: json.len() as u64,
             names: names.as_ptr(),
             kernels: kernels.as_ptr(),
+            vocab_count: 0,
+            vocab_bytes: std::ptr::null(),
+            vocab_offsets: std::ptr::null(),
         };
         let mut out = std::ptr::null_mut();
         let status = unsafe { kiln_capi_create_embedded(&d, weights.as_ptr(), 1, 0, &mut out) };
@@ -610,6 +677,49 @@ mod tests {
         let h = kiln_runtime::compiled::blake3_file(&dir).unwrap();
         std::fs::remove_file(&dir).unwrap();
         h
+    }
+
+    #[test]
+    fn token_bytes_reads_the_descriptors_table() {
+        let path = std::env::temp_dir().join(format!("kiln-capi-vocab-{}", std::process::id()));
+        std::fs::write(&path, b"abcd").unwrap();
+        let cpath = CString::new(path.to_str().unwrap()).unwrap();
+        let json = serde_json::to_string(&manifest(&[], 4)).unwrap();
+        let (names, kernels): ([*const c_char; 0], [KernelFn; 0]) = ([], []);
+        let (blob, offsets) = (b"he\xc3llo", [0u32, 2, 2, 6]);
+        let mut d = EmbeddedModel {
+            abi_version: KILN_ABI_VERSION,
+            kernel_count: 0,
+            manifest: json.as_ptr(),
+            manifest_len: json.len() as u64,
+            names: names.as_ptr(),
+            kernels: kernels.as_ptr(),
+            vocab_count: 3,
+            vocab_bytes: blob.as_ptr(),
+            vocab_offsets: offsets.as_ptr(),
+        };
+        let mut m = std::ptr::null_mut();
+        unsafe {
+            assert_eq!(kiln_capi_create_embedded(&d, cpath.as_ptr(), 1, 0, &mut m), 0);
+            let (mut p, mut n) = (std::ptr::null(), 0usize);
+            let piece = |p: *const u8, n: usize| std::slice::from_raw_parts(p, n).to_vec();
+            assert_eq!(kiln_model_token_bytes(m, 0, &mut p, &mut n), 0);
+            assert_eq!(piece(p, n), b"he");
+            assert_eq!(kiln_model_token_bytes(m, 1, &mut p, &mut n), 0);
+            assert_eq!(n, 0);
+            assert_eq!(kiln_model_token_bytes(m, 2, &mut p, &mut n), 0);
+            assert_eq!(piece(p, n), b"\xc3llo");
+            assert_eq!(kiln_model_token_bytes(m, 3, &mut p, &mut n), Status::BadToken as i32);
+            assert_eq!(kiln_model_token_bytes(m, u32::MAX, &mut p, &mut n), Status::BadToken as i32);
+            assert_eq!(kiln_model_token_bytes(m, 0, &mut p, std::ptr::null_mut()), Status::NullArgument as i32);
+            kiln_model_free(m);
+            // Offsets that go backwards are refused at create time.
+            let bad = [0u32, 4, 2, 6];
+            d.vocab_offsets = bad.as_ptr();
+            assert_eq!(kiln_capi_create_embedded(&d, cpath.as_ptr(), 1, 0, &mut m), Status::Internal as i32);
+            assert!(m.is_null());
+        }
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

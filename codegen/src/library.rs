@@ -90,12 +90,14 @@ pub fn x86_64_level_features(triple: &str, cpu: &str) -> Option<&'static [&'stat
 }
 
 /// Compiles `g` over `weights` for `target` into `out`: `weights.bin`, `manifest.json` (the library is
-/// [`EMBEDDED_LIBRARY`]) and `kiln_model.o`, the object to link into a program or library.
+/// [`EMBEDDED_LIBRARY`]) and `kiln_model.o`, the object to link into a program or library. `vocab`, if
+/// given, is each token's bytes for detokenization (embedded in the object).
 pub fn compile_library_object(
     g: &Graph,
     weights: &WeightStore,
     opts: &CompileOptions,
     info: &ArtifactInfo,
+    vocab: Option<&[Vec<u8>]>,
     target: &TargetSpec,
     out: &Path,
 ) -> Result<Manifest, CodegenError> {
@@ -111,7 +113,7 @@ pub fn compile_library_object(
     let mut manifest =
         make_manifest(lowered, info, target_info, (EMBEDDED_LIBRARY, String::new()), weights_len, weights_hash);
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
-    emit_descriptor(&ctx, &module, json.as_bytes(), &symbols)?;
+    emit_descriptor(&ctx, &module, json.as_bytes(), &symbols, vocab.unwrap_or_default())?;
     optimize_for(&module, opts, &tm)?;
     let obj = out.join("kiln_model.o");
     std::fs::write(&obj, llvm::emit_object(&module, &tm)?).map_err(|e| io_err(&obj, e))?;
@@ -126,6 +128,7 @@ fn emit_descriptor<'ctx>(
     module: &Module<'ctx>,
     manifest_json: &[u8],
     symbols: &[String],
+    vocab: &[Vec<u8>],
 ) -> Result<(), CodegenError> {
     let ptr = ctx.ptr_type(AddressSpace::default());
     let (i32t, i64t) = (ctx.i32_type(), ctx.i64_type());
@@ -148,6 +151,17 @@ fn emit_descriptor<'ctx>(
     }
     let names = constant("kiln_model.names", ptr.const_array(&names).into());
     let fns = constant("kiln_model.kernels", ptr.const_array(&fns).into());
+    let mut offsets = vec![0u32];
+    let mut bytes = Vec::new();
+    for t in vocab {
+        bytes.extend_from_slice(t);
+        let end = u32::try_from(bytes.len())
+            .map_err(|_| CodegenError::InvalidSpec("vocabulary text exceeds 4 GiB".into()))?;
+        offsets.push(end);
+    }
+    let vocab_bytes = constant("kiln_model.vocab_bytes", ctx.const_string(&bytes, false).into());
+    let offsets: Vec<_> = offsets.iter().map(|&o| i32t.const_int(o as u64, false)).collect();
+    let vocab_offsets = constant("kiln_model.vocab_offsets", i32t.const_array(&offsets).into());
     let descriptor = ctx.const_struct(
         &[
             i32t.const_int(C_ABI_VERSION as u64, false).into(),
@@ -156,6 +170,9 @@ fn emit_descriptor<'ctx>(
             i64t.const_int(manifest_json.len() as u64, false).into(),
             names.into(),
             fns.into(),
+            i32t.const_int(vocab.len() as u64, false).into(),
+            vocab_bytes.into(),
+            vocab_offsets.into(),
         ],
         false,
     );

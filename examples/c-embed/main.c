@@ -2,10 +2,11 @@
  * c-embed: generates tokens with a model compiled into this program by CMake's kiln_add_model.
  *
  *   c-embed --prompt-ids 6403,1980,253 [-n 20] [--temperature T] [--top-k K] [--top-p P] [--seed S]
- *           [--threads N] [--weights PATH] [--ignore-eos]
+ *           [--threads N] [--weights PATH] [--ignore-eos] [--text]
  *
- * Prints the generated token ids on one line, separated by spaces. Like `kiln run`, it stops at the
- * model's end-of-sequence token (not printed) unless --ignore-eos is given.
+ * Prints the generated token ids on one line, separated by spaces, or with --text the generated text
+ * (the tokens' bytes from kiln_model_token_bytes). Like `kiln run`, it stops at the model's
+ * end-of-sequence token (not printed) unless --ignore-eos is given.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -46,11 +47,11 @@ int main(int argc, char **argv) {
     const char *weights = KILN_MODEL_WEIGHTS, *prompt = NULL;
     long n = 20, threads = KILN_MODEL_THREADS;
     KilnSamplingParams params = {0.0f, 0, 1.0f, 0};
-    int ignore_eos = 0;
+    int ignore_eos = 0, text = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--ignore-eos")) {
-            ignore_eos = 1;
+        if (!strcmp(a, "--ignore-eos") || !strcmp(a, "--text")) {
+            *(a[2] == 'i' ? &ignore_eos : &text) = 1;
             continue;
         }
         if (!v) { fprintf(stderr, "c-embed: %s needs a value\n", a); return 2; }
@@ -86,11 +87,18 @@ int main(int argc, char **argv) {
         uint32_t t;
         if ((st = kiln_sampler_sample(sampler, model, &t)) != KILN_OK) return fail("sample", st);
         if (t == eos) break;
-        printf(i ? " %u" : "%u", t);
+        if (text) {
+            const uint8_t *bytes;
+            size_t len;
+            if ((st = kiln_model_token_bytes(model, t, &bytes, &len)) != KILN_OK) return fail("token text", st);
+            fwrite(bytes, 1, len, stdout);
+        } else {
+            printf(i ? " %u" : "%u", t);
+        }
         if (i + 1 == n || kiln_model_position(model) >= kiln_model_context_length(model)) break;
         if ((st = kiln_model_decode(model, t)) != KILN_OK) return fail("decode", st);
     }
-    printf("\n");
+    if (!text) printf("\n");
     kiln_sampler_free(sampler);
     kiln_model_free(model);
     free(ids);

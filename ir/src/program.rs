@@ -105,7 +105,9 @@ pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
 ///
 /// A library object made by codegen defines a constant descriptor (C layout, pointers 8 bytes) —
 /// `{ u32 abi_version; u32 kernel_count; const u8 *manifest; u64 manifest_len; const char *const *names;
-/// KernelFn const *kernels; }` — holding the manifest JSON and a table of the kernels by symbol, and
+/// KernelFn const *kernels; u32 vocab_count; const u8 *vocab_bytes; const u32 *vocab_offsets; }` — holding
+/// the manifest JSON, a table of the kernels by symbol, and the detokenization table (token `i` is
+/// `vocab_bytes[vocab_offsets[i]..vocab_offsets[i + 1]]`; `vocab_count` 0 when there is none), and
 /// `int32_t kiln_model_create(const char *weights, uint32_t threads, uint32_t context, KilnModel **out)`,
 /// which passes that descriptor to `kiln_capi_create_embedded` (in `kiln-capi`). So the runtime finds
 /// the kernels without `dlopen`, and one library holds the code for one model.

@@ -122,6 +122,12 @@ int main(int argc, char **argv) {
     check("vocabulary is non-empty", vocab > 0);
     check("a model without a tokenizer has no EOS token", kiln_model_eos_token(m) == KILN_NO_TOKEN);
     check("a NULL model has no EOS token", kiln_model_eos_token(NULL) == KILN_NO_TOKEN);
+    const uint8_t *piece = NULL;
+    size_t piece_len = 0;
+    expect("token_bytes(NULL model)", kiln_model_token_bytes(NULL, 1, &piece, &piece_len), KILN_ERR_NULL_ARGUMENT, "model");
+    expect("token_bytes(NULL bytes)", kiln_model_token_bytes(m, 1, NULL, &piece_len), KILN_ERR_NULL_ARGUMENT, "bytes");
+    expect("token_bytes without a tokenizer", kiln_model_token_bytes(m, 1, &piece, &piece_len), KILN_ERR_UNAVAILABLE,
+           "token table");
 
     /* Order of calls. */
     expect("decode before prefill", kiln_model_decode(m, 1), KILN_ERR_NOT_READY, "prefill");
@@ -174,7 +180,7 @@ int main(int argc, char **argv) {
     check("reset then the same prompt gives the same token", again == tok);
 
     /* Status strings exist for every code and for unknown ones. */
-    for (int32_t c = -1; c <= 11; c++) check("status string", kiln_status_string(c) && *kiln_status_string(c));
+    for (int32_t c = -1; c <= 12; c++) check("status string", kiln_status_string(c) && *kiln_status_string(c));
 
     kiln_sampler_free(s);
     kiln_model_free(m);

@@ -1,10 +1,10 @@
 //! rust-embed: generates tokens with the model compiled in by kiln-build.
 //!
 //!   rust-embed --prompt-ids 6403,1980,253 [-n 20] [--temperature T] [--top-k K] [--top-p P] [--seed S]
-//!              [--threads N] [--ignore-eos]
+//!              [--threads N] [--ignore-eos] [--text]
 //!
-//! Prints the generated ids on one line; like `kiln run`, stops at the end-of-sequence token (not printed)
-//! unless --ignore-eos is given.
+//! Prints the generated ids on one line, or with --text the generated text; like `kiln run`, stops at the
+//! end-of-sequence token (not printed) unless --ignore-eos is given.
 
 include!(concat!(env!("OUT_DIR"), "/kiln_model.rs"));
 
@@ -25,7 +25,8 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let (mut temperature, mut top_k, mut top_p, mut seed) = (0.0f32, 0u32, 1.0f32, 0u64);
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let ignore_eos = args.iter().any(|a| a == "--ignore-eos");
-    args.retain(|a| a != "--ignore-eos");
+    let text = args.iter().any(|a| a == "--text");
+    args.retain(|a| a != "--ignore-eos" && a != "--text");
     for pair in args.chunks(2) {
         let [flag, value] = pair else { return Err(format!("{} needs a value", pair[0]).into()) };
         match flag.as_str() {
@@ -47,10 +48,14 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let eos = if ignore_eos { None } else { model.eos_token() };
     model.prefill(&prompt)?;
     let mut out = Vec::new();
+    let mut bytes = Vec::new();
     while out.len() < n {
         let t = sampler.sample(&mut model)?;
         if Some(t) == eos {
             break;
+        }
+        if text {
+            bytes.extend_from_slice(model.token_bytes(t)?);
         }
         out.push(t.to_string());
         if out.len() == n || model.position() >= model.context_length() {
@@ -58,6 +63,11 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         }
         model.decode(t)?;
     }
-    println!("{}", out.join(" "));
+    if text {
+        use std::io::Write;
+        std::io::stdout().write_all(&bytes)?;
+    } else {
+        println!("{}", out.join(" "));
+    }
     Ok(())
 }
