@@ -14,6 +14,8 @@ fi
 # LLVM 19 for the code generator (kiln-codegen links it through inkwell/llvm-sys; .cargo/config.toml
 # points the build at /usr/lib/llvm-19) and mold, the linker .cargo/config.toml uses.
 LLVM_PKGS="llvm-19-dev libmlir-19-dev mlir-19-tools clang-19 libclang-19-dev libpolly-19-dev libzstd-dev mold"
+# cmake builds examples/c-embed (the CMake integration test); valgrind runs the C ABI misuse suite.
+LLVM_PKGS="$LLVM_PKGS cmake valgrind"
 missing=""
 for pkg in $LLVM_PKGS; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then

@@ -49,24 +49,48 @@ pub fn cache_key(source_hash: &str, opts: &CompileOptions) -> String {
 
 /// Compiles `model` into `out` (created or replaced) and writes its tokenizer beside the code.
 pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, out: &Path) -> Result<Manifest> {
-    let graph = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
-    let manifest = kiln_codegen::compile_to_dir(
-        &graph,
-        &model.weights,
-        opts,
-        &kiln_codegen::ArtifactInfo {
-            model_name: model.name.clone(),
-            source_hash: source_hash.to_string(),
-            context_length: model.config.context_length,
-            vocab_size: model.config.vocab_size,
-        },
-        out,
-    )?;
+    compile_model_with(model, source_hash, opts, &[], out)
+}
+
+/// The graph `model` is compiled from: built for `opts`, then rewritten by the graph `passes` in order.
+pub fn compile_graph(model: &Model, opts: &CompileOptions, passes: &[String]) -> Result<kiln_ir::Graph> {
+    let mut graph = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
+    if !passes.is_empty() {
+        let names: Vec<&str> = passes.iter().map(String::as_str).collect();
+        let pipeline = kiln_passes::Pipeline::from_names(&names).context("--passes")?;
+        pipeline.run(&mut graph, &kiln_passes::PassCx::default(), None)?;
+    }
+    Ok(graph)
+}
+
+/// What the manifest records about `model`.
+pub fn artifact_info(model: &Model, source_hash: &str, passes: &[String]) -> kiln_codegen::ArtifactInfo {
+    kiln_codegen::ArtifactInfo {
+        model_name: model.name.clone(),
+        source_hash: source_hash.to_string(),
+        context_length: model.config.context_length,
+        vocab_size: model.config.vocab_size,
+        eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
+        passes: passes.to_vec(),
+    }
+}
+
+/// [`compile_model`], running the graph `passes` first.
+pub fn compile_model_with(
+    model: &Model,
+    source_hash: &str,
+    opts: &CompileOptions,
+    passes: &[String],
+    out: &Path,
+) -> Result<Manifest> {
+    let graph = compile_graph(model, opts, passes)?;
+    let info = artifact_info(model, source_hash, passes);
+    let manifest = kiln_codegen::compile_to_dir(&graph, &model.weights, opts, &info, out)?;
     write_tokenizer(model, out)?;
     Ok(manifest)
 }
 
-fn write_tokenizer(model: &Model, out: &Path) -> Result<()> {
+pub(crate) fn write_tokenizer(model: &Model, out: &Path) -> Result<()> {
     match model.format {
         "gguf" => {
             let src = GgufFile::open(&model.source)?;

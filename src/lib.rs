@@ -7,6 +7,7 @@ pub use kiln_ir as ir;
 pub use kiln_passes as passes;
 pub use kiln_runtime as runtime;
 
+pub mod aot;
 pub mod artifact;
 
 use std::path::PathBuf;

@@ -53,10 +53,16 @@ struct CompileArgs {
     /// Optimisation level of the generated code (0-3).
     #[arg(short = 'O', long = "opt-level", default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=3))]
     opt_level: u8,
-    /// Code generation target (only the host CPU today).
-    #[arg(long, value_enum, default_value = "cpu")]
-    target: TargetKind,
-    /// Print a compiler stage instead of (or besides, with -o) writing the artifact.
+    /// Code generation target: `cpu` (this machine, every feature it has) or TRIPLE[:CPU] — object code for
+    /// any LLVM target with --emit obj (e.g. aarch64-unknown-linux-gnu:cortex-a76), libraries for x86-64
+    /// levels with --emit lib (e.g. x86_64-unknown-linux-gnu:x86-64-v3).
+    #[arg(long, default_value = "cpu")]
+    target: String,
+    /// Graph passes to run before code generation, comma separated (e.g. cse,dce).
+    #[arg(long, value_delimiter = ',')]
+    passes: Vec<String>,
+    /// Print a compiler stage instead of (or besides, with -o) writing the artifact; `lib`/`obj` write a
+    /// library for embedding into -o instead (see docs/embedding.md).
     #[arg(long, value_enum)]
     emit: Option<CompileEmit>,
     /// Compute logits for every prompt position (for evaluation), not only the last.
@@ -65,12 +71,6 @@ struct CompileArgs {
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TargetKind {
-    /// The host CPU, with every instruction-set feature it has.
-    Cpu,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -85,6 +85,10 @@ enum CompileEmit {
     Llvm,
     /// The generated machine code, as assembly.
     Asm,
+    /// A C library for embedding: libkiln_model.a/.so, kiln_model.h, weights, manifest (into -o).
+    Lib,
+    /// The model's object code for linking with a libkiln_capi built for the target (into -o).
+    Obj,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -235,11 +239,26 @@ fn inspect(model: Option<PathBuf>, json: bool, tensors: bool) -> Result<()> {
 
 fn compile(a: CompileArgs) -> Result<()> {
     let path = model_path(a.model.clone())?;
-    let TargetKind::Cpu = a.target;
+    let target = kiln::codegen::TargetSpec::parse(&a.target)?;
     let opts = CompileOptions { opt_level: a.opt_level, all_logits: a.all_logits };
     let m = load(&path)?;
+    if let Some(kind @ (CompileEmit::Lib | CompileEmit::Obj)) = a.emit {
+        return kiln::aot::compile_command(
+            &m,
+            &path,
+            &opts,
+            &a.passes,
+            &target,
+            matches!(kind, CompileEmit::Lib),
+            a.output,
+            a.json,
+        );
+    }
+    if target != kiln::codegen::TargetSpec::Host {
+        bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
+    }
     if let Some(stage) = a.emit {
-        let graph = m.graph_with(kiln::frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
+        let graph = kiln::artifact::compile_graph(&m, &opts, &a.passes)?;
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
             CompileEmit::Program => {
@@ -254,6 +273,7 @@ fn compile(a: CompileArgs) -> Result<()> {
                 };
                 print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, stage)?)
             }
+            CompileEmit::Lib | CompileEmit::Obj => unreachable!("handled above"),
         }
         if a.output.is_none() {
             return Ok(());
@@ -264,7 +284,7 @@ fn compile(a: CompileArgs) -> Result<()> {
     spinner.set_message(format!("compiling {} for {}", m.name, kiln::codegen::host_target_info().cpu));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let hash = kiln::artifact::source_hash(&path)?;
-    let manifest = kiln::artifact::compile_model(&m, &hash, &opts, &out)?;
+    let manifest = kiln::artifact::compile_model_with(&m, &hash, &opts, &a.passes, &out)?;
     spinner.finish_and_clear();
     if a.json {
         println!(

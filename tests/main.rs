@@ -6,6 +6,7 @@
 mod bad_input;
 mod common;
 mod compiled;
+mod embed;
 mod fuzz;
 mod golden;
 mod import_roundtrip;

@@ -77,8 +77,14 @@ impl Case {
     /// against the interpreter: |compiled − reference| ≤ tol · max(1, |reference|).
     fn check(&self, tokens: &[u32], threads: usize, tol: f32) -> kiln::ir::program::Manifest {
         let dir = tempfile::tempdir().unwrap();
-        let info =
-            ArtifactInfo { model_name: "ops".into(), source_hash: "ops".into(), context_length: 64, vocab_size: VOCAB };
+        let info = ArtifactInfo {
+            model_name: "ops".into(),
+            source_hash: "ops".into(),
+            context_length: 64,
+            vocab_size: VOCAB,
+            eos_token: None,
+            passes: Vec::new(),
+        };
         let manifest = compile_to_dir(&self.g, &self.store, &CompileOptions::default(), &info, dir.path())
             .unwrap_or_else(|e| panic!("compiles: {e}\n{}", kiln::ir::text::print(&self.g)));
         let mut b = CompiledBackend::load(dir.path(), threads, None).unwrap();

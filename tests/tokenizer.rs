@@ -74,3 +74,16 @@ fn chat_template_renders_chatml() {
     let ids = tok.encode(&text, false).unwrap();
     assert_eq!(ids.iter().filter(|&&i| i == 1).count(), text.matches("<|im_start|>").count());
 }
+
+#[test]
+fn token_bytes_concatenate_to_the_decoded_text() {
+    // What embedded programs use to print text (kiln_model_token_bytes): per-token bytes, control tokens
+    // empty, whose concatenation must be decode(.., skip_special = true), also across split characters.
+    let tok = smollm2().tokenizer.as_ref().unwrap();
+    let text = "<|im_start|>user\nCafé 日本語 🦀 x² ≥ 0<|im_end|>\n";
+    let ids = tok.encode(text, false).unwrap();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id).expect("GGUF tokens have bytes")).collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), tok.decode(&ids, true).unwrap());
+    assert_eq!(tok.token_bytes(2), Some(Vec::new()), "EOS is a control token");
+    assert_eq!(tok.token_bytes(tok.vocab_size() as u32), None);
+}

@@ -34,6 +34,10 @@ pub struct ArtifactInfo {
     pub source_hash: String,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// The tokenizer's end-of-sequence token, if any.
+    pub eos_token: Option<u32>,
+    /// Graph passes that ran before code generation, in order.
+    pub passes: Vec<String>,
 }
 
 /// The host target as recorded in manifests.
@@ -65,7 +69,11 @@ pub fn mlir_source(lowered: &Lowered) -> String {
 
 /// Generates every kernel of `lowered` into `module`: the fused kernels' MLIR is lowered and linked in
 /// first, then each kernel is emitted (or, for fused ones, wrapped) as LLVM IR.
-fn emit_kernels<'ctx>(ctx: &'ctx Context, module: &Module<'ctx>, lowered: &Lowered) -> Result<(), CodegenError> {
+pub(crate) fn emit_kernels<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    lowered: &Lowered,
+) -> Result<(), CodegenError> {
     let mlir = mlir_source(lowered);
     if !mlir.is_empty() {
         let m = crate::mlir::lower_to_llvm(&mlir, ctx)?;
@@ -130,19 +138,29 @@ pub fn emit_stage(
 /// Specialises `module` for the host and runs LLVM's `default<O{level}>` pipeline.
 fn optimized(module: &Module, opts: &CompileOptions) -> Result<inkwell::targets::TargetMachine, CodegenError> {
     let tm = llvm::host_target_machine()?;
-    if opts.opt_level == 3 {
-        llvm::optimize(module, &tm)?;
-    } else {
-        llvm::specialise(module, &tm);
-        llvm::verify(module)?;
-        module
-            .run_passes(&format!("default<O{}>", opts.opt_level), &tm, inkwell::passes::PassBuilderOptions::create())
-            .map_err(|e| CodegenError::Llvm(format!("optimizing: {}", e.to_string_lossy())))?;
-    }
+    optimize_for(module, opts, &tm)?;
     Ok(tm)
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> CodegenError {
+/// Specialises `module` for `tm` and runs LLVM's `default<O{level}>` pipeline.
+pub(crate) fn optimize_for(
+    module: &Module,
+    opts: &CompileOptions,
+    tm: &inkwell::targets::TargetMachine,
+) -> Result<(), CodegenError> {
+    if opts.opt_level == 3 {
+        llvm::optimize(module, tm)?;
+    } else {
+        llvm::specialise(module, tm);
+        llvm::verify(module)?;
+        module
+            .run_passes(&format!("default<O{}>", opts.opt_level), tm, inkwell::passes::PassBuilderOptions::create())
+            .map_err(|e| CodegenError::Llvm(format!("optimizing: {}", e.to_string_lossy())))?;
+    }
+    Ok(())
+}
+
+pub(crate) fn io_err(path: &Path, e: std::io::Error) -> CodegenError {
     CodegenError::Llvm(format!("{}: {e}", path.display()))
 }
 
@@ -175,10 +193,21 @@ pub fn compile_to_dir(
         return Err(CodegenError::Llvm(format!("linking {} failed ({status})", lib.display())));
     }
     std::fs::remove_file(&obj).map_err(|e| io_err(&obj, e))?;
+    let (weights_len, weights_hash) = write_weights(&lowered, out)?;
+    let library_hash = blake3::hash(&std::fs::read(&lib).map_err(|e| io_err(&lib, e))?).to_hex().to_string();
+    let mut manifest =
+        make_manifest(lowered, info, host_target_info(), ("kernels.so", library_hash), weights_len, weights_hash);
+    manifest.compile_seconds = t0.elapsed().as_secs_f64();
+    write_manifest(&manifest, out)?;
+    Ok(manifest)
+}
 
-    // Weights, at the offsets lowering assigned, zero-padded between.
+/// Writes the weights at the offsets lowering assigned, zero-padded between, to `out/weights.bin`;
+/// returns its length and blake3 hash.
+pub(crate) fn write_weights(lowered: &Lowered, out: &Path) -> Result<(u64, String), CodegenError> {
     let wpath = out.join("weights.bin");
     let mut file = std::io::BufWriter::new(std::fs::File::create(&wpath).map_err(|e| io_err(&wpath, e))?);
+    let mut hasher = blake3::Hasher::new();
     let mut pos = 0u64;
     let mut weights_iter = lowered.weights.iter();
     for b in &lowered.program.buffers {
@@ -186,39 +215,50 @@ pub fn compile_to_dir(
             let (_, t) = weights_iter.next().expect("one weight per weight buffer");
             debug_assert_eq!(t.bytes.len() as u64, *len);
             let pad = vec![0u8; (offset - pos) as usize];
+            hasher.update(&pad);
+            hasher.update(&t.bytes);
             file.write_all(&pad).and_then(|_| file.write_all(&t.bytes)).map_err(|e| io_err(&wpath, e))?;
             pos = offset + len;
         }
     }
     file.flush().map_err(|e| io_err(&wpath, e))?;
-    drop(file);
+    Ok((pos, hasher.finalize().to_hex().to_string()))
+}
 
-    let hash = |p: &Path| -> Result<String, CodegenError> {
-        let bytes = std::fs::read(p).map_err(|e| io_err(p, e))?;
-        Ok(blake3::hash(&bytes).to_hex().to_string())
-    };
+/// The manifest of `lowered` with its code in `library` (file name, hash).
+pub(crate) fn make_manifest(
+    lowered: Lowered,
+    info: &ArtifactInfo,
+    target: TargetInfo,
+    library: (&str, String),
+    weights_len: u64,
+    weights_hash: String,
+) -> Manifest {
     let kernels =
         lowered.kernels.iter().map(|k| (k.symbol(), serde_json::to_string(k).expect("serialisable"))).collect();
-    let manifest = Manifest {
+    Manifest {
         format_version: ARTIFACT_FORMAT_VERSION,
         kiln_version: env!("CARGO_PKG_VERSION").to_string(),
         model_name: info.model_name.clone(),
         source_hash: info.source_hash.clone(),
-        target: host_target_info(),
+        target,
         context_length: info.context_length,
         vocab_size: info.vocab_size,
-        passes: Vec::new(),
-        library: "kernels.so".into(),
-        library_hash: hash(&lib)?,
+        eos_token: info.eos_token,
+        passes: info.passes.clone(),
+        library: library.0.into(),
+        library_hash: library.1,
         weights: "weights.bin".into(),
-        weights_len: pos,
-        weights_hash: hash(&wpath)?,
+        weights_len,
+        weights_hash,
         kernels,
         program: lowered.program,
-        compile_seconds: t0.elapsed().as_secs_f64(),
-    };
+        compile_seconds: 0.0,
+    }
+}
+
+pub(crate) fn write_manifest(manifest: &Manifest, out: &Path) -> Result<(), CodegenError> {
     let mpath = out.join("manifest.json");
-    let text = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
-    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))?;
-    Ok(manifest)
+    let text = serde_json::to_string_pretty(manifest).expect("manifest serialises");
+    std::fs::write(&mpath, text).map_err(|e| io_err(&mpath, e))
 }

@@ -8,11 +8,13 @@ use kiln_ir::{DType, Graph, Op};
 
 pub mod artifact;
 pub mod kernels;
+pub mod library;
 pub mod llvm;
 pub mod lower;
 pub mod mlir;
 
 pub use artifact::{compile_to_dir, emit_stage, host_target_info, ArtifactInfo, CompileOptions, Stage};
+pub use library::{compile_library_object, TargetSpec};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CodegenError {

@@ -22,10 +22,11 @@ use std::sync::OnceLock;
 pub fn init_targets() -> Result<(), CodegenError> {
     static INIT: OnceLock<Result<(), String>> = OnceLock::new();
     INIT.get_or_init(|| {
-        // The native target (what the JIT and host object files need) plus x86 explicitly, so cross
-        // compiling from an aarch64 host to x86 also works; inkwell is built with `target-x86` only.
+        // The native target (what the JIT and host object files need) plus x86 and AArch64 explicitly,
+        // for cross compiling object code (`--target TRIPLE[:CPU]`); inkwell is built with those two.
         Target::initialize_native(&InitializationConfig::default())?;
         Target::initialize_x86(&InitializationConfig::default());
+        Target::initialize_aarch64(&InitializationConfig::default());
         Ok(())
     })
     .clone()

@@ -508,6 +508,18 @@ impl Tokenizer {
         }
     }
 
+    /// The bytes token `id` stands for in `decode(.., skip_special = true)`'s output (empty for control
+    /// tokens), so a program can detokenize by concatenation. `None` for an unknown id, and for tokenizers
+    /// from tokenizer.json, whose decoders do not work token by token.
+    pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
+        self.check_ids(&[id]).ok()?;
+        match &self.decode_mode {
+            DecodeMode::Bytes(_) if self.special[id as usize] => Some(Vec::new()),
+            DecodeMode::Bytes(table) => Some(table[id as usize].as_deref().unwrap_or_default().to_vec()),
+            DecodeMode::Hf => None,
+        }
+    }
+
     /// A streaming decoder that keeps special tokens (the concatenation of its output equals
     /// `decode(ids, false)`).
     pub fn decoder(&self) -> StreamDecoder<'_> {

@@ -78,6 +78,9 @@ pub struct Manifest {
     pub target: TargetInfo,
     pub context_length: usize,
     pub vocab_size: usize,
+    /// The tokenizer's end-of-sequence token, if it has one (for programs that embed the code).
+    #[serde(default)]
+    pub eos_token: Option<u32>,
     /// Stages that ran, in order.
     pub passes: Vec<String>,
     /// The kernel library's file name and blake3 hash.
@@ -90,11 +93,28 @@ pub struct Manifest {
     /// Generated kernels (symbol → description), for `inspect` and `--explain`.
     pub kernels: Vec<(String, String)>,
     pub program: Program,
-    /// Seconds spent compiling.
+    /// Seconds spent compiling: reported, never written, so the same inputs give byte-identical artifacts.
+    #[serde(skip)]
     pub compile_seconds: f64,
 }
 
 pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
+
+/// Version of the C ABI of libraries from `kiln compile --emit lib` (`KILN_ABI_VERSION` in
+/// `kiln_model.h`): the header's functions and the embedded-model descriptor below. Bumped on any change.
+///
+/// A library object made by codegen defines a constant descriptor (C layout, pointers 8 bytes) —
+/// `{ u32 abi_version; u32 kernel_count; const u8 *manifest; u64 manifest_len; const char *const *names;
+/// KernelFn const *kernels; u32 vocab_count; const u8 *vocab_bytes; const u32 *vocab_offsets; }` — holding
+/// the manifest JSON, a table of the kernels by symbol, and the detokenization table (token `i` is
+/// `vocab_bytes[vocab_offsets[i]..vocab_offsets[i + 1]]`; `vocab_count` 0 when there is none), and
+/// `int32_t kiln_model_create(const char *weights, uint32_t threads, uint32_t context, KilnModel **out)`,
+/// which passes that descriptor to `kiln_capi_create_embedded` (in `kiln-capi`). So the runtime finds
+/// the kernels without `dlopen`, and one library holds the code for one model.
+pub const C_ABI_VERSION: u32 = 1;
+
+/// The `library` a manifest names when its kernels are linked into the embedding program (no file).
+pub const EMBEDDED_LIBRARY: &str = "(embedded)";
 
 /// LLVM feature names whose absence on a host makes code compiled with them unsafe to run: codegen
 /// records those it compiled with, the runtime refuses hosts lacking one.

@@ -8,14 +8,30 @@ use crate::backend::{Backend, Logits, RuntimeError};
 use crate::pool::SpinPool;
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+/// A generated kernel (the uniform ABI of `kiln_ir::program`).
+pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
+
+/// Where a backend's kernels come from.
+pub enum KernelSource {
+    /// An artifact's shared library, opened with `dlopen` (its hash checked against the manifest).
+    Library(PathBuf),
+    /// Kernels linked into this program (a library from `kiln compile --emit lib`), by symbol.
+    Linked(HashMap<String, KernelFn>),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
+    /// The weight file is not the one the code was compiled with (size or hash).
+    #[error("{path}: {msg}")]
+    WrongWeights { path: PathBuf, msg: String },
+    /// The code needs CPU features this machine lacks.
+    #[error("{path}: {msg}")]
+    UnsupportedCpu { path: PathBuf, msg: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -68,37 +84,58 @@ pub fn blake3_file(path: &Path) -> Result<String, ArtifactError> {
 pub fn load_manifest(dir: &Path) -> Result<Manifest, ArtifactError> {
     let mpath = dir.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).map_err(|source| ArtifactError::Io { path: mpath.clone(), source })?;
-    let m: Manifest = serde_json::from_str(&text).map_err(|e| invalid(&mpath, format!("invalid manifest: {e}")))?;
+    let m = parse_manifest(&text, &mpath)?;
+    check_weights(&m, &dir.join(&m.weights))?;
+    let lpath = dir.join(&m.library);
+    if blake3_file(&lpath)? != m.library_hash {
+        return Err(invalid(&lpath, "kernel library does not match the manifest's hash"));
+    }
+    Ok(m)
+}
+
+/// Parses a manifest (`path` names it in errors) and checks its format version and that this CPU has
+/// the features its code was compiled for.
+pub fn parse_manifest(text: &str, path: &Path) -> Result<Manifest, ArtifactError> {
+    let m: Manifest = serde_json::from_str(text).map_err(|e| invalid(path, format!("invalid manifest: {e}")))?;
     if m.format_version != ARTIFACT_FORMAT_VERSION {
         return Err(invalid(
-            &mpath,
+            path,
             format!("artifact format {} (this Kiln reads {ARTIFACT_FORMAT_VERSION}); recompile", m.format_version),
         ));
     }
     let missing: Vec<&str> =
         m.target.features.iter().map(String::as_str).filter(|f| host_has(f) == Some(false)).collect();
     if !missing.is_empty() {
-        return Err(invalid(
-            &mpath,
-            format!("compiled for CPU features this machine lacks: {}; recompile for this host", missing.join(", ")),
-        ));
-    }
-    let wpath = dir.join(&m.weights);
-    let len = std::fs::metadata(&wpath).map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?.len();
-    if len != m.weights_len {
-        return Err(invalid(
-            &wpath,
-            format!("weights are {len} bytes, the manifest says {} (truncated or replaced)", m.weights_len),
-        ));
-    }
-    if blake3_file(&wpath)? != m.weights_hash {
-        return Err(invalid(&wpath, "weights do not match the manifest's hash (corrupted or from another model)"));
-    }
-    let lpath = dir.join(&m.library);
-    if blake3_file(&lpath)? != m.library_hash {
-        return Err(invalid(&lpath, "kernel library does not match the manifest's hash"));
+        return Err(ArtifactError::UnsupportedCpu {
+            path: path.into(),
+            msg: format!(
+                "compiled for CPU features this machine lacks: {}; recompile for this host",
+                missing.join(", ")
+            ),
+        });
     }
     Ok(m)
+}
+
+/// Checks that the weight file `wpath` is the one `m` was compiled with (size, then blake3 hash).
+pub fn check_weights(m: &Manifest, wpath: &Path) -> Result<(), ArtifactError> {
+    let len = std::fs::metadata(wpath).map_err(|source| ArtifactError::Io { path: wpath.into(), source })?.len();
+    if len != m.weights_len {
+        return Err(ArtifactError::WrongWeights {
+            path: wpath.into(),
+            msg: format!(
+                "weights are {len} bytes, the code was compiled for {} (truncated, or another model's weights)",
+                m.weights_len
+            ),
+        });
+    }
+    if blake3_file(wpath)? != m.weights_hash {
+        return Err(ArtifactError::WrongWeights {
+            path: wpath.into(),
+            msg: "weights do not match the manifest's hash (corrupted or from another model)".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Raw pointers handed to kernels on worker threads; the buffers outlive the launch and threads write
@@ -132,7 +169,8 @@ pub struct CompiledBackend {
     past: usize,
     capacity: usize,
     pool: SpinPool,
-    _lib: libloading::Library,
+    /// Keeps a `dlopen`ed kernel library loaded while its functions are in `kernels`.
+    _lib: Option<libloading::Library>,
 }
 
 impl CompiledBackend {
@@ -141,21 +179,48 @@ impl CompiledBackend {
     pub fn load(dir: &Path, threads: usize, capacity: Option<usize>) -> Result<Self, ArtifactError> {
         let manifest = load_manifest(dir)?;
         let wpath = dir.join(&manifest.weights);
-        let file = std::fs::File::open(&wpath).map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?;
+        let lpath = dir.join(&manifest.library);
+        Self::from_parts(manifest, &wpath, KernelSource::Library(lpath), threads, capacity)
+    }
+
+    /// A backend for `manifest` (already checked: see [`parse_manifest`], [`check_weights`]) over the
+    /// weight file `wpath`, with kernels from `source`.
+    pub fn from_parts(
+        manifest: Manifest,
+        wpath: &Path,
+        source: KernelSource,
+        threads: usize,
+        capacity: Option<usize>,
+    ) -> Result<Self, ArtifactError> {
+        let dir = wpath.parent().unwrap_or(Path::new("."));
+        let file = std::fs::File::open(wpath).map_err(|source| ArtifactError::Io { path: wpath.into(), source })?;
         // SAFETY: mapped read-only; the artifact is not modified while loaded (its hash was just checked).
         let weights =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: wpath.clone(), source })?;
-        let lpath = dir.join(&manifest.library);
-        // SAFETY: the library is Kiln's own generated code, whose hash the manifest vouches for; loading runs
-        // no initialisers of ours.
-        let lib =
-            unsafe { libloading::Library::new(&lpath) }.map_err(|e| invalid(&lpath, format!("cannot load: {e}")))?;
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|source| ArtifactError::Io { path: wpath.into(), source })?;
+        let mut lib = None;
         let mut kernels = Vec::new();
-        for l in &manifest.program.launches {
-            // SAFETY: every kernel symbol has the uniform kernel ABI (see kiln_ir::program).
-            let f: libloading::Symbol<KernelFn> = unsafe { lib.get(l.kernel.as_bytes()) }
-                .map_err(|e| invalid(&lpath, format!("kernel `{}` missing: {e}", l.kernel)))?;
-            kernels.push(*f);
+        match source {
+            KernelSource::Library(lpath) => {
+                // SAFETY: the library is Kiln's own generated code, whose hash the manifest vouches for;
+                // loading runs no initialisers of ours.
+                let l = unsafe { libloading::Library::new(&lpath) }
+                    .map_err(|e| invalid(&lpath, format!("cannot load: {e}")))?;
+                for launch in &manifest.program.launches {
+                    // SAFETY: every kernel symbol has the uniform kernel ABI (see kiln_ir::program).
+                    let f: libloading::Symbol<KernelFn> = unsafe { l.get(launch.kernel.as_bytes()) }
+                        .map_err(|e| invalid(&lpath, format!("kernel `{}` missing: {e}", launch.kernel)))?;
+                    kernels.push(*f);
+                }
+                lib = Some(l);
+            }
+            KernelSource::Linked(table) => {
+                for launch in &manifest.program.launches {
+                    let f = table.get(&launch.kernel).ok_or_else(|| {
+                        invalid(wpath, format!("kernel `{}` is not linked into this program", launch.kernel))
+                    })?;
+                    kernels.push(*f);
+                }
+            }
         }
         let capacity = capacity.unwrap_or(manifest.context_length).min(manifest.context_length);
         let mut storage = Vec::new();
@@ -163,7 +228,7 @@ impl CompiledBackend {
             storage.push(match &b.kind {
                 BufferKind::Weight { offset, len, name } => {
                     if offset.checked_add(*len).is_none_or(|end| end > weights.len() as u64) {
-                        return Err(invalid(&wpath, format!("weight `{name}` lies outside the weight file")));
+                        return Err(invalid(wpath, format!("weight `{name}` lies outside the weight file")));
                     }
                     Storage::Weight(*offset as usize)
                 }

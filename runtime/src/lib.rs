@@ -11,6 +11,6 @@ pub mod pool;
 pub mod sample;
 
 pub use backend::{Backend, InterpreterBackend, Logits, RuntimeError};
-pub use compiled::{ArtifactError, CompiledBackend};
+pub use compiled::{ArtifactError, CompiledBackend, KernelFn, KernelSource};
 pub use generate::{generate, GenerateStats, StopReason};
 pub use sample::{Sampler, SamplingParams};
