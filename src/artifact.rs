@@ -145,8 +145,17 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     compile_model(model, &hash, opts, &tmp)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).with_context(|| format!("moving artifact into {}", dir.display()))?;
+    // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
+    // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
+    if !is_artifact(&dir) {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !is_artifact(&dir) {
+            return Err(e).with_context(|| format!("moving artifact into {}", dir.display()));
+        }
+    }
     Ok((dir, true))
 }
 

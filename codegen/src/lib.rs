@@ -53,18 +53,10 @@ pub struct CpuTarget {
 }
 
 impl CpuTarget {
-    /// Detects the host CPU's features.
+    /// The host CPU, with the features LLVM detects on it (those in
+    /// [`kiln_ir::program::CHECKED_CPU_FEATURES`], as manifests record them).
     pub fn host() -> CpuTarget {
-        #[allow(unused_mut)]
-        let mut features: Vec<String> = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            macro_rules! detect {
-                ($($f:tt),*) => { $( if std::arch::is_x86_feature_detected!($f) { features.push($f.to_string()); } )* };
-            }
-            detect!("sse4.2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vnni", "avxvnni");
-        }
-        CpuTarget { arch: std::env::consts::ARCH.to_string(), features }
+        CpuTarget { arch: std::env::consts::ARCH.to_string(), features: host_target_info().features }
     }
 }
 
