@@ -450,6 +450,7 @@ fn generate_and_print(
             "decode_ms": stats.decode.as_secs_f64() * 1e3,
             "prefill_tok_per_s": prefill_tps,
             "decode_tok_per_s": decode_tps,
+            "peak_rss_mib": peak_rss_mib(),
         });
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -481,4 +482,12 @@ fn prepare_weights(backend: &InterpreterBackend) -> Result<()> {
     backend.prepare(|| bar.inc(1))?;
     bar.finish_and_clear();
     Ok(())
+}
+
+/// This process's peak resident set size (Linux `VmHWM`), in MiB; `None` where unavailable.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kb / 1024.0)
 }
