@@ -8,6 +8,9 @@ pub use kiln_passes as passes;
 pub use kiln_runtime as runtime;
 
 pub mod artifact;
+pub mod budget;
+pub mod calibrate;
+pub mod eval;
 
 use std::path::PathBuf;
 

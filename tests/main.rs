@@ -10,4 +10,5 @@ mod fuzz;
 mod golden;
 mod import_roundtrip;
 mod ir_text;
+mod quality;
 mod tokenizer;

@@ -180,6 +180,7 @@ pub fn compile_to_dir(
         context_length: info.context_length,
         vocab_size: info.vocab_size,
         passes: Vec::new(),
+        records: Vec::new(),
         library: "kernels.so".into(),
         library_hash: hash(&lib)?,
         weights: "weights.bin".into(),

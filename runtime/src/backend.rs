@@ -45,6 +45,12 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError>;
     /// Empties the KV cache.
     fn reset(&mut self);
+    /// A float output of the last step other than `logits` and the state (e.g. hidden states a graph edit
+    /// exposed for calibration), row-major; `None` if the graph has no such output.
+    fn output(&self, name: &str) -> Option<&[f32]> {
+        let _ = name;
+        None
+    }
 }
 
 /// Runs the graph on the reference interpreter. Every graph input whose name is also an output name
@@ -53,6 +59,8 @@ pub struct InterpreterBackend<'w> {
     graph: Graph,
     interp: Interpreter<'w>,
     state: Vec<(String, Tensor)>,
+    /// The last step's other outputs.
+    extra: Vec<(String, Tensor)>,
     vocab: usize,
     context: usize,
     past: usize,
@@ -73,8 +81,15 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b =
-            InterpreterBackend { graph, interp: Interpreter::new(weights), state: Vec::new(), vocab, context, past: 0 };
+        let mut b = InterpreterBackend {
+            graph,
+            interp: Interpreter::new(weights),
+            state: Vec::new(),
+            extra: Vec::new(),
+            vocab,
+            context,
+            past: 0,
+        };
         b.reset();
         Ok(b)
     }
@@ -103,9 +118,14 @@ impl Backend for InterpreterBackend<'_> {
         self.past
     }
 
+    fn output(&self, name: &str) -> Option<&[f32]> {
+        self.extra.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
+    }
+
     fn reset(&mut self) {
         self.past = 0;
         self.state.clear();
+        self.extra.clear();
         let g = &self.graph;
         for (name, v) in g.inputs() {
             if g.output_named(name).is_none() {
@@ -148,11 +168,14 @@ impl Backend for InterpreterBackend<'_> {
         drop(inputs);
         let mut logits = None;
         let mut state = Vec::with_capacity(self.state.len());
+        self.extra.clear();
         for (name, t) in outputs {
             if name == "logits" {
                 logits = Some(t);
             } else if self.state.iter().any(|(n, _)| *n == name) {
                 state.push((name, t));
+            } else {
+                self.extra.push((name, t));
             }
         }
         self.state = state;
