@@ -23,6 +23,8 @@ pub enum SkipMethodArg {
     Even,
     /// Drop the blocks with the lowest block influence in --calibration.
     Influence,
+    /// Drop the last blocks: the final norm and LM head read the intermediate state (static early exit).
+    Top,
 }
 
 /// Layer skipping (lossy): the `skip-layers` pass.
@@ -45,6 +47,7 @@ impl SkipArgs {
         let method = match self.skip_method {
             SkipMethodArg::Even => SkipMethod::Even,
             SkipMethodArg::Influence => SkipMethod::Influence,
+            SkipMethodArg::Top => SkipMethod::Top,
         };
         SkipLayers { count: self.skip_layers, method }
     }
@@ -378,7 +381,7 @@ pub fn compile_build(
     let tokens = tokenize(m.tokenizer.as_ref(), &text, &text_path)?;
     let text_hash = blake3::hash(text.as_bytes()).to_hex().to_string();
     let chunk = calib.chunk.max(2);
-    let methods = [SkipMethod::Even, SkipMethod::Influence];
+    let methods = [SkipMethod::Even, SkipMethod::Influence, SkipMethod::Top];
     let max = m.config.n_layers.saturating_sub(2);
     let choice = kiln::budget::search(qb, &methods, max, |s| {
         let b = Build {

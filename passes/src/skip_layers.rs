@@ -5,7 +5,9 @@
 //! allocates them, and the block's nodes die. Which blocks go is chosen by
 //! - `even`: the kept blocks are evenly spaced, the first and the last always kept (a target speedup);
 //! - `influence`: the blocks with the lowest block influence (1 − cos(x_in, x_out), from the calibration
-//!   file in [`PassCx::calibration`]) go first (ShortGPT).
+//!   file in [`PassCx::calibration`]) go first (ShortGPT);
+//! - `top`: the last blocks go, and the final norm and LM head read the intermediate state: a static
+//!   early exit at depth n − k for every position (Sorted-LLaMA-style truncation).
 //!
 //! The choice, and the calibration numbers it used, are recorded in [`PassCx::records`].
 
@@ -20,6 +22,7 @@ pub enum SkipMethod {
     #[default]
     Even,
     Influence,
+    Top,
 }
 
 impl SkipMethod {
@@ -27,6 +30,7 @@ impl SkipMethod {
         match self {
             SkipMethod::Even => "even",
             SkipMethod::Influence => "influence",
+            SkipMethod::Top => "top",
         }
     }
 
@@ -34,7 +38,8 @@ impl SkipMethod {
         match s {
             "even" => Ok(SkipMethod::Even),
             "influence" => Ok(SkipMethod::Influence),
-            _ => Err(format!("unknown skip method `{s}` (known: even, influence)")),
+            "top" => Ok(SkipMethod::Top),
+            _ => Err(format!("unknown skip method `{s}` (known: even, influence, top)")),
         }
     }
 }
@@ -82,6 +87,12 @@ pub fn choose_layers(
             // Lowest influence first; ties to the later layer (deeper blocks are usually safer to drop).
             order.sort_by(|&a, &b| inf[a].total_cmp(&inf[b]).then(b.cmp(&a)));
             order[..count].to_vec()
+        }
+        SkipMethod::Top => {
+            if count >= n {
+                return Err(format!("cannot skip {count} of {n} layers: at least one must stay"));
+            }
+            (n - count..n).collect()
         }
     };
     skip.sort_unstable();
@@ -180,6 +191,8 @@ mod tests {
         assert!(choose_layers(5, 2, SkipMethod::Influence, None).unwrap_err().contains("calibration"));
         assert!(choose_layers(4, 2, SkipMethod::Influence, Some(&inf)).unwrap_err().contains("5 layers"));
         assert!(choose_layers(5, 5, SkipMethod::Influence, Some(&inf)).unwrap_err().contains("at least one"));
-        assert!(SkipMethod::parse("random").unwrap_err().contains("even, influence"));
+        assert!(SkipMethod::parse("random").unwrap_err().contains("even, influence, top"));
+        assert_eq!(choose_layers(5, 2, SkipMethod::Top, None).unwrap(), vec![3, 4]);
+        assert!(choose_layers(5, 5, SkipMethod::Top, None).is_err());
     }
 }
