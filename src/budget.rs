@@ -116,6 +116,7 @@ mod tests {
         let ppl = |s: SkipLayers| match s.method {
             SkipMethod::Even => 100.0 + 10.0 * s.count as f64,
             SkipMethod::Influence => 100.0 + 4.0 * s.count as f64,
+            SkipMethod::Top => 100.0 + 50.0 * s.count as f64,
         };
         let both = [SkipMethod::Even, SkipMethod::Influence];
         let c = search(QualityBudget { percent: 10.0 }, &both, 8, |s| Ok(ppl(s))).unwrap();

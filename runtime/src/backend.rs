@@ -182,6 +182,7 @@ impl Backend for InterpreterBackend<'_> {
         self.past += s;
         let t = logits.expect("checked in new()");
         let Data::F32(data) = t.data else { unreachable!("logits are f32 by the type rules") };
-        Ok(Logits { rows: s, vocab: self.vocab, data })
+        // A graph built for generation returns the last position only.
+        Ok(Logits { rows: data.len() / self.vocab, vocab: self.vocab, data })
     }
 }
