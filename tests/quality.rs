@@ -350,3 +350,56 @@ fn bad_quality_input_is_refused_by_name() {
         assert!(err.contains(needle), "{args:?}: `{needle}` not in: {err}");
     }
 }
+
+/// Per-position early exit on the interpreter: a non-increasing schedule runs and matches an independent
+/// reference; an increasing one is refused, and forced through it trips the runtime's KV check.
+#[test]
+fn early_exit_schedule_never_reads_unwritten_kv() {
+    use kiln::runtime::early_exit::{EarlyExitInterpreter, ExitMode, ExitSchedule};
+    let (cfg, w) = tiny(4, 6);
+    let full = build_decoder("tiny", &cfg, &w, GraphOptions::default()).unwrap();
+    let graphs = |mode: ExitMode| -> Vec<Graph> {
+        (1..=4)
+            .map(|d| {
+                let active = mode.active(4, d);
+                let skipped: Vec<usize> = (0..4).filter(|l| !active.contains(l)).collect();
+                kiln::passes::skip_layers::skip_blocks(&full, &skipped).unwrap()
+            })
+            .collect()
+    };
+    let prompt = &TOKENS[..6];
+    let steps = &TOKENS[6..10];
+    let run = |mode: ExitMode, schedule: ExitSchedule| -> Result<Vec<Vec<f32>>, kiln::runtime::RuntimeError> {
+        let mut b = EarlyExitInterpreter::new(graphs(mode), schedule, &w, 64)?;
+        let mut out = vec![b.forward(prompt)?.data];
+        for t in steps {
+            out.push(b.forward(&[*t])?.data);
+        }
+        Ok(out)
+    };
+    // Depth 3 from position 6, 2 from position 8 (Sorted-LLaMA-style: the top blocks go).
+    let sched = ExitSchedule::new(vec![(6, 3), (8, 2)], 4).unwrap();
+    let got = run(ExitMode::Top, sched.clone()).unwrap();
+    // Reference: with the top blocks skipped, a position of depth d sees exactly what the depth-d model
+    // computes over the whole prefix (every earlier position ran at least d blocks from the bottom).
+    let g = graphs(ExitMode::Top);
+    for (i, p) in (6..10).enumerate() {
+        let d = sched.depth_at(p, 4);
+        let all = interp_logits(g[d - 1].clone(), &w, &TOKENS[..=p]);
+        let want = &all[all.len() - 96..];
+        let step = &got[i + 1];
+        assert!(crate::common::max_abs_diff(want, step) < 1e-4, "position {p} depth {d}");
+    }
+    // SkipDecode-style (lower blocks skipped) runs the same schedule without touching missing KV rows.
+    let lower = run(ExitMode::Lower, sched).unwrap();
+    assert_ne!(lower[4], got[4]);
+    // Full depth everywhere = the plain model, bit for bit.
+    let plain = run(ExitMode::Top, ExitSchedule::new(vec![], 4).unwrap()).unwrap();
+    let mut b = InterpreterBackend::new(full.clone(), &w, 64).unwrap();
+    assert_eq!(plain[0], b.forward(prompt).unwrap().data);
+    assert_eq!(plain[1], b.forward(&steps[..1]).unwrap().data);
+    // A schedule that increases is refused; forced through, the runtime catches the first unwritten read.
+    assert!(ExitSchedule::new(vec![(6, 2), (8, 4)], 4).is_err());
+    let e = run(ExitMode::Top, ExitSchedule::unchecked(vec![(6, 2), (8, 4)])).unwrap_err().to_string();
+    assert!(e.contains("k_cache.2") && e.contains("holds 6 rows but the step reads 8"), "{e}");
+}

@@ -13,6 +13,8 @@ pub enum RuntimeError {
     BadToken { id: u32, vocab: usize },
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
+    #[error("KV cache `{cache}` holds {written} rows but the step reads {needed}: an early-exit schedule skipped a block that a later position runs")]
+    UnwrittenKv { cache: String, written: usize, needed: usize },
     #[error(transparent)]
     Interp(#[from] InterpError),
 }
