@@ -132,6 +132,50 @@ pub fn evaluate(
     })
 }
 
+/// Scores `tokens` by teacher-forced decoding: one prefill of the first `prefill` tokens, then one token
+/// per step (what a generating model sees, e.g. under an early-exit schedule). Targets `1..n`, once each.
+pub fn evaluate_stepwise(
+    backend: &mut dyn Backend,
+    tokens: &[u32],
+    prefill: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<EvalReport, EvalError> {
+    if tokens.len() < 2 {
+        return Err(EvalError::TooShort(tokens.len()));
+    }
+    let n = tokens.len();
+    let prefill = prefill.clamp(1, n - 1);
+    if n - 1 > backend.context_length() {
+        return Err(EvalError::Context { window: n - 1, context: backend.context_length() });
+    }
+    let t0 = std::time::Instant::now();
+    backend.reset();
+    let logits = backend.forward(&tokens[..prefill])?;
+    if logits.rows != prefill {
+        return Err(EvalError::LastOnly { got: logits.rows, fed: prefill });
+    }
+    let mut sum: f64 = (1..=prefill).map(|j| token_nll(logits.row(j - 1), tokens[j])).sum();
+    progress(prefill);
+    for j in prefill + 1..n {
+        let l = backend.forward(&tokens[j - 1..j])?;
+        sum += token_nll(l.last(), tokens[j]);
+        progress(j);
+    }
+    backend.reset();
+    let mean_nll = sum / (n - 1) as f64;
+    Ok(EvalReport {
+        tokens: n,
+        scored: n - 1,
+        mean_nll,
+        perplexity: mean_nll.exp(),
+        window: n - 1,
+        stride: n - 1,
+        windows: 1,
+        tokens_fed: n - 1,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,5 +271,10 @@ mod tests {
         assert_eq!(b.calls, vec![3, 3]); // tokens 0..3, then 2..5
         assert!(matches!(evaluate(&mut b, &[1], 3, 2, |_| {}), Err(EvalError::TooShort(1))));
         assert!(matches!(evaluate(&mut b, &[0; 12], 9, 2, |_| {}), Err(EvalError::Context { .. })));
+        // Teacher-forced decoding scores the same targets with the same (context-free) fake logits.
+        let mut b = Counting { past: 0, calls: Vec::new() };
+        let s = evaluate_stepwise(&mut b, &tokens, 2, |_| {}).unwrap();
+        assert!((s.mean_nll - want).abs() < 1e-6 && s.scored == 5);
+        assert_eq!(b.calls, vec![2, 1, 1, 1]);
     }
 }

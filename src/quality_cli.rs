@@ -168,12 +168,81 @@ pub struct EvalArgs {
     backend: BackendKind,
     #[command(flatten)]
     skip: SkipArgs,
+    /// Per-position early exit (interpreter only): skip the `top` or the `lower` blocks as --exit-schedule
+    /// says. Scores the first --window tokens by teacher-forced decoding (one prefill up to the first
+    /// schedule position, then one token per step).
+    #[arg(long, value_enum, requires = "exit_schedule", conflicts_with = "skip_layers")]
+    early_exit: Option<ExitModeArg>,
+    /// POS:DEPTH,… — from token position POS on, positions run DEPTH blocks (depth must not increase).
+    #[arg(long, value_delimiter = ',', value_name = "POS:DEPTH,…")]
+    exit_schedule: Option<Vec<String>>,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ExitModeArg {
+    /// Skip the top blocks; the final norm and LM head read the intermediate state (Sorted-LLaMA).
+    Top,
+    /// Skip the lower blocks; the embedding feeds the first block run (SkipDecode).
+    Lower,
+}
+
+fn eval_early_exit(a: &EvalArgs, mode: ExitModeArg) -> Result<()> {
+    use kiln::runtime::early_exit::{EarlyExitInterpreter, ExitMode, ExitSchedule};
+    let path = crate::model_path(a.model.clone())?;
+    let text = read_text(&a.text)?;
+    if kiln::artifact::is_artifact(&path) {
+        bail!("--early-exit runs on the interpreter and needs the model file, not an artifact");
+    }
+    let m = crate::load(&path)?;
+    let n = m.config.n_layers;
+    let mut points = Vec::new();
+    for p in a.exit_schedule.as_deref().unwrap_or_default() {
+        let parsed = p.split_once(':').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+        points.push(parsed.with_context(|| format!("--exit-schedule entry `{p}` is not POS:DEPTH"))?);
+    }
+    let first = points.first().map(|p| p.0).context("--exit-schedule needs at least one POS:DEPTH")?;
+    let schedule = ExitSchedule::new(points, n).map_err(anyhow::Error::msg).context("--exit-schedule")?;
+    let mode = match mode {
+        ExitModeArg::Top => ExitMode::Top,
+        ExitModeArg::Lower => ExitMode::Lower,
+    };
+    let build = Build::new(CompileOptions { all_logits: true, ..CompileOptions::default() });
+    let (full, _, _) = kiln::artifact::build_graph(&m, &build)?;
+    let mut graphs = Vec::new();
+    for d in 1..=n {
+        let active = mode.active(n, d);
+        let skipped: Vec<usize> = (0..n).filter(|l| !active.contains(l)).collect();
+        graphs.push(kiln::passes::skip_layers::skip_blocks(&full, &skipped).map_err(anyhow::Error::msg)?);
+    }
+    let mut tokens = tokenize(m.tokenizer.as_ref(), &text, &a.text)?;
+    tokens.truncate(a.window + 1);
+    let mut backend = EarlyExitInterpreter::new(graphs, schedule, &m.weights, m.config.context_length)?;
+    let pb = bar(tokens.len() - 1, "scoring");
+    let report = kiln::eval::evaluate_stepwise(&mut backend, &tokens, first, |n| pb.set_position(n as u64))
+        .with_context(|| format!("evaluating {}", a.text.display()))?;
+    pb.finish_and_clear();
+    let j = serde_json::json!({
+        "model": m.name, "backend": backend.name(), "text": a.text, "early_exit": format!("{mode:?}").to_lowercase(),
+        "exit_schedule": a.exit_schedule, "report": report,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&j)?);
+    } else {
+        println!(
+            "perplexity {:.4}  (mean NLL {:.5} over {} tokens, teacher-forced decoding, early exit {mode:?}; {:.1}s)",
+            report.perplexity, report.mean_nll, report.scored, report.seconds
+        );
+    }
+    Ok(())
+}
+
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(mode) = a.early_exit {
+        return eval_early_exit(&a, mode);
+    }
     let path = crate::model_path(a.model.clone())?;
     let text = read_text(&a.text)?;
     let stride = a.stride.unwrap_or((a.window / 2).max(1));

@@ -342,6 +342,8 @@ fn bad_quality_input_is_refused_by_name() {
         (vec!["eval", "--text", t, "--window", "8", "--stride", "9"], "--stride"),
         (vec!["compile", "-o", "/tmp/x", "--quality-budget", "10%"], "ppl+X%"),
         (vec!["compile", "-o", "/tmp/x", "--quality-budget", "ppl+10%"], "--calibration"),
+        (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4:20,8:25"], "never written"),
+        (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4-20"], "POS:DEPTH"),
     ];
     for (args, needle) in cases {
         let (code, _, err) = run_kiln(&args, None);
