@@ -9,8 +9,9 @@
 //! Every step is deterministic (no timestamps in the manifest, `ar D`), so the same inputs and options
 //! give byte-identical files.
 
+use crate::artifact::Build;
 use anyhow::{bail, Context, Result};
-use kiln_codegen::{CompileOptions, TargetSpec};
+use kiln_codegen::TargetSpec;
 use kiln_frontend::Model;
 use kiln_ir::program::Manifest;
 use std::path::{Path, PathBuf};
@@ -116,8 +117,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 pub fn compile_library(
     model: &Model,
     source_hash: &str,
-    opts: &CompileOptions,
-    passes: &[String],
+    build: &Build,
     target: &TargetSpec,
     kind: LibraryKind,
     out: &Path,
@@ -133,16 +133,23 @@ pub fn compile_library(
         LibraryKind::Library => Some(find_capi_lib()?),
         LibraryKind::Object => None,
     };
-    let graph = crate::artifact::compile_graph(model, opts, passes)?;
-    let info = crate::artifact::artifact_info(model, source_hash, passes);
+    let (graph, passes, records) = crate::artifact::build_graph(model, build)?;
+    let info = crate::artifact::artifact_info(model, source_hash, passes, records);
     // Each token's bytes, for kiln_model_token_bytes: GGUF tokenizers give them (ids the tokenizer lacks
     // are empty); tokenizer.json ones decode whole sequences only, so those libraries have no table.
     let vocab: Option<Vec<Vec<u8>>> = model.tokenizer.as_ref().and_then(|t| {
         let per_token: Vec<Option<Vec<u8>>> = (0..t.vocab_size() as u32).map(|id| t.token_bytes(id)).collect();
         per_token.iter().any(Option::is_some).then(|| per_token.into_iter().map(Option::unwrap_or_default).collect())
     });
-    let manifest =
-        kiln_codegen::compile_library_object(&graph, &model.weights, opts, &info, vocab.as_deref(), target, out)?;
+    let manifest = kiln_codegen::compile_library_object(
+        &graph,
+        &model.weights,
+        &build.opts,
+        &info,
+        vocab.as_deref(),
+        target,
+        out,
+    )?;
     let header = out.join(HEADER_FILE);
     std::fs::write(&header, HEADER).with_context(|| format!("writing {}", header.display()))?;
     let Some(capi) = capi else { return Ok(manifest) };
@@ -177,8 +184,7 @@ pub fn compile_library(
 pub fn compile_command(
     model: &Model,
     model_path: &Path,
-    opts: &CompileOptions,
-    passes: &[String],
+    build: &Build,
     target: &TargetSpec,
     lib: bool,
     out: Option<PathBuf>,
@@ -187,7 +193,7 @@ pub fn compile_command(
     let kind = if lib { LibraryKind::Library } else { LibraryKind::Object };
     let out = out.context("--emit lib/obj writes a directory: give it with -o")?;
     let hash = crate::artifact::source_hash(model_path)?;
-    let manifest = compile_library(model, &hash, opts, passes, target, kind, &out)?;
+    let manifest = compile_library(model, &hash, build, target, kind, &out)?;
     let files: Vec<&str> = match kind {
         LibraryKind::Library => vec![STATIC_LIB, SHARED_LIB, HEADER_FILE, "weights.bin", "manifest.json"],
         LibraryKind::Object => vec![OBJECT, HEADER_FILE, "weights.bin", "manifest.json"],

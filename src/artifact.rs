@@ -11,7 +11,61 @@ use kiln_frontend::gguf::{GgufFile, GgufWriter};
 use kiln_frontend::tokenizer::Tokenizer;
 use kiln_frontend::Model;
 use kiln_ir::program::Manifest;
+use kiln_ir::Graph;
+use kiln_passes::calibration::Calibration;
+use kiln_passes::skip_layers::SkipLayers;
+use kiln_passes::{Pass, PassCx, Pipeline};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Everything that decides what is compiled besides the model: codegen options, the lossy passes and
+/// their inputs, graph edits for calibration, and records to put into the manifest.
+#[derive(Clone, Debug, Default)]
+pub struct Build {
+    pub opts: CompileOptions,
+    /// Named graph passes to run first (`--passes`), in order.
+    pub passes: Vec<String>,
+    /// Decoder blocks to remove (`count` 0: none).
+    pub skip: SkipLayers,
+    /// The calibration file lossy passes read (needed by `skip.method = influence`).
+    pub calibration: Option<Arc<Calibration>>,
+    /// Expose each block's activations as extra outputs (`calib.L.*`) for `kiln calibrate`.
+    pub expose_calibration: bool,
+    /// Extra records for the manifest (e.g. the `--quality-budget` search and its measurements).
+    pub records: Vec<serde_json::Value>,
+}
+
+impl Build {
+    pub fn new(opts: CompileOptions) -> Build {
+        Build { opts, ..Default::default() }
+    }
+}
+
+/// The graph a build compiles: the decoder graph, then the pipeline (the named passes, then `skip-layers`
+/// and `dce` when configured), then the calibration edit. Returns the graph, the stages that ran and the
+/// records passes made.
+pub fn build_graph(model: &Model, build: &Build) -> Result<(Graph, Vec<String>, Vec<serde_json::Value>)> {
+    let mut g = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !build.opts.all_logits })?;
+    let mut passes: Vec<Box<dyn Pass>> = Vec::new();
+    for name in &build.passes {
+        passes.push(kiln_passes::lookup(name).context("--passes")?);
+    }
+    if build.skip.count > 0 {
+        passes.push(Box::new(build.skip));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    let pipeline = Pipeline::from_passes(passes);
+    let cx = PassCx { calibration: build.calibration.clone(), ..Default::default() };
+    pipeline.run(&mut g, &cx, None)?;
+    let mut records: Vec<serde_json::Value> =
+        cx.records.take().into_iter().map(|r| serde_json::json!({"pass": r.pass, "detail": r.detail})).collect();
+    records.extend(build.records.iter().cloned());
+    if build.expose_calibration {
+        kiln_passes::calibration::expose_block_values(&mut g).map_err(anyhow::Error::msg)?;
+    }
+    let names = pipeline.names().into_iter().map(str::to_string).collect();
+    Ok((g, names, records))
+}
 
 /// Hash identifying a model source: the GGUF file, or a Hugging Face directory's config, tokenizer and
 /// weight files.
@@ -37,57 +91,61 @@ pub fn source_hash(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
-/// The cache key of compiling `source_hash` with `opts` for this host with this Kiln.
-pub fn cache_key(source_hash: &str, opts: &CompileOptions) -> String {
+/// The cache key of compiling `graph` (the graph after every pass, so pass choices are part of the key)
+/// of the model `source_hash` with `opts`, for this host with this Kiln; `records` (manifest notes) too.
+pub fn cache_key(source_hash: &str, opts: &CompileOptions, graph: &Graph, records: &[serde_json::Value]) -> String {
     let mut h = blake3::Hasher::new();
     h.update(source_hash.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
     h.update(serde_json::to_string(opts).expect("options serialise").as_bytes());
+    h.update(kiln_ir::text::print(graph).as_bytes());
+    h.update(serde_json::to_string(records).expect("records serialise").as_bytes());
     h.update(serde_json::to_string(&kiln_codegen::host_target_info()).expect("target serialises").as_bytes());
     h.finalize().to_hex()[..32].to_string()
 }
 
 /// Compiles `model` into `out` (created or replaced) and writes its tokenizer beside the code.
 pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, out: &Path) -> Result<Manifest> {
-    compile_model_with(model, source_hash, opts, &[], out)
+    compile_build(model, source_hash, &Build::new(opts.clone()), out)
 }
 
-/// The graph `model` is compiled from: built for `opts`, then rewritten by the graph `passes` in order.
-pub fn compile_graph(model: &Model, opts: &CompileOptions, passes: &[String]) -> Result<kiln_ir::Graph> {
-    let mut graph = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !opts.all_logits })?;
-    if !passes.is_empty() {
-        let names: Vec<&str> = passes.iter().map(String::as_str).collect();
-        let pipeline = kiln_passes::Pipeline::from_names(&names).context("--passes")?;
-        pipeline.run(&mut graph, &kiln_passes::PassCx::default(), None)?;
-    }
-    Ok(graph)
+/// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
+pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
+    let (graph, passes, records) = build_graph(model, build)?;
+    compile_graph(model, &graph, source_hash, &build.opts, passes, records, out)
 }
 
-/// What the manifest records about `model`.
-pub fn artifact_info(model: &Model, source_hash: &str, passes: &[String]) -> kiln_codegen::ArtifactInfo {
+fn compile_graph(
+    model: &Model,
+    graph: &Graph,
+    source_hash: &str,
+    opts: &CompileOptions,
+    passes: Vec<String>,
+    records: Vec<serde_json::Value>,
+    out: &Path,
+) -> Result<Manifest> {
+    let info = artifact_info(model, source_hash, passes, records);
+    let manifest = kiln_codegen::compile_to_dir(graph, &model.weights, opts, &info, out)?;
+    write_tokenizer(model, out)?;
+    Ok(manifest)
+}
+
+/// What the manifest records about `model`, and the passes that ran on its graph with their records.
+pub fn artifact_info(
+    model: &Model,
+    source_hash: &str,
+    passes: Vec<String>,
+    records: Vec<serde_json::Value>,
+) -> kiln_codegen::ArtifactInfo {
     kiln_codegen::ArtifactInfo {
         model_name: model.name.clone(),
         source_hash: source_hash.to_string(),
         context_length: model.config.context_length,
         vocab_size: model.config.vocab_size,
         eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
-        passes: passes.to_vec(),
+        passes,
+        records,
     }
-}
-
-/// [`compile_model`], running the graph `passes` first.
-pub fn compile_model_with(
-    model: &Model,
-    source_hash: &str,
-    opts: &CompileOptions,
-    passes: &[String],
-    out: &Path,
-) -> Result<Manifest> {
-    let graph = compile_graph(model, opts, passes)?;
-    let info = artifact_info(model, source_hash, passes);
-    let manifest = kiln_codegen::compile_to_dir(&graph, &model.weights, opts, &info, out)?;
-    write_tokenizer(model, out)?;
-    Ok(manifest)
 }
 
 pub(crate) fn write_tokenizer(model: &Model, out: &Path) -> Result<()> {
@@ -135,8 +193,14 @@ pub fn is_artifact(path: &Path) -> bool {
 /// The cached artifact for `model` (loaded from `model_path`) with `opts`, compiling it first if it is
 /// not cached. Returns the directory and whether it was compiled now.
 pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) -> Result<(PathBuf, bool)> {
+    cached_build(model_path, model, &Build::new(opts.clone()))
+}
+
+/// [`cached_artifact`] for a whole [`Build`].
+pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
     let hash = source_hash(model_path)?;
-    let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, opts));
+    let (graph, passes, records) = build_graph(model, build)?;
+    let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, &build.opts, &graph, &records));
     // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
     if is_artifact(&dir) {
         return Ok((dir, false));
@@ -144,7 +208,7 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_model(model, &hash, opts, &tmp)?;
+    compile_graph(model, &graph, &hash, &build.opts, passes, records, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

@@ -9,6 +9,9 @@ pub use kiln_runtime as runtime;
 
 pub mod aot;
 pub mod artifact;
+pub mod budget;
+pub mod calibrate;
+pub mod eval;
 
 use std::path::PathBuf;
 

@@ -10,6 +10,8 @@ use kiln::runtime::{Backend, InterpreterBackend, Sampler, SamplingParams};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+mod quality_cli;
+
 #[derive(Parser)]
 #[command(
     name = "kiln",
@@ -41,6 +43,10 @@ enum Cmd {
     Run(RunArgs),
     /// Compile a model to a native artifact directory (manifest, kernel library, weights, tokenizer).
     Compile(CompileArgs),
+    /// Perplexity of a model on a text (sliding window), e.g. `kiln eval --text data/eval.txt`.
+    Eval(quality_cli::EvalArgs),
+    /// Measure per-layer statistics (block influence, activation magnitudes) on a calibration text.
+    Calibrate(quality_cli::CalibrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -68,6 +74,10 @@ struct CompileArgs {
     /// Compute logits for every prompt position (for evaluation), not only the last.
     #[arg(long)]
     all_logits: bool,
+    #[command(flatten)]
+    skip: quality_cli::SkipArgs,
+    #[command(flatten)]
+    budget: quality_cli::BudgetArgs,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
@@ -147,6 +157,8 @@ struct RunArgs {
     /// Worker threads for the compiled backend (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    #[command(flatten)]
+    skip: quality_cli::SkipArgs,
     /// Print a JSON report (ids, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -158,6 +170,8 @@ fn main() {
         Cmd::Inspect { model, json, tensors } => inspect(model, json, tensors),
         Cmd::Run(args) => run(args),
         Cmd::Compile(args) => compile(args),
+        Cmd::Eval(args) => quality_cli::eval(args),
+        Cmd::Calibrate(args) => quality_cli::calibrate(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -242,12 +256,13 @@ fn compile(a: CompileArgs) -> Result<()> {
     let target = kiln::codegen::TargetSpec::parse(&a.target)?;
     let opts = CompileOptions { opt_level: a.opt_level, all_logits: a.all_logits };
     let m = load(&path)?;
+    let (mut build, choice) = quality_cli::compile_build(&a.skip, &a.budget, opts.clone(), &m, &path)?;
+    build.passes = a.passes.clone();
     if let Some(kind @ (CompileEmit::Lib | CompileEmit::Obj)) = a.emit {
         return kiln::aot::compile_command(
             &m,
             &path,
-            &opts,
-            &a.passes,
+            &build,
             &target,
             matches!(kind, CompileEmit::Lib),
             a.output,
@@ -258,7 +273,7 @@ fn compile(a: CompileArgs) -> Result<()> {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
     if let Some(stage) = a.emit {
-        let graph = kiln::artifact::compile_graph(&m, &opts, &a.passes)?;
+        let (graph, _, _) = kiln::artifact::build_graph(&m, &build)?;
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
             CompileEmit::Program => {
@@ -284,7 +299,7 @@ fn compile(a: CompileArgs) -> Result<()> {
     spinner.set_message(format!("compiling {} for {}", m.name, kiln::codegen::host_target_info().cpu));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let hash = kiln::artifact::source_hash(&path)?;
-    let manifest = kiln::artifact::compile_model_with(&m, &hash, &opts, &a.passes, &out)?;
+    let manifest = kiln::artifact::compile_build(&m, &hash, &build, &out)?;
     spinner.finish_and_clear();
     if a.json {
         println!(
@@ -296,6 +311,9 @@ fn compile(a: CompileArgs) -> Result<()> {
                 "kernels": manifest.kernels.len(),
                 "launches": manifest.program.launches.len(),
                 "compile_seconds": manifest.compile_seconds,
+                "passes": manifest.passes,
+                "records": manifest.records,
+                "quality_budget": choice,
             }))?
         );
     } else {
@@ -317,6 +335,7 @@ struct Loaded {
     compiled: Option<kiln::runtime::CompiledBackend>,
     tokenizer: Option<kiln::frontend::tokenizer::Tokenizer>,
     name: String,
+    build: Option<kiln::artifact::Build>,
 }
 
 fn run(a: RunArgs) -> Result<()> {
@@ -330,35 +349,40 @@ fn run(a: RunArgs) -> Result<()> {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
+        if a.skip.skip_layers > 0 {
+            bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
+        }
         let compiled = kiln::runtime::CompiledBackend::load(&path, a.threads, None)?;
         Loaded {
             model: None,
             tokenizer: kiln::artifact::artifact_tokenizer(&path)?,
             name: compiled.manifest().model_name.clone(),
             compiled: Some(compiled),
+            build: None,
         }
     } else {
         let mut m = load(&path)?;
+        let build = a.skip.build(opts.clone(), &m, &path)?;
         match a.emit {
             Some(Emit::Ir) => {
-                print!("{}", kiln::ir::text::print(&m.graph()?));
+                print!("{}", kiln::ir::text::print(&kiln::artifact::build_graph(&m, &build)?.0));
                 return Ok(());
             }
             Some(Emit::Dot) => {
-                print!("{}", kiln::ir::dot::to_dot(&m.graph()?));
+                print!("{}", kiln::ir::dot::to_dot(&kiln::artifact::build_graph(&m, &build)?.0));
                 return Ok(());
             }
             None => {}
         }
         let compiled = if a.backend == BackendKind::Compiled {
             let t = std::time::Instant::now();
-            let (dir, fresh) = kiln::artifact::cached_artifact(&path, &opts, &m)?;
+            let (dir, fresh) = kiln::artifact::cached_build(&path, &m, &build)?;
             let backend = match kiln::runtime::CompiledBackend::load(&dir, a.threads, None) {
                 Err(e) if !fresh => {
                     // A damaged or incompatible cache entry: compile it again, once.
                     eprintln!("[cached artifact unusable ({e}); recompiling]");
                     kiln::artifact::evict(&dir)?;
-                    let (dir, _) = kiln::artifact::cached_artifact(&path, &opts, &m)?;
+                    let (dir, _) = kiln::artifact::cached_build(&path, &m, &build)?;
                     kiln::runtime::CompiledBackend::load(&dir, a.threads, None)?
                 }
                 other => other?,
@@ -372,14 +396,16 @@ fn run(a: RunArgs) -> Result<()> {
         };
         let name = m.name.clone();
         let tokenizer = m.tokenizer.take();
-        Loaded { model: Some(m), tokenizer, compiled, name }
+        Loaded { model: Some(m), tokenizer, compiled, name, build: Some(build) }
     };
     let mut loaded = loaded;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut loaded.compiled, &loaded.model) {
         (Some(compiled), _) => compiled,
         (None, Some(m)) => {
-            interp = InterpreterBackend::new(m.graph()?, &m.weights, m.config.context_length)?;
+            let build = loaded.build.as_ref().expect("built for a model");
+            interp =
+                InterpreterBackend::new(kiln::artifact::build_graph(m, build)?.0, &m.weights, m.config.context_length)?;
             prepare_weights(&interp)?;
             &mut interp
         }

@@ -12,4 +12,5 @@ mod golden;
 mod import_roundtrip;
 mod ir_text;
 mod ops;
+mod quality;
 mod tokenizer;

@@ -38,6 +38,8 @@ pub struct ArtifactInfo {
     pub eos_token: Option<u32>,
     /// Graph passes that ran before code generation, in order.
     pub passes: Vec<String>,
+    /// What lossy passes (and the `--quality-budget` search) recorded, for the manifest.
+    pub records: Vec<serde_json::Value>,
 }
 
 /// The host target as recorded in manifests.
@@ -246,6 +248,7 @@ pub(crate) fn make_manifest(
         vocab_size: info.vocab_size,
         eos_token: info.eos_token,
         passes: info.passes.clone(),
+        records: info.records.clone(),
         library: library.0.into(),
         library_hash: library.1,
         weights: "weights.bin".into(),

@@ -83,6 +83,10 @@ pub struct Manifest {
     pub eos_token: Option<u32>,
     /// Stages that ran, in order.
     pub passes: Vec<String>,
+    /// What lossy passes did (layers removed, …) and the quality measured for the choice, one JSON
+    /// object per record. Absent in artifacts without lossy passes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<serde_json::Value>,
     /// The kernel library's file name and blake3 hash.
     pub library: String,
     pub library_hash: String,

@@ -3,15 +3,37 @@
 //! Every pass maps a verified graph to a verified graph computing the same function (lossless passes)
 //! or records what it gave up (lossy passes, later). In debug builds the verifier runs after every pass.
 
+pub mod blocks;
+pub mod calibration;
 pub mod cse;
 pub mod dce;
+pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError};
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What a pass is given besides the graph.
+/// What a pass is given besides the graph: shared data (the calibration file) and where lossy passes
+/// record what they did (for the artifact's manifest).
 #[derive(Clone, Debug, Default)]
-pub struct PassCx {}
+pub struct PassCx {
+    pub calibration: Option<Arc<calibration::Calibration>>,
+    pub records: RefCell<Vec<PassRecord>>,
+}
+
+/// What a (lossy) pass did, as it goes into the manifest.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PassRecord {
+    pub pass: String,
+    pub detail: serde_json::Value,
+}
+
+impl PassCx {
+    pub fn record(&self, pass: &str, detail: serde_json::Value) {
+        self.records.borrow_mut().push(PassRecord { pass: pass.to_string(), detail });
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum PassError {
@@ -46,7 +68,20 @@ pub struct PassReport {
 
 /// Every pass Kiln knows, by name.
 pub fn registry() -> Vec<Box<dyn Pass>> {
-    vec![Box::new(dce::DeadCodeElimination), Box::new(cse::CommonSubexpressionElimination)]
+    vec![
+        Box::new(dce::DeadCodeElimination),
+        Box::new(cse::CommonSubexpressionElimination),
+        // Unconfigured it skips nothing; configure it with `Pipeline::from_passes`.
+        Box::new(skip_layers::SkipLayers::default()),
+    ]
+}
+
+/// The registered pass named `name`.
+pub fn lookup(name: &str) -> Result<Box<dyn Pass>, PassError> {
+    registry().into_iter().find(|p| p.name() == name).ok_or_else(|| {
+        let known: Vec<&str> = registry().iter().map(|p| p.name()).collect();
+        PassError::Unknown(name.to_string(), known.join(", "))
+    })
 }
 
 /// The default pipeline, in order.
@@ -59,15 +94,11 @@ pub struct Pipeline {
 impl Pipeline {
     /// Builds a pipeline from stage names.
     pub fn from_names(names: &[&str]) -> Result<Pipeline, PassError> {
-        let mut passes = Vec::new();
-        for &n in names {
-            let p = registry().into_iter().find(|p| p.name() == n).ok_or_else(|| {
-                let known: Vec<&str> = registry().iter().map(|p| p.name()).collect();
-                PassError::Unknown(n.to_string(), known.join(", "))
-            })?;
-            passes.push(p);
-        }
-        Ok(Pipeline { passes })
+        Ok(Pipeline { passes: names.iter().map(|n| lookup(n)).collect::<Result<_, _>>()? })
+    }
+
+    pub fn from_passes(passes: Vec<Box<dyn Pass>>) -> Pipeline {
+        Pipeline { passes }
     }
 
     pub fn default_pipeline() -> Pipeline {

@@ -13,6 +13,8 @@ pub enum RuntimeError {
     BadToken { id: u32, vocab: usize },
     #[error("empty prompt: at least one token is needed")]
     EmptyPrompt,
+    #[error("KV cache `{cache}` holds {written} rows but the step reads {needed}: an early-exit schedule skipped a block that a later position runs")]
+    UnwrittenKv { cache: String, written: usize, needed: usize },
     #[error(transparent)]
     Interp(#[from] InterpError),
 }
@@ -45,6 +47,12 @@ pub trait Backend {
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError>;
     /// Empties the KV cache.
     fn reset(&mut self);
+    /// A float output of the last step other than `logits` and the state (e.g. hidden states a graph edit
+    /// exposed for calibration), row-major; `None` if the graph has no such output.
+    fn output(&self, name: &str) -> Option<&[f32]> {
+        let _ = name;
+        None
+    }
 }
 
 /// Runs the graph on the reference interpreter. Every graph input whose name is also an output name
@@ -53,6 +61,8 @@ pub struct InterpreterBackend<'w> {
     graph: Graph,
     interp: Interpreter<'w>,
     state: Vec<(String, Tensor)>,
+    /// The last step's other outputs.
+    extra: Vec<(String, Tensor)>,
     vocab: usize,
     context: usize,
     past: usize,
@@ -73,8 +83,15 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b =
-            InterpreterBackend { graph, interp: Interpreter::new(weights), state: Vec::new(), vocab, context, past: 0 };
+        let mut b = InterpreterBackend {
+            graph,
+            interp: Interpreter::new(weights),
+            state: Vec::new(),
+            extra: Vec::new(),
+            vocab,
+            context,
+            past: 0,
+        };
         b.reset();
         Ok(b)
     }
@@ -103,9 +120,14 @@ impl Backend for InterpreterBackend<'_> {
         self.past
     }
 
+    fn output(&self, name: &str) -> Option<&[f32]> {
+        self.extra.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
+    }
+
     fn reset(&mut self) {
         self.past = 0;
         self.state.clear();
+        self.extra.clear();
         let g = &self.graph;
         for (name, v) in g.inputs() {
             if g.output_named(name).is_none() {
@@ -148,17 +170,21 @@ impl Backend for InterpreterBackend<'_> {
         drop(inputs);
         let mut logits = None;
         let mut state = Vec::with_capacity(self.state.len());
+        self.extra.clear();
         for (name, t) in outputs {
             if name == "logits" {
                 logits = Some(t);
             } else if self.state.iter().any(|(n, _)| *n == name) {
                 state.push((name, t));
+            } else {
+                self.extra.push((name, t));
             }
         }
         self.state = state;
         self.past += s;
         let t = logits.expect("checked in new()");
         let Data::F32(data) = t.data else { unreachable!("logits are f32 by the type rules") };
-        Ok(Logits { rows: s, vocab: self.vocab, data })
+        // A graph built for generation returns the last position only.
+        Ok(Logits { rows: data.len() / self.vocab, vocab: self.vocab, data })
     }
 }

@@ -267,6 +267,13 @@ impl Backend for CompiledBackend {
     fn position(&self) -> usize {
         self.past
     }
+    fn output(&self, name: &str) -> Option<&[f32]> {
+        let (_, b) = self.manifest.program.outputs.iter().find(|(n, _)| n == name)?;
+        match &self.storage[*b] {
+            Storage::Floats(v) => Some(v),
+            _ => None,
+        }
+    }
     fn reset(&mut self) {
         // Rows past `past` are never read, so the cache need not be cleared.
         self.past = 0;

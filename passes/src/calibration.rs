@@ -1,0 +1,311 @@
+//! Calibration data: per-layer statistics measured by running a model on a calibration text, shared by
+//! every lossy pass (layer skipping reads block influence; sparsity reads activation magnitudes).
+//!
+//! The file is JSON, schema [`CALIBRATION_FORMAT`] version [`CALIBRATION_VERSION`] (documented field by
+//! field on [`Calibration`] and in `docs/calibration.md`). Readers must check `format` and `version`
+//! ([`Calibration::from_json`] does); a new field that old readers may ignore does not bump the version, a
+//! changed meaning does.
+//!
+//! [`StatsAccumulator`] turns the activations of each block, token by token, into the statistics. How the
+//! activations are obtained (which backend, which text) is the caller's business; the graph side is
+//! [`expose_block_values`], which marks the values it needs as extra graph outputs.
+
+use crate::blocks::find_blocks;
+use kiln_ir::Graph;
+use serde::{Deserialize, Serialize};
+
+pub const CALIBRATION_FORMAT: &str = "kiln-calibration";
+pub const CALIBRATION_VERSION: u32 = 1;
+
+/// A calibration file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Calibration {
+    /// Always [`CALIBRATION_FORMAT`].
+    pub format: String,
+    /// Schema version, [`CALIBRATION_VERSION`].
+    pub version: u32,
+    /// The model's name and the blake3 hash of its source files (as in artifact manifests).
+    pub model: String,
+    pub source_hash: String,
+    /// The calibration text: file name as given, blake3 of its bytes, tokens scored.
+    pub text: CalibrationText,
+    /// Tokens per forward pass (each chunk is run from an empty cache).
+    pub chunk: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    /// Mean negative log-likelihood (nats per token) and perplexity of the full model on the text,
+    /// chunk by chunk (the first token of each chunk is not scored).
+    pub mean_nll: f64,
+    pub perplexity: f64,
+    /// One entry per decoder block, in layer order.
+    pub layers: Vec<LayerStats>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationText {
+    pub file: String,
+    pub blake3: String,
+    pub tokens: usize,
+}
+
+/// Statistics of one decoder block, averaged over every token of the calibration text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    pub layer: usize,
+    /// Block influence: mean over tokens of 1 − cos(x_in, x_out), the residual stream entering and
+    /// leaving the block (ShortGPT's "block influence"). 0: the block changes nothing's direction.
+    pub block_influence: f64,
+    /// The same for the attention half (x_in → x_mid) and the MLP half (x_mid → x_out).
+    pub attn_influence: f64,
+    pub ffn_influence: f64,
+    /// Mean over tokens of ‖x_out − x_in‖ / ‖x_in‖.
+    pub relative_update: f64,
+    /// Per channel, mean |activation| over tokens: the input of the Q/K/V projections (`hidden_size`).
+    pub attn_in_mean_abs: Vec<f32>,
+    /// Input of the attention output projection (`n_heads · head_dim`).
+    pub attn_out_in_mean_abs: Vec<f32>,
+    /// Input of the gate/up projections (`hidden_size`).
+    pub ffn_in_mean_abs: Vec<f32>,
+    /// The SwiGLU activation silu(gate)·up, the input of the down projection (`intermediate_size`).
+    pub ffn_act_mean_abs: Vec<f32>,
+}
+
+impl Calibration {
+    /// Parses and checks a calibration file's text; errors say what is wrong (the caller adds the path).
+    pub fn from_json(text: &str) -> Result<Calibration, String> {
+        let head: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+        let format = head.get("format").and_then(|v| v.as_str());
+        if format != Some(CALIBRATION_FORMAT) {
+            return Err(format!(
+                "not a Kiln calibration file (`format` is {format:?}, expected \"{CALIBRATION_FORMAT}\")"
+            ));
+        }
+        let version = head.get("version").and_then(|v| v.as_u64());
+        if version != Some(CALIBRATION_VERSION as u64) {
+            return Err(format!(
+                "calibration format version {version:?}; this Kiln reads version {CALIBRATION_VERSION} (re-run `kiln calibrate`)"
+            ));
+        }
+        let c: Calibration = serde_json::from_value(head).map_err(|e| format!("invalid calibration file: {e}"))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("calibration serialises")
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.layers.is_empty() {
+            return Err("no layers".into());
+        }
+        for (i, l) in self.layers.iter().enumerate() {
+            if l.layer != i {
+                return Err(format!("layers[{i}] is layer {}; layers must be listed in order from 0", l.layer));
+            }
+            let finite = [l.block_influence, l.attn_influence, l.ffn_influence, l.relative_update];
+            if finite.iter().any(|v| !v.is_finite()) {
+                return Err(format!("layer {i}: a statistic is not finite"));
+            }
+            if l.attn_in_mean_abs.len() != self.hidden_size || l.ffn_in_mean_abs.len() != self.hidden_size {
+                return Err(format!(
+                    "layer {i}: per-channel statistics do not have hidden_size = {}",
+                    self.hidden_size
+                ));
+            }
+            if l.ffn_act_mean_abs.len() != self.intermediate_size {
+                return Err(format!(
+                    "layer {i}: ffn_act_mean_abs does not have intermediate_size = {}",
+                    self.intermediate_size
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Block influence per layer.
+    pub fn influence(&self) -> Vec<f64> {
+        self.layers.iter().map(|l| l.block_influence).collect()
+    }
+}
+
+/// Output names [`expose_block_values`] adds for layer `l`.
+pub fn exposed_names(l: usize) -> [String; 7] {
+    ["x_in", "x_mid", "x_out", "attn_in", "attn_out_in", "ffn_in", "ffn_act"].map(|s| format!("calib.{l}.{s}"))
+}
+
+/// Marks the values calibration measures as extra graph outputs (`calib.L.x_in`, …; see
+/// [`exposed_names`]), a generic graph edit so any backend can return them. Returns the number of blocks.
+pub fn expose_block_values(g: &mut Graph) -> Result<usize, String> {
+    let blocks = find_blocks(g)?;
+    for b in &blocks {
+        let names = exposed_names(b.layer);
+        let vals = [b.x_in, b.x_mid, b.x_out, b.attn_in, b.attn_out_in, b.ffn_in, b.ffn_act];
+        for (n, v) in names.iter().zip(vals) {
+            g.output(n, v);
+        }
+    }
+    Ok(blocks.len())
+}
+
+/// 1 − cos(a, b), in f64; 0 for zero vectors.
+pub fn one_minus_cos(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (x as f64, y as f64);
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        return 0.0;
+    }
+    1.0 - ab / (aa.sqrt() * bb.sqrt())
+}
+
+#[derive(Clone, Debug, Default)]
+struct LayerAcc {
+    tokens: usize,
+    block: f64,
+    attn: f64,
+    ffn: f64,
+    update: f64,
+    attn_in: Vec<f64>,
+    attn_out_in: Vec<f64>,
+    ffn_in: Vec<f64>,
+    ffn_act: Vec<f64>,
+}
+
+fn add_abs(acc: &mut Vec<f64>, rows: &[f32], width: usize) {
+    if acc.is_empty() {
+        acc.resize(width, 0.0);
+    }
+    for row in rows.chunks_exact(width) {
+        for (a, &x) in acc.iter_mut().zip(row) {
+            *a += x.abs() as f64;
+        }
+    }
+}
+
+/// The activations of one block over `tokens` positions, row-major `[tokens, width]` each.
+pub struct BlockActivations<'a> {
+    pub x_in: &'a [f32],
+    pub x_mid: &'a [f32],
+    pub x_out: &'a [f32],
+    pub attn_in: &'a [f32],
+    pub attn_out_in: &'a [f32],
+    pub ffn_in: &'a [f32],
+    pub ffn_act: &'a [f32],
+}
+
+/// Sums per-token statistics over chunks; [`StatsAccumulator::finish`] averages them.
+#[derive(Clone, Debug)]
+pub struct StatsAccumulator {
+    layers: Vec<LayerAcc>,
+}
+
+impl StatsAccumulator {
+    pub fn new(n_layers: usize) -> Self {
+        StatsAccumulator { layers: vec![LayerAcc::default(); n_layers] }
+    }
+
+    /// Adds `tokens` positions of block `layer`. Widths come from the slices (`len / tokens`).
+    pub fn add(&mut self, layer: usize, tokens: usize, a: &BlockActivations) -> Result<(), String> {
+        let d = a.x_in.len() / tokens.max(1);
+        if tokens == 0 || a.x_in.len() != tokens * d || a.x_mid.len() != a.x_in.len() || a.x_out.len() != a.x_in.len() {
+            return Err(format!("layer {layer}: residual activations do not have {tokens} rows of one width"));
+        }
+        let acc = &mut self.layers[layer];
+        for t in 0..tokens {
+            let r = t * d..(t + 1) * d;
+            let (xi, xm, xo) = (&a.x_in[r.clone()], &a.x_mid[r.clone()], &a.x_out[r]);
+            acc.block += one_minus_cos(xi, xo);
+            acc.attn += one_minus_cos(xi, xm);
+            acc.ffn += one_minus_cos(xm, xo);
+            let (mut diff, mut norm) = (0f64, 0f64);
+            for (&i, &o) in xi.iter().zip(xo) {
+                diff += ((o - i) as f64).powi(2);
+                norm += (i as f64).powi(2);
+            }
+            acc.update += if norm > 0.0 { (diff / norm).sqrt() } else { 0.0 };
+        }
+        add_abs(&mut acc.attn_in, a.attn_in, a.attn_in.len() / tokens);
+        add_abs(&mut acc.attn_out_in, a.attn_out_in, a.attn_out_in.len() / tokens);
+        add_abs(&mut acc.ffn_in, a.ffn_in, a.ffn_in.len() / tokens);
+        add_abs(&mut acc.ffn_act, a.ffn_act, a.ffn_act.len() / tokens);
+        acc.tokens += tokens;
+        Ok(())
+    }
+
+    /// Per-layer averages.
+    pub fn finish(self) -> Vec<LayerStats> {
+        self.layers
+            .into_iter()
+            .enumerate()
+            .map(|(layer, a)| {
+                let n = a.tokens.max(1) as f64;
+                let mean = |v: Vec<f64>| v.into_iter().map(|s| (s / n) as f32).collect();
+                LayerStats {
+                    layer,
+                    block_influence: a.block / n,
+                    attn_influence: a.attn / n,
+                    ffn_influence: a.ffn / n,
+                    relative_update: a.update / n,
+                    attn_in_mean_abs: mean(a.attn_in),
+                    attn_out_in_mean_abs: mean(a.attn_out_in),
+                    ffn_in_mean_abs: mean(a.ffn_in),
+                    ffn_act_mean_abs: mean(a.ffn_act),
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_distance_by_hand() {
+        assert_eq!(one_minus_cos(&[1.0, 0.0], &[2.0, 0.0]), 0.0);
+        assert!((one_minus_cos(&[1.0, 0.0], &[0.0, 3.0]) - 1.0).abs() < 1e-12);
+        assert!((one_minus_cos(&[1.0, 0.0], &[-1.0, 0.0]) - 2.0).abs() < 1e-12);
+        // 45 degrees: 1 - 1/sqrt(2).
+        assert!((one_minus_cos(&[1.0, 0.0], &[1.0, 1.0]) - (1.0 - 0.5f64.sqrt())).abs() < 1e-12);
+    }
+
+    #[test]
+    fn accumulator_averages_over_tokens_and_chunks() {
+        let mut acc = StatsAccumulator::new(1);
+        // Token 1: x_out = x_in (influence 0); token 2: orthogonal (influence 1); a second chunk: opposite (2).
+        let act = |x_in: &'static [f32], x_out: &'static [f32]| BlockActivations {
+            x_in,
+            x_mid: x_in,
+            x_out,
+            attn_in: &[1.0, -3.0],
+            attn_out_in: &[2.0],
+            ffn_in: &[0.5, 0.5],
+            ffn_act: &[-4.0],
+        };
+        acc.add(0, 1, &act(&[1.0, 0.0], &[1.0, 0.0])).unwrap();
+        acc.add(0, 1, &act(&[1.0, 0.0], &[0.0, 1.0])).unwrap();
+        acc.add(0, 1, &act(&[0.0, 2.0], &[0.0, -2.0])).unwrap();
+        let s = acc.finish();
+        assert!((s[0].block_influence - 1.0).abs() < 1e-12, "{}", s[0].block_influence); // (0 + 1 + 2) / 3
+        assert_eq!(s[0].attn_influence, 0.0);
+        assert_eq!(s[0].attn_in_mean_abs, vec![1.0, 3.0]);
+        assert_eq!(s[0].ffn_act_mean_abs, vec![4.0]);
+        // Relative update: 0, sqrt(2), 2.
+        assert!((s[0].relative_update - (2f64.sqrt() + 2.0) / 3.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_reasons() {
+        assert!(Calibration::from_json("{").unwrap_err().contains("not JSON"));
+        assert!(Calibration::from_json("{\"format\": \"x\"}").unwrap_err().contains("not a Kiln calibration"));
+        let e = Calibration::from_json("{\"format\": \"kiln-calibration\", \"version\": 99}").unwrap_err();
+        assert!(e.contains("version"), "{e}");
+        let e = Calibration::from_json("{\"format\": \"kiln-calibration\", \"version\": 1}").unwrap_err();
+        assert!(e.contains("invalid calibration file"), "{e}");
+    }
+}
