@@ -326,7 +326,8 @@ mod tests {
         let (bytes, _) = random(&mut rng, DType::Q4_1, 3, 64);
         let good = BlockSparse::from_dense(DType::Q4_1, 3, 64, &bytes, |r, b| (r + b) % 2 == 0).unwrap();
         good.validate().unwrap();
-        let cases: Vec<(&str, Box<dyn Fn(&mut BlockSparse)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut BlockSparse)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("row_ptr has", Box::new(|s| s.row_ptr.pop().map(drop).unwrap())),
             ("row_ptr[0]", Box::new(|s| s.row_ptr[0] = 1)),
             ("row_ptr[n]", Box::new(|s| s.row_ptr[3] += 1)),

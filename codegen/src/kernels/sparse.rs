@@ -1,0 +1,577 @@
+//! Generated block-sparse `linear` kernels: `y = x · Wᵀ` with `W` a [`BlockSparse`] matrix (CSR over
+//! 32-element blocks along `k`, kept blocks' bytes unchanged; see `kiln_ir::sparse`).
+//!
+//! One kernel per (weight dtype, `k`), with the C ABI
+//! `fn(w, row_ptr: *const u32, col_idx: *const u32, x, y, m: i64, n: i64, row_begin: i64, row_end: i64)`:
+//! `w` is the kept blocks' bytes, `x` `[m, k]` and `y` `[m, n]` f32 row-major as for [`super::linear`];
+//! the call writes `y[i][r]` for every `i < m` and `r` in `row_begin..row_end`, and nothing else. A row
+//! with no kept block gets 0.
+//!
+//! ```text
+//! for r in row_begin..row_end
+//!   [m ≥ 8: dequantize row r's kept blocks into a k-float stack buffer, once]
+//!   for each tile of T x rows (T = 4, then one tail tile of 1..3)
+//!     acc[T][A] = 0
+//!     for p in row_ptr[r]..row_ptr[r+1]                     // only the kept blocks
+//!       c = col_idx[p]
+//!       for each 8-element chunk j of block p (dequantized with linear's `Format`, or from the buffer)
+//!         acc[t][j % A] = fmuladd(w_chunk, x[t][32c + 8j ..], acc[t][j % A])
+//!     y[t][r] = reduce.fadd(Σ_a acc[t][a])
+//! ```
+//!
+//! Decode (`m = 1`) reads each kept block once, so the weight bytes read are proportional to density;
+//! x is read at the kept blocks' columns (it is small and stays in cache). Unlike the dense kernel,
+//! rows are computed one at a time (their block lists differ), so a dequantized chunk is never shared
+//! between rows, and `A = 4` independent accumulators hide the FMA latency instead. For prefill-sized
+//! `m`, each row's kept blocks are dequantized once into a stack buffer and every x tile then only loads
+//! and FMAs.
+//!
+//! Nothing here checks the CSR arrays: the generated code trusts them. [`run_sparse_linear`] validates
+//! a [`BlockSparse`] and the buffer sizes before calling a kernel; a runtime that calls kernels directly
+//! must run [`BlockSparse::validate`] on the weights once, when it loads them.
+
+use super::linear::{emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, PANEL_MIN_M, R, TILE_M};
+use crate::CodegenError;
+use inkwell::context::Context;
+use inkwell::module::Module;
+use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue, VectorValue};
+use inkwell::IntPredicate;
+use kiln_ir::sparse::{BlockSparse, SPARSE_BLOCK, SPARSE_DTYPES};
+use kiln_ir::DType;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// A block-sparse `linear` kernel to generate: weights of `dtype`, dense rows of `k` elements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct SparseLinearKernelSpec {
+    pub dtype: DType,
+    pub k: usize,
+}
+
+/// The generated function's type: `(w, row_ptr, col_idx, x, y, m, n, row_begin, row_end)`.
+pub type SparseLinearKernelFn =
+    unsafe extern "C" fn(*const u8, *const u32, *const u32, *const f32, *mut f32, i64, i64, i64, i64);
+
+/// Largest `k` for which the prefill path keeps a dequantized row (`4k` bytes) on the stack; above it
+/// every `m` takes the in-register path.
+const PANEL_MAX_K: usize = 16384;
+
+impl SparseLinearKernelSpec {
+    pub fn new(dtype: DType, k: usize) -> Self {
+        SparseLinearKernelSpec { dtype, k }
+    }
+
+    /// The kernel's symbol, e.g. `kiln_sparse_linear_q4_1_k576`.
+    pub fn symbol(&self) -> String {
+        format!("kiln_sparse_linear_{}_k{}", self.dtype.name(), self.k)
+    }
+
+    /// Checks that a kernel can be generated for this spec.
+    pub fn validate(&self) -> Result<(), CodegenError> {
+        if !SPARSE_DTYPES.contains(&self.dtype) {
+            return Err(CodegenError::UnsupportedDType { kernel: "sparse linear", dtype: self.dtype });
+        }
+        if self.k == 0 || !self.k.is_multiple_of(SPARSE_BLOCK) || self.k > (i32::MAX as usize) / 4 {
+            return Err(CodegenError::InvalidSpec(format!(
+                "sparse linear {}: k = {} is not a positive multiple of {SPARSE_BLOCK} (or is too large)",
+                self.dtype, self.k
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Emits the kernel for `spec` into `module` (or returns it if already there). Only built, not
+/// optimized: run [`crate::llvm::optimize`] on the module.
+pub fn emit_sparse_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    spec: &SparseLinearKernelSpec,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    spec.validate()?;
+    let name = spec.symbol();
+    if let Some(f) = module.get_function(&name) {
+        if f.count_basic_blocks() > 0 {
+            return Ok(f);
+        }
+        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    }
+    use Param::*;
+    let params = [
+        ("w", In),
+        ("row_ptr", In),
+        ("col_idx", In),
+        ("x", In),
+        ("y", Out),
+        ("m", Int),
+        ("n", Int),
+        ("row_begin", Int),
+        ("row_end", Int),
+    ];
+    let kb = Kb::declare(ctx, module, &name, &params)?;
+    emit_body(&kb, spec)?;
+    if !kb.func.verify(false) {
+        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
+    }
+    Ok(kb.func)
+}
+
+/// The kernel's parameters.
+#[derive(Clone, Copy)]
+struct Args<'ctx> {
+    w: PointerValue<'ctx>,
+    row_ptr: PointerValue<'ctx>,
+    col_idx: PointerValue<'ctx>,
+    x: PointerValue<'ctx>,
+    y: PointerValue<'ctx>,
+    m: IntValue<'ctx>,
+    n: IntValue<'ctx>,
+    k: IntValue<'ctx>,
+}
+
+fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, spec: &SparseLinearKernelSpec) -> R<()> {
+    let p = |i: u32| kb.func.get_nth_param(i).expect("9 params");
+    let a = Args {
+        w: p(0).into_pointer_value(),
+        row_ptr: p(1).into_pointer_value(),
+        col_idx: p(2).into_pointer_value(),
+        x: p(3).into_pointer_value(),
+        y: p(4).into_pointer_value(),
+        m: p(5).into_int_value(),
+        n: p(6).into_int_value(),
+        k: kb.i64c(spec.k as i64),
+    };
+    let rows = (p(7).into_int_value(), p(8).into_int_value());
+    let fmt = Format::new(spec.dtype, spec.k);
+    if spec.dtype != DType::F32 && spec.k <= PANEL_MAX_K {
+        let big = kb.b.build_int_compare(IntPredicate::SGE, a.m, kb.i64c(PANEL_MIN_M as i64), "big_m")?;
+        let (panel_bb, direct_bb, done) = (
+            kb.ctx.append_basic_block(kb.func, "panel_path"),
+            kb.ctx.append_basic_block(kb.func, "direct_path"),
+            kb.ctx.append_basic_block(kb.func, "done"),
+        );
+        kb.b.build_conditional_branch(big, panel_bb, direct_bb)?;
+        kb.b.position_at_end(panel_bb);
+        emit_panel(kb, &fmt, spec, a, rows)?;
+        kb.b.build_unconditional_branch(done)?;
+        kb.b.position_at_end(direct_bb);
+        emit_direct(kb, &fmt, a, rows)?;
+        kb.b.build_unconditional_branch(done)?;
+        kb.b.position_at_end(done);
+    } else {
+        emit_direct(kb, &fmt, a, rows)?;
+    }
+    kb.b.build_return(None)?;
+    Ok(())
+}
+
+/// Row `r`'s kept positions `row_ptr[r]..row_ptr[r + 1]`, as i64.
+fn row_span<'ctx>(kb: &Kb<'_, 'ctx>, a: Args<'ctx>, r: IntValue<'ctx>) -> R<(IntValue<'ctx>, IntValue<'ctx>)> {
+    let at = |i: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        let v = kb.load(kb.i32t.into(), kb.gep(kb.i32t.into(), a.row_ptr, i)?, 4)?.into_int_value();
+        Ok(kb.b.build_int_z_extend(v, kb.i64t, "rp")?)
+    };
+    Ok((at(r)?, at(kb.b.build_int_nsw_add(r, kb.i64c(1), "r1")?)?))
+}
+
+/// Dequantizing in registers as the kept blocks stream by: for each row, every tile of x rows.
+fn emit_direct<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    a: Args<'ctx>,
+    (rb, re): (IntValue<'ctx>, IntValue<'ctx>),
+) -> R<()> {
+    let bytes = kb.i64c(fmt.block_bytes as i64);
+    kb.for_loop(rb, re, kb.i64c(1), "row", |r| {
+        let span = row_span(kb, a, r)?;
+        emit_x_tiles(kb, TILE_M, kb.i64c(0), a.m, |i0, t| {
+            emit_tile(kb, fmt, a, i0, t, r, span, &|p| {
+                kb.gep(kb.i8t.into(), a.w, kb.b.build_int_nsw_mul(p, bytes, "wp")?)
+            })
+        })
+    })
+}
+
+/// Prefill-sized m: each row's kept blocks dequantized once into a stack buffer (kept block `p` of the
+/// row at float `32 (p - row_ptr[r])`), then every x tile runs the f32 loop over it.
+fn emit_panel<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    spec: &SparseLinearKernelSpec,
+    a: Args<'ctx>,
+    (rb, re): (IntValue<'ctx>, IntValue<'ctx>),
+) -> R<()> {
+    let buf = kb.entry_alloca(kb.f32t.array_type(spec.k as u32).into())?;
+    let f32fmt = Format::new(DType::F32, spec.k);
+    let (bytes, elems) = (kb.i64c(fmt.block_bytes as i64), kb.i64c(SPARSE_BLOCK as i64));
+    kb.for_loop(rb, re, kb.i64c(1), "prow", |r| {
+        let (p0, p1) = row_span(kb, a, r)?;
+        let slot = |p: IntValue<'ctx>| -> R<PointerValue<'ctx>> {
+            let off = kb.b.build_int_nsw_mul(kb.b.build_int_nsw_sub(p, p0, "q")?, elems, "boff")?;
+            kb.gep(kb.f32t.into(), buf, off)
+        };
+        kb.for_loop(p0, p1, kb.i64c(1), "deq", |p| {
+            let wp = kb.gep(kb.i8t.into(), a.w, kb.b.build_int_nsw_mul(p, bytes, "wp")?)?;
+            let dst = slot(p)?;
+            let mut memo: Memo<'ctx> = HashMap::new();
+            fmt.prologue(kb, wp, &mut memo)?;
+            for c in fmt.chunk_order() {
+                let v = fmt.chunk(kb, wp, &mut memo, None, c)?;
+                kb.store(kb.gep(kb.f32t.into(), dst, kb.i64c((c * LANES as usize) as i64))?, v.into(), 4)?;
+            }
+            Ok(())
+        })?;
+        emit_x_tiles(kb, TILE_M, kb.i64c(0), a.m, |i0, t| emit_tile(kb, &f32fmt, a, i0, t, r, (p0, p1), &slot))
+    })
+}
+
+/// Row `r` against the `t` x rows from `i0`, over the kept positions `p0..p1`, weights of kept block `p`
+/// at `wptr(p)` in `fmt`.
+#[allow(clippy::too_many_arguments)]
+fn emit_tile<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    a: Args<'ctx>,
+    i0: IntValue<'ctx>,
+    t: usize,
+    r: IntValue<'ctx>,
+    (p0, p1): (IntValue<'ctx>, IntValue<'ctx>),
+    wptr: &dyn Fn(IntValue<'ctx>) -> R<PointerValue<'ctx>>,
+) -> R<()> {
+    let nacc = tail_accumulators(t);
+    let mut xrows = Vec::with_capacity(t);
+    let mut youts = Vec::with_capacity(t);
+    for ti in 0..t {
+        let i = kb.b.build_int_nsw_add(i0, kb.i64c(ti as i64), "i")?;
+        xrows.push(kb.gep(kb.f32t.into(), a.x, kb.b.build_int_nsw_mul(i, a.k, "xoff")?)?);
+        let yoff = kb.b.build_int_nsw_add(kb.b.build_int_nsw_mul(i, a.n, "yoff")?, r, "yoff")?;
+        youts.push(kb.gep(kb.f32t.into(), a.y, yoff)?);
+    }
+    // Accumulators live in entry-block allocas between iterations; SROA turns them into phis.
+    let slots: Vec<PointerValue<'ctx>> = (0..t * nacc).map(|_| kb.entry_alloca(kb.v8f32.into())).collect::<R<_>>()?;
+    for s in &slots {
+        kb.store(*s, kb.v8f32.const_zero().into(), 32)?;
+    }
+    let load_accs = || -> R<Vec<VectorValue<'ctx>>> {
+        slots.iter().map(|s| Ok(kb.load(kb.v8f32.into(), *s, 32)?.into_vector_value())).collect()
+    };
+    kb.for_loop(p0, p1, kb.i64c(1), "kept", |p| {
+        let c = kb.load(kb.i32t.into(), kb.gep(kb.i32t.into(), a.col_idx, p)?, 4)?.into_int_value();
+        let c = kb.b.build_int_z_extend(c, kb.i64t, "col")?;
+        let xoff = kb.b.build_int_nsw_mul(c, kb.i64c(SPARSE_BLOCK as i64), "xblk")?;
+        let xptrs: Vec<PointerValue<'ctx>> =
+            xrows.iter().map(|&xr| kb.gep(kb.f32t.into(), xr, xoff)).collect::<R<_>>()?;
+        let wp = wptr(p)?;
+        let mut memo: Memo<'ctx> = HashMap::new();
+        fmt.prologue(kb, wp, &mut memo)?;
+        let mut accs = load_accs()?;
+        for (j, c) in fmt.chunk_order().into_iter().enumerate() {
+            let wv = fmt.chunk(kb, wp, &mut memo, None, c)?;
+            for (ti, &xp) in xptrs.iter().enumerate() {
+                let xv = kb.gep(kb.f32t.into(), xp, kb.i64c((c * LANES as usize) as i64))?;
+                let xv = kb.load(kb.v8f32.into(), xv, 4)?.into_vector_value();
+                let s = ti * nacc + j % nacc;
+                accs[s] = kb.fma(wv, xv, accs[s])?;
+            }
+        }
+        for (s, v) in slots.iter().zip(&accs) {
+            kb.store(*s, v.as_basic_value_enum(), 32)?;
+        }
+        Ok(())
+    })?;
+    let accs = load_accs()?;
+    for (ti, &yp) in youts.iter().enumerate() {
+        let mut v = accs[ti * nacc];
+        for s in 1..nacc {
+            v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
+        }
+        kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
+    }
+    Ok(())
+}
+
+/// Calls `kernel` (generated for `spec`) on `w` after checking everything it trusts: `w` is a valid
+/// [`BlockSparse`] of `spec`'s dtype and `k`, `x` holds `m · k` floats, `y` `m · n`, and `rows` lies in
+/// `0..n`. Validation walks the block indices (O(kept blocks)); a runtime validates once at load time
+/// instead and calls the kernel directly.
+pub fn run_sparse_linear(
+    kernel: SparseLinearKernelFn,
+    spec: &SparseLinearKernelSpec,
+    w: &BlockSparse,
+    x: &[f32],
+    y: &mut [f32],
+    m: usize,
+    rows: Range<usize>,
+) -> Result<(), CodegenError> {
+    let bad = |what: String| Err(CodegenError::InvalidSpec(format!("sparse linear {}: {what}", spec.symbol())));
+    spec.validate()?;
+    w.validate().map_err(|e| CodegenError::InvalidSpec(format!("sparse linear {}: {e}", spec.symbol())))?;
+    if (w.dtype, w.k) != (spec.dtype, spec.k) {
+        return bad(format!("weights are {} with k = {}", w.dtype, w.k));
+    }
+    if Some(x.len()) != m.checked_mul(spec.k) {
+        return bad(format!("x has {} floats, want m · k = {m} · {}", x.len(), spec.k));
+    }
+    if Some(y.len()) != m.checked_mul(w.n) {
+        return bad(format!("y has {} floats, want m · n = {m} · {}", y.len(), w.n));
+    }
+    if rows.start > rows.end || rows.end > w.n {
+        return bad(format!("rows {rows:?} are not within 0..{}", w.n));
+    }
+    if y.len() > i64::MAX as usize / 4 || x.len() > i64::MAX as usize / 4 {
+        return bad("buffers too large".into());
+    }
+    // SAFETY: `w` is valid (every row_ptr entry ≤ the kept blocks, every block index < k / 32, data
+    // exactly the kept blocks), x and y have the sizes the ABI reads and writes, and rows are in 0..n.
+    unsafe {
+        kernel(
+            w.data.as_ptr(),
+            w.row_ptr.as_ptr(),
+            w.col_idx.as_ptr(),
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            m as i64,
+            w.n as i64,
+            rows.start as i64,
+            rows.end as i64,
+        )
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::linear::tests::random_weights;
+    use super::super::linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+    use super::*;
+    use crate::llvm;
+    use inkwell::OptimizationLevel;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Generates the sparse and the dense kernel for each (dtype, k) into one module, optimizes it for
+    /// the host, JIT-compiles it, and hands `f` the pairs in order.
+    pub(crate) fn with_sparse_and_dense(
+        shapes: &[(DType, usize)],
+        f: impl FnOnce(&[(SparseLinearKernelSpec, SparseLinearKernelFn, LinearKernelFn)]),
+    ) {
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "sparse_test");
+        for &(dtype, k) in shapes {
+            emit_sparse_linear(&ctx, &module, &SparseLinearKernelSpec::new(dtype, k)).unwrap();
+            emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, k)).unwrap();
+        }
+        let tm = llvm::host_target_machine().unwrap();
+        llvm::optimize(&module, &tm).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+        let fns: Vec<_> = shapes
+            .iter()
+            .map(|&(dtype, k)| {
+                let spec = SparseLinearKernelSpec::new(dtype, k);
+                let s = ee.get_function_address(&spec.symbol()).unwrap();
+                let d = ee.get_function_address(&LinearKernelSpec::new(dtype, k).symbol()).unwrap();
+                // SAFETY: both symbols were generated with exactly these signatures.
+                unsafe {
+                    (
+                        spec,
+                        std::mem::transmute::<usize, SparseLinearKernelFn>(s),
+                        std::mem::transmute::<usize, LinearKernelFn>(d),
+                    )
+                }
+            })
+            .collect();
+        f(&fns);
+    }
+
+    const SENTINEL: u32 = 0x7fc0_dead;
+
+    /// The sparse kernel against dequantize + f64 dot products of the pruned matrix at several densities
+    /// (random block masks, row 0 always empty below density 1), m (both paths, partial tiles), n and row
+    /// sub-ranges; rows outside the range keep their sentinel, empty rows are exactly 0. At density 1 it
+    /// also matches the dense kernel on the same weights.
+    fn check(rng: &mut StdRng, spec: SparseLinearKernelSpec, sparse: SparseLinearKernelFn, dense: LinearKernelFn) {
+        let (dtype, k) = (spec.dtype, spec.k);
+        let bpr = k / SPARSE_BLOCK;
+        for n in [1usize, 7, 33] {
+            let dense_w = random_weights(rng, dtype, n, k);
+            for density in [0.0, 0.1, 0.25, 0.5, 0.9, 1.0] {
+                let mask: Vec<bool> =
+                    (0..n * bpr).map(|i| (i >= bpr || density == 1.0) && rng.random_bool(density)).collect();
+                let w = BlockSparse::from_dense(dtype, n, k, &dense_w, |r, b| mask[r * bpr + b]).unwrap();
+                let wf = w.dequantize().unwrap();
+                for m in [1usize, 2, 3, 5, 8, 9, 70] {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let mut y_dense = vec![0f32; m * n];
+                    if density == 1.0 {
+                        // SAFETY: buffers sized as the ABI requires.
+                        unsafe {
+                            dense(dense_w.as_ptr(), x.as_ptr(), y_dense.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                        };
+                    }
+                    for (rb, re) in [(0, n), (n / 3, n - n / 3), (n / 2, n / 2 + 1)] {
+                        let mut y = vec![f32::from_bits(SENTINEL); m * n];
+                        run_sparse_linear(sparse, &spec, &w, &x, &mut y, m, rb..re).unwrap();
+                        for i in 0..m {
+                            for r in 0..n {
+                                let got = y[i * n + r];
+                                let ctx = format!("{dtype} k={k} n={n} m={m} d={density} rows {rb}..{re}: y[{i}][{r}]");
+                                if !(rb..re).contains(&r) {
+                                    assert_eq!(got.to_bits(), SENTINEL, "{ctx} written");
+                                    continue;
+                                }
+                                let (mut want, mut mag) = (0f64, 0f64);
+                                for j in 0..k {
+                                    let p = f64::from(wf[r * k + j]) * f64::from(x[i * k + j]);
+                                    want += p;
+                                    mag += p.abs();
+                                }
+                                if w.row_ptr[r] == w.row_ptr[r + 1] {
+                                    assert_eq!(got, 0.0, "{ctx}: empty row");
+                                }
+                                assert!((f64::from(got) - want).abs() <= 1e-4 * mag + 1e-30, "{ctx} = {got} vs {want}");
+                                if density == 1.0 {
+                                    // Same products, summed in a different order (one row at a time
+                                    // with 4 accumulators vs rows in groups).
+                                    let d = y_dense[i * n + r];
+                                    assert!(
+                                        (f64::from(got) - f64::from(d)).abs() <= 1e-5 * mag + 1e-30,
+                                        "{ctx} = {got} vs dense {d}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_dtype(dtype: DType, ks: &[usize]) {
+        let shapes: Vec<(DType, usize)> = ks.iter().map(|&k| (dtype, k)).collect();
+        let mut rng = StdRng::seed_from_u64(1000 + dtype.ggml_id() as u64);
+        with_sparse_and_dense(&shapes, |fns| {
+            for &(spec, s, d) in fns {
+                check(&mut rng, spec, s, d);
+            }
+        });
+    }
+
+    #[test]
+    fn sparse_f32_matches_reference() {
+        check_dtype(DType::F32, &[32, 96, 544]);
+    }
+
+    #[test]
+    fn sparse_f16_matches_reference() {
+        check_dtype(DType::F16, &[32, 160]);
+    }
+
+    #[test]
+    fn sparse_bf16_matches_reference() {
+        check_dtype(DType::BF16, &[64]);
+    }
+
+    #[test]
+    fn sparse_q4_0_matches_reference() {
+        check_dtype(DType::Q4_0, &[32, 576]);
+    }
+
+    #[test]
+    fn sparse_q4_1_matches_reference() {
+        check_dtype(DType::Q4_1, &[32, 96, 576]);
+    }
+
+    #[test]
+    fn sparse_q5_0_matches_reference() {
+        check_dtype(DType::Q5_0, &[32, 160]);
+    }
+
+    #[test]
+    fn sparse_q5_1_matches_reference() {
+        check_dtype(DType::Q5_1, &[64, 160]);
+    }
+
+    #[test]
+    fn sparse_q8_0_matches_reference() {
+        check_dtype(DType::Q8_0, &[32, 576]);
+    }
+
+    /// Magnitude-pruned weights (the format's intended producer) through the kernel, against the
+    /// reference on the pruned matrix; and at density 1 pruning keeps everything.
+    #[test]
+    fn pruned_weights_run_through_the_kernel() {
+        let mut rng = StdRng::seed_from_u64(77);
+        let (dtype, k, n, m) = (DType::Q4_1, 192, 11, 3);
+        with_sparse_and_dense(&[(dtype, k)], |fns| {
+            let (spec, sparse, _) = fns[0];
+            let dense_w = random_weights(&mut rng, dtype, n, k);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            for density in [0.25, 0.5, 1.0] {
+                let w = kiln_ir::sparse::prune_magnitude(dtype, n, k, &dense_w, density).unwrap();
+                assert_eq!(w.nnz_blocks(), n * (density * 6.0_f64).round() as usize);
+                let wf = w.dequantize().unwrap();
+                let mut y = vec![0f32; m * n];
+                run_sparse_linear(sparse, &spec, &w, &x, &mut y, m, 0..n).unwrap();
+                for i in 0..m {
+                    for r in 0..n {
+                        let want: f64 = (0..k).map(|j| f64::from(wf[r * k + j]) * f64::from(x[i * k + j])).sum();
+                        let mag: f64 = (0..k).map(|j| (f64::from(wf[r * k + j]) * f64::from(x[i * k + j])).abs()).sum();
+                        assert!((f64::from(y[i * n + r]) - want).abs() <= 1e-4 * mag, "d={density} y[{i}][{r}]");
+                    }
+                }
+            }
+        });
+    }
+
+    /// Inconsistent weights or buffers are refused before the kernel runs (the output is untouched).
+    #[test]
+    fn bad_inputs_are_errors_not_calls() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let (dtype, k, n, m) = (DType::Q8_0, 64, 4, 2);
+        with_sparse_and_dense(&[(dtype, k)], |fns| {
+            let (spec, sparse, _) = fns[0];
+            let dense_w = random_weights(&mut rng, dtype, n, k);
+            let good = BlockSparse::from_dense(dtype, n, k, &dense_w, |r, b| r != b).unwrap();
+            let x = vec![1f32; m * k];
+            let mut y = vec![f32::from_bits(SENTINEL); m * n];
+            run_sparse_linear(sparse, &spec, &good, &x, &mut y, m, 0..n).unwrap();
+            let mut bad_cols = good.clone();
+            bad_cols.col_idx[0] = 2; // k / 32 = 2 blocks
+            let mut bad_ptr = good.clone();
+            bad_ptr.row_ptr[n] += 1;
+            let mut short = good.clone();
+            short.data.truncate(short.data.len() - 1);
+            let other_k =
+                BlockSparse::from_dense(dtype, n, 96, &random_weights(&mut rng, dtype, n, 96), |_, _| true).unwrap();
+            let cases: [(&BlockSparse, usize, usize, Range<usize>, &str); 8] = [
+                (&bad_cols, m * k, m * n, 0..n, "out of range"),
+                (&bad_ptr, m * k, m * n, 0..n, "row_ptr[n]"),
+                (&short, m * k, m * n, 0..n, "data bytes"),
+                (&other_k, m * k, m * n, 0..n, "k = 96"),
+                (&good, m * k - 1, m * n, 0..n, "x has"),
+                (&good, m * k, m * n + 1, 0..n, "y has"),
+                (&good, m * k, m * n, 0..n + 1, "rows"),
+                #[allow(clippy::reversed_empty_ranges)]
+                (&good, m * k, m * n, 3..2, "rows"),
+            ];
+            for (w, xl, yl, rows, want) in cases {
+                let mut yy = vec![f32::from_bits(SENTINEL); yl];
+                let err = run_sparse_linear(sparse, &spec, w, &x[..xl.min(x.len())], &mut yy, m, rows).unwrap_err();
+                assert!(err.to_string().contains(want), "want {want:?} in {err}");
+                assert!(yy.iter().all(|v| v.to_bits() == SENTINEL), "{want}: y was written");
+            }
+        });
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "bad");
+        let err = emit_sparse_linear(&ctx, &module, &SparseLinearKernelSpec::new(DType::Q4K, 256)).unwrap_err();
+        assert_eq!(err, CodegenError::UnsupportedDType { kernel: "sparse linear", dtype: DType::Q4K });
+        for k in [0, 48, 100] {
+            let err = emit_sparse_linear(&ctx, &module, &SparseLinearKernelSpec::new(DType::Q4_1, k)).unwrap_err();
+            assert!(
+                matches!(err, CodegenError::InvalidSpec(_)) && err.to_string().contains(&format!("k = {k}")),
+                "{err}"
+            );
+        }
+        assert_eq!(module.get_functions().count(), 0, "nothing is left behind on error");
+    }
+}
