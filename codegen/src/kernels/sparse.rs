@@ -10,7 +10,7 @@
 //! ```text
 //! for r in row_begin..row_end
 //!   [m ≥ 8: dequantize row r's kept blocks into a k-float stack buffer, once]
-//!   for each tile of T x rows (T = 4, then one tail tile of 1..3)
+//!   for each tile of T x rows (T = 4, or 8 from the buffer; then one tail tile of 1..T-1)
 //!     acc[T][A] = 0
 //!     for p in row_ptr[r]..row_ptr[r+1]                     // only the kept blocks
 //!       c = col_idx[p]
@@ -23,8 +23,10 @@
 //! x is read at the kept blocks' columns (it is small and stays in cache). Unlike the dense kernel,
 //! rows are computed one at a time (their block lists differ), so a dequantized chunk is never shared
 //! between rows, and `A = 4` independent accumulators hide the FMA latency instead. For prefill-sized
-//! `m`, each row's kept blocks are dequantized once into a stack buffer and every x tile then only loads
-//! and FMAs.
+//! `m`, each row's kept blocks are dequantized once into a stack buffer and every tile of 8 x rows then
+//! only loads and FMAs: one weight load feeds 8 FMAs, but each FMA needs its own x load (rows differ in
+//! their kept columns, so x loads cannot be shared across rows as the dense panel path shares them),
+//! which is why m = 64 breaks even at a lower density than decode (`docs/sparsity.md`).
 //!
 //! Nothing here checks the CSR arrays: the generated code trusts them. [`run_sparse_linear`] validates
 //! a [`BlockSparse`] and the buffer sizes before calling a kernel; a runtime that calls kernels directly
@@ -55,6 +57,9 @@ pub type SparseLinearKernelFn =
 /// Largest `k` for which the prefill path keeps a dequantized row (`4k` bytes) on the stack; above it
 /// every `m` takes the in-register path.
 const PANEL_MAX_K: usize = 16384;
+/// x rows per tile of the prefill path: the weights come from L1, so each w chunk loaded feeds this
+/// many FMAs (one accumulator each), against one load of x per FMA.
+const PANEL_TILE_M: usize = 8;
 
 impl SparseLinearKernelSpec {
     pub fn new(dtype: DType, k: usize) -> Self {
@@ -221,7 +226,7 @@ fn emit_panel<'ctx>(
             }
             Ok(())
         })?;
-        emit_x_tiles(kb, TILE_M, kb.i64c(0), a.m, |i0, t| emit_tile(kb, &f32fmt, a, i0, t, r, (p0, p1), &slot))
+        emit_x_tiles(kb, PANEL_TILE_M, kb.i64c(0), a.m, |i0, t| emit_tile(kb, &f32fmt, a, i0, t, r, (p0, p1), &slot))
     })
 }
 
@@ -573,5 +578,87 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(module.get_functions().count(), 0, "nothing is left behind on error");
+    }
+}
+
+/// Dense vs block-sparse timings on SmolLM2-135M's MLP shapes, single thread, across densities, with the
+/// density below which sparse wins. Print-only; run with
+/// `cargo test -p kiln-codegen --release -- --ignored --nocapture bench_sparse_linear`.
+#[cfg(test)]
+mod bench {
+    use super::super::linear::bench::time_per_call;
+    use super::super::linear::tests::random_weights;
+    use super::tests::with_sparse_and_dense;
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+    fn bench_sparse_linear() {
+        // (dtype, k, n): up/gate (576 → 1536) and down (1536 → 576).
+        let shapes = [(DType::Q4_1, 576, 1536), (DType::Q4_1, 1536, 576)];
+        let densities = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+        let kernels: Vec<(DType, usize)> = shapes.iter().map(|&(d, k, _)| (d, k)).collect();
+        with_sparse_and_dense(&kernels, |fns| {
+            let mut rng = StdRng::seed_from_u64(2);
+            let mut summary = Vec::new();
+            println!(
+                "{:<6} {:>5} {:>5} {:>3} | {:>8} | {:>7} {:>10} {:>7}",
+                "dtype", "k", "n", "m", "density", "dense µs", "sparse µs", "ratio"
+            );
+            for (&(dtype, k, n), &(spec, sparse, dense)) in shapes.iter().zip(fns) {
+                let dense_w = random_weights(&mut rng, dtype, n, k);
+                for m in [1usize, 64] {
+                    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                    let mut y = vec![0f32; m * n];
+                    // SAFETY: buffers sized as the ABI requires.
+                    let td = time_per_call(|| unsafe {
+                        dense(dense_w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                    });
+                    let mut wins_below = None;
+                    let mut all_won = true;
+                    for &d in &densities {
+                        let w = kiln_ir::sparse::prune_magnitude(dtype, n, k, &dense_w, d).unwrap();
+                        w.validate().unwrap();
+                        // SAFETY: `w` was validated and the buffers are sized as the ABI requires.
+                        let ts = time_per_call(|| unsafe {
+                            sparse(
+                                w.data.as_ptr(),
+                                w.row_ptr.as_ptr(),
+                                w.col_idx.as_ptr(),
+                                x.as_ptr(),
+                                y.as_mut_ptr(),
+                                m as i64,
+                                n as i64,
+                                0,
+                                n as i64,
+                            )
+                        });
+                        all_won &= ts < td;
+                        if all_won {
+                            wins_below = Some(d);
+                        }
+                        println!(
+                            "{:<6} {:>5} {:>5} {:>3} | {:>8.2} | {:>7.1} {:>10.1} {:>7.2}",
+                            dtype.name(),
+                            k,
+                            n,
+                            m,
+                            w.density(),
+                            td * 1e6,
+                            ts * 1e6,
+                            ts / td
+                        );
+                    }
+                    summary.push((spec, n, m, wins_below));
+                }
+            }
+            println!("break-even (highest density measured up to which sparse is faster at every density):");
+            for (spec, n, m, d) in summary {
+                let d = d.map_or("never (even at 0.05)".to_string(), |d| format!("{d}"));
+                println!("  {} {}→{} m={m}: {d}", spec.dtype, spec.k, n);
+            }
+        });
     }
 }
