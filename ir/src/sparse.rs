@@ -236,6 +236,23 @@ pub fn prune_wanda(
     prune_by(dtype, n, k, bytes, density, |j| f64::from(act_norms[j]))
 }
 
+/// `Wᵀ` (`[k, n]`, quantized along `n`) of the `[n, k]` matrix `bytes` of `dtype`: the layout of the
+/// active-channel kernels, in which an input channel is one contiguous row. Quantized formats are
+/// dequantized and quantized again along the other axis, which changes the rounding error (plain f32
+/// is transposed exactly). `n` must be a multiple of 32.
+pub fn transpose_requantize(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> Result<Vec<u8>, SparseError> {
+    check_shape(dtype, n)?;
+    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
+    quant::dequantize(dtype, bytes, &mut wf)?;
+    let mut t = vec![0f32; n * k];
+    for r in 0..n {
+        for j in 0..k {
+            t[j * n + r] = wf[r * k + j];
+        }
+    }
+    Ok(quant::quantize(dtype, &t)?)
+}
+
 /// Per row, the blocks ranked by `Σ_j (w_j · scale(j))²` (descending, ties to the lower index), the
 /// first `round(density · blocks)` kept.
 fn prune_by(
@@ -415,5 +432,31 @@ mod tests {
         );
         let err = prune_wanda(DType::Q4_0, 5, 256, &bytes, &ones[1..], 0.25).unwrap_err();
         assert!(err.to_string().contains("activation norms"), "{err}");
+    }
+
+    #[test]
+    fn transpose_requantize_transposes() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (n, k) = (64, 3);
+        let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let t = transpose_requantize(DType::F32, n, k, &bytes).unwrap();
+        for r in 0..n {
+            for j in 0..k {
+                let got = f32::from_le_bytes(t[4 * (j * n + r)..4 * (j * n + r) + 4].try_into().unwrap());
+                assert_eq!(got, vals[r * k + j], "[{r}][{j}]");
+            }
+        }
+        // Q8_0: the same values up to the rounding of the new blocks (half a step, d ≤ 1/127).
+        let (bytes, wf) = random(&mut rng, DType::Q8_0, 64, 32);
+        let t = transpose_requantize(DType::Q8_0, 64, 32, &bytes).unwrap();
+        let mut tf = vec![0f32; 64 * 32];
+        quant::dequantize(DType::Q8_0, &t, &mut tf).unwrap();
+        for r in 0..64 {
+            for j in 0..32 {
+                assert!((tf[j * 64 + r] - wf[r * 32 + j]).abs() <= 1.0 / 127.0 + 1e-6, "[{r}][{j}]");
+            }
+        }
+        assert!(transpose_requantize(DType::Q8_0, 48, 32, &[0; 48 * 34]).is_err(), "n not whole blocks");
     }
 }

@@ -344,6 +344,176 @@ pub fn run_sparse_linear(
     Ok(())
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Input-sparse ("active-channel") GEMV.
+
+/// An active-channel kernel: `y = Σ_{j ∈ S} x_j · W[:, j]` for one x row whose only non-zero entries are
+/// the listed channels `S`, reading only those channels' weights. The weights are the transpose
+/// `Wᵀ [k, n]` in `dtype`, quantized along `n` (see `kiln_ir::sparse::transpose_requantize`), so an
+/// active channel is one contiguous row of `n` elements.
+///
+/// ABI: `fn(wt, idx: *const u32, x, y, count: i64, k: i64, col_begin: i64, col_end: i64)`: `idx` holds
+/// `count` channels (< `k`), `x` `k` floats (only the listed ones are read), `y` `n` floats of which
+/// `col_begin..col_end` (multiples of 32) are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ActiveLinearKernelSpec {
+    pub dtype: DType,
+    pub n: usize,
+}
+
+pub type ActiveLinearKernelFn = unsafe extern "C" fn(*const u8, *const u32, *const f32, *mut f32, i64, i64, i64, i64);
+
+impl ActiveLinearKernelSpec {
+    pub fn new(dtype: DType, n: usize) -> Self {
+        ActiveLinearKernelSpec { dtype, n }
+    }
+
+    /// The kernel's symbol, e.g. `kiln_active_linear_q4_1_n576`.
+    pub fn symbol(&self) -> String {
+        format!("kiln_active_linear_{}_n{}", self.dtype.name(), self.n)
+    }
+
+    pub fn validate(&self) -> Result<(), CodegenError> {
+        SparseLinearKernelSpec::new(self.dtype, self.n).validate().map_err(|e| match e {
+            CodegenError::UnsupportedDType { dtype, .. } => {
+                CodegenError::UnsupportedDType { kernel: "active-channel linear", dtype }
+            }
+            CodegenError::InvalidSpec(_) => CodegenError::InvalidSpec(format!(
+                "active-channel linear {}: n = {} is not a positive multiple of {SPARSE_BLOCK} (or is too large)",
+                self.dtype, self.n
+            )),
+            other => other,
+        })
+    }
+}
+
+/// Emits the active-channel kernel for `spec` (or returns it if already in `module`).
+///
+/// ```text
+/// for each block of 32 outputs b in col_begin..col_end
+///   acc[4] = 0                                  // <8 x float>, one per chunk of the block
+///   for q in 0..count: j = idx[q]; acc[c] = fmuladd(dequant(chunk c of block b of Wᵀ row j), x[j], acc[c])
+///   y[b..b+32] = acc
+/// ```
+pub fn emit_active_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    spec: &ActiveLinearKernelSpec,
+) -> Result<FunctionValue<'ctx>, CodegenError> {
+    spec.validate()?;
+    let name = spec.symbol();
+    if let Some(f) = module.get_function(&name) {
+        if f.count_basic_blocks() > 0 {
+            return Ok(f);
+        }
+        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    }
+    use Param::*;
+    let params = [
+        ("wt", In),
+        ("idx", In),
+        ("x", In),
+        ("y", Out),
+        ("count", Int),
+        ("k", Int),
+        ("col_begin", Int),
+        ("col_end", Int),
+    ];
+    let kb = &Kb::declare(ctx, module, &name, &params)?;
+    let p = |i: u32| kb.func.get_nth_param(i).expect("8 params");
+    let (wt, idx, x, y) =
+        (p(0).into_pointer_value(), p(1).into_pointer_value(), p(2).into_pointer_value(), p(3).into_pointer_value());
+    let (count, cb, ce) = (p(4).into_int_value(), p(6).into_int_value(), p(7).into_int_value());
+    let fmt = Format::new(spec.dtype, spec.n);
+    let row_bytes = kb.i64c(spec.dtype.row_bytes(spec.n).expect("validated") as i64);
+    let nchunks = SPARSE_BLOCK / LANES as usize;
+    let slots: Vec<PointerValue<'ctx>> = (0..nchunks).map(|_| kb.entry_alloca(kb.v8f32.into())).collect::<R<_>>()?;
+    kb.for_loop(cb, ce, kb.i64c(SPARSE_BLOCK as i64), "oblk", |b0| {
+        for s in &slots {
+            kb.store(*s, kb.v8f32.const_zero().into(), 32)?;
+        }
+        let boff = kb.b.build_int_nsw_mul(
+            kb.b.build_int_signed_div(b0, kb.i64c(SPARSE_BLOCK as i64), "b")?,
+            kb.i64c(fmt.block_bytes as i64),
+            "boff",
+        )?;
+        kb.for_loop(kb.i64c(0), count, kb.i64c(1), "active", |q| {
+            let j = kb.load(kb.i32t.into(), kb.gep(kb.i32t.into(), idx, q)?, 4)?.into_int_value();
+            let j = kb.b.build_int_z_extend(j, kb.i64t, "j")?;
+            let xj = kb.load(kb.f32t.into(), kb.gep(kb.f32t.into(), x, j)?, 4)?;
+            let xj = kb.splat(xj, kb.v8f32)?;
+            let off = kb.b.build_int_nsw_add(kb.b.build_int_nsw_mul(j, row_bytes, "wrow")?, boff, "woff")?;
+            let wp = kb.gep(kb.i8t.into(), wt, off)?;
+            let mut memo: Memo<'ctx> = HashMap::new();
+            fmt.prologue(kb, wp, &mut memo)?;
+            for c in fmt.chunk_order() {
+                let acc = kb.load(kb.v8f32.into(), slots[c], 32)?.into_vector_value();
+                let acc = kb.fma(fmt.chunk(kb, wp, &mut memo, None, c)?, xj, acc)?;
+                kb.store(slots[c], acc.into(), 32)?;
+            }
+            Ok(())
+        })?;
+        for (c, s) in slots.iter().enumerate() {
+            let v = kb.load(kb.v8f32.into(), *s, 32)?;
+            let at = kb.b.build_int_nsw_add(b0, kb.i64c((c * LANES as usize) as i64), "yc")?;
+            kb.store(kb.gep(kb.f32t.into(), y, at)?, v, 4)?;
+        }
+        Ok(())
+    })?;
+    kb.b.build_return(None)?;
+    if !kb.func.verify(false) {
+        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
+    }
+    Ok(kb.func)
+}
+
+/// Calls an active-channel `kernel` after checking what it trusts: `wt` is exactly `k` rows of `n`
+/// elements of `spec.dtype`, every index is `< k`, `x` has `k` floats, `y` `n`, and `cols` is a range
+/// of whole 32-output blocks within `0..n`.
+#[allow(clippy::too_many_arguments)]
+pub fn run_active_linear(
+    kernel: ActiveLinearKernelFn,
+    spec: &ActiveLinearKernelSpec,
+    wt: &[u8],
+    k: usize,
+    idx: &[u32],
+    x: &[f32],
+    y: &mut [f32],
+    cols: Range<usize>,
+) -> Result<(), CodegenError> {
+    spec.validate()?;
+    let bad = |what: String| Err(CodegenError::InvalidSpec(format!("active-channel linear {}: {what}", spec.symbol())));
+    let row_bytes = spec.dtype.row_bytes(spec.n).expect("validated");
+    if Some(wt.len()) != k.checked_mul(row_bytes) || k > i32::MAX as usize {
+        return bad(format!("{} weight bytes, want k = {k} rows of {row_bytes}", wt.len()));
+    }
+    if let Some(j) = idx.iter().find(|&&j| j as usize >= k) {
+        return bad(format!("active channel {j} is out of range 0..{k}"));
+    }
+    if x.len() != k || y.len() != spec.n {
+        return bad(format!("x has {} floats (want k = {k}), y {} (want n = {})", x.len(), y.len(), spec.n));
+    }
+    let whole = |v: usize| v.is_multiple_of(SPARSE_BLOCK);
+    if cols.start > cols.end || cols.end > spec.n || !whole(cols.start) || !whole(cols.end) {
+        return bad(format!("columns {cols:?} are not whole blocks of {SPARSE_BLOCK} within 0..{}", spec.n));
+    }
+    // SAFETY: checked above: every index selects a row of `wt` and an entry of `x`, and the written
+    // columns are whole blocks inside `y` and inside every row.
+    unsafe {
+        kernel(
+            wt.as_ptr(),
+            idx.as_ptr(),
+            x.as_ptr(),
+            y.as_mut_ptr(),
+            idx.len() as i64,
+            k as i64,
+            cols.start as i64,
+            cols.end as i64,
+        )
+    };
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::super::linear::tests::random_weights;
@@ -579,6 +749,107 @@ pub(crate) mod tests {
         }
         assert_eq!(module.get_functions().count(), 0, "nothing is left behind on error");
     }
+    /// The active-channel kernel against dequantize(Wᵀ) + f64 dot over the listed channels. Every
+    /// unlisted x entry is NaN, so reading one would poison the result; columns outside the range keep
+    /// their sentinel.
+    #[test]
+    fn active_channel_kernel_matches_reference_and_reads_only_active_channels() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let ns = [32usize, 96, 576];
+        for dtype in SPARSE_DTYPES {
+            let ctx = Context::create();
+            let module = llvm::create_module(&ctx, "active_test");
+            let specs: Vec<ActiveLinearKernelSpec> =
+                ns.iter().map(|&n| ActiveLinearKernelSpec::new(dtype, n)).collect();
+            for s in &specs {
+                emit_active_linear(&ctx, &module, s).unwrap();
+            }
+            let tm = llvm::host_target_machine().unwrap();
+            llvm::optimize(&module, &tm).unwrap();
+            let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+            for spec in &specs {
+                let addr = ee.get_function_address(&spec.symbol()).unwrap();
+                // SAFETY: generated with exactly this signature.
+                let f = unsafe { std::mem::transmute::<usize, ActiveLinearKernelFn>(addr) };
+                let n = spec.n;
+                for k in [1usize, 7, 50] {
+                    // Wᵀ: k rows of n, generated directly in the transposed layout.
+                    let wt = random_weights(&mut rng, dtype, k, n);
+                    let mut wtf = vec![0f32; k * n];
+                    kiln_ir::quant::dequantize(dtype, &wt, &mut wtf).unwrap();
+                    for frac in [0.0, 0.1, 0.5, 1.0] {
+                        let idx: Vec<u32> = (0..k as u32).filter(|_| rng.random_bool(frac)).collect();
+                        let mut x = vec![f32::NAN; k];
+                        for &j in &idx {
+                            x[j as usize] = rng.random_range(-1.0f32..1.0);
+                        }
+                        for cols in [0..n, 32..n, 0..32, n - 32..n] {
+                            let mut y = vec![f32::from_bits(SENTINEL); n];
+                            run_active_linear(f, spec, &wt, k, &idx, &x, &mut y, cols.clone()).unwrap();
+                            for r in 0..n {
+                                let ctx = format!("{dtype} n={n} k={k} active {} cols {cols:?}: y[{r}]", idx.len());
+                                if !cols.contains(&r) {
+                                    assert_eq!(y[r].to_bits(), SENTINEL, "{ctx} written");
+                                    continue;
+                                }
+                                let (mut want, mut mag) = (0f64, 0f64);
+                                for &j in &idx {
+                                    let p = f64::from(wtf[j as usize * n + r]) * f64::from(x[j as usize]);
+                                    want += p;
+                                    mag += p.abs();
+                                }
+                                assert!(
+                                    (f64::from(y[r]) - want).abs() <= 1e-4 * mag + 1e-30,
+                                    "{ctx} = {} vs {want}",
+                                    y[r]
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The active-channel entry point refuses what the kernel would read out of bounds.
+    #[test]
+    fn active_channel_bad_inputs_are_errors() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let (dtype, n, k) = (DType::Q4_1, 64, 5);
+        let spec = ActiveLinearKernelSpec::new(dtype, n);
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "active_bad");
+        emit_active_linear(&ctx, &module, &spec).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::None).unwrap();
+        // SAFETY: generated with exactly this signature.
+        let f = unsafe {
+            std::mem::transmute::<usize, ActiveLinearKernelFn>(ee.get_function_address(&spec.symbol()).unwrap())
+        };
+        let wt = random_weights(&mut rng, dtype, k, n);
+        let x = vec![1f32; k];
+        let mut y = vec![0f32; n];
+        run_active_linear(f, &spec, &wt, k, &[0, 4], &x, &mut y, 0..n).unwrap();
+        // (weight bytes, active channels, k, y length, columns, expected message); x has 5 floats.
+        let r4 = 4 * dtype.row_bytes(n).unwrap();
+        type Case<'a> = (&'a [u8], &'a [u32], usize, usize, Range<usize>, &'a str);
+        let cases: Vec<Case> = vec![
+            (&wt[1..], &[0], k, n, 0..n, "weight bytes"),
+            (&wt, &[5], k, n, 0..n, "out of range"),
+            (&wt, &[0], k, n - 1, 0..n, "y 63"),
+            (&wt, &[0], k, n, 0..n + 32, "not whole blocks"),
+            (&wt, &[0], k, n, 16..n, "not whole blocks"),
+            (&wt[..r4], &[0], k - 1, n, 0..n, "x has 5"),
+        ];
+        for (w, idx, kk, yl, cols, want) in cases {
+            let mut yy = vec![f32::from_bits(SENTINEL); yl];
+            let err = run_active_linear(f, &spec, w, kk, idx, &x, &mut yy, cols).unwrap_err();
+            assert!(err.to_string().contains(want), "want {want:?} in {err}");
+            assert!(yy.iter().all(|v| v.to_bits() == SENTINEL), "{want}: y was written");
+        }
+        for (dtype, n) in [(DType::Q6K, 256), (DType::Q4_0, 48)] {
+            assert!(emit_active_linear(&ctx, &module, &ActiveLinearKernelSpec::new(dtype, n)).is_err());
+        }
+    }
 }
 
 /// Dense vs block-sparse timings on SmolLM2-135M's MLP shapes, single thread, across densities, with the
@@ -662,5 +933,62 @@ mod bench {
                 println!("  {} {}→{} m={m}: {d}", spec.dtype, spec.k, n);
             }
         });
+    }
+    /// The active-channel kernel on the `down` projection (Q4_1, 1536 → 576, m = 1) against the dense
+    /// kernel, across the share of active input channels.
+    #[test]
+    #[ignore = "benchmark; run with --release -- --ignored --nocapture"]
+    fn bench_active_linear() {
+        use super::super::linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+        use crate::llvm;
+        use inkwell::OptimizationLevel;
+        let (dtype, k, n) = (DType::Q4_1, 1536, 576);
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "active_bench");
+        let (aspec, dspec) = (ActiveLinearKernelSpec::new(dtype, n), LinearKernelSpec::new(dtype, k));
+        emit_active_linear(&ctx, &module, &aspec).unwrap();
+        emit_linear(&ctx, &module, &dspec).unwrap();
+        llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+        // SAFETY: generated with exactly these signatures.
+        let (active, dense) = unsafe {
+            (
+                std::mem::transmute::<usize, ActiveLinearKernelFn>(ee.get_function_address(&aspec.symbol()).unwrap()),
+                std::mem::transmute::<usize, LinearKernelFn>(ee.get_function_address(&dspec.symbol()).unwrap()),
+            )
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let w = random_weights(&mut rng, dtype, n, k);
+        let wt = kiln_ir::sparse::transpose_requantize(dtype, n, k, &w).unwrap();
+        let x: Vec<f32> = (0..k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let mut y = vec![0f32; n];
+        println!(
+            "{:<6} {:>5} {:>5} | {:>6} | {:>8} {:>9} {:>6}",
+            "dtype", "k", "n", "active", "dense µs", "active µs", "ratio"
+        );
+        let mut wins_below = None;
+        let mut all_won = true;
+        for frac in [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0] {
+            let idx: Vec<u32> = (0..k as u32).filter(|_| rng.random_bool(frac)).collect();
+            let ta = time_per_call(|| run_active_linear(active, &aspec, &wt, k, &idx, &x, &mut y, 0..n).unwrap());
+            // SAFETY: buffers sized as the ABI requires.
+            let td =
+                time_per_call(|| unsafe { dense(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), 1, n as i64, 0, n as i64) });
+            all_won &= ta < td;
+            if all_won {
+                wins_below = Some(frac);
+            }
+            let share = idx.len() as f64 / k as f64;
+            println!(
+                "{:<6} {:>5} {:>5} | {share:>6.2} | {:>8.1} {:>9.1} {:>6.2}",
+                dtype.name(),
+                k,
+                n,
+                td * 1e6,
+                ta * 1e6,
+                ta / td
+            );
+        }
+        println!("active-channel break-even: {wins_below:?}");
     }
 }
