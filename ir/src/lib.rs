@@ -10,6 +10,7 @@ pub mod op;
 pub mod program;
 pub mod quant;
 pub mod shape;
+pub mod sparse;
 pub mod text;
 pub mod weights;
 

@@ -132,14 +132,14 @@ impl LinearKernelSpec {
 
 /// Lanes per vector: one AVX2 register of f32. On AVX-512 machines LLVM still uses 256-bit registers
 /// (fine for a first version); on SSE-only ones it splits each vector in two.
-const LANES: u32 = 8;
+pub(crate) const LANES: u32 = 8;
 /// x rows per tile: each dequantized weight chunk is reused by this many FMAs.
-const TILE_M: usize = 4;
+pub(crate) const TILE_M: usize = 4;
 /// Weight bytes per row chunk: the rows every x tile sweeps before moving on, sized to stay in L2 so
 /// prefill reads each weight from memory once, not once per x tile.
 const ROW_CHUNK_BYTES: usize = 64 << 10;
 /// From this many x rows on, weights are dequantized into f32 panels first (see [`emit_panels`]).
-const PANEL_MIN_M: usize = 8;
+pub(crate) const PANEL_MIN_M: usize = 8;
 /// Bytes of dequantized weights per panel: small enough to stay in L1/L2 while every x row sweeps it.
 const PANEL_BYTES: usize = 32 << 10;
 /// x rows per block of the panel path: their f32 rows stay in L2 while the panels go by.
@@ -178,7 +178,7 @@ fn panel_tile_shape(t: usize) -> (usize, usize) {
 }
 
 /// Accumulators per output for the single-row remainder of a row range.
-fn tail_accumulators(t: usize) -> usize {
+pub(crate) fn tail_accumulators(t: usize) -> usize {
     (8 / t).clamp(1, 4)
 }
 
@@ -303,7 +303,12 @@ fn emit_panels<'ctx>(
 }
 
 /// One weight row at `src`, dequantized into `dst` (f32s, plus up to 7 more for a plain-type tail).
-fn emit_dequant_row<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, src: PointerValue<'ctx>, dst: PointerValue<'ctx>) -> R<()> {
+pub(crate) fn emit_dequant_row<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    fmt: &Format,
+    src: PointerValue<'ctx>,
+    dst: PointerValue<'ctx>,
+) -> R<()> {
     let store_chunk = |d: PointerValue<'ctx>, c: usize, v: VectorValue<'ctx>| -> R<()> {
         kb.store(kb.gep(kb.f32t.into(), d, kb.i64c((c * LANES as usize) as i64))?, v.into(), 4)
     };
@@ -343,7 +348,7 @@ fn emit_dequant_row<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, src: PointerValue<'ct
 
 /// Calls `body(i0, t)` for tiles of x rows covering `lo..hi`: full tiles of `TILE_M`, then one tile of
 /// the remaining 1..TILE_M rows, through a switch that picks code generated for that size.
-fn emit_x_tiles<'ctx>(
+pub(crate) fn emit_x_tiles<'ctx>(
     kb: &Kb<'_, 'ctx>,
     tile_m: usize,
     lo: IntValue<'ctx>,
@@ -571,24 +576,24 @@ fn emit_tile<'ctx>(
 
 /// Values computed once per (weight row, block or group) and shared by its chunks (scales, unpacked
 /// bytes), keyed by what they are and an index.
-type Memo<'ctx> = HashMap<(&'static str, usize), BasicValueEnum<'ctx>>;
+pub(crate) type Memo<'ctx> = HashMap<(&'static str, usize), BasicValueEnum<'ctx>>;
 
-struct Format {
-    dtype: DType,
+pub(crate) struct Format {
+    pub(crate) dtype: DType,
     /// Elements per block the loop steps over: the GGUF block, or 32 for the plain float types.
-    block_elems: usize,
-    block_bytes: usize,
+    pub(crate) block_elems: usize,
+    pub(crate) block_bytes: usize,
     /// Whole blocks per row.
-    blocks: usize,
+    pub(crate) blocks: usize,
     /// Elements after the whole blocks (plain types only, when `k` is not a multiple of 32).
-    tail_elems: usize,
+    pub(crate) tail_elems: usize,
     /// Groups of sub-blocks per block that the kernel loops over (K-quants), or 1: the block's chunks
     /// are emitted straight-line.
-    groups: usize,
+    pub(crate) groups: usize,
 }
 
 impl Format {
-    fn new(dtype: DType, k: usize) -> Format {
+    pub(crate) fn new(dtype: DType, k: usize) -> Format {
         let block_elems = if dtype.is_quantized() { dtype.block_size() } else { 32 };
         let block_bytes = block_elems / dtype.block_size() * dtype.type_size();
         // Q4_K/Q5_K: pairs of 32-element sub-blocks that share their bytes of nibbles; Q6_K: halves.
@@ -602,7 +607,7 @@ impl Format {
 
     /// The order to emit a group's (or block's) chunks in: chunks that unpack the same bytes back to
     /// back, so the unpacked bytes are dead before the next ones are loaded.
-    fn chunk_order(&self) -> Vec<usize> {
+    pub(crate) fn chunk_order(&self) -> Vec<usize> {
         match self.dtype {
             // Chunk 4h + c of a pair: nibble h of bytes 8c..8c + 8.
             DType::Q4K | DType::Q5K => vec![0, 4, 1, 5, 2, 6, 3, 7],
@@ -613,7 +618,7 @@ impl Format {
     }
 
     /// Work done once per (row, block) before its chunks: the K-quant scales.
-    fn prologue<'ctx>(&self, kb: &Kb<'_, 'ctx>, blk: PointerValue<'ctx>, memo: &mut Memo<'ctx>) -> R<()> {
+    pub(crate) fn prologue<'ctx>(&self, kb: &Kb<'_, 'ctx>, blk: PointerValue<'ctx>, memo: &mut Memo<'ctx>) -> R<()> {
         match self.dtype {
             DType::Q4K | DType::Q5K => {
                 // All eight scales and mins, decoded in vector registers and parked in a stack array:
@@ -634,7 +639,7 @@ impl Format {
     }
 
     /// Elements `8c..8c + 8` of the block at `blk` (of its group `group`, for K-quants), dequantized.
-    fn chunk<'ctx>(
+    pub(crate) fn chunk<'ctx>(
         &self,
         kb: &Kb<'_, 'ctx>,
         blk: PointerValue<'ctx>,
@@ -809,7 +814,7 @@ impl Format {
 
     /// The first `live` elements of chunk `c` of the tail of a plain-type row (zeros after them),
     /// loaded element by element so nothing past the row is read.
-    fn partial_chunk<'ctx>(
+    pub(crate) fn partial_chunk<'ctx>(
         &self,
         kb: &Kb<'_, 'ctx>,
         blk: PointerValue<'ctx>,
@@ -965,50 +970,70 @@ fn kmin_all<'ctx>(
 // A small IR-building layer: the kernel's function, typed constants, loads with explicit alignment,
 // vector helpers and counted loops.
 
-type R<T> = Result<T, CodegenError>;
+pub(crate) type R<T> = Result<T, CodegenError>;
 
-struct Kb<'a, 'ctx> {
-    ctx: &'ctx Context,
-    module: &'a Module<'ctx>,
-    b: Builder<'ctx>,
-    func: FunctionValue<'ctx>,
-    f32t: FloatType<'ctx>,
-    i8t: IntType<'ctx>,
-    i16t: IntType<'ctx>,
-    i32t: IntType<'ctx>,
-    i64t: IntType<'ctx>,
-    v8f32: VectorType<'ctx>,
-    v8i32: VectorType<'ctx>,
-    v8i16: VectorType<'ctx>,
-    v8i8: VectorType<'ctx>,
+/// A kernel parameter: a buffer only read, a buffer only written, or an i64.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Param {
+    In,
+    Out,
+    Int,
+}
+
+pub(crate) struct Kb<'a, 'ctx> {
+    pub(crate) ctx: &'ctx Context,
+    pub(crate) module: &'a Module<'ctx>,
+    pub(crate) b: Builder<'ctx>,
+    pub(crate) func: FunctionValue<'ctx>,
+    pub(crate) f32t: FloatType<'ctx>,
+    pub(crate) i8t: IntType<'ctx>,
+    pub(crate) i16t: IntType<'ctx>,
+    pub(crate) i32t: IntType<'ctx>,
+    pub(crate) i64t: IntType<'ctx>,
+    pub(crate) v8f32: VectorType<'ctx>,
+    pub(crate) v8i32: VectorType<'ctx>,
+    pub(crate) v8i16: VectorType<'ctx>,
+    pub(crate) v8i8: VectorType<'ctx>,
 }
 
 impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// Declares the kernel `name` with the linear ABI and positions a builder in its entry block.
-    fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str, residual: bool) -> R<Self> {
+    pub(crate) fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str, residual: bool) -> R<Self> {
+        use Param::*;
+        let mut params =
+            vec![("w", In), ("x", In), ("y", Out), ("m", Int), ("n", Int), ("row_begin", Int), ("row_end", Int)];
+        if residual {
+            params.push(("r", In));
+        }
+        Self::declare(ctx, module, name, &params)
+    }
+
+    /// Declares the kernel `name` with `params` (pointers or i64s) and positions a builder in its entry
+    /// block.
+    pub(crate) fn declare(
+        ctx: &'ctx Context,
+        module: &'a Module<'ctx>,
+        name: &str,
+        params: &[(&str, Param)],
+    ) -> R<Self> {
         let ptr = ctx.ptr_type(AddressSpace::default());
         let i64t = ctx.i64_type();
-        let mut params = vec![ptr.into(), ptr.into(), ptr.into(), i64t.into(), i64t.into(), i64t.into(), i64t.into()];
-        if residual {
-            params.push(ptr.into());
-        }
-        let func = module.add_function(name, ctx.void_type().fn_type(&params, false), Some(Linkage::External));
-        for (i, pname) in ["w", "x", "y", "m", "n", "row_begin", "row_end", "r"].iter().take(params.len()).enumerate() {
-            func.get_nth_param(i as u32).expect("declared above").set_name(pname);
-        }
-        if residual {
-            let attr = |n: &str| ctx.create_enum_attribute(Attribute::get_named_enum_kind_id(n), 0);
-            for a in ["noalias", "nocapture", "readonly"] {
-                func.add_attribute(AttributeLoc::Param(7), attr(a));
-            }
-        }
+        let types: Vec<_> =
+            params.iter().map(|(_, p)| if *p == Param::Int { i64t.into() } else { ptr.into() }).collect();
+        let func = module.add_function(name, ctx.void_type().fn_type(&types, false), Some(Linkage::External));
         // The buffers never overlap and are only read (w, x) or written (y): lets LLVM keep loads of x
         // and w around stores to y, and tells it nothing escapes.
         let attr = |n: &str| ctx.create_enum_attribute(Attribute::get_named_enum_kind_id(n), 0);
-        for i in 0..3 {
-            func.add_attribute(AttributeLoc::Param(i), attr("noalias"));
-            func.add_attribute(AttributeLoc::Param(i), attr("nocapture"));
-            func.add_attribute(AttributeLoc::Param(i), attr(if i < 2 { "readonly" } else { "writeonly" }));
+        for (i, (pname, kind)) in params.iter().enumerate() {
+            func.get_nth_param(i as u32).expect("declared above").set_name(pname);
+            let access = match kind {
+                Param::In => "readonly",
+                Param::Out => "writeonly",
+                Param::Int => continue,
+            };
+            for a in ["noalias", "nocapture", access] {
+                func.add_attribute(AttributeLoc::Param(i as u32), attr(a));
+            }
         }
         func.add_attribute(AttributeLoc::Function, attr("nounwind"));
         let b = ctx.create_builder();
@@ -1031,39 +1056,44 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         })
     }
 
-    fn i64c(&self, v: i64) -> IntValue<'ctx> {
+    pub(crate) fn i64c(&self, v: i64) -> IntValue<'ctx> {
         self.i64t.const_int(v as u64, true)
     }
 
     /// `<LANES x i32>` of `v`.
-    fn splat_i32(&self, v: u64) -> VectorValue<'ctx> {
+    pub(crate) fn splat_i32(&self, v: u64) -> VectorValue<'ctx> {
         self.const_splat(self.i32t.const_int(v, false).into(), LANES)
     }
 
     /// `<LANES x float>` of `v`.
-    fn splat_f32(&self, v: f32) -> VectorValue<'ctx> {
+    pub(crate) fn splat_f32(&self, v: f32) -> VectorValue<'ctx> {
         self.const_splat(self.f32t.const_float(v as f64).into(), LANES)
     }
 
-    fn const_splat(&self, v: BasicValueEnum<'ctx>, lanes: u32) -> VectorValue<'ctx> {
+    pub(crate) fn const_splat(&self, v: BasicValueEnum<'ctx>, lanes: u32) -> VectorValue<'ctx> {
         VectorType::const_vector(&vec![v; lanes as usize])
     }
 
     /// A runtime value broadcast to every lane of `vt`.
-    fn splat(&self, v: BasicValueEnum<'ctx>, vt: VectorType<'ctx>) -> R<VectorValue<'ctx>> {
+    pub(crate) fn splat(&self, v: BasicValueEnum<'ctx>, vt: VectorType<'ctx>) -> R<VectorValue<'ctx>> {
         let one = self.b.build_insert_element(vt.get_poison(), v, self.i32t.const_zero(), "splat")?;
         let zeros = self.i32t.vec_type(vt.get_size()).const_zero();
         Ok(self.b.build_shuffle_vector(one, vt.get_poison(), zeros, "splat")?)
     }
 
     /// `base + idx` elements of `ty`, in bounds.
-    fn gep(&self, ty: BasicTypeEnum<'ctx>, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+    pub(crate) fn gep(
+        &self,
+        ty: BasicTypeEnum<'ctx>,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+    ) -> R<PointerValue<'ctx>> {
         // SAFETY (of the generated code): every index stays inside the buffers the ABI describes.
         Ok(unsafe { self.b.build_in_bounds_gep(ty, base, &[idx], "p")? })
     }
 
     /// `base + off` bytes.
-    fn byte_gep(&self, base: PointerValue<'ctx>, off: usize) -> R<PointerValue<'ctx>> {
+    pub(crate) fn byte_gep(&self, base: PointerValue<'ctx>, off: usize) -> R<PointerValue<'ctx>> {
         if off == 0 {
             return Ok(base);
         }
@@ -1072,19 +1102,19 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
 
     /// A load with an explicit alignment: GGUF blocks are 18, 20, 22... bytes, so nothing inside them
     /// is aligned, and LLVM would otherwise assume a vector type's natural (16/32-byte) alignment.
-    fn load(&self, ty: BasicTypeEnum<'ctx>, ptr: PointerValue<'ctx>, align: u32) -> R<BasicValueEnum<'ctx>> {
+    pub(crate) fn load(&self, ty: BasicTypeEnum<'ctx>, ptr: PointerValue<'ctx>, align: u32) -> R<BasicValueEnum<'ctx>> {
         let v = self.b.build_load(ty, ptr, "ld")?;
         set_alignment(v.as_instruction_value(), align)?;
         Ok(v)
     }
 
-    fn store(&self, ptr: PointerValue<'ctx>, v: BasicValueEnum<'ctx>, align: u32) -> R<()> {
+    pub(crate) fn store(&self, ptr: PointerValue<'ctx>, v: BasicValueEnum<'ctx>, align: u32) -> R<()> {
         let st = self.b.build_store(ptr, v)?;
         set_alignment(Some(st), align)
     }
 
     /// `ty` stack slot in the entry block, where SROA/mem2reg promote it to registers.
-    fn entry_alloca(&self, ty: BasicTypeEnum<'ctx>) -> R<PointerValue<'ctx>> {
+    pub(crate) fn entry_alloca(&self, ty: BasicTypeEnum<'ctx>) -> R<PointerValue<'ctx>> {
         let entry = self.func.get_first_basic_block().expect("entry block");
         let tmp = self.ctx.create_builder();
         match entry.get_first_instruction() {
@@ -1095,7 +1125,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
 
     /// The first `live` f32s at `base + start` in the low lanes, zeros above; element by element.
-    fn partial_f32(&self, base: PointerValue<'ctx>, start: usize, live: usize) -> R<VectorValue<'ctx>> {
+    pub(crate) fn partial_f32(&self, base: PointerValue<'ctx>, start: usize, live: usize) -> R<VectorValue<'ctx>> {
         let mut v = self.v8f32.const_zero();
         for l in 0..live {
             let p = self.gep(self.f32t.into(), base, self.i64c((start + l) as i64))?;
@@ -1106,7 +1136,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     }
 
     /// Calls the overloaded intrinsic `name` specialised on `types`.
-    fn intrinsic(
+    pub(crate) fn intrinsic(
         &self,
         name: &str,
         types: &[BasicTypeEnum<'ctx>],
@@ -1120,14 +1150,14 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
 
     /// `a * b + c` as `llvm.fmuladd`: one fused FMA on targets that have it (every x86-64-v3 CPU), a
     /// multiply and an add elsewhere, where `llvm.fma` would become eight `fmaf` library calls.
-    fn fma(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>, c: VectorValue<'ctx>) -> R<VectorValue<'ctx>> {
+    pub(crate) fn fma(&self, a: VectorValue<'ctx>, b: VectorValue<'ctx>, c: VectorValue<'ctx>) -> R<VectorValue<'ctx>> {
         let call = self.intrinsic("llvm.fmuladd", &[self.v8f32.into()], &[a.into(), b.into(), c.into()])?;
         Ok(call.try_as_basic_value().unwrap_basic().into_vector_value())
     }
 
     /// Sum of the lanes of `v`. The `reassoc` flag lets LLVM add pairwise (a shuffle tree) instead of
     /// lane by lane; it runs once per output, so either is cheap.
-    fn reduce_add(&self, v: VectorValue<'ctx>) -> R<FloatValue<'ctx>> {
+    pub(crate) fn reduce_add(&self, v: VectorValue<'ctx>) -> R<FloatValue<'ctx>> {
         let start = self.f32t.const_float(-0.0);
         let call = self.intrinsic("llvm.vector.reduce.fadd", &[self.v8f32.into()], &[start.into(), v.into()])?;
         let out = call.try_as_basic_value().unwrap_basic();
@@ -1141,7 +1171,7 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
     /// Prefetches the cache line at `base + off` for reading, into all cache levels. Plain (not
     /// in-bounds) address arithmetic: the address may be past the end of the weights, which a prefetch
     /// tolerates.
-    fn prefetch(&self, base: PointerValue<'ctx>, off: usize) -> R<()> {
+    pub(crate) fn prefetch(&self, base: PointerValue<'ctx>, off: usize) -> R<()> {
         // SAFETY (of the generated code): the pointer is only used by the prefetch, which never faults.
         let p = unsafe { self.b.build_gep(self.i8t, base, &[self.i64c(off as i64)], "pf")? };
         let i32c = |v: u64| self.i32t.const_int(v, false).into();
@@ -1149,13 +1179,13 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         Ok(())
     }
 
-    fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+    pub(crate) fn imin(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
         let lt = self.b.build_int_compare(IntPredicate::SLT, a, b, "lt")?;
         Ok(self.b.build_select(lt, a, b, "min")?.into_int_value())
     }
 
     /// `for (i = start; i < end; i += step) body(i)`, leaving the builder after the loop.
-    fn for_loop(
+    pub(crate) fn for_loop(
         &self,
         start: IntValue<'ctx>,
         end: IntValue<'ctx>,
@@ -1192,7 +1222,7 @@ fn set_alignment(inst: Option<InstructionValue<'_>>, align: u32) -> R<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::llvm;
     use inkwell::OptimizationLevel;
@@ -1201,7 +1231,7 @@ mod tests {
 
     /// Generates `specs` into one module, optimizes it for the host, JIT-compiles it and hands the
     /// kernels (in `specs` order) to `f`.
-    pub(super) fn with_kernels(specs: &[LinearKernelSpec], f: impl FnOnce(&[LinearKernelFn])) {
+    pub(crate) fn with_kernels(specs: &[LinearKernelSpec], f: impl FnOnce(&[LinearKernelFn])) {
         let ctx = Context::create();
         let module = llvm::create_module(&ctx, "linear_test");
         for s in specs {
@@ -1234,7 +1264,7 @@ mod tests {
     /// `n` rows of `k` weights of `dtype`: the quantized bytes of random f32s for even rows, and for odd
     /// rows of block formats, random bytes (every bit pattern of the packed fields) with finite f16
     /// scales patched in.
-    pub(super) fn random_weights(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> Vec<u8> {
+    pub(crate) fn random_weights(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> Vec<u8> {
         let row_bytes = dtype.row_bytes(k).unwrap();
         let mut w = Vec::with_capacity(n * row_bytes);
         for r in 0..n {
@@ -1457,7 +1487,7 @@ mod tests {
 /// Timings for SmolLM2-135M's shapes against a naive Rust loop. Print-only; run with
 /// `cargo test -p kiln-codegen --release -- --ignored --nocapture bench_linear`.
 #[cfg(test)]
-mod bench {
+pub(crate) mod bench {
     use super::tests::{random_weights, with_kernels};
     use super::*;
     use rand::rngs::StdRng;
@@ -1465,7 +1495,7 @@ mod bench {
     use std::time::{Duration, Instant};
 
     /// Seconds per call of `f`: the best of 5 runs of enough calls to take ~0.1 s each.
-    fn time_per_call(mut f: impl FnMut()) -> f64 {
+    pub(crate) fn time_per_call(mut f: impl FnMut()) -> f64 {
         f();
         let start = Instant::now();
         f();

@@ -2,6 +2,8 @@
 //! generation time, then optimized and compiled with [`crate::llvm`].
 //!
 //! - [`linear`]: quantized matrix × activations, weights dequantized in registers;
+//! - [`sparse`]: the same on block-sparse weights (CSR over 32-element blocks), walking only kept blocks,
+//!   and input-sparse (active-channel) GEMV on transposed weights;
 //! - [`ops`]: normalisation, rotary embedding, KV append, attention;
 //! - [`fused`]: chains of elementwise ops, generated as MLIR (`linalg.generic`) and lowered by [`crate::mlir`];
 //! - [`embedding`]: row gathers from (quantized) tables;
@@ -13,5 +15,10 @@ pub mod emit;
 pub mod fused;
 pub mod linear;
 pub mod ops;
+pub mod sparse;
 
 pub use linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+pub use sparse::{
+    emit_active_linear, emit_sparse_linear, run_active_linear, run_sparse_linear, ActiveLinearKernelFn,
+    ActiveLinearKernelSpec, SparseLinearKernelFn, SparseLinearKernelSpec,
+};
