@@ -191,11 +191,8 @@ pub fn emit_linear<'ctx>(
 ) -> Result<FunctionValue<'ctx>, CodegenError> {
     spec.validate()?;
     let name = spec.symbol();
-    if let Some(f) = module.get_function(&name) {
-        if f.count_basic_blocks() > 0 {
-            return Ok(f);
-        }
-        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    if let Some(f) = defined_kernel(module, &name)? {
+        return Ok(f);
     }
     let kb = Kb::new(ctx, module, &name, spec.residual)?;
     let fmt = Format::new(spec.dtype, spec.k);
@@ -204,6 +201,16 @@ pub fn emit_linear<'ctx>(
         return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
     }
     Ok(kb.func)
+}
+
+/// The kernel `name` if `module` already defines it (kernels are shared by equal specs); an error if it
+/// is only declared there.
+pub(crate) fn defined_kernel<'ctx>(module: &Module<'ctx>, name: &str) -> R<Option<FunctionValue<'ctx>>> {
+    match module.get_function(name) {
+        Some(f) if f.count_basic_blocks() > 0 => Ok(Some(f)),
+        Some(_) => Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined"))),
+        None => Ok(None),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------

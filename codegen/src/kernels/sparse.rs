@@ -32,7 +32,9 @@
 //! a [`BlockSparse`] and the buffer sizes before calling a kernel; a runtime that calls kernels directly
 //! must run [`BlockSparse::validate`] on the weights once, when it loads them.
 
-use super::linear::{emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, PANEL_MIN_M, R, TILE_M};
+use super::linear::{
+    defined_kernel, emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, PANEL_MIN_M, R, TILE_M,
+};
 use crate::CodegenError;
 use inkwell::context::Context;
 use inkwell::module::Module;
@@ -95,11 +97,8 @@ pub fn emit_sparse_linear<'ctx>(
 ) -> Result<FunctionValue<'ctx>, CodegenError> {
     spec.validate()?;
     let name = spec.symbol();
-    if let Some(f) = module.get_function(&name) {
-        if f.count_basic_blocks() > 0 {
-            return Ok(f);
-        }
-        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    if let Some(f) = defined_kernel(module, &name)? {
+        return Ok(f);
     }
     use Param::*;
     let params = [
@@ -402,11 +401,8 @@ pub fn emit_active_linear<'ctx>(
 ) -> Result<FunctionValue<'ctx>, CodegenError> {
     spec.validate()?;
     let name = spec.symbol();
-    if let Some(f) = module.get_function(&name) {
-        if f.count_basic_blocks() > 0 {
-            return Ok(f);
-        }
-        return Err(CodegenError::Llvm(format!("{name} is already declared in the module but not defined")));
+    if let Some(f) = defined_kernel(module, &name)? {
+        return Ok(f);
     }
     use Param::*;
     let params = [
