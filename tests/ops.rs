@@ -6,7 +6,7 @@
 use kiln::codegen::{compile_to_dir, ArtifactInfo, CompileOptions};
 use kiln::ir::interp::{Interpreter, Tensor};
 use kiln::ir::{shape, DType, Dim, Graph, Op, RopeMode, TensorData, TensorType, ValueId, WeightStore};
-use kiln::runtime::CompiledBackend;
+use kiln::runtime::{Backend, CompiledBackend};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

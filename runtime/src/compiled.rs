@@ -289,17 +289,8 @@ impl Backend for CompiledBackend {
 }
 
 impl CompiledBackend {
-    /// The named output of the last step (e.g. `logits`), if the program has it.
-    pub fn output(&self, name: &str) -> Option<&[f32]> {
-        let (_, b) = self.manifest.program.outputs.iter().find(|(n, _)| n == name)?;
-        match &self.storage[*b] {
-            Storage::Floats(v) => Some(v),
-            _ => None,
-        }
-    }
-
     /// Runs the program on `tokens` at the next positions, appending to the KV cache; the results are
-    /// then available from [`CompiledBackend::output`].
+    /// then available from [`Backend::output`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
