@@ -72,26 +72,11 @@ impl SpinPool {
         self.shared.finished.store(0, Ordering::Relaxed);
         self.shared.generation.fetch_add(1, Ordering::Release);
         task(0);
-        let mut spins = 0u32;
         while self.shared.finished.load(Ordering::Acquire) < self.workers.len() {
-            spins = spins.wrapping_add(1);
-            backoff(spins);
+            std::hint::spin_loop();
         }
     }
 }
-
-/// Spins after a spin-wait's `spins`th check; past the first few thousand (tens of µs), yields now and
-/// then, so that when the machine has more runnable threads than cores, the thread being waited for gets
-/// the core instead of the waiter burning its time slice. With a core to itself, a yield returns at once.
-fn backoff(spins: u32) {
-    if spins > YIELD_AFTER_SPINS && spins.is_multiple_of(64) {
-        std::thread::yield_now();
-    } else {
-        std::hint::spin_loop();
-    }
-}
-
-const YIELD_AFTER_SPINS: u32 = 4096;
 
 fn worker(s: &Shared, index: usize) {
     // Generation 0 is the state at creation, before any task: a worker that starts late must still run
@@ -113,7 +98,7 @@ fn worker(s: &Shared, index: usize) {
             if spins.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR {
                 std::thread::sleep(Duration::from_micros(100));
             } else {
-                backoff(spins);
+                std::hint::spin_loop();
             }
         }
         // SAFETY: see `Shared`; the task stays alive until we report finished.
