@@ -227,22 +227,38 @@ fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, fmt: &Format, spec: &LinearKernelSpec) -> 
     } else {
         // Prefill-sized m: dequantize weight panels once and run an f32 kernel over them; small m
         // (decode): dequantize in registers as the weights stream by.
-        let big = kb.b.build_int_compare(IntPredicate::SGE, m, kb.i64c(PANEL_MIN_M as i64), "big_m")?;
-        let (panel_bb, direct_bb, done) = (
-            kb.ctx.append_basic_block(kb.func, "panel_path"),
-            kb.ctx.append_basic_block(kb.func, "direct_path"),
-            kb.ctx.append_basic_block(kb.func, "done"),
-        );
-        kb.b.build_conditional_branch(big, panel_bb, direct_bb)?;
-        kb.b.position_at_end(panel_bb);
-        emit_panels(kb, fmt, spec, bufs, (m, n, row_begin, row_end))?;
-        kb.b.build_unconditional_branch(done)?;
-        kb.b.position_at_end(direct_bb);
-        emit_direct(kb, fmt, spec, bufs, (m, n, row_begin, row_end))?;
-        kb.b.build_unconditional_branch(done)?;
-        kb.b.position_at_end(done);
+        emit_split_on_m(
+            kb,
+            m,
+            || emit_panels(kb, fmt, spec, bufs, (m, n, row_begin, row_end)),
+            || emit_direct(kb, fmt, spec, bufs, (m, n, row_begin, row_end)),
+        )?;
     }
     kb.b.build_return(None)?;
+    Ok(())
+}
+
+/// `if m >= PANEL_MIN_M { panel() } else { direct() }`, leaving the builder after both.
+pub(crate) fn emit_split_on_m<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    m: IntValue<'ctx>,
+    panel: impl FnOnce() -> R<()>,
+    direct: impl FnOnce() -> R<()>,
+) -> R<()> {
+    let big = kb.b.build_int_compare(IntPredicate::SGE, m, kb.i64c(PANEL_MIN_M as i64), "big_m")?;
+    let (panel_bb, direct_bb, done) = (
+        kb.ctx.append_basic_block(kb.func, "panel_path"),
+        kb.ctx.append_basic_block(kb.func, "direct_path"),
+        kb.ctx.append_basic_block(kb.func, "done"),
+    );
+    kb.b.build_conditional_branch(big, panel_bb, direct_bb)?;
+    kb.b.position_at_end(panel_bb);
+    panel()?;
+    kb.b.build_unconditional_branch(done)?;
+    kb.b.position_at_end(direct_bb);
+    direct()?;
+    kb.b.build_unconditional_branch(done)?;
+    kb.b.position_at_end(done);
     Ok(())
 }
 

@@ -33,13 +33,12 @@
 //! must run [`BlockSparse::validate`] on the weights once, when it loads them.
 
 use super::linear::{
-    defined_kernel, emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, PANEL_MIN_M, R, TILE_M,
+    defined_kernel, emit_split_on_m, emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, R, TILE_M,
 };
 use crate::CodegenError;
 use inkwell::context::Context;
 use inkwell::module::Module;
 use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue, VectorValue};
-use inkwell::IntPredicate;
 use kiln_ir::sparse::{BlockSparse, SPARSE_BLOCK, SPARSE_DTYPES};
 use kiln_ir::DType;
 use std::collections::HashMap;
@@ -148,20 +147,7 @@ fn emit_body<'ctx>(kb: &Kb<'_, 'ctx>, spec: &SparseLinearKernelSpec) -> R<()> {
     let rows = (p(7).into_int_value(), p(8).into_int_value());
     let fmt = Format::new(spec.dtype, spec.k);
     if spec.dtype != DType::F32 && spec.k <= PANEL_MAX_K {
-        let big = kb.b.build_int_compare(IntPredicate::SGE, a.m, kb.i64c(PANEL_MIN_M as i64), "big_m")?;
-        let (panel_bb, direct_bb, done) = (
-            kb.ctx.append_basic_block(kb.func, "panel_path"),
-            kb.ctx.append_basic_block(kb.func, "direct_path"),
-            kb.ctx.append_basic_block(kb.func, "done"),
-        );
-        kb.b.build_conditional_branch(big, panel_bb, direct_bb)?;
-        kb.b.position_at_end(panel_bb);
-        emit_panel(kb, &fmt, spec, a, rows)?;
-        kb.b.build_unconditional_branch(done)?;
-        kb.b.position_at_end(direct_bb);
-        emit_direct(kb, &fmt, a, rows)?;
-        kb.b.build_unconditional_branch(done)?;
-        kb.b.position_at_end(done);
+        emit_split_on_m(kb, a.m, || emit_panel(kb, &fmt, spec, a, rows), || emit_direct(kb, &fmt, a, rows))?;
     } else {
         emit_direct(kb, &fmt, a, rows)?;
     }
