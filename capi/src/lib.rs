@@ -673,14 +673,7 @@ mod tests {
     }
 
     fn blake3_hex(bytes: &[u8]) -> String {
-        // Tests run in parallel threads of one process: each call needs its own file.
-        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("kiln-capi-hash-{}-{n}", std::process::id()));
-        std::fs::write(&dir, bytes).unwrap();
-        let h = kiln_runtime::compiled::blake3_file(&dir).unwrap();
-        std::fs::remove_file(&dir).unwrap();
-        h
+        blake3::hash(bytes).to_hex().to_string()
     }
 
     #[test]
