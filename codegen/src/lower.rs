@@ -74,8 +74,8 @@ struct Cx<'g> {
     linear_groups: Vec<(usize, DType, usize, usize)>,
     /// Values computed inside their consumer's fused kernel instead of a buffer of their own.
     folded: Vec<bool>,
-    /// Readers of each value (graph outputs count as readers).
-    readers: Vec<usize>,
+    /// Uses of each value: operands reading it plus graph outputs returning it.
+    uses: Vec<usize>,
     /// The launch computing each linear node.
     linear_launch: std::collections::HashMap<usize, usize>,
 }
@@ -172,17 +172,10 @@ impl Cx<'_> {
 /// folded into its consumer when that consumer is its only reader, is elementwise too, has the same type
 /// (no broadcast of the intermediate), and the value is not a graph output; scalar constants read only by
 /// elementwise ops become literals. Each remaining elementwise value roots one fused kernel.
-fn folded_into_consumers(g: &Graph) -> Vec<bool> {
-    let n = g.nodes.len();
-    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (j, node) in g.nodes.iter().enumerate() {
-        for v in &node.inputs {
-            readers[v.index()].push(j);
-        }
-    }
+fn folded_into_consumers(g: &Graph, readers: &[Vec<usize>]) -> Vec<bool> {
     let is_ew = |j: usize| EwOp::from_op(&g.nodes[j].op).is_some() && g.nodes[j].ty.dtype == DType::F32;
     let is_output = |i: usize| g.outputs.iter().any(|(_, v)| v.index() == i);
-    (0..n)
+    (0..g.nodes.len())
         .map(|i| {
             let r = &readers[i];
             if is_output(i) || r.is_empty() {
@@ -196,12 +189,15 @@ fn folded_into_consumers(g: &Graph) -> Vec<bool> {
         .collect()
 }
 
-fn reader_counts(g: &Graph) -> Vec<usize> {
-    let mut r = vec![0; g.nodes.len()];
-    for v in g.nodes.iter().flat_map(|n| &n.inputs).chain(g.outputs.iter().map(|(_, v)| v)) {
-        r[v.index()] += 1;
+/// The nodes reading each value, once per operand that reads it.
+fn reader_lists(g: &Graph) -> Vec<Vec<usize>> {
+    let mut readers: Vec<Vec<usize>> = vec![Vec::new(); g.nodes.len()];
+    for (j, node) in g.nodes.iter().enumerate() {
+        for v in &node.inputs {
+            readers[v.index()].push(j);
+        }
     }
-    r
+    readers
 }
 
 /// How an input of type `leaf` is indexed when fused into a kernel producing `root` (rows × `cols`,
@@ -246,7 +242,7 @@ impl Cx<'_> {
         let li = self.linear_launch[&lin];
         let rb = self.val_buf[r]?;
         let l = &self.program.launches[li];
-        if self.readers[lin] != 1 || g.nodes[r].ty != n.ty || l.bufs.len() != 3 || self.is_state(rb) {
+        if self.uses[lin] != 1 || g.nodes[r].ty != n.ty || l.bufs.len() != 3 || self.is_state(rb) {
             return None;
         }
         let KernelSpec::Linear { dtype, k, .. } = self.kernels.iter().find(|s| s.symbol() == l.kernel)?.clone() else {
@@ -345,6 +341,7 @@ fn fixed(d: &Dim) -> Option<usize> {
 /// Lowers `g` (whose weights are in `store`) for the CPU.
 pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
     g.verify().map_err(|e| CodegenError::Llvm(format!("invalid graph: {e}")))?;
+    let readers = reader_lists(g);
     let mut cx = Cx {
         g,
         store,
@@ -354,8 +351,12 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
         blob_len: 0,
         val_buf: vec![None; g.nodes.len()],
         linear_groups: Vec::new(),
-        folded: folded_into_consumers(g),
-        readers: reader_counts(g),
+        folded: folded_into_consumers(g, &readers),
+        uses: readers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| r.len() + g.outputs.iter().filter(|(_, v)| v.index() == i).count())
+            .collect(),
         linear_launch: Default::default(),
     };
     for (i, n) in g.nodes.iter().enumerate() {
@@ -474,9 +475,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 if g.output_named(&name) != Some(kiln_ir::ValueId(i as u32)) {
                     return Err(cx.unsupported(i, format!("cache `{name}` is not returned as `{name}`")));
                 }
-                let old = n.inputs[0];
-                let readers = g.nodes.iter().filter(|m| m.inputs.contains(&old)).count();
-                if readers != 1 || g.outputs.iter().any(|(_, v)| *v == old) {
+                if cx.uses[n.inputs[0].index()] != 1 {
                     return Err(cx.unsupported(i, format!("cache `{name}` is read by more than the append")));
                 }
                 let rows = g.ty(n.inputs[1]).shape[..2].to_vec();
