@@ -133,7 +133,7 @@ pub fn compile_library(
         LibraryKind::Library => Some(find_capi_lib()?),
         LibraryKind::Object => None,
     };
-    let (graph, passes, records) = crate::artifact::build_graph(model, build)?;
+    let crate::artifact::BuiltGraph { graph, passes, records, .. } = crate::artifact::build_graph(model, build)?;
     let info = crate::artifact::artifact_info(model, source_hash, passes, records);
     // Each token's bytes, for kiln_model_token_bytes: GGUF tokenizers give them (ids the tokenizer lacks
     // are empty); tokenizer.json ones decode whole sequences only, so those libraries have no table.

@@ -33,6 +33,21 @@ pub struct Build {
     pub expose_calibration: bool,
     /// Extra records for the manifest (e.g. the `--quality-budget` search and its measurements).
     pub records: Vec<serde_json::Value>,
+    /// Stop the pipeline after this stage (`--stop-after`).
+    pub stop_after: Option<String>,
+}
+
+/// The graph a build compiles and what the pipeline said about it.
+pub struct BuiltGraph {
+    pub graph: Graph,
+    /// The stages of the pipeline, in order (all of them, also past `--stop-after`).
+    pub passes: Vec<String>,
+    /// Records of lossy passes, then the build's own.
+    pub records: Vec<serde_json::Value>,
+    /// Per stage that ran: changed?, node counts, time.
+    pub reports: Vec<kiln_passes::PassReport>,
+    /// (pass, line) reasons for `--explain`.
+    pub explanations: Vec<(String, String)>,
 }
 
 impl Build {
@@ -42,9 +57,8 @@ impl Build {
 }
 
 /// The graph a build compiles: the decoder graph, then the pipeline (the named passes, then `skip-layers`
-/// and `dce` when configured), then the calibration edit. Returns the graph, the stages that ran and the
-/// records passes made.
-pub fn build_graph(model: &Model, build: &Build) -> Result<(Graph, Vec<String>, Vec<serde_json::Value>)> {
+/// and `dce` when configured), then the calibration edit.
+pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let mut g = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !build.opts.all_logits })?;
     let mut passes: Vec<Box<dyn Pass>> = Vec::new();
     for name in &build.passes {
@@ -56,15 +70,20 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<(Graph, Vec<String>, 
     }
     let pipeline = Pipeline::from_passes(passes);
     let cx = PassCx { calibration: build.calibration.clone(), ..Default::default() };
-    pipeline.run(&mut g, &cx, None)?;
+    let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();
+    if let Some(stop) = &build.stop_after {
+        if !names.contains(stop) {
+            anyhow::bail!("--stop-after {stop}: no such stage in this pipeline (stages: {})", names.join(", "));
+        }
+    }
+    let reports = pipeline.run(&mut g, &cx, build.stop_after.as_deref())?;
     let mut records: Vec<serde_json::Value> =
         cx.records.take().into_iter().map(|r| serde_json::json!({"pass": r.pass, "detail": r.detail})).collect();
     records.extend(build.records.iter().cloned());
     if build.expose_calibration {
         kiln_passes::calibration::expose_block_values(&mut g).map_err(anyhow::Error::msg)?;
     }
-    let names = pipeline.names().into_iter().map(str::to_string).collect();
-    Ok((g, names, records))
+    Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take() })
 }
 
 /// Hash identifying a model source: the GGUF file, or a Hugging Face directory's config, tokenizer and
@@ -111,8 +130,8 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
-    let (graph, passes, records) = build_graph(model, build)?;
-    compile_graph(model, &graph, source_hash, &build.opts, passes, records, out)
+    let b = build_graph(model, build)?;
+    compile_graph(model, &b.graph, source_hash, &build.opts, b.passes, b.records, out)
 }
 
 fn compile_graph(
@@ -199,7 +218,7 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
 /// [`cached_artifact`] for a whole [`Build`].
 pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
     let hash = source_hash(model_path)?;
-    let (graph, passes, records) = build_graph(model, build)?;
+    let BuiltGraph { graph, passes, records, .. } = build_graph(model, build)?;
     let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, &build.opts, &graph, &records));
     // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
     if is_artifact(&dir) {

@@ -78,6 +78,12 @@ struct CompileArgs {
     skip: quality_cli::SkipArgs,
     #[command(flatten)]
     budget: quality_cli::BudgetArgs,
+    /// Stop the graph pipeline after this stage (with --emit ir: the graph as that stage left it).
+    #[arg(long, value_name = "STAGE")]
+    stop_after: Option<String>,
+    /// Print, per graph pass, what it changed, how long it took and why it decided what it did.
+    #[arg(long)]
+    explain: bool,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
@@ -258,6 +264,23 @@ fn compile(a: CompileArgs) -> Result<()> {
     let m = load(&path)?;
     let (mut build, choice) = quality_cli::compile_build(&a.skip, &a.budget, opts.clone(), &m, &path)?;
     build.passes = a.passes.clone();
+    build.stop_after = a.stop_after.clone();
+    if a.explain {
+        let b = kiln::artifact::build_graph(&m, &build)?;
+        for r in &b.reports {
+            eprintln!(
+                "pass {:<14} {:>8.2} ms  nodes {} → {}{}",
+                r.pass,
+                r.time.as_secs_f64() * 1e3,
+                r.nodes_before,
+                r.nodes_after,
+                if r.changed { "" } else { "  (no change)" }
+            );
+            for (_, line) in b.explanations.iter().filter(|(p, _)| p == r.pass) {
+                eprintln!("  {line}");
+            }
+        }
+    }
     if let Some(kind @ (CompileEmit::Lib | CompileEmit::Obj)) = a.emit {
         return kiln::aot::compile_command(
             &m,
@@ -273,7 +296,7 @@ fn compile(a: CompileArgs) -> Result<()> {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
     if let Some(stage) = a.emit {
-        let (graph, _, _) = kiln::artifact::build_graph(&m, &build)?;
+        let graph = kiln::artifact::build_graph(&m, &build)?.graph;
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
             CompileEmit::Program => {
@@ -365,11 +388,11 @@ fn run(a: RunArgs) -> Result<()> {
         let build = a.skip.build(opts.clone(), &m, &path)?;
         match a.emit {
             Some(Emit::Ir) => {
-                print!("{}", kiln::ir::text::print(&kiln::artifact::build_graph(&m, &build)?.0));
+                print!("{}", kiln::ir::text::print(&kiln::artifact::build_graph(&m, &build)?.graph));
                 return Ok(());
             }
             Some(Emit::Dot) => {
-                print!("{}", kiln::ir::dot::to_dot(&kiln::artifact::build_graph(&m, &build)?.0));
+                print!("{}", kiln::ir::dot::to_dot(&kiln::artifact::build_graph(&m, &build)?.graph));
                 return Ok(());
             }
             None => {}
@@ -404,8 +427,11 @@ fn run(a: RunArgs) -> Result<()> {
         (Some(compiled), _) => compiled,
         (None, Some(m)) => {
             let build = loaded.build.as_ref().expect("built for a model");
-            interp =
-                InterpreterBackend::new(kiln::artifact::build_graph(m, build)?.0, &m.weights, m.config.context_length)?;
+            interp = InterpreterBackend::new(
+                kiln::artifact::build_graph(m, build)?.graph,
+                &m.weights,
+                m.config.context_length,
+            )?;
             prepare_weights(&interp)?;
             &mut interp
         }

@@ -210,7 +210,7 @@ fn eval_early_exit(a: &EvalArgs, mode: ExitModeArg) -> Result<()> {
         ExitModeArg::Lower => ExitMode::Lower,
     };
     let build = Build::new(CompileOptions { all_logits: true, ..CompileOptions::default() });
-    let (full, _, _) = kiln::artifact::build_graph(&m, &build)?;
+    let full = kiln::artifact::build_graph(&m, &build)?.graph;
     let mut graphs = Vec::new();
     for d in 1..=n {
         let active = mode.active(n, d);
@@ -276,7 +276,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let backend: &mut dyn Backend = match (&mut compiled_backend, &interp_model) {
         (Some(b), _) => b,
         (None, Some(m)) => {
-            let (g, _, _) = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?;
+            let g = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?.graph;
             interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp
@@ -361,7 +361,7 @@ pub fn calibrate_model(
             &mut comp
         }
         BackendKind::Interpreter => {
-            let (g, _, _) = kiln::artifact::build_graph(m, &build)?;
+            let g = kiln::artifact::build_graph(m, &build)?.graph;
             interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp

@@ -139,7 +139,7 @@ fn skipping_zero_layers_is_bit_identical() {
     let m = tiny_model(3, 3, src.path());
     let zero =
         Build { opts: all_logits(), skip: SkipLayers { count: 0, method: SkipMethod::Even }, ..Default::default() };
-    let (g0, passes, records) = build_graph(&m, &zero).unwrap();
+    let kiln::artifact::BuiltGraph { graph: g0, passes, records, .. } = build_graph(&m, &zero).unwrap();
     let plain = m.graph_with(GraphOptions::default()).unwrap();
     assert_eq!(g0, plain);
     assert!(passes.is_empty() && records.is_empty());
@@ -156,7 +156,7 @@ fn skipping_zero_layers_is_bit_identical() {
     assert_eq!(run(a.path()), run(b.path()));
     // ... on SmolLM2 too (graph level: the same graph is compiled).
     let s = smollm2();
-    let (g, _, _) = build_graph(s, &Build::new(CompileOptions::default())).unwrap();
+    let g = build_graph(s, &Build::new(CompileOptions::default())).unwrap().graph;
     assert_eq!(g, s.graph_with(GraphOptions { last_logits_only: true }).unwrap());
 }
 
@@ -202,7 +202,7 @@ fn calibration_statistics_agree_between_backends() {
     let m = tiny_model(3, 5, src.path());
     let tokens: Vec<u32> = (0..30u32).map(|i| (i * 53 + 7) % 96).collect();
     let build = Build { opts: all_logits(), expose_calibration: true, ..Default::default() };
-    let (g, _, _) = build_graph(&m, &build).unwrap();
+    let g = build_graph(&m, &build).unwrap().graph;
     let mut i = InterpreterBackend::new(g.clone(), &m.weights, 64).unwrap();
     let mi = kiln::calibrate::measure(&mut i, &tokens, 12, 3, |_| {}).unwrap();
     let art = tempfile::tempdir().unwrap();

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub struct PassCx {
     pub calibration: Option<Arc<calibration::Calibration>>,
     pub records: RefCell<Vec<PassRecord>>,
+    /// Why passes decided what they decided (`kiln compile --explain`): (pass, line).
+    pub explanations: RefCell<Vec<(String, String)>>,
 }
 
 /// What a (lossy) pass did, as it goes into the manifest.
@@ -32,6 +34,11 @@ pub struct PassRecord {
 impl PassCx {
     pub fn record(&self, pass: &str, detail: serde_json::Value) {
         self.records.borrow_mut().push(PassRecord { pass: pass.to_string(), detail });
+    }
+
+    /// Notes one line of a pass's reasoning (shown by `kiln compile --explain`).
+    pub fn explain(&self, pass: &str, line: impl Into<String>) {
+        self.explanations.borrow_mut().push((pass.to_string(), line.into()));
     }
 }
 
@@ -63,7 +70,12 @@ pub struct PassReport {
     pub changed: bool,
     pub nodes_before: usize,
     pub nodes_after: usize,
+    #[serde(rename = "time_ms", serialize_with = "millis")]
     pub time: Duration,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
 }
 
 /// Every pass Kiln knows, by name.
