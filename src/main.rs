@@ -165,6 +165,8 @@ struct RunArgs {
     threads: usize,
     #[command(flatten)]
     skip: quality_cli::SkipArgs,
+    #[command(flatten)]
+    exit: quality_cli::ExitArgs,
     /// Print a JSON report (ids, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -426,7 +428,15 @@ fn run(a: RunArgs) -> Result<()> {
     let built;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut loaded.compiled, &loaded.model) {
-        (Some(compiled), _) => compiled,
+        (Some(compiled), _) => {
+            if let Some((mode, schedule)) = a.exit.schedule(compiled.blocks())? {
+                compiled.set_early_exit(mode, schedule)?;
+            }
+            compiled
+        }
+        (None, Some(_)) if a.exit.early_exit.is_some() => {
+            bail!("`kiln run --early-exit` runs on the compiled backend (`kiln eval` also has the interpreter's)")
+        }
         (None, Some(m)) => {
             let build = loaded.build.as_ref().expect("built for a model");
             built = kiln::artifact::build_graph(m, build)?;

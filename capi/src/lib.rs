@@ -667,7 +667,12 @@ mod tests {
             weights_len,
             weights_hash: blake3_hex(b"abcd"),
             kernels: Vec::new(),
-            program: kiln_ir::program::Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new() },
+            program: kiln_ir::program::Program {
+                buffers: Vec::new(),
+                launches: Vec::new(),
+                outputs: Vec::new(),
+                regions: Vec::new(),
+            },
             compile_seconds: 0.0,
         }
     }
