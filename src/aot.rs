@@ -135,7 +135,7 @@ pub fn compile_library(
     };
     let crate::artifact::BuiltGraph { graph, passes, records, weights, .. } =
         crate::artifact::build_graph(model, build)?;
-    let info = crate::artifact::artifact_info(model, source_hash, passes, records);
+    let info = crate::artifact::artifact_info(model, source_hash, passes, records, build.early_exit.clone());
     // Each token's bytes, for kiln_model_token_bytes: GGUF tokenizers give them (ids the tokenizer lacks
     // are empty); tokenizer.json ones decode whole sequences only, so those libraries have no table.
     let vocab: Option<Vec<Vec<u8>>> = model.tokenizer.as_ref().and_then(|t| {

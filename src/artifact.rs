@@ -35,6 +35,8 @@ pub struct Build {
     pub records: Vec<serde_json::Value>,
     /// Stop the pipeline after this stage (`--stop-after`).
     pub stop_after: Option<String>,
+    /// The early-exit schedule the artifact runs by default (`--early-exit`, checked by the caller).
+    pub early_exit: Option<kiln_ir::program::EarlyExitSpec>,
 }
 
 /// The graph a build compiles and what the pipeline said about it.
@@ -95,6 +97,10 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let reports = pipeline.run(&mut g, &cx, build.stop_after.as_deref())?;
     let mut records: Vec<serde_json::Value> =
         cx.records.take().into_iter().map(|r| serde_json::json!({"pass": r.pass, "detail": r.detail})).collect();
+    if let Some(e) = &build.early_exit {
+        // Not a graph pass: the program keeps every block and the runtime follows the schedule.
+        records.push(serde_json::json!({"pass": "early-exit", "detail": {"mode": e.mode, "schedule": e.schedule}}));
+    }
     records.extend(build.records.iter().cloned());
     if build.expose_calibration {
         kiln_passes::calibration::expose_block_values(&mut g).map_err(anyhow::Error::msg)?;
@@ -155,7 +161,17 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
     let b = build_graph(model, build)?;
-    compile_graph(model, &b.graph, &b.weights, source_hash, &build.opts, b.passes, b.records, out)
+    compile_graph(
+        model,
+        &b.graph,
+        &b.weights,
+        source_hash,
+        &build.opts,
+        b.passes,
+        b.records,
+        build.early_exit.clone(),
+        out,
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -167,9 +183,10 @@ fn compile_graph(
     opts: &CompileOptions,
     passes: Vec<String>,
     records: Vec<serde_json::Value>,
+    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
     out: &Path,
 ) -> Result<Manifest> {
-    let info = artifact_info(model, source_hash, passes, records);
+    let info = artifact_info(model, source_hash, passes, records, early_exit);
     let manifest = kiln_codegen::compile_to_dir(graph, weights, opts, &info, out)?;
     write_tokenizer(model, out)?;
     Ok(manifest)
@@ -181,6 +198,7 @@ pub fn artifact_info(
     source_hash: &str,
     passes: Vec<String>,
     records: Vec<serde_json::Value>,
+    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
 ) -> kiln_codegen::ArtifactInfo {
     kiln_codegen::ArtifactInfo {
         model_name: model.name.clone(),
@@ -190,6 +208,7 @@ pub fn artifact_info(
         eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
         passes,
         records,
+        early_exit,
     }
 }
 
@@ -263,7 +282,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_graph(model, &graph, &weights, &hash, &build.opts, passes, records, &tmp)?;
+    compile_graph(model, &graph, &weights, &hash, &build.opts, passes, records, build.early_exit.clone(), &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

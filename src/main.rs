@@ -78,6 +78,9 @@ struct CompileArgs {
     skip: quality_cli::SkipArgs,
     #[command(flatten)]
     budget: quality_cli::BudgetArgs,
+    /// With --early-exit, the artifact runs the schedule by default (recorded in its manifest).
+    #[command(flatten)]
+    exit: quality_cli::ExitArgs,
     /// Stop the graph pipeline after this stage (with --emit ir: the graph as that stage left it).
     #[arg(long, value_name = "STAGE")]
     stop_after: Option<String>,
@@ -267,6 +270,7 @@ fn compile(a: CompileArgs) -> Result<()> {
     let (mut build, choice) = quality_cli::compile_build(&a.skip, &a.budget, opts.clone(), &m, &path)?;
     build.passes = a.passes.clone();
     build.stop_after = a.stop_after.clone();
+    build.early_exit = a.exit.spec(m.config.n_layers)?;
     if a.explain {
         let b = kiln::artifact::build_graph(&m, &build)?;
         for r in &b.reports {

@@ -212,6 +212,14 @@ impl ExitArgs {
         };
         Ok(Some((mode, schedule)))
     }
+
+    /// The checked schedule as an artifact records it.
+    pub fn spec(&self, n: usize) -> Result<Option<kiln::ir::program::EarlyExitSpec>> {
+        Ok(self.schedule(n)?.map(|(mode, s)| kiln::ir::program::EarlyExitSpec {
+            mode: format!("{mode:?}").to_lowercase(),
+            schedule: s.points().to_vec(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -460,6 +460,24 @@ fn compiled_early_exit_matches_the_interpreter() {
     c.set_early_exit(ExitMode::Top, ExitSchedule::unchecked(vec![(6, 2), (8, 4)])).unwrap();
     let e = run(&mut c).unwrap_err().to_string();
     assert!(e.contains("k_cache.2") && e.contains("holds 6 rows but the step reads 8"), "{e}");
+    // A schedule compiled into the artifact runs by default, the same as one set at run time; a
+    // manifest edited to an increasing schedule is refused at load, by name.
+    let sched_art = tempfile::tempdir().unwrap();
+    let spec = kiln::ir::program::EarlyExitSpec { mode: "lower".into(), schedule: vec![(6, 3), (8, 2), (10, 1)] };
+    let build = Build { early_exit: Some(spec), ..Build::new(CompileOptions::default()) };
+    let man = compile_build(&m, "test", &build, sched_art.path()).unwrap();
+    assert!(man.records.iter().any(|r| r["pass"] == "early-exit"));
+    let mut by_manifest = CompiledBackend::load(sched_art.path(), 1, Some(64)).unwrap();
+    let mut by_call = CompiledBackend::load(art.path(), 1, Some(64)).unwrap();
+    by_call.set_early_exit(ExitMode::Lower, sched()).unwrap();
+    assert_eq!(run(&mut by_manifest).unwrap(), run(&mut by_call).unwrap());
+    let mpath = sched_art.path().join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["early_exit"]["schedule"] = serde_json::json!([[6, 2], [8, 3]]);
+    std::fs::write(&mpath, serde_json::to_string(&j).unwrap()).unwrap();
+    let e = CompiledBackend::load(sched_art.path(), 1, Some(64)).err().unwrap().to_string();
+    assert!(e.contains("early-exit schedule") && e.contains("never written"), "{e}");
     // Exposing values inside the blocks (calibration outputs) makes blocks unskippable: no regions.
     let exposed = tempfile::tempdir().unwrap();
     let build = Build { expose_calibration: true, ..Build::new(CompileOptions::default()) };

@@ -673,6 +673,7 @@ mod tests {
                 outputs: Vec::new(),
                 regions: Vec::new(),
             },
+            early_exit: None,
             compile_seconds: 0.0,
         }
     }

@@ -77,6 +77,15 @@ pub struct Region {
     pub states: Vec<usize>,
 }
 
+/// A per-position early-exit schedule an artifact runs by default (`kiln compile --early-exit`): from
+/// position `schedule[i].0` on, positions run `schedule[i].1` blocks — the top ones dropped (`top`) or the
+/// lower ones (`lower`). The runtime checks it (non-increasing) when it loads the artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyExitSpec {
+    pub mode: String,
+    pub schedule: Vec<(usize, usize)>,
+}
+
 impl Program {
     /// Evaluates a product of dims under `env`, as a non-negative count.
     pub fn eval(dims: &[Dim], env: &SymEnv) -> Option<usize> {
@@ -116,6 +125,9 @@ pub struct Manifest {
     /// Generated kernels (symbol → description), for `inspect` and `--explain`.
     pub kernels: Vec<(String, String)>,
     pub program: Program,
+    /// The early-exit schedule the program runs unless the caller sets another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExitSpec>,
     /// Seconds spent compiling: reported, never written, so the same inputs give byte-identical artifacts.
     #[serde(skip)]
     pub compile_seconds: f64,

@@ -249,13 +249,30 @@ impl CompiledBackend {
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = SpinPool::new(threads).map_err(|e| invalid(dir, format!("starting worker threads: {e}")))?;
         let state_rows = vec![0; storage.len()];
+        let exit = match &manifest.early_exit {
+            None => None,
+            Some(spec) => {
+                let mode = match spec.mode.as_str() {
+                    "top" => ExitMode::Top,
+                    "lower" => ExitMode::Lower,
+                    other => return Err(invalid(dir, format!("early-exit mode `{other}` is not top or lower"))),
+                };
+                let n = manifest.program.regions.len();
+                if n == 0 {
+                    return Err(invalid(dir, "an early-exit schedule but no skippable blocks"));
+                }
+                let schedule = ExitSchedule::new(spec.schedule.clone(), n)
+                    .map_err(|e| invalid(dir, format!("early-exit schedule: {e}")))?;
+                Some((mode, schedule))
+            }
+        };
         Ok(CompiledBackend {
             manifest,
             weights,
             kernels,
             storage,
             state_rows,
-            exit: None,
+            exit,
             past: 0,
             capacity,
             pool,

@@ -68,6 +68,11 @@ impl ExitSchedule {
         ExitSchedule { points }
     }
 
+    /// (from position, depth), in order.
+    pub fn points(&self) -> &[(usize, usize)] {
+        &self.points
+    }
+
     /// The first position the schedule changes the depth at.
     pub fn first_position(&self) -> Option<usize> {
         self.points.first().map(|p| p.0)
