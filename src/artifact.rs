@@ -140,12 +140,24 @@ pub fn source_hash(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// Identifies the running Kiln executable (path, size, modification time): part of every cache key.
+fn compiler_identity() -> String {
+    let exe = std::env::current_exe().ok();
+    let meta = exe.as_ref().and_then(|e| std::fs::metadata(e).ok());
+    let mtime =
+        meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    format!("{exe:?} {:?} {mtime:?}", meta.map(|m| m.len()))
+}
+
 /// The cache key of compiling `graph` (the graph after every pass, so pass choices are part of the key)
 /// of the model `source_hash` with `opts`, for this host with this Kiln; `records` (manifest notes) too.
 pub fn cache_key(source_hash: &str, opts: &CompileOptions, graph: &Graph, records: &[serde_json::Value]) -> String {
     let mut h = blake3::Hasher::new();
     h.update(source_hash.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(&kiln_ir::program::ARTIFACT_FORMAT_VERSION.to_le_bytes());
+    // This build of Kiln: two builds (branches, versions) sharing a cache never trade entries.
+    h.update(compiler_identity().as_bytes());
     h.update(serde_json::to_string(opts).expect("options serialise").as_bytes());
     h.update(kiln_ir::text::print(graph).as_bytes());
     h.update(serde_json::to_string(records).expect("records serialise").as_bytes());
