@@ -344,6 +344,16 @@ fn bad_quality_input_is_refused_by_name() {
         (vec!["compile", "-o", "/tmp/x", "--quality-budget", "ppl+10%"], "--calibration"),
         (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4:20,8:25"], "never written"),
         (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4-20"], "POS:DEPTH"),
+        (vec!["run", "--prompt", "Hi", "-n", "2", "--early-exit", "lower", "--exit-schedule", "3:31"], "1..=30"),
+        (
+            vec!["run", "--prompt", "Hi", "--backend", "interpreter", "--early-exit", "top", "--exit-schedule", "3:20"],
+            "compiled",
+        ),
+        (vec!["compile", "-o", "/tmp/x", "--early-exit", "top", "--exit-schedule", "4:20,8:25"], "never written"),
+        (
+            vec!["compile", "-o", "/tmp/x", "--early-exit", "top", "--skip-layers", "2", "--exit-schedule", "4:20"],
+            "cannot be used with",
+        ),
     ];
     for (args, needle) in cases {
         let (code, _, err) = run_kiln(&args, None);
