@@ -173,33 +173,12 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
     let b = build_graph(model, build)?;
-    compile_graph(
-        model,
-        &b.graph,
-        &b.weights,
-        source_hash,
-        &build.opts,
-        b.passes,
-        b.records,
-        build.early_exit.clone(),
-        out,
-    )
+    compile_graph(model, &b, source_hash, build, out)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn compile_graph(
-    model: &Model,
-    graph: &Graph,
-    weights: &kiln_ir::WeightStore,
-    source_hash: &str,
-    opts: &CompileOptions,
-    passes: Vec<String>,
-    records: Vec<serde_json::Value>,
-    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
-    out: &Path,
-) -> Result<Manifest> {
-    let info = artifact_info(model, source_hash, passes, records, early_exit);
-    let manifest = kiln_codegen::compile_to_dir(graph, weights, opts, &info, out)?;
+fn compile_graph(model: &Model, built: &BuiltGraph, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
+    let info = artifact_info(model, source_hash, built, build);
+    let manifest = kiln_codegen::compile_to_dir(&built.graph, &built.weights, &build.opts, &info, out)?;
     write_tokenizer(model, out)?;
     Ok(manifest)
 }
@@ -208,9 +187,8 @@ fn compile_graph(
 pub fn artifact_info(
     model: &Model,
     source_hash: &str,
-    passes: Vec<String>,
-    records: Vec<serde_json::Value>,
-    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
+    built: &BuiltGraph,
+    build: &Build,
 ) -> kiln_codegen::ArtifactInfo {
     kiln_codegen::ArtifactInfo {
         model_name: model.name.clone(),
@@ -218,9 +196,20 @@ pub fn artifact_info(
         context_length: model.config.context_length,
         vocab_size: model.config.vocab_size,
         eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
-        passes,
-        records,
-        early_exit,
+        passes: built.passes.clone(),
+        stages: built
+            .reports
+            .iter()
+            .map(|r| kiln_ir::program::StageReport {
+                pass: r.pass.to_string(),
+                changed: r.changed,
+                nodes_before: r.nodes_before,
+                nodes_after: r.nodes_after,
+                seconds: r.time.as_secs_f64(),
+            })
+            .collect(),
+        records: built.records.clone(),
+        early_exit: build.early_exit.clone(),
     }
 }
 
@@ -286,7 +275,6 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     let key_source = key_hash.finalize().to_hex().to_string();
     let dir =
         crate::cache_dir().join("artifacts").join(cache_key(&key_source, &build.opts, &built.graph, &built.records));
-    let BuiltGraph { graph, passes, records, weights, .. } = built;
     // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
     if is_artifact(&dir) {
         return Ok((dir, false));
@@ -294,7 +282,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_graph(model, &graph, &weights, &hash, &build.opts, passes, records, build.early_exit.clone(), &tmp)?;
+    compile_graph(model, &built, &hash, build, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

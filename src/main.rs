@@ -342,6 +342,10 @@ fn compile(a: CompileArgs) -> Result<()> {
                 "launches": manifest.program.launches.len(),
                 "compile_seconds": manifest.compile_seconds,
                 "passes": manifest.passes,
+                "stages": manifest.stages.iter().map(|s| serde_json::json!({
+                    "pass": s.pass, "changed": s.changed, "nodes_before": s.nodes_before,
+                    "nodes_after": s.nodes_after, "ms": s.seconds * 1e3,
+                })).collect::<Vec<_>>(),
                 "records": manifest.records,
                 "quality_budget": choice,
             }))?

@@ -84,6 +84,7 @@ impl Case {
             vocab_size: VOCAB,
             eos_token: None,
             passes: Vec::new(),
+            stages: Vec::new(),
             records: Vec::new(),
             early_exit: None,
         };

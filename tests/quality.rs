@@ -36,6 +36,10 @@ fn interp_logits(g: Graph, w: &WeightStore, tokens: &[u32]) -> Vec<f32> {
     b.forward(tokens).unwrap().data
 }
 
+fn full_nodes(m: &Model) -> usize {
+    m.graph_with(GraphOptions { last_logits_only: false }).unwrap().nodes.len()
+}
+
 fn count_inputs(g: &Graph, prefix: &str) -> usize {
     g.inputs().filter(|(n, _)| n.starts_with(prefix)).count()
 }
@@ -123,6 +127,12 @@ fn skipped_model_equals_a_model_built_without_those_layers() {
         manifest.program.buffers.iter().filter(|b| matches!(b.kind, kiln::ir::program::BufferKind::State { .. }));
     assert_eq!(states.count(), 3 * 2);
     assert_eq!(manifest.passes, ["skip-layers", "dce"]);
+    // Per-stage reports: skip-layers removes the blocks' nodes itself, so the dce after it finds nothing.
+    let st = &manifest.stages;
+    assert_eq!(st.iter().map(|s| s.pass.as_str()).collect::<Vec<_>>(), ["skip-layers", "dce"]);
+    assert_eq!((st[0].changed, st[0].nodes_before), (true, full_nodes(&m)));
+    assert!(st[0].nodes_after < st[0].nodes_before, "{st:?}");
+    assert_eq!((st[1].changed, st[1].nodes_before, st[1].nodes_after), (false, st[0].nodes_after, st[0].nodes_after));
     assert_eq!(manifest.records[0]["detail"]["skipped"], serde_json::json!([1, 2, 4]));
     let mut c = CompiledBackend::load(art.path(), 1, None).unwrap();
     let mut interp = InterpreterBackend::new(skipped, &w, 64).unwrap();

@@ -660,6 +660,7 @@ mod tests {
             vocab_size: 2,
             eos_token: None,
             passes: Vec::new(),
+            stages: Vec::new(),
             records: Vec::new(),
             library: kiln_ir::program::EMBEDDED_LIBRARY.into(),
             library_hash: String::new(),

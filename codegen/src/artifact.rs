@@ -38,6 +38,8 @@ pub struct ArtifactInfo {
     pub eos_token: Option<u32>,
     /// Graph passes that ran before code generation, in order.
     pub passes: Vec<String>,
+    /// What each stage that ran did.
+    pub stages: Vec<kiln_ir::program::StageReport>,
     /// What lossy passes (and the `--quality-budget` search) recorded, for the manifest.
     pub records: Vec<serde_json::Value>,
     /// The early-exit schedule the artifact runs by default.
@@ -250,6 +252,7 @@ pub(crate) fn make_manifest(
         vocab_size: info.vocab_size,
         eos_token: info.eos_token,
         passes: info.passes.clone(),
+        stages: info.stages.clone(),
         records: info.records.clone(),
         library: library.0.into(),
         library_hash: library.1,

@@ -77,6 +77,18 @@ pub struct Region {
     pub states: Vec<usize>,
 }
 
+/// One graph pass's effect, as the manifest records it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub pass: String,
+    pub changed: bool,
+    pub nodes_before: usize,
+    pub nodes_after: usize,
+    /// Seconds the pass took: reported, never written (like `Manifest::compile_seconds`).
+    #[serde(skip)]
+    pub seconds: f64,
+}
+
 /// A per-position early-exit schedule an artifact runs by default (`kiln compile --early-exit`): from
 /// position `schedule[i].0` on, positions run `schedule[i].1` blocks — the top ones dropped (`top`) or the
 /// lower ones (`lower`). The runtime checks it (non-increasing) when it loads the artifact.
@@ -109,8 +121,12 @@ pub struct Manifest {
     /// The tokenizer's end-of-sequence token, if it has one (for programs that embed the code).
     #[serde(default)]
     pub eos_token: Option<u32>,
-    /// Stages that ran, in order.
+    /// Stages of the pipeline, in order.
     pub passes: Vec<String>,
+    /// What each stage that ran did (no timings: artifacts are byte-identical for the same inputs;
+    /// `kiln compile --json` reports times).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stages: Vec<StageReport>,
     /// What lossy passes did (layers removed, …) and the quality measured for the choice, one JSON
     /// object per record. Absent in artifacts without lossy passes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
