@@ -7,6 +7,9 @@ pub mod blocks;
 pub mod calibration;
 pub mod cse;
 pub mod dce;
+pub mod egraph;
+pub mod lift;
+pub mod rules;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError};
@@ -22,6 +25,9 @@ pub struct PassCx {
     pub records: RefCell<Vec<PassRecord>>,
     /// Why passes decided what they decided (`kiln compile --explain`): (pass, line).
     pub explanations: RefCell<Vec<(String, String)>>,
+    /// Measured cost coefficients of the target (bytes, flops, launches) for e-graph extraction; the
+    /// defaults of [`egraph::cost::CostCoefficients`] when absent.
+    pub cost: Option<egraph::cost::CostCoefficients>,
 }
 
 /// What a (lossy) pass did, as it goes into the manifest.
@@ -85,6 +91,7 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(cse::CommonSubexpressionElimination),
         // Unconfigured it skips nothing; configure it with `Pipeline::from_passes`.
         Box::new(skip_layers::SkipLayers::default()),
+        Box::new(lift::Lift::default()),
     ]
 }
 

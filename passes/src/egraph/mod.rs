@@ -180,7 +180,10 @@ pub struct ClassData {
 }
 
 #[derive(Default)]
-pub struct TypeAnalysis;
+pub struct TypeAnalysis {
+    /// Every lift applied: (e-class, the fused e-node's id, rule), for explanations.
+    pub lifted: Vec<(Id, Id, String)>,
+}
 
 pub type KGraph = EGraph<KNode, TypeAnalysis>;
 
@@ -242,16 +245,20 @@ pub fn to_egraph(g: &Graph, explanations: bool) -> Loaded {
 /// Order: graph inputs first, in their original order (all of them, used or not: they are the
 /// interface); then a topological order that prefers each e-class's earliest original position, so
 /// values keep their relative order and an unchanged graph is reproduced node for node.
-pub fn extract(g: &Graph, loaded: &Loaded, choose: impl Fn(Id) -> KNode) -> Result<Graph, kiln_ir::GraphError> {
-    let eg = &loaded.egraph;
+pub fn extract(
+    g: &Graph,
+    eg: &KGraph,
+    classes: &[Id],
+    choose: impl Fn(Id) -> KNode,
+) -> Result<Graph, kiln_ir::GraphError> {
     let mut first_pos: HashMap<Id, usize> = HashMap::new();
-    for (i, &c) in loaded.classes.iter().enumerate() {
+    for (i, &c) in classes.iter().enumerate() {
         first_pos.entry(eg.find(c)).or_insert(i);
     }
     // The needed classes and their chosen nodes (iterative DFS from the outputs and inputs).
     let mut chosen: HashMap<Id, KNode> = HashMap::new();
-    let mut stack: Vec<Id> = g.outputs.iter().map(|(_, v)| eg.find(loaded.classes[v.index()])).collect();
-    stack.extend(g.inputs().map(|(_, v)| eg.find(loaded.classes[v.index()])));
+    let mut stack: Vec<Id> = g.outputs.iter().map(|(_, v)| eg.find(classes[v.index()])).collect();
+    stack.extend(g.inputs().map(|(_, v)| eg.find(classes[v.index()])));
     while let Some(c) = stack.pop() {
         if chosen.contains_key(&c) {
             continue;
@@ -278,7 +285,7 @@ pub fn extract(g: &Graph, loaded: &Loaded, choose: impl Fn(Id) -> KNode) -> Resu
     let mut value: HashMap<Id, ValueId> = HashMap::new();
     // Inputs first, in order.
     for (_, v) in g.inputs() {
-        let c = eg.find(loaded.classes[v.index()]);
+        let c = eg.find(classes[v.index()]);
         let n = &g.nodes[v.index()];
         value.insert(c, out.push(n.op.clone(), &[], Some(n.ty.clone()))?);
     }
@@ -297,7 +304,7 @@ pub fn extract(g: &Graph, loaded: &Loaded, choose: impl Fn(Id) -> KNode) -> Resu
             }
         }
     }
-    out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), value[&eg.find(loaded.classes[v.index()])])).collect();
+    out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), value[&eg.find(classes[v.index()])])).collect();
     Ok(out)
 }
 
