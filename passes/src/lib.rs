@@ -7,6 +7,7 @@ pub mod blocks;
 pub mod calibration;
 pub mod cse;
 pub mod dce;
+pub mod decompose;
 pub mod egraph;
 pub mod lift;
 pub mod rules;
@@ -91,6 +92,7 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(cse::CommonSubexpressionElimination),
         // Unconfigured it skips nothing; configure it with `Pipeline::from_passes`.
         Box::new(skip_layers::SkipLayers::default()),
+        Box::new(decompose::Decompose),
         Box::new(lift::Lift::default()),
     ]
 }

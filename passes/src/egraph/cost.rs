@@ -12,6 +12,7 @@ use super::{KGraph, KNode};
 use egg::{CostFunction, Id, Language};
 use kiln_ir::shape::SymEnv;
 use kiln_ir::{Graph, Op, TensorType};
+use num_bigint::BigUint;
 use serde::{Deserialize, Serialize};
 
 /// Nanoseconds per byte moved, per flop and per kernel launch on one target.
@@ -108,20 +109,24 @@ impl CostModel {
 /// egg's extraction cost: the node's own cost plus its children's (a tree cost; shared values count
 /// once per reader, which only matters for ranking alternatives of one e-class — the reported cost of
 /// the result is [`CostModel::graph_cost`], which counts each value once).
+///
+/// The sums are exact integers (nanoseconds, each node at least 1): a tree cost over a 30-layer
+/// residual stream counts the bottom layers ~10⁴⁰ times, and in f64 the few-µs difference between two
+/// alternatives of one e-class would be rounded away (it was: extraction then picked at random).
 pub struct ExtractCost<'a> {
     pub egraph: &'a KGraph,
     pub model: &'a CostModel,
 }
 
 impl CostFunction<KNode> for ExtractCost<'_> {
-    type Cost = f64;
+    type Cost = BigUint;
 
-    fn cost<C: FnMut(Id) -> f64>(&mut self, n: &KNode, mut costs: C) -> f64 {
+    fn cost<C: FnMut(Id) -> BigUint>(&mut self, n: &KNode, mut costs: C) -> BigUint {
         let ins: Vec<&TensorType> = n.children().iter().map(|&c| &self.egraph[c].data.ty).collect();
         let key = n.op.as_ref().expect("e-graph nodes have attributes");
         let out = super::infer(self.egraph, &key.op, key.declared.as_ref(), n.children())
             .expect("e-graph nodes are well-typed");
-        let own = self.model.op_cost(&key.op, &out, &ins);
+        let own = BigUint::from(self.model.op_cost(&key.op, &out, &ins).round().max(1.0) as u64);
         n.children().iter().fold(own, |acc, &c| acc + costs(c))
     }
 }
