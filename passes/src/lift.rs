@@ -8,10 +8,10 @@
 //! `KILN_EGG_EXPLAIN=1` egg's explanations are recorded and the first few lifts are explained (slow;
 //! for debugging rules).
 
-use crate::egraph::cost::{CostModel, ExtractCost};
+use crate::egraph::cost::{best_nodes, CostModel};
 use crate::egraph::{extract, to_egraph};
 use crate::{Pass, PassCx, PassError};
-use egg::{Extractor, Runner, SimpleScheduler};
+use egg::{Runner, SimpleScheduler};
 use kiln_ir::Graph;
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -50,7 +50,9 @@ impl Pass for Lift {
 
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError> {
         let model = CostModel::new(cx.cost.clone().unwrap_or_default());
+        let t0 = std::time::Instant::now();
         let loaded = to_egraph(g, self.explanations);
+        let t_load = t0.elapsed();
         let start_nodes = loaded.egraph.total_number_of_nodes();
         let runner = Runner::default()
             .with_egraph(loaded.egraph)
@@ -59,13 +61,17 @@ impl Pass for Lift {
             .with_time_limit(self.time_limit)
             .with_scheduler(SimpleScheduler)
             .run(&crate::rules::all());
+        let t_run = t0.elapsed() - t_load;
         let mut eg = runner.egraph;
         let stop = runner.stop_reason.map(|r| format!("{r:?}")).unwrap_or_else(|| "none".into());
-        let out = {
-            let extractor = Extractor::new(&eg, ExtractCost { egraph: &eg, model: &model });
-            extract(g, &eg, &loaded.classes, |c| extractor.find_best_node(c).clone())
+        let mut order = std::collections::HashMap::new();
+        for (i, &c) in loaded.classes.iter().enumerate() {
+            order.entry(eg.find(c)).or_insert(i);
         }
-        .map_err(|e| PassError::Failed { pass: "lift", msg: format!("extraction gave an invalid graph: {e}") })?;
+        let best = best_nodes(&eg, &model, &order);
+        let out = extract(g, &eg, &loaded.classes, |c| best[&c].clone())
+            .map_err(|e| PassError::Failed { pass: "lift", msg: format!("extraction gave an invalid graph: {e}") })?;
+        let t_extract = t0.elapsed() - t_load - t_run;
         let (before, after) = (model.graph_cost(g), model.graph_cost(&out));
         cx.explain(
             "lift",
@@ -75,6 +81,15 @@ impl Pass for Lift {
                 eg.total_number_of_nodes(),
                 eg.number_of_classes(),
                 eg.analysis.lifted.len()
+            ),
+        );
+        cx.explain(
+            "lift",
+            format!(
+                "time: load {:.0} ms, rewrite {:.0} ms, extract {:.0} ms",
+                t_load.as_secs_f64() * 1e3,
+                t_run.as_secs_f64() * 1e3,
+                t_extract.as_secs_f64() * 1e3
             ),
         );
         cx.explain(

@@ -9,11 +9,12 @@
 //! from [`CostCoefficients::default`].
 
 use super::{KGraph, KNode};
-use egg::{CostFunction, Id, Language};
+use egg::{Id, Language};
 use kiln_ir::shape::SymEnv;
 use kiln_ir::{Graph, Op, TensorType};
 use num_bigint::BigUint;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 
 /// Nanoseconds per byte moved, per flop and per kernel launch on one target.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -106,27 +107,58 @@ impl CostModel {
     }
 }
 
-/// egg's extraction cost: the node's own cost plus its children's (a tree cost; shared values count
-/// once per reader, which only matters for ranking alternatives of one e-class — the reported cost of
-/// the result is [`CostModel::graph_cost`], which counts each value once).
+/// The cheapest e-node of every e-class by tree cost: the node's own cost plus its children's (shared
+/// values count once per reader, which only matters for ranking alternatives of one e-class — the
+/// reported cost of the result is [`CostModel::graph_cost`], which counts each value once).
 ///
-/// The sums are exact integers (nanoseconds, each node at least 1): a tree cost over a 30-layer
-/// residual stream counts the bottom layers ~10⁴⁰ times, and in f64 the few-µs difference between two
-/// alternatives of one e-class would be rounded away (it was: extraction then picked at random).
-pub struct ExtractCost<'a> {
-    pub egraph: &'a KGraph,
-    pub model: &'a CostModel,
-}
-
-impl CostFunction<KNode> for ExtractCost<'_> {
-    type Cost = BigUint;
-
-    fn cost<C: FnMut(Id) -> BigUint>(&mut self, n: &KNode, mut costs: C) -> BigUint {
-        let ins: Vec<&TensorType> = n.children().iter().map(|&c| &self.egraph[c].data.ty).collect();
-        let key = n.op.as_ref().expect("e-graph nodes have attributes");
-        let out = super::infer(self.egraph, &key.op, key.declared.as_ref(), n.children())
-            .expect("e-graph nodes are well-typed");
-        let own = BigUint::from(self.model.op_cost(&key.op, &out, &ins).round().max(1.0) as u64);
-        n.children().iter().fold(own, |acc, &c| acc + costs(c))
+/// Written here rather than with `egg::Extractor` for two reasons. The sums are exact integers
+/// (nanoseconds, each node at least 1): a tree cost over a 30-layer residual stream counts the bottom
+/// layers ~10⁴⁰ times, and in f64 the few-µs difference between two alternatives of one e-class is
+/// rounded away (it was: extraction then picked at random). And the classes are visited in `order`
+/// (the original graph order), so the fixpoint takes two or three sweeps; each node's own cost is
+/// computed once, from its class's type.
+pub fn best_nodes(eg: &KGraph, model: &CostModel, order: &HashMap<Id, usize>) -> HashMap<Id, KNode> {
+    let mut classes: Vec<Id> = eg.classes().map(|c| c.id).collect();
+    classes.sort_by_key(|&c| (order.get(&c).copied().unwrap_or(usize::MAX), c));
+    let own: HashMap<Id, Vec<BigUint>> = classes
+        .iter()
+        .map(|&c| {
+            let costs = eg[c]
+                .nodes
+                .iter()
+                .map(|n| {
+                    let ins: Vec<&TensorType> = n.children().iter().map(|&k| &eg[k].data.ty).collect();
+                    BigUint::from(model.op_cost(n.op(), &eg[c].data.ty, &ins).round().max(1.0) as u64)
+                })
+                .collect();
+            (c, costs)
+        })
+        .collect();
+    let mut best: HashMap<Id, (BigUint, usize)> = HashMap::new();
+    loop {
+        let mut changed = false;
+        for &c in &classes {
+            for (i, n) in eg[c].nodes.iter().enumerate() {
+                let mut total = own[&c][i].clone();
+                let mut ok = true;
+                for &k in n.children() {
+                    match best.get(&eg.find(k)) {
+                        Some((kc, _)) => total += kc,
+                        None => {
+                            ok = false;
+                            break;
+                        }
+                    }
+                }
+                if ok && best.get(&c).is_none_or(|(b, _)| total < *b) {
+                    best.insert(c, (total, i));
+                    changed = true;
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
     }
+    best.into_iter().map(|(c, (_, i))| (c, eg[c].nodes[i].clone())).collect()
 }
