@@ -6,9 +6,13 @@ Regenerates the tables in docs/quality.md (between the `quality:begin`/`quality:
   2. for every (skipped layers, method): `kiln eval` on data/eval.txt, and decode tok/s from `kiln run`
      (all configurations measured in the same run, interleaved over rounds, median per configuration);
   3. `kiln compile --quality-budget ppl+X%` for each budget, and whether the chosen configuration meets
-     the budget on the evaluation text (the budget itself is measured on the calibration text only).
+     the budget on the evaluation text (the budget itself is measured on the calibration text only);
+  4. per-position early exit (`--early-exit top|lower`, compiled): perplexity by teacher-forced decoding
+     with the scheduled depth, and decode tok/s, beside full depth and static skipping of as many blocks
+     (between the `early-exit:begin`/`early-exit:end` markers).
 
-Usage: scripts/quality.sh [--threads 1] [--rounds 3]   (builds Kiln, then runs this)
+Usage: scripts/quality.sh [--threads 1] [--rounds 3] [--only skip|early-exit]
+
 """
 import argparse
 import json
@@ -41,6 +45,78 @@ def kiln(args):
     return r.stdout
 
 
+def splice(path, marker, table):
+    """Replaces the text between `<!-- marker:begin -->` and `<!-- marker:end -->` in `path`."""
+    text = open(path).read() if os.path.exists(path) else ""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    if begin not in text:
+        text += f"\n{begin}\n{end}\n"
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    open(path, "w").write(head + begin + "\n" + table + "\n" + end + tail)
+
+
+def cpu_run(args):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out = kiln(args)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def early_exit_section(a, calib, t0):
+    """Per-position early exit in both modes vs full depth: perplexity and decode speed, measured together."""
+    n, prefill = 30, 128
+    counts = [int(c) for c in a.exit_counts.split(",")]
+
+    def variants(k, at):
+        """(label, arguments) of the rows for k skipped blocks, the schedule starting at position `at`."""
+        if k == 0:
+            return [("full depth", ["--early-exit", "top", "--exit-schedule", f"{at}:{n}"])]
+        return [(f"early-exit {m}", ["--early-exit", m, "--exit-schedule", f"{at}:{n - k}"]) for m in ("top", "lower")]
+
+    rows = [(k, label) for k in counts for label, _ in variants(k, 0)]
+    ppl = {}
+    for k in counts:
+        for label, args in variants(k, prefill):
+            out = json.loads(kiln(["eval", "--text", "data/eval.txt", "--json", "--window", str(a.exit_window),
+                                   "--threads", str(a.threads)] + args))
+            ppl[(k, label)] = out["report"]
+            print(f"early-exit eval {k} {label}: {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)",
+                  file=sys.stderr)
+    prompt = "The history of the bicycle begins"
+    speeds = {r: [] for r in rows}
+    cpu = {r: [] for r in rows}
+    for _ in range(a.rounds):
+        for k in counts:
+            for label, args in variants(k, 8):
+                base = ["run", "--prompt", prompt, "--ignore-eos", "--json", "--threads", str(a.threads)] + args
+                _, short = cpu_run(base + ["-n", "16"])
+                out, long = cpu_run(base + ["-n", str(16 + a.decode_tokens)])
+                speeds[(k, label)].append(json.loads(out)["decode_tok_per_s"])
+                cpu[(k, label)].append(a.decode_tokens / max(long - short, 1e-9))
+    wall = {r: max(v) for r, v in speeds.items()}
+    cpu_med = {r: statistics.median(v) for r, v in cpu.items()}
+    b_ppl, b_cpu, b_wall = ppl[(0, "full depth")]["perplexity"], cpu_med[(0, "full depth")], wall[(0, "full depth")]
+    lines = [
+        f"Per-position early exit, compiled. Perplexity: teacher-forced decoding of the first {a.exit_window + 1} "
+        f"tokens of `data/eval.txt`, positions 0–{prefill - 1} prefilled at full depth and every later position at "
+        f"depth {n} − k (`--exit-schedule {prefill}:{n}-k`), so {a.exit_window - prefill + 1} of the "
+        f"{a.exit_window} scored tokens run shallower. Decode: {a.decode_tokens} greedy tokens after a short prompt, "
+        f"the schedule starting at the first generated token, {a.threads} thread(s), {a.rounds} interleaved rounds; "
+        f"CPU and wall tok/s as in the table above.",
+        "",
+        "| k | mode | perplexity | vs full | CPU tok/s | speedup | wall tok/s | speedup |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        p = ppl[r]["perplexity"]
+        lines.append(f"| {r[0]} | {r[1]} | {p:.3f} | {100 * (p / b_ppl - 1):+.1f}% | {cpu_med[r]:.1f} | "
+                     f"{cpu_med[r] / b_cpu:.2f}× | {wall[r]:.1f} | {wall[r] / b_wall:.2f}× |")
+    lines.append("")
+    lines.append(f"Generated by `scripts/quality.sh --only early-exit` in {time.time() - t0:.0f}s.")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--counts", default="0,2,4,6,8,10")
@@ -53,6 +129,10 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/quality.md"))
     ap.add_argument("--work", default=os.path.join(ROOT, "target/quality"))
+    ap.add_argument("--only", choices=["skip", "early-exit"], help="regenerate one of the two sections")
+    ap.add_argument("--exit-counts", default="0,1,2,4,6,8,10")
+    ap.add_argument("--exit-window", type=int, default=384,
+                    help="tokens scored by teacher-forced decoding for early exit (the first 128 prefilled)")
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
     global MEMO_FILE
@@ -64,6 +144,10 @@ def main():
     if not os.path.exists(calib):
         kiln(["calibrate", "--text", "data/calibration.txt", "-o", calib, "--threads", str(a.threads)])
     print(f"calibrated ({time.time() - t0:.0f}s)", file=sys.stderr)
+    if a.only != "skip":
+        splice(a.out, "early-exit", early_exit_section(a, calib, t0))
+    if a.only == "early-exit":
+        return
     counts = [int(c) for c in a.counts.split(",")]
     methods = a.methods.split(",")
     configs = [(0, "none")] + [(k, m) for m in methods for k in counts if k > 0]
@@ -83,12 +167,6 @@ def main():
     prompt = "The history of the bicycle begins"
     speeds = {c: [] for c in configs}
     cpu_speeds = {c: [] for c in configs}
-
-    def cpu_run(args):
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        out = kiln(args)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return out, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
     for _ in range(a.rounds):
         for k, m in configs:

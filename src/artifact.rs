@@ -35,6 +35,8 @@ pub struct Build {
     pub records: Vec<serde_json::Value>,
     /// Stop the pipeline after this stage (`--stop-after`).
     pub stop_after: Option<String>,
+    /// The early-exit schedule the artifact runs by default (`--early-exit`, checked by the caller).
+    pub early_exit: Option<kiln_ir::program::EarlyExitSpec>,
 }
 
 /// The graph a build compiles and what the pipeline said about it.
@@ -48,6 +50,18 @@ pub struct BuiltGraph {
     pub reports: Vec<kiln_passes::PassReport>,
     /// (pass, line) reasons for `--explain`.
     pub explanations: Vec<(String, String)>,
+    /// The weights the graph reads: the model's and the derived ones passes made.
+    pub weights: kiln_ir::WeightStore,
+}
+
+impl BuiltGraph {
+    /// The derived weights (those the model does not have), by name: part of the cache key.
+    fn derived_weights<'a>(
+        &'a self,
+        model: &'a Model,
+    ) -> impl Iterator<Item = (&'a String, &'a kiln_ir::weights::TensorData)> {
+        self.weights.iter().filter(move |(n, _)| !model.weights.contains(n))
+    }
 }
 
 impl Build {
@@ -72,7 +86,12 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();
     // Only the e-graph extraction reads the cost model; measure (or read the cached) coefficients then.
     let cost = names.iter().any(|n| n == "lift").then(crate::costs::coefficients);
-    let cx = PassCx { calibration: build.calibration.clone(), cost, ..Default::default() };
+    let cx = PassCx {
+        calibration: build.calibration.clone(),
+        weights: std::cell::RefCell::new(model.weights.clone()),
+        cost,
+        ..Default::default()
+    };
     if let Some(stop) = &build.stop_after {
         if !names.contains(stop) {
             anyhow::bail!("--stop-after {stop}: no such stage in this pipeline (stages: {})", names.join(", "));
@@ -81,11 +100,23 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let reports = pipeline.run(&mut g, &cx, build.stop_after.as_deref())?;
     let mut records: Vec<serde_json::Value> =
         cx.records.take().into_iter().map(|r| serde_json::json!({"pass": r.pass, "detail": r.detail})).collect();
+    if let Some(e) = &build.early_exit {
+        // Not a graph pass: the program keeps every block and the runtime follows the schedule.
+        records.push(serde_json::json!({"pass": "early-exit", "detail": {"mode": e.mode, "schedule": e.schedule}}));
+    }
     records.extend(build.records.iter().cloned());
     if build.expose_calibration {
         kiln_passes::calibration::expose_block_values(&mut g).map_err(anyhow::Error::msg)?;
     }
-    Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take() })
+    let weights = cx.weights.take();
+    for (name, t) in model.weights.iter() {
+        if let Some(now) = weights.get(name) {
+            if now.bytes.as_ptr() != t.bytes.as_ptr() || now.bytes.len() != t.bytes.len() || now.dtype != t.dtype {
+                anyhow::bail!("a pass replaced the model's weight `{name}` in place (derived weights need new names)");
+            }
+        }
+    }
+    Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take(), weights })
 }
 
 /// Hash identifying a model source: the GGUF file, or a Hugging Face directory's config, tokenizer and
@@ -112,12 +143,24 @@ pub fn source_hash(path: &Path) -> Result<String> {
     Ok(h.finalize().to_hex().to_string())
 }
 
+/// Identifies the running Kiln executable (path, size, modification time): part of every cache key.
+fn compiler_identity() -> String {
+    let exe = std::env::current_exe().ok();
+    let meta = exe.as_ref().and_then(|e| std::fs::metadata(e).ok());
+    let mtime =
+        meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    format!("{exe:?} {:?} {mtime:?}", meta.map(|m| m.len()))
+}
+
 /// The cache key of compiling `graph` (the graph after every pass, so pass choices are part of the key)
 /// of the model `source_hash` with `opts`, for this host with this Kiln; `records` (manifest notes) too.
 pub fn cache_key(source_hash: &str, opts: &CompileOptions, graph: &Graph, records: &[serde_json::Value]) -> String {
     let mut h = blake3::Hasher::new();
     h.update(source_hash.as_bytes());
     h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(&kiln_ir::program::ARTIFACT_FORMAT_VERSION.to_le_bytes());
+    // This build of Kiln: two builds (branches, versions) sharing a cache never trade entries.
+    h.update(compiler_identity().as_bytes());
     h.update(serde_json::to_string(opts).expect("options serialise").as_bytes());
     h.update(kiln_ir::text::print(graph).as_bytes());
     h.update(serde_json::to_string(records).expect("records serialise").as_bytes());
@@ -133,20 +176,33 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
     let b = build_graph(model, build)?;
-    compile_graph(model, &b.graph, source_hash, &build.opts, b.passes, b.records, out)
+    compile_graph(
+        model,
+        &b.graph,
+        &b.weights,
+        source_hash,
+        &build.opts,
+        b.passes,
+        b.records,
+        build.early_exit.clone(),
+        out,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compile_graph(
     model: &Model,
     graph: &Graph,
+    weights: &kiln_ir::WeightStore,
     source_hash: &str,
     opts: &CompileOptions,
     passes: Vec<String>,
     records: Vec<serde_json::Value>,
+    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
     out: &Path,
 ) -> Result<Manifest> {
-    let info = artifact_info(model, source_hash, passes, records);
-    let manifest = kiln_codegen::compile_to_dir(graph, &model.weights, opts, &info, out)?;
+    let info = artifact_info(model, source_hash, passes, records, early_exit);
+    let manifest = kiln_codegen::compile_to_dir(graph, weights, opts, &info, out)?;
     write_tokenizer(model, out)?;
     Ok(manifest)
 }
@@ -157,6 +213,7 @@ pub fn artifact_info(
     source_hash: &str,
     passes: Vec<String>,
     records: Vec<serde_json::Value>,
+    early_exit: Option<kiln_ir::program::EarlyExitSpec>,
 ) -> kiln_codegen::ArtifactInfo {
     kiln_codegen::ArtifactInfo {
         model_name: model.name.clone(),
@@ -166,6 +223,7 @@ pub fn artifact_info(
         eos_token: model.tokenizer.as_ref().and_then(|t| t.eos()),
         passes,
         records,
+        early_exit,
     }
 }
 
@@ -220,8 +278,18 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
 /// [`cached_artifact`] for a whole [`Build`].
 pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
     let hash = source_hash(model_path)?;
-    let BuiltGraph { graph, passes, records, .. } = build_graph(model, build)?;
-    let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, &build.opts, &graph, &records));
+    let built = build_graph(model, build)?;
+    let mut key_hash = blake3::Hasher::new();
+    key_hash.update(hash.as_bytes());
+    for (name, t) in built.derived_weights(model) {
+        key_hash.update(name.as_bytes());
+        key_hash.update(t.dtype.name().as_bytes());
+        key_hash.update(&t.bytes);
+    }
+    let key_source = key_hash.finalize().to_hex().to_string();
+    let dir =
+        crate::cache_dir().join("artifacts").join(cache_key(&key_source, &build.opts, &built.graph, &built.records));
+    let BuiltGraph { graph, passes, records, weights, .. } = built;
     // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
     if is_artifact(&dir) {
         return Ok((dir, false));
@@ -229,7 +297,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_graph(model, &graph, &hash, &build.opts, passes, records, &tmp)?;
+    compile_graph(model, &graph, &weights, &hash, &build.opts, passes, records, build.early_exit.clone(), &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

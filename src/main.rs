@@ -78,6 +78,9 @@ struct CompileArgs {
     skip: quality_cli::SkipArgs,
     #[command(flatten)]
     budget: quality_cli::BudgetArgs,
+    /// With --early-exit, the artifact runs the schedule by default (recorded in its manifest).
+    #[command(flatten)]
+    exit: quality_cli::ExitArgs,
     /// Stop the graph pipeline after this stage (with --emit ir: the graph as that stage left it).
     #[arg(long, value_name = "STAGE")]
     stop_after: Option<String>,
@@ -165,6 +168,8 @@ struct RunArgs {
     threads: usize,
     #[command(flatten)]
     skip: quality_cli::SkipArgs,
+    #[command(flatten)]
+    exit: quality_cli::ExitArgs,
     /// Print a JSON report (ids, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
@@ -265,6 +270,7 @@ fn compile(a: CompileArgs) -> Result<()> {
     let (mut build, choice) = quality_cli::compile_build(&a.skip, &a.budget, opts.clone(), &m, &path)?;
     build.passes = a.passes.clone();
     build.stop_after = a.stop_after.clone();
+    build.early_exit = a.exit.spec(m.config.n_layers)?;
     if a.explain {
         let b = kiln::artifact::build_graph(&m, &build)?;
         for r in &b.reports {
@@ -296,11 +302,12 @@ fn compile(a: CompileArgs) -> Result<()> {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
     if let Some(stage) = a.emit {
-        let graph = kiln::artifact::build_graph(&m, &build)?.graph;
+        let built = kiln::artifact::build_graph(&m, &build)?;
+        let (graph, weights) = (&built.graph, &built.weights);
         match stage {
-            CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
+            CompileEmit::Ir => print!("{}", kiln::ir::text::print(graph)),
             CompileEmit::Program => {
-                let lowered = kiln::codegen::lower::lower(&graph, &m.weights)?;
+                let lowered = kiln::codegen::lower::lower(graph, weights)?;
                 println!("{}", serde_json::to_string_pretty(&lowered.program)?);
             }
             CompileEmit::Mlir | CompileEmit::Llvm | CompileEmit::Asm => {
@@ -309,7 +316,7 @@ fn compile(a: CompileArgs) -> Result<()> {
                     CompileEmit::Llvm => kiln::codegen::Stage::Llvm,
                     _ => kiln::codegen::Stage::Asm,
                 };
-                print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, stage)?)
+                print!("{}", kiln::codegen::emit_stage(graph, weights, &opts, stage)?)
             }
             CompileEmit::Lib | CompileEmit::Obj => unreachable!("handled above"),
         }
@@ -422,16 +429,22 @@ fn run(a: RunArgs) -> Result<()> {
         Loaded { model: Some(m), tokenizer, compiled, name, build: Some(build) }
     };
     let mut loaded = loaded;
+    let built;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut loaded.compiled, &loaded.model) {
-        (Some(compiled), _) => compiled,
+        (Some(compiled), _) => {
+            if let Some((mode, schedule)) = a.exit.schedule(compiled.blocks())? {
+                compiled.set_early_exit(mode, schedule)?;
+            }
+            compiled
+        }
+        (None, Some(_)) if a.exit.early_exit.is_some() => {
+            bail!("`kiln run --early-exit` runs on the compiled backend (`kiln eval` also has the interpreter's)")
+        }
         (None, Some(m)) => {
             let build = loaded.build.as_ref().expect("built for a model");
-            interp = InterpreterBackend::new(
-                kiln::artifact::build_graph(m, build)?.graph,
-                &m.weights,
-                m.config.context_length,
-            )?;
+            built = kiln::artifact::build_graph(m, build)?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             prepare_weights(&interp)?;
             &mut interp
         }

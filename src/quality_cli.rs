@@ -168,17 +168,58 @@ pub struct EvalArgs {
     backend: BackendKind,
     #[command(flatten)]
     skip: SkipArgs,
-    /// Per-position early exit (interpreter only): skip the `top` or the `lower` blocks as --exit-schedule
-    /// says. Scores the first --window tokens by teacher-forced decoding (one prefill up to the first
-    /// schedule position, then one token per step).
-    #[arg(long, value_enum, requires = "exit_schedule", conflicts_with = "skip_layers")]
-    early_exit: Option<ExitModeArg>,
-    /// POS:DEPTH,… — from token position POS on, positions run DEPTH blocks (depth must not increase).
-    #[arg(long, value_delimiter = ',', value_name = "POS:DEPTH,…")]
-    exit_schedule: Option<Vec<String>>,
+    /// With --early-exit, `kiln eval` scores the first --window tokens by teacher-forced decoding (one
+    /// prefill up to the first schedule position, then one token per step).
+    #[command(flatten)]
+    exit: ExitArgs,
     /// Print a JSON report.
     #[arg(long)]
     json: bool,
+}
+
+/// Per-position early exit (SkipDecode, or truncation of the top blocks).
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct ExitArgs {
+    /// Per-position early exit: skip the `top` or the `lower` blocks as --exit-schedule says (compiled
+    /// code skips the blocks' launches; the interpreter runs per-depth graphs).
+    #[arg(long, value_enum, requires = "exit_schedule", conflicts_with = "skip_layers")]
+    pub early_exit: Option<ExitModeArg>,
+    /// POS:DEPTH,… — from token position POS on, positions run DEPTH blocks (depth must not increase).
+    #[arg(long, value_delimiter = ',', value_name = "POS:DEPTH,…")]
+    pub exit_schedule: Option<Vec<String>>,
+}
+
+impl ExitArgs {
+    /// The mode and the checked schedule for a model of `n` blocks, or `None` without --early-exit.
+    pub fn schedule(
+        &self,
+        n: usize,
+    ) -> Result<Option<(kiln::runtime::early_exit::ExitMode, kiln::runtime::early_exit::ExitSchedule)>> {
+        use kiln::runtime::early_exit::{ExitMode, ExitSchedule};
+        let Some(mode) = self.early_exit else { return Ok(None) };
+        let mut points = Vec::new();
+        for p in self.exit_schedule.as_deref().unwrap_or_default() {
+            let parsed = p.split_once(':').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
+            points.push(parsed.with_context(|| format!("--exit-schedule entry `{p}` is not POS:DEPTH"))?);
+        }
+        if points.is_empty() {
+            bail!("--exit-schedule needs at least one POS:DEPTH");
+        }
+        let schedule = ExitSchedule::new(points, n).map_err(anyhow::Error::msg).context("--exit-schedule")?;
+        let mode = match mode {
+            ExitModeArg::Top => ExitMode::Top,
+            ExitModeArg::Lower => ExitMode::Lower,
+        };
+        Ok(Some((mode, schedule)))
+    }
+
+    /// The checked schedule as an artifact records it.
+    pub fn spec(&self, n: usize) -> Result<Option<kiln::ir::program::EarlyExitSpec>> {
+        Ok(self.schedule(n)?.map(|(mode, s)| kiln::ir::program::EarlyExitSpec {
+            mode: format!("{mode:?}").to_lowercase(),
+            schedule: s.points().to_vec(),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -189,44 +230,64 @@ pub enum ExitModeArg {
     Lower,
 }
 
-fn eval_early_exit(a: &EvalArgs, mode: ExitModeArg) -> Result<()> {
-    use kiln::runtime::early_exit::{EarlyExitInterpreter, ExitMode, ExitSchedule};
+fn eval_early_exit(a: &EvalArgs) -> Result<()> {
+    use kiln::runtime::early_exit::EarlyExitInterpreter;
     let path = crate::model_path(a.model.clone())?;
     let text = read_text(&a.text)?;
-    if kiln::artifact::is_artifact(&path) {
-        bail!("--early-exit runs on the interpreter and needs the model file, not an artifact");
+    let artifact = kiln::artifact::is_artifact(&path);
+    if artifact && a.backend == BackendKind::Interpreter {
+        bail!("the interpreter needs the model file, not an artifact");
     }
-    let m = crate::load(&path)?;
-    let n = m.config.n_layers;
-    let mut points = Vec::new();
-    for p in a.exit_schedule.as_deref().unwrap_or_default() {
-        let parsed = p.split_once(':').and_then(|(a, b)| Some((a.trim().parse().ok()?, b.trim().parse().ok()?)));
-        points.push(parsed.with_context(|| format!("--exit-schedule entry `{p}` is not POS:DEPTH"))?);
-    }
-    let first = points.first().map(|p| p.0).context("--exit-schedule needs at least one POS:DEPTH")?;
-    let schedule = ExitSchedule::new(points, n).map_err(anyhow::Error::msg).context("--exit-schedule")?;
-    let mode = match mode {
-        ExitModeArg::Top => ExitMode::Top,
-        ExitModeArg::Lower => ExitMode::Lower,
+    let mut loaded = None;
+    let (m, n, tok) = if artifact {
+        let b = CompiledBackend::load(&path, a.threads, Some(a.window + 1))?;
+        let n = b.blocks();
+        loaded = Some(b);
+        (None, n, kiln::artifact::artifact_tokenizer(&path)?)
+    } else {
+        let mut m = crate::load(&path)?;
+        let n = m.config.n_layers;
+        let tok = m.tokenizer.take();
+        (Some(m), n, tok)
     };
-    let build = Build::new(CompileOptions { all_logits: true, ..CompileOptions::default() });
-    let full = kiln::artifact::build_graph(&m, &build)?.graph;
-    let mut graphs = Vec::new();
-    for d in 1..=n {
-        let active = mode.active(n, d);
-        let skipped: Vec<usize> = (0..n).filter(|l| !active.contains(l)).collect();
-        graphs.push(kiln::passes::skip_layers::skip_blocks(&full, &skipped).map_err(anyhow::Error::msg)?);
-    }
-    let mut tokens = tokenize(m.tokenizer.as_ref(), &text, &a.text)?;
+    let (mode, schedule) = a.exit.schedule(n)?.expect("called with --early-exit");
+    let first = schedule.first_position().expect("schedules have a point");
+    let mut tokens = tokenize(tok.as_ref(), &text, &a.text)?;
     tokens.truncate(a.window + 1);
-    let mut backend = EarlyExitInterpreter::new(graphs, schedule, &m.weights, m.config.context_length)?;
+    let build = Build::new(CompileOptions { all_logits: true, ..CompileOptions::default() });
+    let mut interp;
+    let mut comp;
+    let backend: &mut dyn Backend = match (&m, a.backend) {
+        (Some(m), BackendKind::Interpreter) => {
+            let full = kiln::artifact::build_graph(m, &build)?.graph;
+            let mut graphs = Vec::new();
+            for d in 1..=n {
+                let active = mode.active(n, d);
+                let skipped: Vec<usize> = (0..n).filter(|l| !active.contains(l)).collect();
+                graphs.push(kiln::passes::skip_layers::skip_blocks(&full, &skipped).map_err(anyhow::Error::msg)?);
+            }
+            interp = EarlyExitInterpreter::new(graphs, schedule, &m.weights, m.config.context_length)?;
+            &mut interp
+        }
+        (Some(m), BackendKind::Compiled) => {
+            comp = compiled(&path, m, &build, a.threads, tokens.len())?;
+            comp.set_early_exit(mode, schedule)?;
+            &mut comp
+        }
+        (None, _) => {
+            comp = loaded.take().expect("loaded above");
+            comp.set_early_exit(mode, schedule)?;
+            &mut comp
+        }
+    };
     let pb = bar(tokens.len() - 1, "scoring");
-    let report = kiln::eval::evaluate_stepwise(&mut backend, &tokens, first, |n| pb.set_position(n as u64))
+    let report = kiln::eval::evaluate_stepwise(backend, &tokens, first, |n| pb.set_position(n as u64))
         .with_context(|| format!("evaluating {}", a.text.display()))?;
     pb.finish_and_clear();
     let j = serde_json::json!({
-        "model": m.name, "backend": backend.name(), "text": a.text, "early_exit": format!("{mode:?}").to_lowercase(),
-        "exit_schedule": a.exit_schedule, "report": report,
+        "model": m.as_ref().map_or_else(|| path.display().to_string(), |m| m.name.clone()), "backend": backend.name(),
+        "text": a.text, "early_exit": format!("{mode:?}").to_lowercase(),
+        "exit_schedule": a.exit.exit_schedule, "report": report,
     });
     if a.json {
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -240,8 +301,8 @@ fn eval_early_exit(a: &EvalArgs, mode: ExitModeArg) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
-    if let Some(mode) = a.early_exit {
-        return eval_early_exit(&a, mode);
+    if a.exit.early_exit.is_some() {
+        return eval_early_exit(&a);
     }
     let path = crate::model_path(a.model.clone())?;
     let text = read_text(&a.text)?;
@@ -272,12 +333,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         (name, tok, b, Some(build))
     };
     let tokens = tokenize(tokenizer.as_ref(), &text, &a.text)?;
+    let built;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut compiled_backend, &interp_model) {
         (Some(b), _) => b,
         (None, Some(m)) => {
-            let g = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?.graph;
-            interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
+            built = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp
         }
@@ -353,6 +415,7 @@ pub fn calibrate_model(
         expose_calibration: true,
         ..Default::default()
     };
+    let built;
     let mut interp;
     let mut comp;
     let backend: &mut dyn Backend = match backend_kind {
@@ -361,8 +424,8 @@ pub fn calibrate_model(
             &mut comp
         }
         BackendKind::Interpreter => {
-            let g = kiln::artifact::build_graph(m, &build)?.graph;
-            interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
+            built = kiln::artifact::build_graph(m, &build)?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp
         }

@@ -85,6 +85,7 @@ impl Case {
             eos_token: None,
             passes: Vec::new(),
             records: Vec::new(),
+            early_exit: None,
         };
         let manifest = compile_to_dir(&self.g, &self.store, &CompileOptions::default(), &info, dir.path())
             .unwrap_or_else(|e| panic!("compiles: {e}\n{}", kiln::ir::text::print(&self.g)));

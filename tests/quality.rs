@@ -405,3 +405,85 @@ fn early_exit_schedule_never_reads_unwritten_kv() {
     let e = run(ExitMode::Top, ExitSchedule::unchecked(vec![(6, 2), (8, 4)])).unwrap_err().to_string();
     assert!(e.contains("k_cache.2") && e.contains("holds 6 rows but the step reads 8"), "{e}");
 }
+
+/// Per-position early exit in compiled code (block regions skipped at run time) against the interpreter
+/// running per-depth graphs, in both modes; full depth = the plain compiled model bit for bit; the KV
+/// check trips on an increasing schedule; a program whose blocks leak values has no regions and says so.
+#[test]
+fn compiled_early_exit_matches_the_interpreter() {
+    use kiln::runtime::early_exit::{EarlyExitInterpreter, ExitMode, ExitSchedule};
+    let src = tempfile::tempdir().unwrap();
+    let m = tiny_model(4, 6, src.path());
+    let art = tempfile::tempdir().unwrap();
+    kiln::artifact::compile_model(&m, "test", &CompileOptions::default(), art.path()).unwrap();
+    let full = m.graph_with(GraphOptions { last_logits_only: true }).unwrap();
+    let prompt = &TOKENS[..6];
+    let steps = &TOKENS[6..11];
+    let run = |b: &mut dyn Backend| -> Result<Vec<Vec<f32>>, kiln::runtime::RuntimeError> {
+        let mut out = vec![b.forward(prompt)?.data];
+        for t in steps {
+            out.push(b.forward(&[*t])?.data);
+        }
+        Ok(out)
+    };
+    let sched = || ExitSchedule::new(vec![(6, 3), (8, 2), (10, 1)], 4).unwrap();
+    for mode in [ExitMode::Top, ExitMode::Lower] {
+        let graphs: Vec<Graph> = (1..=4)
+            .map(|d| {
+                let active = mode.active(4, d);
+                let skipped: Vec<usize> = (0..4).filter(|l| !active.contains(l)).collect();
+                kiln::passes::skip_layers::skip_blocks(&full, &skipped).unwrap()
+            })
+            .collect();
+        let want = run(&mut EarlyExitInterpreter::new(graphs, sched(), &m.weights, 64).unwrap()).unwrap();
+        for threads in [1, 2] {
+            let mut c = CompiledBackend::load(art.path(), threads, Some(64)).unwrap();
+            assert_eq!(c.blocks(), 4);
+            c.set_early_exit(mode, sched()).unwrap();
+            let got = run(&mut c).unwrap();
+            for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                assert!(crate::common::max_abs_diff(a, b) < 1e-4, "{mode:?} step {i}, {threads} threads");
+            }
+            // Reset starts the schedule over.
+            c.reset();
+            assert_eq!(run(&mut c).unwrap(), got);
+        }
+    }
+    // Full depth everywhere = the plain compiled model, bit for bit.
+    let mut plain = CompiledBackend::load(art.path(), 1, Some(64)).unwrap();
+    let want = run(&mut plain).unwrap();
+    let mut c = CompiledBackend::load(art.path(), 1, Some(64)).unwrap();
+    c.set_early_exit(ExitMode::Lower, ExitSchedule::new(vec![(6, 4)], 4).unwrap()).unwrap();
+    assert_eq!(run(&mut c).unwrap(), want);
+    // An increasing schedule, forced through, trips the KV check on the first unwritten read.
+    let mut c = CompiledBackend::load(art.path(), 1, Some(64)).unwrap();
+    c.set_early_exit(ExitMode::Top, ExitSchedule::unchecked(vec![(6, 2), (8, 4)])).unwrap();
+    let e = run(&mut c).unwrap_err().to_string();
+    assert!(e.contains("k_cache.2") && e.contains("holds 6 rows but the step reads 8"), "{e}");
+    // A schedule compiled into the artifact runs by default, the same as one set at run time; a
+    // manifest edited to an increasing schedule is refused at load, by name.
+    let sched_art = tempfile::tempdir().unwrap();
+    let spec = kiln::ir::program::EarlyExitSpec { mode: "lower".into(), schedule: vec![(6, 3), (8, 2), (10, 1)] };
+    let build = Build { early_exit: Some(spec), ..Build::new(CompileOptions::default()) };
+    let man = compile_build(&m, "test", &build, sched_art.path()).unwrap();
+    assert!(man.records.iter().any(|r| r["pass"] == "early-exit"));
+    let mut by_manifest = CompiledBackend::load(sched_art.path(), 1, Some(64)).unwrap();
+    let mut by_call = CompiledBackend::load(art.path(), 1, Some(64)).unwrap();
+    by_call.set_early_exit(ExitMode::Lower, sched()).unwrap();
+    assert_eq!(run(&mut by_manifest).unwrap(), run(&mut by_call).unwrap());
+    let mpath = sched_art.path().join("manifest.json");
+    let text = std::fs::read_to_string(&mpath).unwrap();
+    let mut j: serde_json::Value = serde_json::from_str(&text).unwrap();
+    j["early_exit"]["schedule"] = serde_json::json!([[6, 2], [8, 3]]);
+    std::fs::write(&mpath, serde_json::to_string(&j).unwrap()).unwrap();
+    let e = CompiledBackend::load(sched_art.path(), 1, Some(64)).err().unwrap().to_string();
+    assert!(e.contains("early-exit schedule") && e.contains("never written"), "{e}");
+    // Exposing values inside the blocks (calibration outputs) makes blocks unskippable: no regions.
+    let exposed = tempfile::tempdir().unwrap();
+    let build = Build { expose_calibration: true, ..Build::new(CompileOptions::default()) };
+    compile_build(&m, "test", &build, exposed.path()).unwrap();
+    let mut c = CompiledBackend::load(exposed.path(), 1, Some(64)).unwrap();
+    assert_eq!(c.blocks(), 0);
+    let e = c.set_early_exit(ExitMode::Top, sched()).unwrap_err().to_string();
+    assert!(e.contains("skip"), "{e}");
+}

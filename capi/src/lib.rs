@@ -667,7 +667,13 @@ mod tests {
             weights_len,
             weights_hash: blake3_hex(b"abcd"),
             kernels: Vec::new(),
-            program: kiln_ir::program::Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new() },
+            program: kiln_ir::program::Program {
+                buffers: Vec::new(),
+                launches: Vec::new(),
+                outputs: Vec::new(),
+                regions: Vec::new(),
+            },
+            early_exit: None,
             compile_seconds: 0.0,
         }
     }

@@ -40,6 +40,8 @@ pub struct ArtifactInfo {
     pub passes: Vec<String>,
     /// What lossy passes (and the `--quality-budget` search) recorded, for the manifest.
     pub records: Vec<serde_json::Value>,
+    /// The early-exit schedule the artifact runs by default.
+    pub early_exit: Option<kiln_ir::program::EarlyExitSpec>,
 }
 
 /// The host target as recorded in manifests.
@@ -256,6 +258,7 @@ pub(crate) fn make_manifest(
         weights_hash,
         kernels,
         program: lowered.program,
+        early_exit: info.early_exit.clone(),
         compile_seconds: 0.0,
     }
 }

@@ -10,7 +10,7 @@ use crate::kernels::fused::{Arg, Bcast, EwOp, FusedKernel, Step};
 use crate::kernels::linear::LinearKernelSpec;
 use crate::kernels::ops::OpKernel;
 use crate::CodegenError;
-use kiln_ir::program::{Buffer, BufferKind, Launch, Program};
+use kiln_ir::program::{Buffer, BufferKind, Launch, Program, Region};
 use kiln_ir::{DType, Dim, Graph, Op, TensorData, WeightStore};
 use serde::{Deserialize, Serialize};
 
@@ -345,7 +345,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
     let mut cx = Cx {
         g,
         store,
-        program: Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new() },
+        program: Program { buffers: Vec::new(), launches: Vec::new(), outputs: Vec::new(), regions: Vec::new() },
         kernels: Vec::new(),
         weights: Vec::new(),
         blob_len: 0,
@@ -359,7 +359,10 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             .collect(),
         linear_launch: Default::default(),
     };
+    // The node whose lowering created each launch.
+    let mut launch_node: Vec<usize> = Vec::new();
     for (i, n) in g.nodes.iter().enumerate() {
+        launch_node.resize(cx.program.launches.len(), i.saturating_sub(1));
         if cx.folded[i] {
             continue;
         }
@@ -528,9 +531,75 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             cx.program.outputs.push((name.clone(), b));
         }
     }
+    launch_node.resize(cx.program.launches.len(), g.nodes.len().saturating_sub(1));
+    cx.program.regions = block_regions(g, &readers, &cx.val_buf, &cx.program, &launch_node);
     let _ = cx.store;
     // Kernels that only served as stepping stones of a growing group are not called by any launch.
     let used: std::collections::HashSet<&str> = cx.program.launches.iter().map(|l| l.kernel.as_str()).collect();
     cx.kernels.retain(|k| used.contains(k.symbol().as_str()));
     Ok(Lowered { program: cx.program, kernels: cx.kernels, weights: cx.weights })
+}
+
+/// The program's decoder blocks as skippable [`Region`]s, or none when the graph has no blocks or one
+/// of them is not self-contained (a value inside read from outside, other than the block's residual
+/// output and its caches; launches not contiguous).
+fn block_regions(
+    g: &Graph,
+    readers: &[Vec<usize>],
+    val_buf: &[Option<usize>],
+    program: &Program,
+    launch_node: &[usize],
+) -> Vec<Region> {
+    let Ok(blocks) = kiln_ir::blocks::find_blocks(g) else { return Vec::new() };
+    let n = g.nodes.len();
+    // Ancestors of v (v included).
+    let ancestors = |v: usize| {
+        let mut seen = vec![false; n];
+        let mut stack = vec![v];
+        while let Some(u) = stack.pop() {
+            if !std::mem::replace(&mut seen[u], true) {
+                stack.extend(g.nodes[u].inputs.iter().map(|x| x.index()));
+            }
+        }
+        seen
+    };
+    let mut regions = Vec::new();
+    for b in &blocks {
+        let (x_in, x_out) = (b.x_in.index(), b.x_out.index());
+        let before = ancestors(x_in);
+        // Sources (inputs, weights, constants) belong to no block: they launch nothing.
+        let inside: Vec<bool> = ancestors(x_out)
+            .iter()
+            .zip(&before)
+            .enumerate()
+            .map(|(v, (&a, &o))| a && !o && !g.nodes[v].inputs.is_empty())
+            .collect();
+        // Only the residual output and the caches may be used outside the block.
+        let state_out = |v: usize| g.outputs.iter().any(|(name, o)| o.index() == v && b.caches.contains(name));
+        for v in (0..n).filter(|&v| inside[v] && v != x_out) {
+            let leaks = readers[v].iter().any(|&r| !inside[r])
+                || g.outputs.iter().any(|(_, o)| o.index() == v) && !state_out(v);
+            if leaks {
+                return Vec::new();
+            }
+        }
+        let mine: Vec<usize> = (0..program.launches.len()).filter(|&l| inside[launch_node[l]]).collect();
+        let (Some(&first), Some(&last)) = (mine.first(), mine.last()) else { return Vec::new() };
+        if last + 1 - first != mine.len() {
+            return Vec::new();
+        }
+        let (Some(input), Some(output)) = (val_buf[x_in], val_buf[x_out]) else { return Vec::new() };
+        let states = b
+            .caches
+            .iter()
+            .filter_map(|name| {
+                program
+                    .buffers
+                    .iter()
+                    .position(|buf| matches!(&buf.kind, BufferKind::State { name: s, .. } if s == name))
+            })
+            .collect();
+        regions.push(Region { layer: b.layer, launches: (first, last + 1), input, output, states });
+    }
+    regions
 }

@@ -56,6 +56,34 @@ pub struct Program {
     pub launches: Vec<Launch>,
     /// Named results: the output name and its buffer. State outputs are not listed (they stay inside).
     pub outputs: Vec<(String, usize)>,
+    /// The decoder blocks, in layer order, when the graph has them and each block's launches form a
+    /// self-contained run (see [`Region`]); empty otherwise.
+    #[serde(default)]
+    pub regions: Vec<Region>,
+}
+
+/// One decoder block of a program: launches `launches.0..launches.1`, which read from outside only the
+/// residual stream `input` (plus weights, inputs and the block's own state) and whose only result used
+/// outside is `output` (plus appended KV rows in `states`). Skipping the block = not running those
+/// launches and copying `input` to `output` (the block is the identity on the residual stream), so the
+/// runtime can run any subset of blocks per step (early exit) from one program.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Region {
+    pub layer: usize,
+    pub launches: (usize, usize),
+    pub input: usize,
+    pub output: usize,
+    /// The block's KV-cache buffers (`State`).
+    pub states: Vec<usize>,
+}
+
+/// A per-position early-exit schedule an artifact runs by default (`kiln compile --early-exit`): from
+/// position `schedule[i].0` on, positions run `schedule[i].1` blocks — the top ones dropped (`top`) or the
+/// lower ones (`lower`). The runtime checks it (non-increasing) when it loads the artifact.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EarlyExitSpec {
+    pub mode: String,
+    pub schedule: Vec<(usize, usize)>,
 }
 
 impl Program {
@@ -97,12 +125,15 @@ pub struct Manifest {
     /// Generated kernels (symbol → description), for `inspect` and `--explain`.
     pub kernels: Vec<(String, String)>,
     pub program: Program,
+    /// The early-exit schedule the program runs unless the caller sets another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_exit: Option<EarlyExitSpec>,
     /// Seconds spent compiling: reported, never written, so the same inputs give byte-identical artifacts.
     #[serde(skip)]
     pub compile_seconds: f64,
 }
 
-pub const ARTIFACT_FORMAT_VERSION: u32 = 1;
+pub const ARTIFACT_FORMAT_VERSION: u32 = 2;
 
 /// Version of the C ABI of libraries from `kiln compile --emit lib` (`KILN_ABI_VERSION` in
 /// `kiln_model.h`): the header's functions and the embedded-model descriptor below. Bumped on any change.

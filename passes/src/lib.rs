@@ -13,7 +13,7 @@ pub mod lift;
 pub mod rules;
 pub mod skip_layers;
 
-use kiln_ir::{Graph, GraphError};
+use kiln_ir::{Graph, GraphError, WeightStore};
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +29,10 @@ pub struct PassCx {
     /// Measured cost coefficients of the target (bytes, flops, launches) for e-graph extraction; the
     /// defaults of [`egraph::cost::CostCoefficients`] when absent.
     pub cost: Option<egraph::cost::CostCoefficients>,
+    /// The weights the graph's `weight` nodes name: the model's, plus derived tensors passes add (slices,
+    /// gathers, concatenations — see `kiln_ir::weights::TensorData`) under new names (`<name>#<what>`).
+    /// A pass never replaces a model tensor in place.
+    pub weights: RefCell<WeightStore>,
 }
 
 /// What a (lossy) pass did, as it goes into the manifest.

@@ -5,6 +5,7 @@
 //! kernel at its buffers, and split its work items over a thread pool built once per backend.
 
 use crate::backend::{Backend, Logits, RuntimeError};
+use crate::early_exit::{ExitMode, ExitSchedule};
 use crate::pool::SpinPool;
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
@@ -166,6 +167,11 @@ pub struct CompiledBackend {
     weights: memmap2::Mmap,
     kernels: Vec<KernelFn>,
     storage: Vec<Storage>,
+    /// KV rows written so far, per buffer (states only; 0 elsewhere). Equal to `past` for every cache
+    /// unless an early-exit schedule skipped blocks.
+    state_rows: Vec<usize>,
+    /// Per-position early exit: which blocks each position runs.
+    exit: Option<(ExitMode, ExitSchedule)>,
     past: usize,
     capacity: usize,
     pool: SpinPool,
@@ -242,7 +248,36 @@ impl CompiledBackend {
         }
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = SpinPool::new(threads).map_err(|e| invalid(dir, format!("starting worker threads: {e}")))?;
-        Ok(CompiledBackend { manifest, weights, kernels, storage, past: 0, capacity, pool, _lib: lib })
+        let state_rows = vec![0; storage.len()];
+        let exit = match &manifest.early_exit {
+            None => None,
+            Some(spec) => {
+                let mode = match spec.mode.as_str() {
+                    "top" => ExitMode::Top,
+                    "lower" => ExitMode::Lower,
+                    other => return Err(invalid(dir, format!("early-exit mode `{other}` is not top or lower"))),
+                };
+                let n = manifest.program.regions.len();
+                if n == 0 {
+                    return Err(invalid(dir, "an early-exit schedule but no skippable blocks"));
+                }
+                let schedule = ExitSchedule::new(spec.schedule.clone(), n)
+                    .map_err(|e| invalid(dir, format!("early-exit schedule: {e}")))?;
+                Some((mode, schedule))
+            }
+        };
+        Ok(CompiledBackend {
+            manifest,
+            weights,
+            kernels,
+            storage,
+            state_rows,
+            exit,
+            past: 0,
+            capacity,
+            pool,
+            _lib: lib,
+        })
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -251,6 +286,21 @@ impl CompiledBackend {
 
     pub fn threads(&self) -> usize {
         self.pool.threads()
+    }
+
+    /// Decoder blocks the program can skip per step ([`Self::step_blocks`]); 0 if it cannot.
+    pub fn blocks(&self) -> usize {
+        self.manifest.program.regions.len()
+    }
+
+    /// Runs `schedule` from now on (SkipDecode / truncation, see [`crate::early_exit`]): each step runs
+    /// the blocks `mode` keeps at the depth its positions have. Errors if the program cannot skip blocks.
+    pub fn set_early_exit(&mut self, mode: ExitMode, schedule: ExitSchedule) -> Result<(), RuntimeError> {
+        if self.blocks() == 0 {
+            return Err(RuntimeError::Interface("decoder blocks it can skip (recompile it)".into(), "program"));
+        }
+        self.exit = Some((mode, schedule));
+        Ok(())
     }
 }
 
@@ -277,10 +327,18 @@ impl Backend for CompiledBackend {
     fn reset(&mut self) {
         // Rows past `past` are never read, so the cache need not be cleared.
         self.past = 0;
+        self.state_rows.iter_mut().for_each(|r| *r = 0);
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
-        self.step(tokens)?;
+        match &self.exit {
+            None => self.step(tokens)?,
+            Some((mode, schedule)) => {
+                let n = self.blocks();
+                let active = crate::early_exit::step_blocks(*mode, schedule, n, self.past, tokens.len())?;
+                self.step_blocks(tokens, Some(&active))?;
+            }
+        }
         let vocab = self.manifest.vocab_size;
         let v = self.output("logits").ok_or(RuntimeError::Interface("logits".into(), "output"))?;
         // Artifacts compiled for generation return the last position only.
@@ -292,6 +350,47 @@ impl CompiledBackend {
     /// Runs the program on `tokens` at the next positions, appending to the KV cache; the results are
     /// then available from [`Backend::output`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {
+        self.step_blocks(tokens, None)
+    }
+
+    /// [`Self::step`] running only the decoder blocks marked in `active` (one flag per block, in layer
+    /// order; `None`: all). A skipped block is the identity on the residual stream and appends no KV
+    /// rows; a block that runs must find every earlier row of its cache written
+    /// ([`RuntimeError::UnwrittenKv`] otherwise), which a non-increasing early-exit schedule guarantees.
+    pub fn step_blocks(&mut self, tokens: &[u32], active: Option<&[bool]>) -> Result<(), RuntimeError> {
+        let regions = &self.manifest.program.regions;
+        if let Some(a) = active {
+            if regions.is_empty() {
+                return Err(RuntimeError::Interface(
+                    "decoder blocks it can skip (recompile it with this Kiln)".into(),
+                    "program",
+                ));
+            }
+            if a.len() != regions.len() {
+                return Err(RuntimeError::Interface(format!("{} block flags, not {}", regions.len(), a.len()), "step"));
+            }
+        }
+        let skipped = |r: usize| active.is_some_and(|a| !a[r]);
+        // Caches this step appends to: all but those of skipped blocks.
+        let mut appends = vec![false; self.storage.len()];
+        for (b, buf) in self.manifest.program.buffers.iter().enumerate() {
+            appends[b] = matches!(buf.kind, BufferKind::State { .. });
+        }
+        for (r, region) in regions.iter().enumerate() {
+            if skipped(r) {
+                region.states.iter().for_each(|&b| appends[b] = false);
+            }
+        }
+        for (b, &on) in appends.iter().enumerate() {
+            if on && self.state_rows[b] != self.past {
+                let BufferKind::State { name, .. } = &self.manifest.program.buffers[b].kind else { unreachable!() };
+                return Err(RuntimeError::UnwrittenKv {
+                    cache: name.clone(),
+                    written: self.state_rows[b],
+                    needed: self.past,
+                });
+            }
+        }
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
         }
@@ -337,7 +436,31 @@ impl CompiledBackend {
         let threads = self.pool.threads();
         let mut args: Vec<*mut u8> = Vec::with_capacity(8);
         let mut dims: Vec<i64> = Vec::with_capacity(4);
-        for (l, &kernel) in program.launches.iter().zip(&self.kernels) {
+        let mut next_region = 0;
+        let mut li = 0;
+        while li < program.launches.len() {
+            if let Some(region) = program.regions.get(next_region).filter(|r| r.launches.0 == li) {
+                next_region += 1;
+                if skipped(next_region - 1) {
+                    // The identity on the residual stream: output = input.
+                    let n = Program::eval(&program.buffers[region.output].shape, &env).expect("step shapes");
+                    debug_assert_eq!(Some(n), Program::eval(&program.buffers[region.input].shape, &env));
+                    if region.input != region.output {
+                        // SAFETY: two distinct f32 temps of n elements each (resized above).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                ptrs[region.input] as *const f32,
+                                ptrs[region.output] as *mut f32,
+                                n,
+                            )
+                        }
+                    }
+                    li = region.launches.1;
+                    continue;
+                }
+            }
+            let (l, kernel) = (&program.launches[li], self.kernels[li]);
+            li += 1;
             args.clear();
             args.extend(l.bufs.iter().map(|&b| ptrs[b]));
             dims.clear();
@@ -358,6 +481,11 @@ impl CompiledBackend {
             } else {
                 // SAFETY: as above, one chunk.
                 unsafe { p.call(kernel, 0, items) }
+            }
+        }
+        for (b, &on) in appends.iter().enumerate() {
+            if on {
+                self.state_rows[b] += s;
             }
         }
         self.past += s;

@@ -9,7 +9,9 @@
 //! The caller supplies one graph per depth (e.g. `kiln_passes::skip_layers::skip_blocks` of the full
 //! graph): [`ExitMode::Top`] keeps blocks `0..depth` (the final norm and LM head read the intermediate
 //! state), [`ExitMode::Lower`] keeps blocks `n-depth..n` (the embedding feeds the first kept block).
-//! Compiled code does not run schedules yet (see docs/quality.md).
+//! Compiled programs run schedules without per-depth code: [`crate::CompiledBackend::set_early_exit`]
+//! skips the launches of inactive blocks (each block is a `Region` of the program) and copies the
+//! residual stream across them, checking the same KV invariant per cache.
 
 use crate::backend::{Backend, Logits, RuntimeError};
 use kiln_ir::interp::{Data, Interpreter, Tensor};
@@ -66,9 +68,40 @@ impl ExitSchedule {
         ExitSchedule { points }
     }
 
+    /// (from position, depth), in order.
+    pub fn points(&self) -> &[(usize, usize)] {
+        &self.points
+    }
+
+    /// The first position the schedule changes the depth at.
+    pub fn first_position(&self) -> Option<usize> {
+        self.points.first().map(|p| p.0)
+    }
+
     pub fn depth_at(&self, pos: usize, n_layers: usize) -> usize {
         self.points.iter().take_while(|(p, _)| *p <= pos).last().map_or(n_layers, |&(_, d)| d)
     }
+}
+
+/// The depth of a step of `s` tokens at positions `past..past + s`: all must share one depth.
+fn step_depth(schedule: &ExitSchedule, n: usize, past: usize, s: usize) -> Result<usize, RuntimeError> {
+    let depth = schedule.depth_at(past, n);
+    if s > 0 && schedule.depth_at(past + s - 1, n) != depth {
+        return Err(RuntimeError::Interface("steps that stay at one depth".into(), "early-exit schedule"));
+    }
+    Ok(depth)
+}
+
+/// Which of `n` blocks a step at `past..past + s` runs (compiled backends skip the others).
+pub fn step_blocks(
+    mode: ExitMode,
+    schedule: &ExitSchedule,
+    n: usize,
+    past: usize,
+    s: usize,
+) -> Result<Vec<bool>, RuntimeError> {
+    let active = mode.active(n, step_depth(schedule, n, past, s)?);
+    Ok((0..n).map(|b| active.contains(&b)).collect())
 }
 
 /// The interpreter running a schedule over per-depth graphs.
@@ -153,10 +186,7 @@ impl Backend for EarlyExitInterpreter<'_> {
         if self.past + s > self.context {
             return Err(RuntimeError::ContextFull { past: self.past, new: s, limit: self.context });
         }
-        let depth = self.schedule.depth_at(self.past, n);
-        if self.schedule.depth_at(self.past + s - 1, n) != depth {
-            return Err(RuntimeError::Interface("steps that stay at one depth".into(), "early-exit schedule"));
-        }
+        let depth = step_depth(&self.schedule, n, self.past, s)?;
         let g = &self.graphs[depth - 1];
         let ids = Tensor::i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect());
         let pos = Tensor::i64(vec![1, s], (self.past..self.past + s).map(|p| p as i64).collect());
