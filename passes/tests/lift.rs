@@ -105,7 +105,7 @@ fn filetest(file: &str, fresh_input: Option<&str>) -> (Graph, Graph) {
             .as_deref()
             .and_then(|t| t.lines().next())
             .filter(|l| l.starts_with(';'))
-            .unwrap_or("; lift (passes/tests/lift.rs; BLESS=1 rewrites)")
+            .unwrap_or("; lift: the primitive form decompose.rs emits; lift must give the fused graph back node for node (passes/tests/lift.rs; BLESS=1 rewrites)")
             .to_string();
         std::fs::write(&path, format!("{header}\n{input}; after:\n{out}")).unwrap();
     }
@@ -145,4 +145,22 @@ fn commuted_variants_lift() {
 fn near_misses_stay() {
     let (before, after) = filetest("lift-near-misses.kir", None);
     assert_eq!(before, after, "nothing in lift-near-misses.kir is a fused op");
+}
+
+#[test]
+fn explanations_name_the_rule_and_the_stop_reason() {
+    let text = std::fs::read_to_string(dir().join("lift-silu-swiglu.kir")).unwrap();
+    let input = text.split_once("; after:\n").unwrap().0.split_once('\n').unwrap().1;
+    let mut g = parse(input).unwrap();
+    let cx = PassCx::default();
+    let lift = Lift { explanations: true, ..Lift::default() };
+    assert!(lift.run(&mut g, &cx).unwrap());
+    let lines: Vec<String> = cx.explanations.borrow().iter().map(|(_, l)| l.clone()).collect();
+    assert!(lines[0].starts_with("egg stopped: Saturated"), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains("lifted: 1 silu, 1 swiglu")), "{lines:?}");
+    // egg's explanation of a lift names the rule that made it.
+    assert!(
+        lines.iter().any(|l| l.starts_with("explanation of silu-") && l.contains("silu-primitives-to-silu")),
+        "{lines:?}"
+    );
 }
