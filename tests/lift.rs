@@ -108,3 +108,23 @@ fn lift_leaves_the_imported_graph_alone() {
     assert!(!Lift::default().run(&mut g, &cx).unwrap());
     assert_eq!(g, fused);
 }
+
+/// Both tiny architectures (Llama: tied embeddings; Qwen2: attention biases), both logits layouts:
+/// decompose then lift gives the frontend's graph back node for node.
+#[test]
+fn decompose_then_lift_is_the_identity_on_tiny_models() {
+    use crate::common::{random_weights, tiny_config};
+    use kiln::frontend::llama::build_graph as build_decoder;
+    use kiln::frontend::Arch;
+    for arch in [Arch::Llama, Arch::Qwen2] {
+        let cfg = tiny_config(arch);
+        let w = random_weights(&cfg, kiln::ir::DType::F32, 5);
+        for last_logits_only in [false, true] {
+            let g = build_decoder("tiny", &cfg, &w, GraphOptions { last_logits_only }).unwrap();
+            let mut d = decompose(&g).unwrap();
+            assert!(d.nodes.len() > 2 * g.nodes.len());
+            assert!(Lift::default().run(&mut d, &PassCx::default()).unwrap());
+            assert_eq!(print(&d), print(&g), "{arch:?}, last_logits_only {last_logits_only}");
+        }
+    }
+}
