@@ -172,10 +172,12 @@ impl egg::FromOp for KNode {
     }
 }
 
-/// What every e-class knows: its type and, for scalar constants, the value.
+/// What every e-class knows: its type, whether it depends on weights and constants only (so it could be
+/// folded at compile time), and for scalar constants the value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClassData {
     pub ty: TensorType,
+    pub is_const: bool,
     pub constant: Option<f32>,
 }
 
@@ -205,12 +207,19 @@ impl Analysis<KNode> for TypeAnalysis {
             Op::Constant { value } => Some(value),
             _ => None,
         };
-        ClassData { ty, constant }
+        let is_const = match key.op {
+            Op::Input { .. } => false,
+            _ => n.children.iter().all(|&c| eg[c].data.is_const),
+        };
+        ClassData { ty, is_const, constant }
     }
 
     fn merge(&mut self, a: &mut ClassData, b: ClassData) -> DidMerge {
         assert_eq!(a.ty, b.ty, "a rule merged values of different types");
-        egg::merge_option(&mut a.constant, b.constant, |x, y| {
+        // Equal values: if either form is constant, both are.
+        let c = DidMerge(!a.is_const && b.is_const, a.is_const && !b.is_const);
+        a.is_const |= b.is_const;
+        c | egg::merge_option(&mut a.constant, b.constant, |x, y| {
             assert_eq!(x.to_bits(), y.to_bits(), "a rule merged different constants");
             DidMerge(false, false)
         })
@@ -334,5 +343,46 @@ impl kiln_ir::decompose::Builder for LookupBuilder<'_> {
         }
         // A nested high-level op not lifted yet: look for its decomposition instead.
         kiln_ir::decompose::expand(self, &op, ins)?.ok_or(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::text::{parse, print};
+
+    #[test]
+    fn analysis_types_constness_and_round_trip() {
+        let src = r#"graph "t" {
+  %0 = input {name = "x"} : f32[seq, 4]
+  %1 = weight {name = "w"} : f16[4]
+  %2 = cast(%1) {dtype = f32} : f32[4]
+  %3 = constant {value = 0.5} : f32[]
+  %4 = mul(%2, %3) : f32[4]
+  %5 = add(%0, %4) : f32[seq, 4]
+  %6 = add(%0, %4) : f32[seq, 4]
+  %7 = mul(%5, %6) : f32[seq, 4]
+  output "y" = %7
+  output "z" = %0
+}
+"#;
+        let g = parse(src).unwrap();
+        let l = to_egraph(&g, false);
+        let data = |i: usize| &l.egraph[l.classes[i]].data;
+        assert_eq!(data(1).ty.to_string(), "f16[4]");
+        assert_eq!(data(5).ty.to_string(), "f32[seq, 4]");
+        assert_eq!((data(0).is_const, data(4).is_const, data(5).is_const), (false, true, false));
+        assert_eq!((data(3).constant, data(4).constant), (Some(0.5), None));
+        // Identical nodes share an e-class (%5, %6), so extraction also does CSE; the outputs keep names.
+        assert_eq!(l.egraph.find(l.classes[5]), l.egraph.find(l.classes[6]));
+        let out = extract(&g, &l.egraph, &l.classes, |c| l.egraph[c].nodes[0].clone()).unwrap();
+        let text = print(&out);
+        assert!(text.contains("%6 = mul(%5, %5)") && text.contains("output \"z\" = %0"), "{text}");
+        // Pattern syntax: attributes, wildcards, arity checks.
+        assert!("(reduce_mean:axis=-1 ?x)".parse::<egg::Pattern<KNode>>().is_ok());
+        assert!("(reshape:* ?x)".parse::<egg::Pattern<KNode>>().is_ok());
+        assert!("(frobnicate ?x)".parse::<egg::Pattern<KNode>>().is_err());
+        assert!("(add ?x)".parse::<egg::Pattern<KNode>>().is_err());
+        assert!("(softmax ?x)".parse::<egg::Pattern<KNode>>().is_err(), "missing attribute");
     }
 }
