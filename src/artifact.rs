@@ -83,12 +83,15 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     let pipeline = Pipeline::from_passes(passes);
+    let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();
+    // Only the e-graph extraction reads the cost model; measure (or read the cached) coefficients then.
+    let cost = names.iter().any(|n| n == "lift").then(crate::costs::coefficients);
     let cx = PassCx {
         calibration: build.calibration.clone(),
         weights: std::cell::RefCell::new(model.weights.clone()),
+        cost,
         ..Default::default()
     };
-    let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();
     if let Some(stop) = &build.stop_after {
         if !names.contains(stop) {
             anyhow::bail!("--stop-after {stop}: no such stage in this pipeline (stages: {})", names.join(", "));

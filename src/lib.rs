@@ -11,6 +11,7 @@ pub mod aot;
 pub mod artifact;
 pub mod budget;
 pub mod calibrate;
+pub mod costs;
 pub mod eval;
 
 use std::path::PathBuf;

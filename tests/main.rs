@@ -11,6 +11,7 @@ mod fuzz;
 mod golden;
 mod import_roundtrip;
 mod ir_text;
+mod lift;
 mod ops;
 mod quality;
 mod tokenizer;

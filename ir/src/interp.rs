@@ -376,6 +376,27 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
         Op::Sub => broadcast_binary(args[0], args[1], |a, b| a - b),
         Op::Mul => broadcast_binary(args[0], args[1], |a, b| a * b),
         Op::Div => broadcast_binary(args[0], args[1], |a, b| a / b),
+        Op::Pow => broadcast_binary(args[0], args[1], |a, b| (a as f64).powf(b as f64) as f32),
+        Op::Sin => unary(args[0], f64::sin),
+        Op::Cos => unary(args[0], f64::cos),
+        Op::Iota { n } => Ok(Tensor::f32(vec![*n as usize], (0..*n).map(|i| i as f32).collect())),
+        Op::CausalMask => {
+            let t = args[0];
+            let x = f(t)?;
+            let r = t.shape.len();
+            let (s, tl) = (t.shape[r - 2], t.shape[r - 1]);
+            if tl < s {
+                return Err(format!("causal_mask: {tl} columns are fewer than the {s} rows"));
+            }
+            let mut out = x.to_vec();
+            for (k, v) in out.iter_mut().enumerate() {
+                let (i, j) = ((k / tl) % s.max(1), k % tl);
+                if j > tl - s + i {
+                    *v = f32::NEG_INFINITY;
+                }
+            }
+            Ok(Tensor::f32(t.shape.clone(), out))
+        }
         Op::Neg => unary(args[0], |x| -x),
         Op::Exp => unary(args[0], f64::exp),
         Op::Sqrt => unary(args[0], f64::sqrt),

@@ -241,6 +241,17 @@ ops! {
     /// Elements `start..end` along `axis`; the bounds may be symbolic (`seq-1`).
     Slice { axis: i64, start: Dim, end: Dim } = "slice" / 1;
     Cast { dtype: DType } = "cast" / 1;
+    /// Primitives of the rope and attention decompositions (`decompose.rs`); no CPU lowering: graphs
+    /// that use them are lifted back to `rope`/`attention` by the `lift` pass before codegen.
+    Sin = "sin" / 1;
+    Cos = "cos" / 1;
+    /// `a ** b`, elementwise with broadcasting.
+    Pow = "pow" / 2;
+    /// `f32[n]` holding 0, 1, …, n−1.
+    Iota { n: i64 } = "iota" / 0;
+    /// Causal mask over the last two axes `[…, S, T]` (T ≥ S; row i sits at position T−S+i): entries
+    /// with column j > T−S+i become −∞, the rest pass through.
+    CausalMask = "causal_mask" / 1;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -348,12 +359,12 @@ impl Op {
                 shape.push(b.shape[r - 1].clone());
                 Ok(f32t(shape))
             }
-            Op::Add | Op::Sub | Op::Mul | Op::Div => {
+            Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => {
                 want_float(ins[0], "lhs")?;
                 want_float(ins[1], "rhs")?;
                 Ok(f32t(broadcast(&ins[0].shape, &ins[1].shape)?))
             }
-            Op::Neg | Op::Exp | Op::Sqrt | Op::Rsqrt | Op::Sigmoid | Op::Silu => {
+            Op::Neg | Op::Exp | Op::Sqrt | Op::Rsqrt | Op::Sigmoid | Op::Silu | Op::Sin | Op::Cos => {
                 want_float(ins[0], "operand")?;
                 Ok(ins[0].clone())
             }
@@ -481,6 +492,20 @@ impl Op {
                 let mut shape = x.shape.clone();
                 shape[ax] = len;
                 Ok(TensorType::new(x.dtype, shape))
+            }
+            Op::Iota { n } => {
+                if *n < 0 {
+                    return Err(format!("iota length {n} is negative"));
+                }
+                Ok(f32t(vec![Dim::fixed(*n)]))
+            }
+            Op::CausalMask => {
+                let x = ins[0];
+                want_float(x, "causal_mask operand")?;
+                if x.rank() < 2 {
+                    return Err(format!("causal_mask needs rank ≥ 2, found {x}"));
+                }
+                Ok(x.clone())
             }
             Op::Cast { dtype } => {
                 if dtype.is_quantized() {

@@ -162,3 +162,48 @@ fn parser_survives_mutations() {
         }
     }
 }
+
+/// Rope (both modes) and causal grouped-query attention with a cache against their decompositions,
+/// including the new primitives (`sin`, `cos`, `pow`, `iota`, `causal_mask`) and a hand-checked mask.
+#[test]
+fn rope_and_attention_match_decompositions() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for trial in 0..8 {
+        let (s, past) = (rng.random_range(1..5), rng.random_range(0..4));
+        let mode = if trial % 2 == 0 { "neox" } else { "normal" };
+        let src = g1(&format!(
+            "  %0 = input {{name = \"q\"}} : f32[batch, seq, 6, 4]\n  %1 = input {{name = \"k\"}} : f32[batch, seq, 2, 4]\n  %2 = input {{name = \"kc\"}} : f32[batch, past, 2, 4]\n  %3 = input {{name = \"v\"}} : f32[batch, past+seq, 2, 4]\n  %4 = input {{name = \"pos\"}} : i32[batch, seq]\n  %5 = rope(%0, %4) {{mode = {mode}, n_rot = 4, theta = 100.0}} : f32[batch, seq, 6, 4]\n  %6 = rope(%1, %4) {{mode = {mode}, n_rot = 4, theta = 100.0}} : f32[batch, seq, 2, 4]\n  %7 = concat(%2, %6) {{axis = 1}} : f32[batch, past+seq, 2, 4]\n  %8 = attention(%5, %7, %3) {{scale = 0.5}} : f32[batch, seq, 6, 4]\n  output \"y\" = %8\n  output \"r\" = %5"
+        ));
+        let g = parse(&src).unwrap();
+        let dg = decompose(&g).unwrap();
+        dg.verify().unwrap();
+        let text = print(&dg);
+        assert!(!text.contains("rope(") && !text.contains("attention(") && text.contains("causal_mask("), "{text}");
+        let mut t = |shape: Vec<usize>| {
+            let n = shape.iter().product();
+            Tensor::f32(shape, (0..n).map(|_| rng.random_range(-2.0..2.0)).collect())
+        };
+        let ins = [
+            ("q", t(vec![1, s, 6, 4])),
+            ("k", t(vec![1, s, 2, 4])),
+            ("kc", t(vec![1, past, 2, 4])),
+            ("v", t(vec![1, past + s, 2, 4])),
+            ("pos", Tensor::i64(vec![1, s], (0..s as i64).map(|i| i + past as i64).collect())),
+        ];
+        let w = WeightStore::new();
+        let interp = Interpreter::new(&w);
+        let (a, b) = (interp.run(&g, &ins).unwrap(), interp.run(&dg, &ins).unwrap());
+        close(a[0].1.as_f32().unwrap(), b[0].1.as_f32().unwrap(), 1e-5);
+        close(a[1].1.as_f32().unwrap(), b[1].1.as_f32().unwrap(), 1e-5);
+    }
+    // A partial rotation (n_rot < head_dim) keeps its fused form.
+    let g = parse(&g1("  %0 = input {name = \"x\"} : f32[1, 2, 1, 8]\n  %1 = input {name = \"p\"} : i32[1, 2]\n  %2 = rope(%0, %1) {mode = neox, n_rot = 4, theta = 10.0} : f32[1, 2, 1, 8]\n  output \"y\" = %2")).unwrap();
+    assert!(print(&decompose(&g).unwrap()).contains("rope("));
+    // causal_mask by hand: 2 rows, 3 columns → row 0 sees columns 0..=1, row 1 all.
+    let y = run1(
+        &g1("  %0 = input {name = \"x\"} : f32[2, 3]\n  %1 = causal_mask(%0) : f32[2, 3]\n  output \"y\" = %1"),
+        &[("x", Tensor::f32(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]))],
+        &WeightStore::new(),
+    );
+    assert_eq!(y.as_f32().unwrap(), &[1.0, 2.0, f32::NEG_INFINITY, 4.0, 5.0, 6.0]);
+}

@@ -7,6 +7,10 @@ pub mod blocks;
 pub mod calibration;
 pub mod cse;
 pub mod dce;
+pub mod decompose;
+pub mod egraph;
+pub mod lift;
+pub mod rules;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError, WeightStore};
@@ -22,6 +26,9 @@ pub struct PassCx {
     pub records: RefCell<Vec<PassRecord>>,
     /// Why passes decided what they decided (`kiln compile --explain`): (pass, line).
     pub explanations: RefCell<Vec<(String, String)>>,
+    /// Measured cost coefficients of the target (bytes, flops, launches) for e-graph extraction; the
+    /// defaults of [`egraph::cost::CostCoefficients`] when absent.
+    pub cost: Option<egraph::cost::CostCoefficients>,
     /// The weights the graph's `weight` nodes name: the model's, plus derived tensors passes add (slices,
     /// gathers, concatenations — see `kiln_ir::weights::TensorData`) under new names (`<name>#<what>`).
     /// A pass never replaces a model tensor in place.
@@ -89,6 +96,8 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(cse::CommonSubexpressionElimination),
         // Unconfigured it skips nothing; configure it with `Pipeline::from_passes`.
         Box::new(skip_layers::SkipLayers::default()),
+        Box::new(decompose::Decompose),
+        Box::new(lift::Lift::default()),
     ]
 }
 
@@ -100,8 +109,9 @@ pub fn lookup(name: &str) -> Result<Box<dyn Pass>, PassError> {
     })
 }
 
-/// The default pipeline, in order.
-pub const DEFAULT_PIPELINE: &[&str] = &["cse", "dce"];
+/// The default pipeline, in order. `lift` is first: it is a no-op on graphs whose fused ops the
+/// frontend already built (~15 ms on SmolLM2) and fuses graphs that arrive in primitive form.
+pub const DEFAULT_PIPELINE: &[&str] = &["lift", "cse", "dce"];
 
 pub struct Pipeline {
     passes: Vec<Box<dyn Pass>>,

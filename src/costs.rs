@@ -1,0 +1,71 @@
+//! Measured cost coefficients for the e-graph extraction of the `lift` pass: nanoseconds per byte
+//! moved and per flop on this machine, cached in the Kiln cache directory
+//! (`cost-model/<arch>-<version>.json`) so they are measured once.
+//!
+//! Bytes: a single-threaded streaming sum over 64 MiB (what a memory-bound kernel does, like a decode
+//! GEMV). Flops: 64 independent multiply-add lanes in registers (a compute-bound inner loop). Both
+//! take the best of a few runs. The per-launch cost is not measured (it depends on the runtime's worker
+//! pool, not on a loop the compiler can time in isolation) and stays at the default 1 µs.
+
+use kiln_passes::egraph::cost::CostCoefficients;
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn cache_file() -> PathBuf {
+    crate::cache_dir().join("cost-model").join(format!("{}-{}.json", std::env::consts::ARCH, env!("CARGO_PKG_VERSION")))
+}
+
+/// The coefficients for this machine: from the cache, else measured now (≈0.3 s) and cached. A cache
+/// that cannot be read or written is re-measured, never an error.
+pub fn coefficients() -> CostCoefficients {
+    let path = cache_file();
+    if let Some(c) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<CostCoefficients>(&b).ok()) {
+        return c;
+    }
+    let c = measure();
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::write(&path, serde_json::to_vec_pretty(&c).expect("coefficients serialise"));
+    }
+    c
+}
+
+/// Times the two loops (best of 3 each).
+pub fn measure() -> CostCoefficients {
+    let buf = vec![1.0f32; 16 << 20];
+    let mut best_bytes = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut acc = [0f32; 16];
+        for chunk in black_box(&buf).chunks_exact(16) {
+            for (a, x) in acc.iter_mut().zip(chunk) {
+                *a += x;
+            }
+        }
+        black_box(acc);
+        best_bytes = best_bytes.min(t.elapsed().as_nanos() as f64 / (buf.len() * 4) as f64);
+    }
+    // 64 independent lanes, so the loop measures throughput (vector multiply-adds), not the latency
+    // of one dependency chain.
+    let iters = 2_000_000u64;
+    let mut best_flop = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let mut v = black_box([1.0f32; 64]);
+        let (m, a) = black_box((0.999_999f32, 1e-7f32));
+        for _ in 0..iters {
+            for x in v.iter_mut() {
+                *x = *x * m + a;
+            }
+        }
+        black_box(v);
+        best_flop = best_flop.min(t.elapsed().as_nanos() as f64 / (iters * 64 * 2) as f64);
+    }
+    CostCoefficients {
+        target: format!("{}-cpu measured", std::env::consts::ARCH),
+        ns_per_byte: best_bytes,
+        ns_per_flop: best_flop,
+        ..CostCoefficients::default()
+    }
+}
