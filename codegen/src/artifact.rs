@@ -91,6 +91,19 @@ pub(crate) fn emit_kernels<'ctx>(
                 };
                 kernels::abi::wrap_linear(ctx, module, inner, *group, &spec.symbol())?;
             }
+            KernelSpec::MaskedLinear { dtype, k } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: false };
+                let inner = match module.get_function(&lin.symbol()) {
+                    Some(f) => f,
+                    None => emit_linear(ctx, module, &lin)?,
+                };
+                kernels::abi::wrap_masked_linear(ctx, module, inner, &spec.symbol())?;
+            }
+            KernelSpec::ActiveLinear { dtype, k, n } => {
+                let act = kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n);
+                let inner = kernels::sparse::emit_active_linear(ctx, module, &act)?;
+                kernels::abi::wrap_active_linear(ctx, module, inner, *k, *n, &spec.symbol())?;
+            }
             KernelSpec::Embedding { dtype, d } => {
                 kernels::embedding::emit_embedding(ctx, module, *dtype, *d, &spec.symbol())?;
             }

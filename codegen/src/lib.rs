@@ -88,6 +88,9 @@ impl Target for CpuTarget {
                 | Op::Concat { .. }
                 | Op::Attention { .. }
                 | Op::SwiGlu
+                | Op::Threshold
+                | Op::MaskedLinear
+                | Op::ActiveLinear
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

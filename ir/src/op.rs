@@ -235,6 +235,16 @@ ops! {
     Attention { scale: f32 } = "attention" / 3;
     /// `silu(gate) * up`.
     SwiGlu = "swiglu" / 2;
+    /// `x` where `|x| > t`, else 0: `t[C]` is a per-channel threshold on the last axis of `x[..., C]`
+    /// (activation sparsity, CHESS). NaN is not above any threshold, so it becomes 0.
+    Threshold = "threshold" / 2;
+    /// `linear(x, w)` computed only where `mask ≠ 0`: `x[..., K] · w[N, K]ᵀ` with element `[..., n]` set
+    /// to 0 where `mask[..., n]` is 0. Lets a kernel skip the output rows a sparse activation discards.
+    MaskedLinear = "masked_linear" / 3;
+    /// Input-sparse linear on a transposed weight: `x[..., K] · wt[K, N] → [..., N]`, summing only over
+    /// the channels where x ≠ 0 (so a kernel reads only those rows of `wt`; an inf/NaN weight row of a
+    /// zero channel does not poison the result).
+    ActiveLinear = "active_linear" / 2;
     Reshape { shape: Vec<Dim> } = "reshape" / 1;
     Transpose { perm: Vec<i64> } = "transpose" / 1;
     Concat { axis: i64 } = "concat" / 2;
@@ -419,6 +429,34 @@ impl Op {
                     return Err(format!("swiglu operands differ: {} and {}", ins[0], ins[1]));
                 }
                 Ok(ins[0].clone())
+            }
+            Op::Threshold => {
+                let (x, t) = (ins[0], ins[1]);
+                want_float(x, "threshold input")?;
+                want_float(t, "threshold")?;
+                want_rank(t, 1, "threshold")?;
+                same_dim(x.shape.last().ok_or("threshold input must have rank ≥ 1")?, &t.shape[0], "threshold width")?;
+                Ok(x.clone())
+            }
+            Op::MaskedLinear => {
+                let y = Op::Linear.infer(&ins[..2], None)?;
+                if *ins[2] != y {
+                    return Err(format!("masked_linear mask is {} but the result is {y}", ins[2]));
+                }
+                Ok(y)
+            }
+            Op::ActiveLinear => {
+                let (x, wt) = (ins[0], ins[1]);
+                want_float(x, "active_linear input")?;
+                want_rank(wt, 2, "active_linear weight")?;
+                if !wt.dtype.is_float() {
+                    return Err(format!("active_linear weight must be a float type, found {}", wt.dtype));
+                }
+                let k = x.shape.last().ok_or("active_linear input must have rank ≥ 1")?;
+                same_dim(k, &wt.shape[0], "active_linear inner dimension")?;
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = wt.shape[1].clone();
+                Ok(f32t(shape))
             }
             Op::Reshape { shape } => {
                 let x = ins[0];
