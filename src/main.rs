@@ -373,7 +373,7 @@ fn run(a: RunArgs) -> Result<()> {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
-        if a.skip.skip_layers > 0 {
+        if a.skip.skip_layers > 0 || a.skip.chess_sparsity.is_some() {
             bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
         }
         let compiled = kiln::runtime::CompiledBackend::load(&path, a.threads, None)?;

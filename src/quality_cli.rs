@@ -37,7 +37,12 @@ pub struct SkipArgs {
     /// How --skip-layers chooses the blocks.
     #[arg(long, value_enum, value_name = "METHOD", default_value = "even")]
     pub skip_method: SkipMethodArg,
-    /// A calibration file from `kiln calibrate` (needed by --skip-method influence and --quality-budget).
+    /// Activation sparsity (lossy, CHESS): drop this share of the MLP's gate channels per token, by
+    /// per-channel thresholds from --calibration; up and down then skip the dropped channels. In [0, 1).
+    #[arg(long, value_name = "S")]
+    pub chess_sparsity: Option<f64>,
+    /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
+    /// --quality-budget).
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
 }
@@ -53,25 +58,34 @@ impl SkipArgs {
     }
 
     fn is_set(&self) -> bool {
-        self.skip_layers > 0
+        self.skip_layers > 0 || self.chess_sparsity.is_some()
     }
 
     /// The build for `opts` with these options; checks them against the model.
     pub fn build(&self, opts: CompileOptions, model: &Model, model_path: &Path) -> Result<Build> {
+        if let Some(s) = self.chess_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
+            bail!("--chess-sparsity {s} is outside [0, 1)");
+        }
         let calibration = match &self.calibration {
             Some(p) => Some(load_calibration(p, model, model_path)?),
             None => None,
         };
-        if self.skip_method == SkipMethodArg::Influence && self.is_set() && calibration.is_none() {
+        if self.skip_method == SkipMethodArg::Influence && self.skip_layers > 0 && calibration.is_none() {
             bail!("--skip-method influence needs --calibration FILE (make one with `kiln calibrate`)");
         }
         let n = model.config.n_layers;
         if self.skip_layers >= n {
             bail!("--skip-layers {} is not less than the model's {n} layers", self.skip_layers);
         }
-        let build = Build { opts, skip: self.skip(), calibration, ..Default::default() };
+        if let Some(s) = self.chess_sparsity {
+            if calibration.is_none() {
+                bail!("--chess-sparsity needs --calibration FILE (make one with `kiln calibrate`)");
+            }
+        }
+        let build = Build { opts, skip: self.skip(), chess: self.chess_sparsity, calibration, ..Default::default() };
         // Resolve the choice now, so errors name the option.
-        kiln::artifact::build_graph(model, &build).context("--skip-layers")?;
+        let what = if self.chess_sparsity.is_some() { "--chess-sparsity" } else { "--skip-layers" };
+        kiln::artifact::build_graph(model, &build).context(what)?;
         Ok(build)
     }
 }
@@ -255,7 +269,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
         if a.skip.is_set() {
-            bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
+            bail!(
+                "--skip-layers/--chess-sparsity apply when compiling a model; {} is compiled already",
+                path.display()
+            );
         }
         let b = CompiledBackend::load(&path, a.threads, Some(a.window))?;
         (b.manifest().model_name.clone(), kiln::artifact::artifact_tokenizer(&path)?, Some(b), None)
@@ -295,6 +312,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "text": a.text,
             "skip_layers": a.skip.skip_layers,
             "skip_method": a.skip.skip().method.name(),
+            "chess_sparsity": a.skip.chess_sparsity,
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -387,6 +405,7 @@ pub fn calibrate_model(
         intermediate_size: m.config.intermediate_size,
         mean_nll: measured.mean_nll,
         perplexity: measured.mean_nll.exp(),
+        quantile_levels: kiln::passes::calibration::quantile_levels(),
         layers: measured.layers,
     })
 }

@@ -13,4 +13,5 @@ mod import_roundtrip;
 mod ir_text;
 mod ops;
 mod quality;
+mod sparsity;
 mod tokenizer;

@@ -242,6 +242,7 @@ fn calibration_statistics_agree_between_backends() {
             attn_out_in: o(4),
             ffn_in: o(5),
             ffn_act: o(6),
+            ffn_gate_act: o(7),
         }
     };
     one.add(1, 12, &acts(1)).unwrap();

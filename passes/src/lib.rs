@@ -5,6 +5,7 @@
 
 pub mod blocks;
 pub mod calibration;
+pub mod chess;
 pub mod cse;
 pub mod dce;
 pub mod skip_layers;
