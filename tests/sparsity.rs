@@ -220,3 +220,77 @@ fn chess_options_are_checked() {
     }
     let _ = Path::new("");
 }
+
+fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::KernelTable> {
+    use kiln::passes::prune::{KernelMeasurement, KernelTable, KERNEL_TABLE_FORMAT};
+    let e = |m, break_even| KernelMeasurement { dtype: DType::F32, k: 64, n: 64, m, break_even };
+    Arc::new(KernelTable {
+        format: KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: "test".into(),
+        entries: vec![e(1, decode), e(64, prefill)],
+    })
+}
+
+/// `prune` on a tiny model: the selection follows the (synthetic) measured table per phase, the compiled
+/// dense and block-sparse paths equal the interpreter, and sparsity 0 is the dense model exactly.
+#[test]
+fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 160);
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 8), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 9);
+    let prune = |s: f64, method, table| Build {
+        opts: all_logits(),
+        prune: Some(Prune { method, sparsity: s, table: Some(table) }),
+        ..Default::default()
+    };
+    // Decode breaks even at 0.9, prefill at 0.3: at density 0.5 decode is sparse, prefill dense.
+    for (s, table, want_kernel) in [
+        (0.0, synthetic_table(1.0, 1.0), "_d1p1"),
+        (0.5, synthetic_table(0.9, 0.3), "_d1p0"),
+        (0.5, synthetic_table(0.2, 0.6), "_d0p1"),
+        (0.75, synthetic_table(0.1, 0.1), "_d0p0"),
+    ] {
+        let build = prune(s, PruneMethod::Magnitude, table);
+        let b = build_graph(&m, &build).unwrap();
+        assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains("break-even")), "{:?}", b.explanations);
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 9);
+        if s == 0.0 {
+            assert_eq!(reference, want, "sparsity 0 keeps every block: the dense model, bit for bit");
+        } else {
+            assert!(max_abs_diff(&reference, &want) > 1e-3, "pruning changes the model");
+        }
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &build, art.path()).unwrap();
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        let pruned: Vec<&&str> = kernels.iter().filter(|k| k.starts_with("kiln_pruned_linear_")).collect();
+        assert_eq!(pruned.len(), 2 * 7, "every block linear is pruned: {kernels:?}");
+        assert!(pruned.iter().all(|k| k.ends_with(want_kernel)), "{pruned:?}");
+        for threads in [1, 2] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-4, "sparsity {s} ({want_kernel}), {threads} threads: compiled vs interpreter {d}");
+        }
+        assert!(manifest.records.iter().any(|r| r["pass"] == "prune"));
+    }
+    // Wanda needs calibration; a missing table is an error naming the command that makes it.
+    let err = build_graph(&m, &prune(0.5, PruneMethod::Wanda, synthetic_table(1.0, 1.0))).err().unwrap();
+    assert!(format!("{err:#}").contains("calibration"), "{err:#}");
+    let no_table = Build {
+        opts: all_logits(),
+        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None }),
+        ..Default::default()
+    };
+    assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
+}

@@ -91,6 +91,7 @@ impl Target for CpuTarget {
                 | Op::Threshold
                 | Op::MaskedLinear
                 | Op::ActiveLinear
+                | Op::SparseLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

@@ -41,6 +41,14 @@ pub enum KernelSpec {
         k: usize,
         n: usize,
     },
+    /// `sparse_linear`: bufs [x, w, blocks, row_ptr, col_idx, y]; dims [m, n]; items: n output rows; the
+    /// block-sparse kernel where `decode` (m < 8) / `prefill` (m ≥ 8) say so, else the dense one.
+    SparseLinear {
+        dtype: DType,
+        k: usize,
+        decode: bool,
+        prefill: bool,
+    },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -61,6 +69,9 @@ impl KernelSpec {
             KernelSpec::MaskedLinear { dtype, k } => format!("kiln_masked_linear_{}_k{k}", dtype.name()),
             KernelSpec::ActiveLinear { dtype, k, n } => {
                 format!("{}_k{k}_x", crate::kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n).symbol())
+            }
+            KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
+                format!("kiln_pruned_linear_{}_k{k}_d{}p{}", dtype.name(), *decode as u8, *prefill as u8)
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
@@ -470,6 +481,30 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let out = cx.temp(i);
                 let spec = KernelSpec::MaskedLinear { dtype: wty.dtype, k };
                 cx.launch(i, spec, vec![x, w, mask, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::SparseLinear { decode, prefill } => {
+                let bufs: Vec<usize> = (0..5).map(|k| cx.operand(i, k)).collect();
+                if !bufs[1..].iter().all(|&b| cx.is_weight(b)) {
+                    return Err(cx.unsupported(i, "sparse_linear weights must be weights"));
+                }
+                let wty = g.ty(n.inputs[1]);
+                let (Some(nn), Some(k)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
+                    return Err(cx.unsupported(i, "symbolic weight shape"));
+                };
+                let (decode, prefill) = (*decode != 0, *prefill != 0);
+                if decode || prefill {
+                    crate::kernels::sparse::SparseLinearKernelSpec::new(wty.dtype, k)
+                        .validate()
+                        .map_err(|e| cx.unsupported(i, e.to_string()))?;
+                }
+                let xs = &g.ty(n.inputs[0]).shape;
+                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let mut bufs = bufs;
+                bufs.push(out);
+                let spec = KernelSpec::SparseLinear { dtype: wty.dtype, k, decode, prefill };
+                cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
             Op::ActiveLinear => {

@@ -245,6 +245,12 @@ ops! {
     /// the channels where x ≠ 0 (so a kernel reads only those rows of `wt`; an inf/NaN weight row of a
     /// zero channel does not poison the result).
     ActiveLinear = "active_linear" / 2;
+    /// A pruned linear in two layouts with equal values: `w[N, K]` dense (pruned blocks zero) and the
+    /// same matrix block-sparse (`blocks` = the kept 32-element blocks' bytes, in `w`'s dtype as a flat
+    /// tensor; `row_ptr` i32[N+1]; `col_idx` i32[nnz], see `kiln_ir::sparse`). The result is `x · wᵀ`;
+    /// `decode`/`prefill` (0 or 1) say which layout a kernel reads for small (< 8) and large row counts,
+    /// as chosen by the kernel-selection cost model.
+    SparseLinear { decode: i64, prefill: i64 } = "sparse_linear" / 5;
     Reshape { shape: Vec<Dim> } = "reshape" / 1;
     Transpose { perm: Vec<i64> } = "transpose" / 1;
     Concat { axis: i64 } = "concat" / 2;
@@ -443,6 +449,20 @@ impl Op {
                 if *ins[2] != y {
                     return Err(format!("masked_linear mask is {} but the result is {y}", ins[2]));
                 }
+                Ok(y)
+            }
+            Op::SparseLinear { .. } => {
+                let y = Op::Linear.infer(&ins[..2], None)?;
+                let (w, blocks, row_ptr, col_idx) = (ins[1], ins[2], ins[3], ins[4]);
+                if blocks.dtype != w.dtype || blocks.rank() != 1 {
+                    return Err(format!("sparse_linear blocks must be a flat {} tensor, found {blocks}", w.dtype));
+                }
+                for (t, what) in [(row_ptr, "row_ptr"), (col_idx, "col_idx")] {
+                    if t.dtype != DType::I32 || t.rank() != 1 {
+                        return Err(format!("sparse_linear {what} must be i32[_], found {t}"));
+                    }
+                }
+                same_dim(&row_ptr.shape[0], &w.shape[0].add(&Dim::fixed(1)), "sparse_linear row_ptr length")?;
                 Ok(y)
             }
             Op::ActiveLinear => {

@@ -8,6 +8,7 @@ pub mod calibration;
 pub mod chess;
 pub mod cse;
 pub mod dce;
+pub mod prune;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError, WeightStore};

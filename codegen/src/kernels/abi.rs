@@ -176,3 +176,56 @@ pub fn wrap_active_linear<'ctx>(
     })?;
     e.finish()
 }
+
+/// `symbol(bufs=[x, w, blocks, row_ptr, col_idx, y], dims=[m, n], begin, end)`: rows `begin..end` of a
+/// pruned linear, from the dense layout (`dense(w, x, y, m, n, lo, hi)`) or the block-sparse one
+/// (`sparse(blocks, row_ptr, col_idx, x, y, m, n, lo, hi)`), per the kernel selection for small (m < 8)
+/// and large m.
+pub fn wrap_sparse_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    dense: FunctionValue<'ctx>,
+    sparse: Option<FunctionValue<'ctx>>,
+    (decode, prefill): (bool, bool),
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, w, blocks, row_ptr, col_idx, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?, e.buf(4)?, e.buf(5)?);
+    let (m, n) = (e.dim(0)?, e.dim(1)?);
+    let dense_call = |e: &Emitter<'_, 'ctx>| -> R<()> {
+        e.b.build_call(dense, &[w.into(), x.into(), y.into(), m.into(), n.into(), e.begin.into(), e.end.into()], "")?;
+        Ok(())
+    };
+    match sparse {
+        Some(sp) if decode || prefill => {
+            let small = e.b.build_int_compare(IntPredicate::SLT, m, e.i64c(8), "small")?;
+            let i1 = ctx.bool_type();
+            let (d, p) = (i1.const_int(decode as u64, false), i1.const_int(prefill as u64, false));
+            let pick = e.b.build_select(small, d, p, "sparse")?.into_int_value();
+            let sparse_bb = ctx.append_basic_block(e.func, "sparse");
+            let dense_bb = ctx.append_basic_block(e.func, "dense");
+            let done = ctx.append_basic_block(e.func, "done");
+            e.b.build_conditional_branch(pick, sparse_bb, dense_bb)?;
+            e.b.position_at_end(sparse_bb);
+            let args: [inkwell::values::BasicMetadataValueEnum; 9] = [
+                blocks.into(),
+                row_ptr.into(),
+                col_idx.into(),
+                x.into(),
+                y.into(),
+                m.into(),
+                n.into(),
+                e.begin.into(),
+                e.end.into(),
+            ];
+            e.b.build_call(sp, &args, "")?;
+            e.b.build_unconditional_branch(done)?;
+            e.b.position_at_end(dense_bb);
+            dense_call(&e)?;
+            e.b.build_unconditional_branch(done)?;
+            e.b.position_at_end(done);
+        }
+        _ => dense_call(&e)?,
+    }
+    e.finish()
+}
