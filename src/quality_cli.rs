@@ -195,10 +195,8 @@ impl SkipArgs {
         if self.skip_layers >= n {
             bail!("--skip-layers {} is not less than the model's {n} layers", self.skip_layers);
         }
-        if self.chess_sparsity.is_some() {
-            if calibration.is_none() {
-                bail!("--chess-sparsity needs --calibration FILE (make one with `kiln calibrate`)");
-            }
+        if self.chess_sparsity.is_some() && calibration.is_none() {
+            bail!("--chess-sparsity needs --calibration FILE (make one with `kiln calibrate`)");
         }
         let prune = match self.prune_sparsity {
             None => None,
