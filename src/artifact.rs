@@ -27,6 +27,12 @@ pub struct Build {
     pub passes: Vec<String>,
     /// Decoder blocks to remove (`count` 0: none).
     pub skip: SkipLayers,
+    /// Activation sparsity in the MLP (`chess` pass): the target share of gate channels dropped per token.
+    pub chess: Option<f64>,
+    /// With `chess`: keep the transposed down weights in f32 (exact; the reference variant for tests).
+    pub chess_exact: bool,
+    /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
+    pub prune: Option<kiln_passes::prune::Prune>,
     /// The calibration file lossy passes read (needed by `skip.method = influence`).
     pub calibration: Option<Arc<Calibration>>,
     /// Expose each block's activations as extra outputs (`calib.L.*`) for `kiln calibrate`.
@@ -80,6 +86,15 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     }
     if build.skip.count > 0 {
         passes.push(Box::new(build.skip));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(s) = build.chess {
+        let chess = kiln_passes::chess::Chess::new(s).map_err(anyhow::Error::msg)?;
+        passes.push(Box::new(kiln_passes::chess::Chess { exact: build.chess_exact, ..chess }));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(p) = &build.prune {
+        passes.push(Box::new(p.clone()));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     let pipeline = Pipeline::from_passes(passes);

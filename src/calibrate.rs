@@ -53,6 +53,7 @@ pub fn measure(
                 attn_out_in: get(4)?,
                 ffn_in: get(5)?,
                 ffn_act: get(6)?,
+                ffn_gate_act: get(7)?,
             };
             acc.add(l, piece.len(), &a).map_err(anyhow::Error::msg)?;
         }

@@ -47,6 +47,9 @@ enum Cmd {
     Eval(quality_cli::EvalArgs),
     /// Measure per-layer statistics (block influence, activation magnitudes) on a calibration text.
     Calibrate(quality_cli::CalibrateArgs),
+    /// Measure kernels on this machine: `--kernels` times the block-sparse linear against the dense one
+    /// for the model's linear shapes and caches the break-even densities `--prune-sparsity` selects with.
+    Bench(quality_cli::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -183,6 +186,7 @@ fn main() {
         Cmd::Compile(args) => compile(args),
         Cmd::Eval(args) => quality_cli::eval(args),
         Cmd::Calibrate(args) => quality_cli::calibrate(args),
+        Cmd::Bench(args) => quality_cli::bench(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -383,7 +387,7 @@ fn run(a: RunArgs) -> Result<()> {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
-        if a.skip.skip_layers > 0 {
+        if a.skip.skip_layers > 0 || a.skip.chess_sparsity.is_some() || a.skip.prune_sparsity.is_some() {
             bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
         }
         let compiled = kiln::runtime::CompiledBackend::load(&path, a.threads, None)?;

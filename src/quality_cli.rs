@@ -27,6 +27,113 @@ pub enum SkipMethodArg {
     Top,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PruneMethodArg {
+    Magnitude,
+    Wanda,
+}
+
+/// Where `kiln bench --kernels` caches its table.
+pub fn kernel_table_path() -> PathBuf {
+    kiln::cache_dir().join("kernel-table.json")
+}
+
+/// The cached kernel table, checked to come from this CPU.
+pub fn load_kernel_table() -> Result<Arc<kiln::passes::prune::KernelTable>> {
+    let p = kernel_table_path();
+    let text = std::fs::read_to_string(&p).with_context(|| {
+        format!("--prune-sparsity needs the kernel table {} (measure it: `kiln bench --kernels`)", p.display())
+    })?;
+    let t: kiln::passes::prune::KernelTable =
+        serde_json::from_str(&text).with_context(|| format!("kernel table {}", p.display()))?;
+    if t.format != kiln::passes::prune::KERNEL_TABLE_FORMAT || t.version != 1 {
+        bail!("kernel table {} has an unknown format; re-run `kiln bench --kernels`", p.display());
+    }
+    let cpu = kiln::codegen::host_target_info().cpu;
+    if t.cpu != cpu {
+        bail!(
+            "kernel table {} was measured on {}, this CPU is {cpu}; re-run `kiln bench --kernels`",
+            p.display(),
+            t.cpu
+        );
+    }
+    Ok(Arc::new(t))
+}
+
+/// `kiln bench`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct BenchArgs {
+    /// A .gguf file or a Hugging Face model directory (default: the default model): whose linear shapes.
+    pub model: Option<PathBuf>,
+    /// Time the block-sparse linear kernel against the dense one and cache the break-even table.
+    #[arg(long)]
+    pub kernels: bool,
+    /// Milliseconds per timing run (each ratio is the best of 3 paired runs).
+    #[arg(long, default_value_t = 30)]
+    pub ms: u64,
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if !a.kernels {
+        bail!("nothing to measure: pass --kernels");
+    }
+    let path = crate::model_path(a.model.clone())?;
+    let m = crate::load(&path)?;
+    let mut shapes: Vec<(kiln::ir::DType, usize, usize)> = Vec::new();
+    for (name, t) in m.weights.iter() {
+        if let (Some(_), [n, k]) = (name.strip_prefix("blk."), &t.shape[..]) {
+            let s = (t.dtype, *k, *n);
+            if kiln::ir::sparse::SPARSE_DTYPES.contains(&t.dtype) && k % 32 == 0 && !shapes.contains(&s) {
+                shapes.push(s);
+            }
+        }
+    }
+    shapes.sort_by_key(|s| (s.0.name(), s.1, s.2));
+    let densities = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0];
+    eprintln!("[measuring {} shapes × m ∈ {{1, 64}} × {} densities, one thread]", shapes.len(), densities.len());
+    let rows = kiln::codegen::kernels::measure::measure_break_even(
+        &shapes,
+        &[1, 64],
+        &densities,
+        3,
+        std::time::Duration::from_millis(a.ms),
+    )?;
+    for r in &rows {
+        let ratios: Vec<String> = r.ratios.iter().map(|(d, x)| format!("{d:.2}:{x:.2}")).collect();
+        println!(
+            "{} {}→{} m={:<2} break-even {:.2}  (density:sparse/dense {})",
+            r.dtype,
+            r.k,
+            r.n,
+            r.m,
+            r.break_even,
+            ratios.join(" ")
+        );
+    }
+    let table = kiln::passes::prune::KernelTable {
+        format: kiln::passes::prune::KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: kiln::codegen::host_target_info().cpu,
+        entries: rows
+            .iter()
+            .map(|r| kiln::passes::prune::KernelMeasurement {
+                dtype: r.dtype,
+                k: r.k,
+                n: r.n,
+                m: r.m,
+                break_even: r.break_even,
+            })
+            .collect(),
+    };
+    let p = kernel_table_path();
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d)?;
+    }
+    std::fs::write(&p, serde_json::to_string_pretty(&table)?).with_context(|| format!("writing {}", p.display()))?;
+    println!("kernel table → {}", p.display());
+    Ok(())
+}
+
 /// Layer skipping (lossy): the `skip-layers` pass.
 #[derive(clap::Args, Clone, Debug)]
 pub struct SkipArgs {
@@ -37,7 +144,20 @@ pub struct SkipArgs {
     /// How --skip-layers chooses the blocks.
     #[arg(long, value_enum, value_name = "METHOD", default_value = "even")]
     pub skip_method: SkipMethodArg,
-    /// A calibration file from `kiln calibrate` (needed by --skip-method influence and --quality-budget).
+    /// Activation sparsity (lossy, CHESS): drop this share of the MLP's gate channels per token, by
+    /// per-channel thresholds from --calibration; up and down then skip the dropped channels. In [0, 1).
+    #[arg(long, value_name = "S")]
+    pub chess_sparsity: Option<f64>,
+    /// Block-sparse weight pruning (lossy): drop this share of the 32-element blocks of every row of the
+    /// blocks' linear weights; the dense or block-sparse kernel is chosen per layer and phase from the
+    /// break-even densities `kiln bench --kernels` measured on this machine. In [0, 1).
+    #[arg(long, value_name = "S")]
+    pub prune_sparsity: Option<f64>,
+    /// How --prune-sparsity ranks blocks: weight magnitude, or Wanda (|W|·activation, needs --calibration).
+    #[arg(long, value_enum, default_value = "magnitude")]
+    pub prune_method: PruneMethodArg,
+    /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
+    /// --quality-budget).
     #[arg(long, value_name = "FILE")]
     pub calibration: Option<PathBuf>,
 }
@@ -53,25 +173,55 @@ impl SkipArgs {
     }
 
     fn is_set(&self) -> bool {
-        self.skip_layers > 0
+        self.skip_layers > 0 || self.chess_sparsity.is_some() || self.prune_sparsity.is_some()
     }
 
     /// The build for `opts` with these options; checks them against the model.
     pub fn build(&self, opts: CompileOptions, model: &Model, model_path: &Path) -> Result<Build> {
+        if let Some(s) = self.chess_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
+            bail!("--chess-sparsity {s} is outside [0, 1)");
+        }
+        if let Some(s) = self.prune_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
+            bail!("--prune-sparsity {s} is outside [0, 1)");
+        }
         let calibration = match &self.calibration {
             Some(p) => Some(load_calibration(p, model, model_path)?),
             None => None,
         };
-        if self.skip_method == SkipMethodArg::Influence && self.is_set() && calibration.is_none() {
+        if self.skip_method == SkipMethodArg::Influence && self.skip_layers > 0 && calibration.is_none() {
             bail!("--skip-method influence needs --calibration FILE (make one with `kiln calibrate`)");
         }
         let n = model.config.n_layers;
         if self.skip_layers >= n {
             bail!("--skip-layers {} is not less than the model's {n} layers", self.skip_layers);
         }
-        let build = Build { opts, skip: self.skip(), calibration, ..Default::default() };
+        if self.chess_sparsity.is_some() && calibration.is_none() {
+            bail!("--chess-sparsity needs --calibration FILE (make one with `kiln calibrate`)");
+        }
+        let prune = match self.prune_sparsity {
+            None => None,
+            Some(sparsity) => {
+                let method = match self.prune_method {
+                    PruneMethodArg::Magnitude => kiln::passes::prune::PruneMethod::Magnitude,
+                    PruneMethodArg::Wanda => kiln::passes::prune::PruneMethod::Wanda,
+                };
+                if method == kiln::passes::prune::PruneMethod::Wanda && calibration.is_none() {
+                    bail!("--prune-method wanda needs --calibration FILE (make one with `kiln calibrate`)");
+                }
+                Some(kiln::passes::prune::Prune { method, sparsity, table: Some(load_kernel_table()?) })
+            }
+        };
+        let build =
+            Build { opts, skip: self.skip(), chess: self.chess_sparsity, prune, calibration, ..Default::default() };
         // Resolve the choice now, so errors name the option.
-        kiln::artifact::build_graph(model, &build).context("--skip-layers")?;
+        let what = if self.prune_sparsity.is_some() {
+            "--prune-sparsity"
+        } else if self.chess_sparsity.is_some() {
+            "--chess-sparsity"
+        } else {
+            "--skip-layers"
+        };
+        kiln::artifact::build_graph(model, &build).context(what)?;
         Ok(build)
     }
 }
@@ -316,7 +466,10 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
         if a.skip.is_set() {
-            bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
+            bail!(
+                "--skip-layers/--chess-sparsity apply when compiling a model; {} is compiled already",
+                path.display()
+            );
         }
         let b = CompiledBackend::load(&path, a.threads, Some(a.window))?;
         (b.manifest().model_name.clone(), kiln::artifact::artifact_tokenizer(&path)?, Some(b), None)
@@ -356,6 +509,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "text": a.text,
             "skip_layers": a.skip.skip_layers,
             "skip_method": a.skip.skip().method.name(),
+            "chess_sparsity": a.skip.chess_sparsity,
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
@@ -448,6 +602,7 @@ pub fn calibrate_model(
         intermediate_size: m.config.intermediate_size,
         mean_nll: measured.mean_nll,
         perplexity: measured.mean_nll.exp(),
+        quantile_levels: kiln::passes::calibration::quantile_levels(),
         layers: measured.layers,
     })
 }

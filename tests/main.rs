@@ -14,4 +14,5 @@ mod ir_text;
 mod lift;
 mod ops;
 mod quality;
+mod sparsity;
 mod tokenizer;

@@ -251,3 +251,57 @@ fn norm_rope_linear_and_slice_match_interpreter_on_odd_shapes() {
         assert!(!fused.iter().any(|k| k.starts_with("kiln_fused_")), "the add is fused into the linear: {fused:?}");
     }
 }
+
+/// The CHESS MLP (`threshold` of silu(gate), `masked_linear` up, `active_linear` down on a transposed
+/// weight) compiled vs the interpreter: f32 and Q4_1 weights, thresholds from keep-all to drop-all,
+/// decode (seq 1) and prefill steps, 1 and 2 threads. Checks that the sparse paths drop exactly what
+/// the interpreter drops.
+#[test]
+fn activation_sparse_mlp_matches_interpreter() {
+    let mut rng = StdRng::seed_from_u64(11);
+    for trial in 0..8u64 {
+        let dtype = if trial % 2 == 0 { DType::F32 } else { DType::Q4_1 };
+        let d = if dtype == DType::F32 { rng.random_range(1..=40) } else { 32 * rng.random_range(1..=3) };
+        let inter = if dtype == DType::F32 { rng.random_range(1..=50) } else { 32 * rng.random_range(1..=3) };
+        let n_out = 32 * rng.random_range(1..=3);
+        let mut c = Case::new(500 + trial, d, -1.5, 1.5);
+        let x = c.x;
+        let quantized = |c: &mut Case, name: &str, dims: Vec<usize>| {
+            let v = c.weight(name, dims.clone(), -1.0, 1.0);
+            if dtype != DType::F32 {
+                let vals = c.store.get(name).unwrap().to_f32().unwrap();
+                let bytes = kiln::ir::quant::quantize(dtype, &vals).unwrap();
+                c.store.insert(name, TensorData { dtype, shape: dims.clone(), bytes: bytes.into() });
+                c.g.nodes[v.index()].ty = TensorType::new(dtype, dims.iter().map(|&v| Dim::from(v)).collect());
+            }
+            v
+        };
+        let wg = quantized(&mut c, "gate", vec![inter, d]);
+        let wu = quantized(&mut c, "up", vec![inter, d]);
+        let wt = quantized(&mut c, "down_t", vec![inter, n_out]);
+        // Thresholds: trial 0 keeps everything (t = 0 only drops exact zeros), the last drops everything.
+        let scale = match trial {
+            0 => 0.0,
+            7 => 1e9,
+            _ => rng.random_range(0.05..1.0),
+        };
+        let tv: Vec<f32> = (0..inter).map(|_| scale * rng.random_range(0.0..1.0f32)).collect();
+        c.store.insert("t", TensorData::from_f32(vec![inter], &tv));
+        let t = c.g.weight("t", TensorType::new(DType::F32, vec![Dim::from(inter)])).unwrap();
+        let gate = c.op(Op::Linear, &[x, wg]);
+        let a = c.op(Op::Silu, &[gate]);
+        let a = c.op(Op::Threshold, &[a, t]);
+        let up = c.op(Op::MaskedLinear, &[x, wu, a]);
+        let h = c.op(Op::Mul, &[a, up]);
+        let y = c.op(Op::ActiveLinear, &[h, wt]);
+        c.out("act", a);
+        c.out("up", up);
+        c.out("h", h);
+        c.out("down", y);
+        let tokens = if trial % 3 == 0 { vec![rng.random_range(0..VOCAB as u32)] } else { random_tokens(&mut rng) };
+        let manifest = c.check(&tokens, 1 + (trial % 2) as usize, 1e-4);
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        assert!(kernels.iter().any(|k| k.starts_with("kiln_masked_linear_")), "{kernels:?}");
+        assert!(kernels.iter().any(|k| k.starts_with("kiln_active_linear_")), "{kernels:?}");
+    }
+}

@@ -252,6 +252,7 @@ fn calibration_statistics_agree_between_backends() {
             attn_out_in: o(4),
             ffn_in: o(5),
             ffn_act: o(6),
+            ffn_gate_act: o(7),
         }
     };
     one.add(1, 12, &acts(1)).unwrap();
@@ -310,7 +311,7 @@ fn smollm2_eval_cli_compiled_matches_interpreter() {
     let c_str = calib.to_str().unwrap();
     run(&["calibrate", "--text", t, "-o", c_str, "--chunk", "16"]);
     let cal = kiln::passes::calibration::Calibration::from_json(&std::fs::read_to_string(&calib).unwrap()).unwrap();
-    assert_eq!((cal.version, cal.layers.len(), cal.hidden_size), (1, 30, 576));
+    assert_eq!((cal.version, cal.layers.len(), cal.hidden_size), (2, 30, 576));
     let j: serde_json::Value = serde_json::from_str(&run(&[
         "eval",
         "--text",

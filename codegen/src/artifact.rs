@@ -95,6 +95,33 @@ pub(crate) fn emit_kernels<'ctx>(
                 };
                 kernels::abi::wrap_linear(ctx, module, inner, *group, &spec.symbol())?;
             }
+            KernelSpec::MaskedLinear { dtype, k } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: false };
+                let inner = match module.get_function(&lin.symbol()) {
+                    Some(f) => f,
+                    None => emit_linear(ctx, module, &lin)?,
+                };
+                kernels::abi::wrap_masked_linear(ctx, module, inner, &spec.symbol())?;
+            }
+            KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: false };
+                let dense = match module.get_function(&lin.symbol()) {
+                    Some(f) => f,
+                    None => emit_linear(ctx, module, &lin)?,
+                };
+                let sparse = if *decode || *prefill {
+                    let sp = kernels::sparse::SparseLinearKernelSpec::new(*dtype, *k);
+                    Some(kernels::sparse::emit_sparse_linear(ctx, module, &sp)?)
+                } else {
+                    None
+                };
+                kernels::abi::wrap_sparse_linear(ctx, module, dense, sparse, (*decode, *prefill), &spec.symbol())?;
+            }
+            KernelSpec::ActiveLinear { dtype, k, n } => {
+                let act = kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n);
+                let inner = kernels::sparse::emit_active_linear(ctx, module, &act)?;
+                kernels::abi::wrap_active_linear(ctx, module, inner, *k, *n, &spec.symbol())?;
+            }
             KernelSpec::Embedding { dtype, d } => {
                 kernels::embedding::emit_embedding(ctx, module, *dtype, *d, &spec.symbol())?;
             }

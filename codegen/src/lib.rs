@@ -88,6 +88,10 @@ impl Target for CpuTarget {
                 | Op::Concat { .. }
                 | Op::Attention { .. }
                 | Op::SwiGlu
+                | Op::Threshold
+                | Op::MaskedLinear
+                | Op::ActiveLinear
+                | Op::SparseLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

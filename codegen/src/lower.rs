@@ -28,6 +28,27 @@ pub enum KernelSpec {
         #[serde(default)]
         residual: bool,
     },
+    /// `masked_linear`: bufs [x, w, mask, y]; dims [m, n]; items: n output rows. Runs of rows some token's
+    /// mask keeps go through the dense linear kernel, the rest is 0 (`kernels::abi::wrap_masked_linear`).
+    MaskedLinear {
+        dtype: DType,
+        k: usize,
+    },
+    /// `active_linear` on a transposed weight `[k, n]`: bufs [x, wt, y]; dims [m]; items: n / 32 output
+    /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`).
+    ActiveLinear {
+        dtype: DType,
+        k: usize,
+        n: usize,
+    },
+    /// `sparse_linear`: bufs [x, w, blocks, row_ptr, col_idx, y]; dims [m, n]; items: n output rows; the
+    /// block-sparse kernel where `decode` (m < 8) / `prefill` (m ≥ 8) say so, else the dense one.
+    SparseLinear {
+        dtype: DType,
+        k: usize,
+        decode: bool,
+        prefill: bool,
+    },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -44,6 +65,13 @@ impl KernelSpec {
         match self {
             KernelSpec::Linear { dtype, k, group, residual } => {
                 format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k, residual: *residual }.symbol())
+            }
+            KernelSpec::MaskedLinear { dtype, k } => format!("kiln_masked_linear_{}_k{k}", dtype.name()),
+            KernelSpec::ActiveLinear { dtype, k, n } => {
+                format!("{}_k{k}_x", crate::kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n).symbol())
+            }
+            KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
+                format!("kiln_pruned_linear_{}_k{k}_d{}p{}", dtype.name(), *decode as u8, *prefill as u8)
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
@@ -440,6 +468,67 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
                 cx.linear(i, wty.dtype, k, x, w, out, m, nn);
+                out
+            }
+            Op::MaskedLinear => {
+                let (x, w, mask) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
+                if !cx.is_weight(w) {
+                    return Err(cx.unsupported(i, "masked_linear weight must be a weight"));
+                }
+                let wty = g.ty(n.inputs[1]);
+                let (Some(nn), Some(k)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
+                    return Err(cx.unsupported(i, "symbolic weight shape"));
+                };
+                let xs = &g.ty(n.inputs[0]).shape;
+                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let spec = KernelSpec::MaskedLinear { dtype: wty.dtype, k };
+                cx.launch(i, spec, vec![x, w, mask, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::SparseLinear { decode, prefill } => {
+                let bufs: Vec<usize> = (0..5).map(|k| cx.operand(i, k)).collect();
+                if !bufs[1..].iter().all(|&b| cx.is_weight(b)) {
+                    return Err(cx.unsupported(i, "sparse_linear weights must be weights"));
+                }
+                let wty = g.ty(n.inputs[1]);
+                let (Some(nn), Some(k)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
+                    return Err(cx.unsupported(i, "symbolic weight shape"));
+                };
+                let (decode, prefill) = (*decode != 0, *prefill != 0);
+                if decode || prefill {
+                    crate::kernels::sparse::SparseLinearKernelSpec::new(wty.dtype, k)
+                        .validate()
+                        .map_err(|e| cx.unsupported(i, e.to_string()))?;
+                }
+                let xs = &g.ty(n.inputs[0]).shape;
+                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let mut bufs = bufs;
+                bufs.push(out);
+                let spec = KernelSpec::SparseLinear { dtype: wty.dtype, k, decode, prefill };
+                cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::ActiveLinear => {
+                let (x, wt) = (cx.operand(i, 0), cx.operand(i, 1));
+                if !cx.is_weight(wt) {
+                    return Err(cx.unsupported(i, "active_linear weight must be a weight"));
+                }
+                let wty = g.ty(n.inputs[1]);
+                let (Some(k), Some(nn)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
+                    return Err(cx.unsupported(i, "symbolic weight shape"));
+                };
+                let spec = crate::kernels::sparse::ActiveLinearKernelSpec::new(wty.dtype, nn);
+                spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                if k > crate::kernels::abi::ACTIVE_MAX_K {
+                    return Err(cx.unsupported(i, format!("k = {k} > {}", crate::kernels::abi::ACTIVE_MAX_K)));
+                }
+                let xs = &g.ty(n.inputs[0]).shape;
+                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let spec = KernelSpec::ActiveLinear { dtype: wty.dtype, k, n: nn };
+                cx.launch(i, spec, vec![x, wt, out], vec![m], vec![Dim::from(nn / 32)], true);
                 out
             }
             Op::RmsNorm { eps } => {

@@ -511,6 +511,48 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
                 g.iter().zip(u).map(|(&g, &u)| (silu(g as f64) * u as f64) as f32).collect(),
             ))
         }
+        Op::Threshold => {
+            let (x, t) = (f(args[0])?, f(args[1])?);
+            let c = t.len().max(1);
+            let out = x.iter().enumerate().map(|(i, &v)| if v.abs() > t[i % c] { v } else { 0.0 }).collect();
+            Ok(Tensor::f32(args[0].shape.clone(), out))
+        }
+        Op::MaskedLinear => {
+            let y = eval(&Op::Linear, &args[..2], env)?;
+            let mask = f(args[2])?;
+            let Data::F32(mut v) = y.data else { unreachable!("linear gives floats") };
+            for (o, &m) in v.iter_mut().zip(mask) {
+                if m == 0.0 {
+                    *o = 0.0;
+                }
+            }
+            Ok(Tensor::f32(y.shape, v))
+        }
+        // Both layouts hold the same values; the dense one is the reference (a wrong CSR shows up as a
+        // compiled result that differs from this).
+        Op::SparseLinear { .. } => eval(&Op::Linear, &args[..2], env),
+        Op::ActiveLinear => {
+            let (x, wt) = (f(args[0])?, f(args[1])?);
+            let (k, n) = (args[1].shape[0], args[1].shape[1]);
+            let m = x.len() / k.max(1);
+            let mut out = vec![0f32; m * n];
+            out.par_chunks_mut(n.max(1)).enumerate().for_each(|(r, orow)| {
+                let mut acc = vec![0f64; n];
+                for (j, &xj) in x[r * k..(r + 1) * k].iter().enumerate() {
+                    if xj != 0.0 {
+                        for (a, &w) in acc.iter_mut().zip(&wt[j * n..(j + 1) * n]) {
+                            *a += xj as f64 * w as f64;
+                        }
+                    }
+                }
+                for (o, a) in orow.iter_mut().zip(acc) {
+                    *o = a as f32;
+                }
+            });
+            let mut shape = args[0].shape.clone();
+            *shape.last_mut().unwrap() = n;
+            Ok(Tensor::f32(shape, out))
+        }
         Op::Reshape { .. } => Err("reshape needs the bound symbols; the interpreter evaluates it".into()),
         Op::Transpose { perm } => {
             let t = args[0];

@@ -235,6 +235,22 @@ ops! {
     Attention { scale: f32 } = "attention" / 3;
     /// `silu(gate) * up`.
     SwiGlu = "swiglu" / 2;
+    /// `x` where `|x| > t`, else 0: `t[C]` is a per-channel threshold on the last axis of `x[..., C]`
+    /// (activation sparsity, CHESS). NaN is not above any threshold, so it becomes 0.
+    Threshold = "threshold" / 2;
+    /// `linear(x, w)` computed only where `mask ≠ 0`: `x[..., K] · w[N, K]ᵀ` with element `[..., n]` set
+    /// to 0 where `mask[..., n]` is 0. Lets a kernel skip the output rows a sparse activation discards.
+    MaskedLinear = "masked_linear" / 3;
+    /// Input-sparse linear on a transposed weight: `x[..., K] · wt[K, N] → [..., N]`, summing only over
+    /// the channels where x ≠ 0 (so a kernel reads only those rows of `wt`; an inf/NaN weight row of a
+    /// zero channel does not poison the result).
+    ActiveLinear = "active_linear" / 2;
+    /// A pruned linear in two layouts with equal values: `w[N, K]` dense (pruned blocks zero) and the
+    /// same matrix block-sparse (`blocks` = the kept 32-element blocks' bytes, in `w`'s dtype as a flat
+    /// tensor; `row_ptr` i32[N+1]; `col_idx` i32[nnz], see `kiln_ir::sparse`). The result is `x · wᵀ`;
+    /// `decode`/`prefill` (0 or 1) say which layout a kernel reads for small (< 8) and large row counts,
+    /// as chosen by the kernel-selection cost model.
+    SparseLinear { decode: i64, prefill: i64 } = "sparse_linear" / 5;
     Reshape { shape: Vec<Dim> } = "reshape" / 1;
     Transpose { perm: Vec<i64> } = "transpose" / 1;
     Concat { axis: i64 } = "concat" / 2;
@@ -430,6 +446,48 @@ impl Op {
                     return Err(format!("swiglu operands differ: {} and {}", ins[0], ins[1]));
                 }
                 Ok(ins[0].clone())
+            }
+            Op::Threshold => {
+                let (x, t) = (ins[0], ins[1]);
+                want_float(x, "threshold input")?;
+                want_float(t, "threshold")?;
+                want_rank(t, 1, "threshold")?;
+                same_dim(x.shape.last().ok_or("threshold input must have rank ≥ 1")?, &t.shape[0], "threshold width")?;
+                Ok(x.clone())
+            }
+            Op::MaskedLinear => {
+                let y = Op::Linear.infer(&ins[..2], None)?;
+                if *ins[2] != y {
+                    return Err(format!("masked_linear mask is {} but the result is {y}", ins[2]));
+                }
+                Ok(y)
+            }
+            Op::SparseLinear { .. } => {
+                let y = Op::Linear.infer(&ins[..2], None)?;
+                let (w, blocks, row_ptr, col_idx) = (ins[1], ins[2], ins[3], ins[4]);
+                if blocks.dtype != w.dtype || blocks.rank() != 1 {
+                    return Err(format!("sparse_linear blocks must be a flat {} tensor, found {blocks}", w.dtype));
+                }
+                for (t, what) in [(row_ptr, "row_ptr"), (col_idx, "col_idx")] {
+                    if t.dtype != DType::I32 || t.rank() != 1 {
+                        return Err(format!("sparse_linear {what} must be i32[_], found {t}"));
+                    }
+                }
+                same_dim(&row_ptr.shape[0], &w.shape[0].add(&Dim::fixed(1)), "sparse_linear row_ptr length")?;
+                Ok(y)
+            }
+            Op::ActiveLinear => {
+                let (x, wt) = (ins[0], ins[1]);
+                want_float(x, "active_linear input")?;
+                want_rank(wt, 2, "active_linear weight")?;
+                if !wt.dtype.is_float() {
+                    return Err(format!("active_linear weight must be a float type, found {}", wt.dtype));
+                }
+                let k = x.shape.last().ok_or("active_linear input must have rank ≥ 1")?;
+                same_dim(k, &wt.shape[0], "active_linear inner dimension")?;
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = wt.shape[1].clone();
+                Ok(f32t(shape))
             }
             Op::Reshape { shape } => {
                 let x = ins[0];

@@ -207,3 +207,35 @@ fn rope_and_attention_match_decompositions() {
     );
     assert_eq!(y.as_f32().unwrap(), &[1.0, 2.0, f32::NEG_INFINITY, 4.0, 5.0, 6.0]);
 }
+
+#[test]
+fn activation_sparsity_ops_by_hand() {
+    // threshold: keep |x| > t per channel (strictly), NaN dropped.
+    let mut w = WeightStore::new();
+    w.insert("t", TensorData::from_f32(vec![3], &[0.5, 0.0, 2.0]));
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 3]\n  %1 = weight {name = \"t\"} : f32[3]\n  %2 = threshold(%0, %1) : f32[seq, 3]\n  output \"y\" = %2");
+    let x = Tensor::f32(vec![2, 3], vec![0.5, -0.1, -2.5, -0.6, 0.0, f32::NAN]);
+    let y = run1(&src, &[("x", x)], &w);
+    assert_eq!(y.as_f32().unwrap(), &[0.0, -0.1, -2.5, -0.6, 0.0, 0.0]);
+
+    // masked_linear: rows of linear(x, w) where the mask is non-zero, else 0.
+    w.insert("m", TensorData::from_f32(vec![3, 2], &[1.0, 2.0, 0.0, -1.0, 0.5, 0.5]));
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 2]\n  %1 = weight {name = \"m\"} : f32[3, 2]\n  %2 = input {name = \"mask\"} : f32[seq, 3]\n  %3 = masked_linear(%0, %1, %2) : f32[seq, 3]\n  output \"y\" = %3");
+    let x = Tensor::f32(vec![2, 2], vec![1.0, 1.0, 2.0, -4.0]);
+    let mask = Tensor::f32(vec![2, 3], vec![1.0, 0.0, -3.0, 0.0, 0.5, 0.0]);
+    let y = run1(&src, &[("x", x), ("mask", mask)], &w);
+    close(y.as_f32().unwrap(), &[3.0, 0.0, 1.0, 0.0, 4.0, 0.0], 1e-6);
+
+    // active_linear: x · wt with wt [K, N]; a zero channel's weight row is never read (inf there is harmless).
+    w.insert("wt", TensorData::from_f32(vec![3, 2], &[1.0, 2.0, f32::INFINITY, f32::NAN, 0.5, -1.0]));
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 3]\n  %1 = weight {name = \"wt\"} : f32[3, 2]\n  %2 = active_linear(%0, %1) : f32[seq, 2]\n  output \"y\" = %2");
+    let x = Tensor::f32(vec![2, 3], vec![2.0, 0.0, 4.0, 0.0, 0.0, -2.0]);
+    let y = run1(&src, &[("x", x)], &w);
+    close(y.as_f32().unwrap(), &[4.0, 0.0, -1.0, 2.0], 1e-6);
+
+    // Type rules: mismatched widths are errors naming the dimension.
+    let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = weight {name = \"t\"} : f32[3]\n  %2 = threshold(%0, %1) : f32[seq, 4]\n  output \"y\" = %2");
+    assert!(parse(&bad).unwrap_err().to_string().contains("threshold width"));
+    let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 2]\n  %1 = weight {name = \"wt\"} : f32[3, 2]\n  %2 = active_linear(%0, %1) : f32[seq, 2]\n  output \"y\" = %2");
+    assert!(parse(&bad).unwrap_err().to_string().contains("active_linear inner dimension"));
+}

@@ -15,7 +15,12 @@ use kiln_ir::Graph;
 use serde::{Deserialize, Serialize};
 
 pub const CALIBRATION_FORMAT: &str = "kiln-calibration";
-pub const CALIBRATION_VERSION: u32 = 1;
+pub const CALIBRATION_VERSION: u32 = 2;
+
+/// The quantile levels recorded per channel (`*_abs_quantiles`): 0.05, 0.10, …, 0.95.
+pub fn quantile_levels() -> Vec<f32> {
+    (1..20).map(|i| i as f32 * 0.05).collect()
+}
 
 /// A calibration file.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -37,6 +42,8 @@ pub struct Calibration {
     /// chunk by chunk (the first token of each chunk is not scored).
     pub mean_nll: f64,
     pub perplexity: f64,
+    /// The levels `q` of every `*_abs_quantiles` vector, increasing in (0, 1).
+    pub quantile_levels: Vec<f32>,
     /// One entry per decoder block, in layer order.
     pub layers: Vec<LayerStats>,
 }
@@ -68,6 +75,37 @@ pub struct LayerStats {
     pub ffn_in_mean_abs: Vec<f32>,
     /// The SwiGLU activation silu(gate)·up, the input of the down projection (`intermediate_size`).
     pub ffn_act_mean_abs: Vec<f32>,
+    /// Per channel of the gate activation silu(gate) (`intermediate_size`), the |activation| below which
+    /// a share `q` of the tokens fall, for each `q` of `quantile_levels` (activation sparsity thresholds).
+    pub ffn_gate_abs_quantiles: Vec<Vec<f32>>,
+    /// The same for the input of the Q/K/V projections (`hidden_size`).
+    pub attn_in_abs_quantiles: Vec<Vec<f32>>,
+}
+
+impl LayerStats {
+    /// Per channel of the gate activation, the threshold below which a share `sparsity` of its
+    /// calibration values fall (linear between the recorded levels; 0 at sparsity 0).
+    pub fn ffn_gate_thresholds(&self, levels: &[f32], sparsity: f64) -> Vec<f32> {
+        self.ffn_gate_abs_quantiles.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect()
+    }
+}
+
+/// The value at level `p` of a quantile curve known at `levels` (increasing): 0 at p = 0, linear
+/// between levels, the last level's value above it.
+pub fn interpolate_quantile(levels: &[f32], values: &[f32], p: f64) -> f32 {
+    if p <= 0.0 || levels.is_empty() {
+        return 0.0;
+    }
+    let mut prev = (0f64, 0f64);
+    for (&l, &v) in levels.iter().zip(values) {
+        let (l, v) = (l as f64, v as f64);
+        if p <= l {
+            let t = (p - prev.0) / (l - prev.0);
+            return (prev.1 + t * (v - prev.1)) as f32;
+        }
+        prev = (l, v);
+    }
+    prev.1 as f32
 }
 
 impl Calibration {
@@ -92,12 +130,16 @@ impl Calibration {
     }
 
     pub fn to_json(&self) -> String {
-        serde_json::to_string_pretty(self).expect("calibration serialises")
+        serde_json::to_string(self).expect("calibration serialises")
     }
 
     fn check(&self) -> Result<(), String> {
         if self.layers.is_empty() {
             return Err("no layers".into());
+        }
+        let lv = &self.quantile_levels;
+        if lv.iter().any(|&q| !(q > 0.0 && q < 1.0)) || lv.windows(2).any(|w| w[0] >= w[1]) {
+            return Err("quantile_levels must increase strictly within (0, 1)".into());
         }
         for (i, l) in self.layers.iter().enumerate() {
             if l.layer != i {
@@ -111,6 +153,15 @@ impl Calibration {
                 return Err(format!(
                     "layer {i}: per-channel statistics do not have hidden_size = {}",
                     self.hidden_size
+                ));
+            }
+            let q = self.quantile_levels.len();
+            if l.ffn_gate_abs_quantiles.len() != self.intermediate_size
+                || l.attn_in_abs_quantiles.len() != self.hidden_size
+                || l.ffn_gate_abs_quantiles.iter().chain(&l.attn_in_abs_quantiles).any(|v| v.len() != q)
+            {
+                return Err(format!(
+                    "layer {i}: per-channel quantiles must be intermediate_size/hidden_size vectors of {q} levels"
                 ));
             }
             if l.ffn_act_mean_abs.len() != self.intermediate_size {
@@ -130,8 +181,9 @@ impl Calibration {
 }
 
 /// Output names [`expose_block_values`] adds for layer `l`.
-pub fn exposed_names(l: usize) -> [String; 7] {
-    ["x_in", "x_mid", "x_out", "attn_in", "attn_out_in", "ffn_in", "ffn_act"].map(|s| format!("calib.{l}.{s}"))
+pub fn exposed_names(l: usize) -> [String; 8] {
+    ["x_in", "x_mid", "x_out", "attn_in", "attn_out_in", "ffn_in", "ffn_act", "ffn_gate_act"]
+        .map(|s| format!("calib.{l}.{s}"))
 }
 
 /// Marks the values calibration measures as extra graph outputs (`calib.L.x_in`, …; see
@@ -140,7 +192,14 @@ pub fn expose_block_values(g: &mut Graph) -> Result<usize, String> {
     let blocks = find_blocks(g)?;
     for b in &blocks {
         let names = exposed_names(b.layer);
-        let vals = [b.x_in, b.x_mid, b.x_out, b.attn_in, b.attn_out_in, b.ffn_in, b.ffn_act];
+        // The gate activation silu(gate) is inside the swiglu op; expose it as a node of its own.
+        let act = g.node(b.ffn_act);
+        if act.op != kiln_ir::Op::SwiGlu {
+            return Err(format!("block {}: the down projection does not read a swiglu", b.layer));
+        }
+        let gate = act.inputs[0];
+        let gate_act = g.add(kiln_ir::Op::Silu, &[gate]).map_err(|e| e.to_string())?;
+        let vals = [b.x_in, b.x_mid, b.x_out, b.attn_in, b.attn_out_in, b.ffn_in, b.ffn_act, gate_act];
         for (n, v) in names.iter().zip(vals) {
             g.output(n, v);
         }
@@ -174,6 +233,77 @@ struct LayerAcc {
     attn_out_in: Vec<f64>,
     ffn_in: Vec<f64>,
     ffn_act: Vec<f64>,
+    gate_hist: AbsHistogram,
+    attn_in_hist: AbsHistogram,
+}
+
+/// Per-channel histograms of |x| on a log scale: bin 0 holds |x| < 2^LOG_MIN (and 0), then
+/// `BINS_PER_OCTAVE` bins per octave up to 2^LOG_MAX (larger values go to the last bin). Quantiles are
+/// read off by interpolating geometrically within a bin (relative error ≤ 2^(1/8) − 1 ≈ 9%), which keeps
+/// memory fixed however long the calibration text is.
+#[derive(Clone, Debug, Default)]
+struct AbsHistogram {
+    channels: usize,
+    counts: Vec<u32>,
+    total: u64,
+}
+
+const LOG_MIN: i32 = -24;
+const LOG_MAX: i32 = 8;
+const BINS_PER_OCTAVE: i32 = 8;
+const BINS: usize = ((LOG_MAX - LOG_MIN) * BINS_PER_OCTAVE + 1) as usize;
+
+impl AbsHistogram {
+    fn bin(x: f32) -> usize {
+        let a = x.abs();
+        if a.is_nan() || a < (LOG_MIN as f32).exp2() {
+            return 0;
+        }
+        let b = ((a.log2() - LOG_MIN as f32) * BINS_PER_OCTAVE as f32).floor() as i64 + 1;
+        b.clamp(1, BINS as i64 - 1) as usize
+    }
+
+    fn add(&mut self, rows: &[f32], width: usize) {
+        if self.channels == 0 {
+            self.channels = width;
+            self.counts = vec![0; width * BINS];
+        }
+        for row in rows.chunks_exact(width) {
+            for (c, &x) in row.iter().enumerate() {
+                self.counts[c * BINS + Self::bin(x)] += 1;
+            }
+            self.total += 1;
+        }
+    }
+
+    /// Per channel, the |x| below which a share `q` of the values fall, for each level.
+    fn quantiles(&self, levels: &[f32]) -> Vec<Vec<f32>> {
+        (0..self.channels)
+            .map(|c| {
+                let h = &self.counts[c * BINS..(c + 1) * BINS];
+                levels.iter().map(|&q| quantile_of(h, self.total, q as f64)).collect()
+            })
+            .collect()
+    }
+}
+
+fn quantile_of(h: &[u32], total: u64, q: f64) -> f32 {
+    // Levels are f32 (0.8 is 0.8000000119…): a relative slack keeps exact shares on their bin.
+    let target = q * total as f64 * (1.0 - 1e-6);
+    let mut below = 0f64;
+    for (b, &n) in h.iter().enumerate() {
+        let n = n as f64;
+        if n > 0.0 && below + n >= target {
+            if b == 0 {
+                return 0.0;
+            }
+            let frac = ((target - below) / n).clamp(0.0, 1.0);
+            let lo = LOG_MIN as f64 + (b - 1) as f64 / BINS_PER_OCTAVE as f64;
+            return (lo + frac / BINS_PER_OCTAVE as f64).exp2() as f32;
+        }
+        below += n;
+    }
+    (LOG_MAX as f32).exp2()
 }
 
 fn add_abs(acc: &mut Vec<f64>, rows: &[f32], width: usize) {
@@ -196,6 +326,8 @@ pub struct BlockActivations<'a> {
     pub attn_out_in: &'a [f32],
     pub ffn_in: &'a [f32],
     pub ffn_act: &'a [f32],
+    /// silu(gate), the gate activation (`intermediate_size` wide).
+    pub ffn_gate_act: &'a [f32],
 }
 
 /// Sums per-token statistics over chunks; [`StatsAccumulator::finish`] averages them.
@@ -233,12 +365,15 @@ impl StatsAccumulator {
         add_abs(&mut acc.attn_out_in, a.attn_out_in, a.attn_out_in.len() / tokens);
         add_abs(&mut acc.ffn_in, a.ffn_in, a.ffn_in.len() / tokens);
         add_abs(&mut acc.ffn_act, a.ffn_act, a.ffn_act.len() / tokens);
+        acc.gate_hist.add(a.ffn_gate_act, a.ffn_gate_act.len() / tokens);
+        acc.attn_in_hist.add(a.attn_in, a.attn_in.len() / tokens);
         acc.tokens += tokens;
         Ok(())
     }
 
-    /// Per-layer averages.
+    /// Per-layer averages, and quantiles at `quantile_levels()`.
     pub fn finish(self) -> Vec<LayerStats> {
+        let levels = quantile_levels();
         self.layers
             .into_iter()
             .enumerate()
@@ -255,6 +390,8 @@ impl StatsAccumulator {
                     attn_out_in_mean_abs: mean(a.attn_out_in),
                     ffn_in_mean_abs: mean(a.ffn_in),
                     ffn_act_mean_abs: mean(a.ffn_act),
+                    ffn_gate_abs_quantiles: a.gate_hist.quantiles(&levels),
+                    attn_in_abs_quantiles: a.attn_in_hist.quantiles(&levels),
                 }
             })
             .collect()
@@ -286,6 +423,7 @@ mod tests {
             attn_out_in: &[2.0],
             ffn_in: &[0.5, 0.5],
             ffn_act: &[-4.0],
+            ffn_gate_act: &[0.25],
         };
         acc.add(0, 1, &act(&[1.0, 0.0], &[1.0, 0.0])).unwrap();
         acc.add(0, 1, &act(&[1.0, 0.0], &[0.0, 1.0])).unwrap();
@@ -300,12 +438,40 @@ mod tests {
     }
 
     #[test]
+    fn quantiles_from_histograms_by_hand() {
+        // One channel, values 1..=100: the q-quantile is about 100q (within a bin's 9%).
+        let mut h = AbsHistogram::default();
+        let vals: Vec<f32> = (1..=100).map(|v| -(v as f32)).collect();
+        h.add(&vals, 1);
+        let levels = quantile_levels();
+        let q = &h.quantiles(&levels)[0];
+        for (&l, &v) in levels.iter().zip(q) {
+            let want = 100.0 * l;
+            assert!((v - want).abs() <= 0.1 * want + 1.0, "level {l}: {v} vs {want}");
+        }
+        // A channel that is 0 on 80% of tokens has quantiles 0 up to 0.8.
+        let mut h = AbsHistogram::default();
+        let vals: Vec<f32> = (0..10).map(|i| if i < 8 { 0.0 } else { 3.0 }).collect();
+        h.add(&vals, 1);
+        let q = &h.quantiles(&levels)[0];
+        assert_eq!(q[15], 0.0); // level 0.8
+        assert!((q[16] - 3.0).abs() < 0.3, "{}", q[16]); // level 0.85
+                                                         // Interpolation between levels, 0 at 0, clamped above the last level.
+        assert_eq!(interpolate_quantile(&[0.5, 1.0], &[2.0, 4.0], 0.0), 0.0);
+        assert_eq!(interpolate_quantile(&[0.5, 1.0], &[2.0, 4.0], 0.25), 1.0);
+        assert_eq!(interpolate_quantile(&[0.5, 1.0], &[2.0, 4.0], 0.75), 3.0);
+        assert_eq!(interpolate_quantile(&[0.5, 0.9], &[2.0, 4.0], 0.95), 4.0);
+    }
+
+    #[test]
     fn bad_files_are_refused_with_reasons() {
         assert!(Calibration::from_json("{").unwrap_err().contains("not JSON"));
         assert!(Calibration::from_json("{\"format\": \"x\"}").unwrap_err().contains("not a Kiln calibration"));
         let e = Calibration::from_json("{\"format\": \"kiln-calibration\", \"version\": 99}").unwrap_err();
         assert!(e.contains("version"), "{e}");
         let e = Calibration::from_json("{\"format\": \"kiln-calibration\", \"version\": 1}").unwrap_err();
+        assert!(e.contains("version 2"), "{e}");
+        let e = Calibration::from_json("{\"format\": \"kiln-calibration\", \"version\": 2}").unwrap_err();
         assert!(e.contains("invalid calibration file"), "{e}");
     }
 }

@@ -5,12 +5,14 @@
 
 pub mod blocks;
 pub mod calibration;
+pub mod chess;
 pub mod cse;
 pub mod dce;
 pub mod decompose;
 pub mod egraph;
 pub mod lift;
 pub mod rules;
+pub mod prune;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError, WeightStore};

@@ -4,7 +4,7 @@ use super::emit::{Emitter, R};
 use inkwell::context::Context;
 use inkwell::module::Module;
 use inkwell::values::FunctionValue;
-use inkwell::IntPredicate;
+use inkwell::{FloatPredicate, IntPredicate};
 
 /// `symbol(bufs=[x, w0, y0, …, w{g-1}, y{g-1}], dims=[m, n0, …, n{g-1}], begin, end)`: rows `begin..end`
 /// of the concatenation of the `g` outputs, each segment computed by `inner(w_i, x, y_i, m, n_i, lo, hi)`.
@@ -43,6 +43,189 @@ pub fn wrap_linear<'ctx>(
         e.b.build_unconditional_branch(next_bb)?;
         e.b.position_at_end(next_bb);
         offset = e.add(offset, n)?;
+    }
+    e.finish()
+}
+
+/// `symbol(bufs=[x, w, mask, y], dims=[m, n], begin, end)`: output rows `begin..end` of
+/// `masked_linear(x, w, mask)`. Rows that some token's mask keeps are computed by the dense `inner`
+/// (`(w, x, y, m, n, lo, hi)`), one call per run of consecutive kept rows; then every element whose mask
+/// is 0 is set to 0. At decode (m = 1) the weight rows of dropped outputs are never read.
+pub fn wrap_masked_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    inner: FunctionValue<'ctx>,
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, w, mask, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?);
+    let (m, n) = (e.dim(0)?, e.dim(1)?);
+    let i64t = e.i64t();
+    // Start of the current run of kept rows, or -1.
+    let start = {
+        let entry = e.func.get_first_basic_block().unwrap();
+        let tmp = ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        tmp.build_alloca(i64t, "run_start")?
+    };
+    let any = e.var_f32(0.0)?;
+    e.b.build_store(start, e.i64c(-1))?;
+    let call = |lo, hi| -> R<()> {
+        e.b.build_call(inner, &[w.into(), x.into(), y.into(), m.into(), n.into(), lo, hi], "")?;
+        Ok(())
+    };
+    e.for_range(e.begin, e.end, |r| {
+        e.set(any, e.f32c(0.0))?;
+        e.for_range(e.i64c(0), m, |i| {
+            let v = e.load_f32(mask, e.add(e.mul(i, n)?, r)?)?;
+            let nz = e.b.build_float_compare(FloatPredicate::UNE, v, e.f32c(0.0), "nz")?;
+            let acc = e.get(any)?;
+            let acc = e.b.build_select(nz, e.f32c(1.0), acc, "any")?.into_float_value();
+            e.set(any, acc)
+        })?;
+        let active = e.b.build_float_compare(FloatPredicate::ONE, e.get(any)?, e.f32c(0.0), "active")?;
+        let s = e.b.build_load(i64t, start, "s")?.into_int_value();
+        let open = e.b.build_int_compare(IntPredicate::SGE, s, e.i64c(0), "open")?;
+        let inactive = e.b.build_not(active, "inactive")?;
+        let close = e.b.build_and(open, inactive, "close")?;
+        let call_bb = ctx.append_basic_block(e.func, "close_run");
+        let next_bb = ctx.append_basic_block(e.func, "after_close");
+        e.b.build_conditional_branch(close, call_bb, next_bb)?;
+        e.b.position_at_end(call_bb);
+        call(s.into(), r.into())?;
+        e.b.build_unconditional_branch(next_bb)?;
+        e.b.position_at_end(next_bb);
+        // Still open after this row: active and already open; newly opened: active and not open.
+        let s1 = e.b.build_select(close, e.i64c(-1), s, "s1")?.into_int_value();
+        let idle = e.b.build_int_compare(IntPredicate::SLT, s1, e.i64c(0), "idle")?;
+        let opens = e.b.build_and(active, idle, "opens")?;
+        let s2 = e.b.build_select(opens, r, s1, "s2")?;
+        e.b.build_store(start, s2)?;
+        Ok(())
+    })?;
+    let s = e.b.build_load(i64t, start, "s")?.into_int_value();
+    let open = e.b.build_int_compare(IntPredicate::SGE, s, e.i64c(0), "open")?;
+    let call_bb = ctx.append_basic_block(e.func, "last_run");
+    let next_bb = ctx.append_basic_block(e.func, "masking");
+    e.b.build_conditional_branch(open, call_bb, next_bb)?;
+    e.b.position_at_end(call_bb);
+    call(s.into(), e.end.into())?;
+    e.b.build_unconditional_branch(next_bb)?;
+    e.b.position_at_end(next_bb);
+    e.for_range(e.i64c(0), m, |i| {
+        e.for_range(e.begin, e.end, |r| {
+            let at = e.add(e.mul(i, n)?, r)?;
+            let keep = e.b.build_float_compare(FloatPredicate::UNE, e.load_f32(mask, at)?, e.f32c(0.0), "keep")?;
+            let v = e.b.build_select(keep, e.load_f32(y, at)?, e.f32c(0.0), "v")?.into_float_value();
+            e.store_f32(y, at, v)
+        })
+    })?;
+    e.finish()
+}
+
+/// Largest `k` of an active-linear wrapper: its index list (`4k` bytes) lives on the stack.
+pub const ACTIVE_MAX_K: usize = 32768;
+
+/// `symbol(bufs=[x, wt, y], dims=[m], begin, end)`: `active_linear(x, wt)` for output blocks
+/// `begin..end` (32 outputs each). Per x row, the channels with x ≠ 0 are listed (branch-free) and the
+/// active-channel kernel `inner` (`(wt, idx, x, y, count, k, col_begin, col_end)`) reads only their rows
+/// of `wt [k, n]`. NaN counts as non-zero, so it propagates as in the interpreter.
+pub fn wrap_active_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    inner: FunctionValue<'ctx>,
+    k: usize,
+    n: usize,
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, wt, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+    let m = e.dim(0)?;
+    let (i32t, i64t) = (ctx.i32_type(), e.i64t());
+    let (idx, count) = {
+        let entry = e.func.get_first_basic_block().unwrap();
+        let tmp = ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        (tmp.build_alloca(i32t.array_type(k as u32), "idx")?, tmp.build_alloca(i64t, "count")?)
+    };
+    let (kc, nc, blk) = (e.i64c(k as i64), e.i64c(n as i64), e.i64c(32));
+    let (cb, ce) = (e.mul(e.begin, blk)?, e.mul(e.end, blk)?);
+    e.for_range(e.i64c(0), m, |i| {
+        let xi = e.gep(e.f32t().into(), x, e.mul(i, kc)?)?;
+        let yi = e.gep(e.f32t().into(), y, e.mul(i, nc)?)?;
+        e.b.build_store(count, e.i64c(0))?;
+        e.for_range(e.i64c(0), kc, |j| {
+            let c = e.b.build_load(i64t, count, "c")?.into_int_value();
+            let slot = e.gep(i32t.into(), idx, c)?;
+            e.b.build_store(slot, e.b.build_int_truncate(j, i32t, "j32")?)?;
+            let nz = e.b.build_float_compare(FloatPredicate::UNE, e.load_f32(xi, j)?, e.f32c(0.0), "nz")?;
+            let inc = e.b.build_int_z_extend(nz, i64t, "inc")?;
+            e.b.build_store(count, e.add(c, inc)?)?;
+            Ok(())
+        })?;
+        let c = e.b.build_load(i64t, count, "c")?.into_int_value();
+        let args = [wt.into(), idx.into(), xi.into(), yi.into(), c.into(), kc.into(), cb.into(), ce.into()];
+        e.b.build_call(inner, &args, "")?;
+        Ok(())
+    })?;
+    e.finish()
+}
+
+/// `symbol(bufs=[x, w, blocks, row_ptr, col_idx, y], dims=[m, n], begin, end)`: rows `begin..end` of a
+/// pruned linear, from the dense layout (`dense(w, x, y, m, n, lo, hi)`) or the block-sparse one
+/// (`sparse(blocks, row_ptr, col_idx, x, y, m, n, lo, hi)`), per the kernel selection for small (m < 8)
+/// and large m.
+pub fn wrap_sparse_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    dense: FunctionValue<'ctx>,
+    sparse: Option<FunctionValue<'ctx>>,
+    (decode, prefill): (bool, bool),
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, w, blocks, row_ptr, col_idx, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?, e.buf(4)?, e.buf(5)?);
+    let (m, n) = (e.dim(0)?, e.dim(1)?);
+    let dense_call = |e: &Emitter<'_, 'ctx>| -> R<()> {
+        e.b.build_call(dense, &[w.into(), x.into(), y.into(), m.into(), n.into(), e.begin.into(), e.end.into()], "")?;
+        Ok(())
+    };
+    match sparse {
+        Some(sp) if decode || prefill => {
+            let small = e.b.build_int_compare(IntPredicate::SLT, m, e.i64c(8), "small")?;
+            let i1 = ctx.bool_type();
+            let (d, p) = (i1.const_int(decode as u64, false), i1.const_int(prefill as u64, false));
+            let pick = e.b.build_select(small, d, p, "sparse")?.into_int_value();
+            let sparse_bb = ctx.append_basic_block(e.func, "sparse");
+            let dense_bb = ctx.append_basic_block(e.func, "dense");
+            let done = ctx.append_basic_block(e.func, "done");
+            e.b.build_conditional_branch(pick, sparse_bb, dense_bb)?;
+            e.b.position_at_end(sparse_bb);
+            let args: [inkwell::values::BasicMetadataValueEnum; 9] = [
+                blocks.into(),
+                row_ptr.into(),
+                col_idx.into(),
+                x.into(),
+                y.into(),
+                m.into(),
+                n.into(),
+                e.begin.into(),
+                e.end.into(),
+            ];
+            e.b.build_call(sp, &args, "")?;
+            e.b.build_unconditional_branch(done)?;
+            e.b.position_at_end(dense_bb);
+            dense_call(&e)?;
+            e.b.build_unconditional_branch(done)?;
+            e.b.position_at_end(done);
+        }
+        _ => dense_call(&e)?,
     }
     e.finish()
 }

@@ -43,6 +43,8 @@ pub enum EwOp {
     Sigmoid,
     Silu,
     SwiGlu,
+    /// `a` where `|a| > b`, else 0 (`b` a per-channel threshold).
+    Threshold,
 }
 
 impl EwOp {
@@ -60,6 +62,7 @@ impl EwOp {
             Op::Sigmoid => EwOp::Sigmoid,
             Op::Silu => EwOp::Silu,
             Op::SwiGlu => EwOp::SwiGlu,
+            Op::Threshold => EwOp::Threshold,
             _ => return None,
         })
     }
@@ -77,6 +80,7 @@ impl EwOp {
             EwOp::Sigmoid => "sigmoid",
             EwOp::Silu => "silu",
             EwOp::SwiGlu => "swiglu",
+            EwOp::Threshold => "threshold",
         }
     }
 }
@@ -163,6 +167,9 @@ impl FusedKernel {
         let _ = writeln!(s, "      outs(%out : {out_ty}) {{");
         let _ = writeln!(s, "  ^bb0({}%y: f32):", block_args.iter().map(|a| format!("{a}, ")).collect::<String>());
         let _ = writeln!(s, "    %one = arith.constant 1.0 : f32");
+        if self.steps.iter().any(|st| st.op == EwOp::Threshold) {
+            let _ = writeln!(s, "    %zero = arith.constant 0.0 : f32");
+        }
         let mut consts = Vec::new();
         for step in &self.steps {
             for a in &step.args {
@@ -204,6 +211,12 @@ impl FusedKernel {
                 }
                 EwOp::Sigmoid => format!("{}    %s{i} = arith.divf %one, %s{i}_d : f32\n", denom(&a[0])),
                 EwOp::Silu => format!("{}    %s{i} = arith.divf {}, %s{i}_d : f32\n", denom(&a[0]), a[0]),
+                // `ogt` is false for NaN, which becomes 0 as in the interpreter.
+                EwOp::Threshold => format!(
+                    "    %s{i}_a = math.absf {} : f32\n    %s{i}_c = arith.cmpf ogt, %s{i}_a, {} : f32\n    \
+                     %s{i} = arith.select %s{i}_c, {}, %zero : f32\n",
+                    a[0], a[1], a[0]
+                ),
                 EwOp::SwiGlu => format!(
                     "{}    %s{i}_g = arith.divf {}, %s{i}_d : f32\n    %s{i} = arith.mulf %s{i}_g, {} : f32\n",
                     denom(&a[0]),

@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod emit;
 pub mod fused;
 pub mod linear;
+pub mod measure;
 pub mod ops;
 pub mod sparse;
 

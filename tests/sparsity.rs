@@ -1,0 +1,296 @@
+//! Activation sparsity (the `chess` pass): on a tiny random model and on SmolLM2, the compiled sparse
+//! paths against the interpreter, sparsity 0 against the dense model, the achieved share of dropped gate
+//! channels against the target, and bad options through the CLI.
+
+use crate::common::{max_abs_diff, random_weights, run_kiln, smollm2, tiny_config};
+use kiln::artifact::{build_graph, compile_build, Build};
+use kiln::codegen::CompileOptions;
+use kiln::frontend::export::write_hf;
+use kiln::frontend::{Arch, Model};
+use kiln::ir::interp::Tensor;
+use kiln::ir::{DType, Graph, Op};
+use kiln::passes::calibration::{
+    quantile_levels, Calibration, CalibrationText, CALIBRATION_FORMAT, CALIBRATION_VERSION,
+};
+use kiln::runtime::{Backend, CompiledBackend, InterpreterBackend};
+use std::path::Path;
+use std::sync::Arc;
+
+fn all_logits() -> CompileOptions {
+    CompileOptions { all_logits: true, ..CompileOptions::default() }
+}
+
+/// Calibrates `m` on `tokens` with `backend` (chunks of `chunk`).
+fn calibrate(m: &Model, backend: &mut dyn Backend, tokens: &[u32], chunk: usize) -> Arc<Calibration> {
+    let measured = kiln::calibrate::measure(backend, tokens, chunk, m.config.n_layers, |_| {}).unwrap();
+    Arc::new(Calibration {
+        format: CALIBRATION_FORMAT.into(),
+        version: CALIBRATION_VERSION,
+        model: m.name.clone(),
+        source_hash: "test".into(),
+        text: CalibrationText { file: "tokens".into(), blake3: String::new(), tokens: tokens.len() },
+        chunk,
+        hidden_size: m.config.hidden_size,
+        intermediate_size: m.config.intermediate_size,
+        mean_nll: measured.mean_nll,
+        perplexity: measured.mean_nll.exp(),
+        quantile_levels: quantile_levels(),
+        layers: measured.layers,
+    })
+}
+
+fn chess_build(cal: &Arc<Calibration>, s: f64) -> Build {
+    Build { opts: all_logits(), chess: Some(s), calibration: Some(cal.clone()), ..Default::default() }
+}
+
+/// Logits of a prefill of `tokens[..split]` then one decode step per remaining token, concatenated.
+fn steps(b: &mut dyn Backend, tokens: &[u32], split: usize) -> Vec<f32> {
+    b.reset();
+    let mut out = b.forward(&tokens[..split]).unwrap().data;
+    for &t in &tokens[split..] {
+        out.extend(b.forward(&[t]).unwrap().data);
+    }
+    out
+}
+
+/// Share of zeros in the outputs of every `threshold` node of `g` on `tokens` (interpreter).
+fn dropped_share(g: &Graph, w: &kiln::ir::WeightStore, tokens: &[u32], n_layers: usize) -> f64 {
+    let mut g = g.clone();
+    let thresholds: Vec<usize> = (0..g.nodes.len()).filter(|&i| g.nodes[i].op == Op::Threshold).collect();
+    assert_eq!(thresholds.len(), n_layers, "one threshold per block");
+    g.outputs.retain(|(n, _)| n == "logits");
+    for (k, &i) in thresholds.iter().enumerate() {
+        g.output(&format!("thr{k}"), kiln::ir::ValueId(i as u32));
+    }
+    let mut inputs: Vec<(String, Tensor)> = Vec::new();
+    let s = tokens.len();
+    inputs.push(("tokens".into(), Tensor::i64(vec![1, s], tokens.iter().map(|&t| t as i64).collect())));
+    inputs.push(("pos".into(), Tensor::i64(vec![1, s], (0..s as i64).collect())));
+    for (name, v) in
+        g.inputs().filter(|(n, _)| n.contains("cache")).map(|(n, v)| (n.to_string(), v)).collect::<Vec<_>>()
+    {
+        let ty = g.ty(v);
+        let dims: Vec<usize> = ty
+            .shape
+            .iter()
+            .map(|d| d.as_fixed().unwrap_or(if d.as_sym() == Some("batch") { 1 } else { 0 }) as usize)
+            .collect();
+        inputs.push((name, Tensor::f32(dims, vec![])));
+    }
+    let refs: Vec<(&str, Tensor)> = inputs.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let out = kiln::ir::Interpreter::new(w).run(&g, &refs).unwrap();
+    let (mut zeros, mut total) = (0usize, 0usize);
+    for (name, t) in &out {
+        if name.starts_with("thr") {
+            let v = t.as_f32().unwrap();
+            zeros += v.iter().filter(|&&x| x == 0.0).count();
+            total += v.len();
+        }
+    }
+    zeros as f64 / total as f64
+}
+
+#[test]
+fn chess_on_a_tiny_model_matches_the_interpreter_and_is_exact_at_sparsity_0() {
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        c.n_layers = 3;
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 21), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
+
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 5);
+
+    // Sparsity 0: thresholds 0 drop only exact zeros, and f32 weights transpose exactly.
+    let b0 = build_graph(&m, &chess_build(&cal, 0.0)).unwrap();
+    assert!(b0.graph.nodes.iter().any(|n| n.op == Op::ActiveLinear), "the pass rewrote the MLPs");
+    assert!(!b0.graph.nodes.iter().any(|n| n.op == Op::SwiGlu), "no dense MLP left");
+    let mut i0 = InterpreterBackend::new(b0.graph.clone(), &b0.weights, 64).unwrap();
+    let got = steps(&mut i0, &tokens, 5);
+    assert!(max_abs_diff(&got, &want) < 1e-5, "sparsity 0 vs dense: {}", max_abs_diff(&got, &want));
+
+    for s in [0.0, 0.3, 0.5, 0.9] {
+        let b = build_graph(&m, &chess_build(&cal, s)).unwrap();
+        // The interpreter is the oracle for the compiled sparse paths (prefill and decode, 2 threads).
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 5);
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &chess_build(&cal, s), art.path()).unwrap();
+        let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+        let compiled = steps(&mut cb, &tokens, 5);
+        let d = max_abs_diff(&compiled, &reference);
+        assert!(d < 1e-4, "sparsity {s}: compiled vs interpreter {d}");
+        let rec = manifest.records.iter().find(|r| r["pass"] == "chess").expect("chess recorded in the manifest");
+        assert_eq!(rec["detail"]["sparsity"], serde_json::json!(s));
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        assert_eq!(kernels.iter().filter(|k| k.starts_with("kiln_active_linear_")).count(), 3, "{kernels:?}");
+        assert_eq!(kernels.iter().filter(|k| k.starts_with("kiln_masked_linear_")).count(), 3, "{kernels:?}");
+        if s > 0.0 {
+            assert!(max_abs_diff(&reference, &want) > 1e-4, "sparsity {s} changes the model");
+            // On the calibration tokens the dropped share is the target (histogram quantiles: ±0.1).
+            let share = dropped_share(&b.graph, &b.weights, &calib_tokens[..20], 3);
+            assert!((share - s).abs() < 0.1, "sparsity {s}: dropped {share}");
+        }
+    }
+}
+
+/// SmolLM2 with chess: compiled = interpreter (Q8_0 transposed down weights, sparsity 0 and 0.5), and
+/// with exact (f32) transposed weights sparsity 0 equals the dense model within float tolerance.
+#[test]
+fn chess_on_smollm2_matches_the_interpreter() {
+    let m = smollm2();
+    let path = kiln::default_model_path();
+    let calib_tokens: Vec<u32> = (0..48u32).map(|i| 200 + (i * 331) % 5000).collect();
+    let build = Build { opts: all_logits(), expose_calibration: true, ..Default::default() };
+    let art = tempfile::tempdir().unwrap();
+    compile_build(m, "test", &build, art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let cal = calibrate(m, &mut cb, &calib_tokens, 48);
+    let _ = path;
+    let tokens: Vec<u32> = vec![1, 504, 3458, 282, 253, 1345, 30];
+    let dense_art = tempfile::tempdir().unwrap();
+    compile_build(m, "test", &Build::new(all_logits()), dense_art.path()).unwrap();
+    let mut dense = CompiledBackend::load(dense_art.path(), 2, None).unwrap();
+    let want = steps(&mut dense, &tokens, 5);
+    let vocab = m.config.vocab_size;
+    for s in [0.0, 0.5] {
+        let art = tempfile::tempdir().unwrap();
+        compile_build(m, "test", &chess_build(&cal, s), art.path()).unwrap();
+        let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+        let got = steps(&mut c, &tokens, 5);
+        let b = build_graph(m, &chess_build(&cal, s)).unwrap();
+        let mut i = InterpreterBackend::new(b.graph, &b.weights, m.config.context_length).unwrap();
+        let reference = steps(&mut i, &tokens, 5);
+        let d = max_abs_diff(&got, &reference);
+        assert!(d < 1e-3, "sparsity {s}: compiled vs interpreter {d}");
+        let argmax = |v: &[f32]| -> Vec<usize> {
+            v.chunks(vocab).map(|r| r.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0).collect()
+        };
+        if s == 0.0 {
+            let d = max_abs_diff(&got, &want);
+            let same = argmax(&got).iter().zip(argmax(&want)).filter(|(a, b)| *a == b).count();
+            eprintln!(
+                "Q8_0 sparsity 0 vs dense: max |Δlogit| = {d}, same greedy token at {same} of {} positions",
+                tokens.len()
+            );
+        }
+    }
+    let exact = Build { chess_exact: true, ..chess_build(&cal, 0.0) };
+    let art = tempfile::tempdir().unwrap();
+    compile_build(m, "test", &exact, art.path()).unwrap();
+    let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let got = steps(&mut c, &tokens, 5);
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-3, "exact chess at sparsity 0 vs the dense model: {d}");
+}
+
+#[test]
+fn chess_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama);
+    write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 3), 1).unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "a b c d e f g h i j k l m n o p").unwrap();
+    let (t, model) = (text.to_str().unwrap(), Some(dir.path()));
+    let bad_calib = dir.path().join("old.json");
+    std::fs::write(&bad_calib, "{\"format\": \"kiln-calibration\", \"version\": 1}").unwrap();
+    let b = bad_calib.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["eval", "--text", t, "--chess-sparsity", "1.0", "--calibration", b], "outside [0, 1)"),
+        (vec!["eval", "--text", t, "--chess-sparsity=-0.1", "--calibration", b], "outside [0, 1)"),
+        (vec!["eval", "--text", t, "--chess-sparsity", "0.5"], "--calibration"),
+        (vec!["run", "--prompt-ids", "1,2", "--chess-sparsity", "0.5"], "--calibration"),
+        (vec!["compile", "-o", "/tmp/never", "--chess-sparsity", "0.5"], "--calibration"),
+        (vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--calibration", b], "version"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = run_kiln(&args, model);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let _ = Path::new("");
+}
+
+fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::KernelTable> {
+    use kiln::passes::prune::{KernelMeasurement, KernelTable, KERNEL_TABLE_FORMAT};
+    let e = |m, break_even| KernelMeasurement { dtype: DType::F32, k: 64, n: 64, m, break_even };
+    Arc::new(KernelTable {
+        format: KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: "test".into(),
+        entries: vec![e(1, decode), e(64, prefill)],
+    })
+}
+
+/// `prune` on a tiny model: the selection follows the (synthetic) measured table per phase, the compiled
+/// dense and block-sparse paths equal the interpreter, and sparsity 0 is the dense model exactly.
+#[test]
+fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 160);
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 8), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 9);
+    let prune = |s: f64, method, table| Build {
+        opts: all_logits(),
+        prune: Some(Prune { method, sparsity: s, table: Some(table) }),
+        ..Default::default()
+    };
+    // Decode breaks even at 0.9, prefill at 0.3: at density 0.5 decode is sparse, prefill dense.
+    for (s, table, want_kernel) in [
+        (0.0, synthetic_table(1.0, 1.0), "_d1p1"),
+        (0.5, synthetic_table(0.9, 0.3), "_d1p0"),
+        (0.5, synthetic_table(0.2, 0.6), "_d0p1"),
+        (0.75, synthetic_table(0.1, 0.1), "_d0p0"),
+    ] {
+        let build = prune(s, PruneMethod::Magnitude, table);
+        let b = build_graph(&m, &build).unwrap();
+        assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains("break-even")), "{:?}", b.explanations);
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 9);
+        if s == 0.0 {
+            assert_eq!(reference, want, "sparsity 0 keeps every block: the dense model, bit for bit");
+        } else {
+            assert!(max_abs_diff(&reference, &want) > 1e-3, "pruning changes the model");
+        }
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &build, art.path()).unwrap();
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        let pruned: Vec<&&str> = kernels.iter().filter(|k| k.starts_with("kiln_pruned_linear_")).collect();
+        assert_eq!(pruned.len(), 2 * 7, "every block linear is pruned: {kernels:?}");
+        assert!(pruned.iter().all(|k| k.ends_with(want_kernel)), "{pruned:?}");
+        for threads in [1, 2] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-4, "sparsity {s} ({want_kernel}), {threads} threads: compiled vs interpreter {d}");
+        }
+        assert!(manifest.records.iter().any(|r| r["pass"] == "prune"));
+    }
+    // Wanda needs calibration; a missing table is an error naming the command that makes it.
+    let err = build_graph(&m, &prune(0.5, PruneMethod::Wanda, synthetic_table(1.0, 1.0))).err().unwrap();
+    assert!(format!("{err:#}").contains("calibration"), "{err:#}");
+    let no_table = Build {
+        opts: all_logits(),
+        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None }),
+        ..Default::default()
+    };
+    assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
+}
