@@ -1,6 +1,7 @@
 //! Kiln's intermediate representation: a typed tensor graph with symbolic dimensions, a canonical text
 //! form, a verifier, and the reference interpreter that is the oracle for every other stage.
 
+pub mod collective;
 pub mod decompose;
 pub mod dot;
 pub mod dtype;

@@ -7,6 +7,8 @@ pub mod blocks;
 pub mod calibration;
 pub mod cse;
 pub mod dce;
+pub mod fuse_allreduce_rmsnorm;
+pub mod shard;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError};
@@ -85,6 +87,9 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(cse::CommonSubexpressionElimination),
         // Unconfigured it skips nothing; configure it with `Pipeline::from_passes`.
         Box::new(skip_layers::SkipLayers::default()),
+        // Unconfigured (one rank) it changes nothing; `kiln run --tp N` configures it per rank.
+        Box::new(shard::Shard { tp: 1, rank: 0 }),
+        Box::new(fuse_allreduce_rmsnorm::FuseAllReduceRmsNorm),
     ]
 }
 

@@ -1,0 +1,106 @@
+//! Communicators for tensor-parallel ranks: MPI between processes on CPUs (feature `mpi`, OpenMPI), and
+//! NCCL between GPUs (feature `nccl`, through cudarc; see [`nccl`]). Both implement
+//! [`kiln_ir::collective::Collective`], which the interpreter and the compiled backend call for the
+//! graph's collective ops.
+
+pub use kiln_ir::collective::{Collective, LocalGroup, SingleRank};
+
+/// MPI's world communicator as a [`Collective`]. Create it once per process ([`MpiCollective::init`]);
+/// dropping it finalises MPI.
+#[cfg(feature = "mpi")]
+pub struct MpiCollective {
+    world: mpi::topology::SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    // Declared last: MPI is finalised when the universe drops, after the communicator.
+    _universe: mpi::environment::Universe,
+}
+
+// SAFETY: MPI is initialised with the `Funneled` threading level's guarantee in mind: collectives are
+// only ever called from the thread driving the decoder step (the interpreter and the compiled backend
+// call them between kernel launches, never from worker threads), one call at a time.
+#[cfg(feature = "mpi")]
+unsafe impl Send for MpiCollective {}
+#[cfg(feature = "mpi")]
+unsafe impl Sync for MpiCollective {}
+
+#[cfg(feature = "mpi")]
+impl MpiCollective {
+    /// Initialises MPI (once per process; an error if it was initialised before).
+    pub fn init() -> Result<MpiCollective, String> {
+        use mpi::traits::Communicator;
+        let universe = mpi::initialize().ok_or("MPI is already initialised in this process")?;
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        Ok(MpiCollective { world, rank, size, _universe: universe })
+    }
+
+    /// Broadcasts `data` from rank 0 to every rank (used to agree on the prompt and sampled tokens).
+    pub fn broadcast_u32(&self, data: &mut Vec<u32>) {
+        use mpi::traits::{Communicator, Root};
+        let root = self.world.process_at_rank(0);
+        let mut len = data.len() as u64;
+        root.broadcast_into(&mut len);
+        data.resize(len as usize, 0);
+        root.broadcast_into(&mut data[..]);
+    }
+
+    /// Waits until every rank gets here.
+    pub fn barrier(&self) {
+        use mpi::collective::CommunicatorCollectives;
+        self.world.barrier();
+    }
+}
+
+#[cfg(feature = "mpi")]
+impl Collective for MpiCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.size
+    }
+    fn all_reduce(&self, data: &mut [f32]) -> Result<(), String> {
+        use mpi::collective::{CommunicatorCollectives, SystemOperation};
+        let send = data.to_vec();
+        self.world.all_reduce_into(&send[..], data, SystemOperation::sum());
+        Ok(())
+    }
+    fn reduce_scatter(&self, data: &[f32], counts: &[usize], out: &mut [f32]) -> Result<(), String> {
+        use mpi::collective::SystemOperation;
+        use mpi::datatype::Equivalence;
+        use mpi::raw::AsRaw;
+        if counts.len() != self.size || counts.iter().sum::<usize>() != data.len() || out.len() != counts[self.rank] {
+            return Err(format!("reduce_scatter: counts {counts:?} do not fit {} elements", data.len()));
+        }
+        let counts: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+        // SAFETY: `data` holds Σcounts f32s and `out` counts[rank] f32s (checked above); the datatype and
+        // operation handles are MPI's own for f32 and sum; the communicator is live.
+        let rc = unsafe {
+            mpi::ffi::MPI_Reduce_scatter(
+                data.as_ptr() as *const std::ffi::c_void,
+                out.as_mut_ptr() as *mut std::ffi::c_void,
+                counts.as_ptr(),
+                f32::equivalent_datatype().as_raw(),
+                SystemOperation::sum().as_raw(),
+                self.world.as_raw(),
+            )
+        };
+        if rc != 0 {
+            return Err(format!("MPI_Reduce_scatter failed with code {rc}"));
+        }
+        Ok(())
+    }
+    fn all_gather(&self, local: &[f32], counts: &[usize], out: &mut [f32]) -> Result<(), String> {
+        use mpi::collective::CommunicatorCollectives;
+        use mpi::datatype::PartitionMut;
+        if counts.len() != self.size || counts.iter().sum::<usize>() != out.len() || local.len() != counts[self.rank] {
+            return Err(format!("all_gather: counts {counts:?} do not fit {} elements", out.len()));
+        }
+        let c: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+        let displs: Vec<i32> = c.iter().scan(0, |acc, &x| Some(std::mem::replace(acc, *acc + x))).collect();
+        let mut part = PartitionMut::new(out, &c[..], &displs[..]);
+        self.world.all_gather_varcount_into(local, &mut part);
+        Ok(())
+    }
+}
