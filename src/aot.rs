@@ -133,7 +133,8 @@ pub fn compile_library(
         LibraryKind::Library => Some(find_capi_lib()?),
         LibraryKind::Object => None,
     };
-    let crate::artifact::BuiltGraph { graph, passes, records, .. } = crate::artifact::build_graph(model, build)?;
+    let crate::artifact::BuiltGraph { graph, passes, records, weights, .. } =
+        crate::artifact::build_graph(model, build)?;
     let info = crate::artifact::artifact_info(model, source_hash, passes, records);
     // Each token's bytes, for kiln_model_token_bytes: GGUF tokenizers give them (ids the tokenizer lacks
     // are empty); tokenizer.json ones decode whole sequences only, so those libraries have no table.
@@ -141,15 +142,8 @@ pub fn compile_library(
         let per_token: Vec<Option<Vec<u8>>> = (0..t.vocab_size() as u32).map(|id| t.token_bytes(id)).collect();
         per_token.iter().any(Option::is_some).then(|| per_token.into_iter().map(Option::unwrap_or_default).collect())
     });
-    let manifest = kiln_codegen::compile_library_object(
-        &graph,
-        &model.weights,
-        &build.opts,
-        &info,
-        vocab.as_deref(),
-        target,
-        out,
-    )?;
+    let manifest =
+        kiln_codegen::compile_library_object(&graph, &weights, &build.opts, &info, vocab.as_deref(), target, out)?;
     let header = out.join(HEADER_FILE);
     std::fs::write(&header, HEADER).with_context(|| format!("writing {}", header.display()))?;
     let Some(capi) = capi else { return Ok(manifest) };

@@ -48,6 +48,18 @@ pub struct BuiltGraph {
     pub reports: Vec<kiln_passes::PassReport>,
     /// (pass, line) reasons for `--explain`.
     pub explanations: Vec<(String, String)>,
+    /// The weights the graph reads: the model's and the derived ones passes made.
+    pub weights: kiln_ir::WeightStore,
+}
+
+impl BuiltGraph {
+    /// The derived weights (those the model does not have), by name: part of the cache key.
+    fn derived_weights<'a>(
+        &'a self,
+        model: &'a Model,
+    ) -> impl Iterator<Item = (&'a String, &'a kiln_ir::weights::TensorData)> {
+        self.weights.iter().filter(move |(n, _)| !model.weights.contains(n))
+    }
 }
 
 impl Build {
@@ -69,7 +81,11 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     let pipeline = Pipeline::from_passes(passes);
-    let cx = PassCx { calibration: build.calibration.clone(), ..Default::default() };
+    let cx = PassCx {
+        calibration: build.calibration.clone(),
+        weights: std::cell::RefCell::new(model.weights.clone()),
+        ..Default::default()
+    };
     let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();
     if let Some(stop) = &build.stop_after {
         if !names.contains(stop) {
@@ -83,7 +99,15 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     if build.expose_calibration {
         kiln_passes::calibration::expose_block_values(&mut g).map_err(anyhow::Error::msg)?;
     }
-    Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take() })
+    let weights = cx.weights.take();
+    for (name, t) in model.weights.iter() {
+        if let Some(now) = weights.get(name) {
+            if now.bytes.as_ptr() != t.bytes.as_ptr() || now.bytes.len() != t.bytes.len() || now.dtype != t.dtype {
+                anyhow::bail!("a pass replaced the model's weight `{name}` in place (derived weights need new names)");
+            }
+        }
+    }
+    Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take(), weights })
 }
 
 /// Hash identifying a model source: the GGUF file, or a Hugging Face directory's config, tokenizer and
@@ -131,12 +155,14 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
     let b = build_graph(model, build)?;
-    compile_graph(model, &b.graph, source_hash, &build.opts, b.passes, b.records, out)
+    compile_graph(model, &b.graph, &b.weights, source_hash, &build.opts, b.passes, b.records, out)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn compile_graph(
     model: &Model,
     graph: &Graph,
+    weights: &kiln_ir::WeightStore,
     source_hash: &str,
     opts: &CompileOptions,
     passes: Vec<String>,
@@ -144,7 +170,7 @@ fn compile_graph(
     out: &Path,
 ) -> Result<Manifest> {
     let info = artifact_info(model, source_hash, passes, records);
-    let manifest = kiln_codegen::compile_to_dir(graph, &model.weights, opts, &info, out)?;
+    let manifest = kiln_codegen::compile_to_dir(graph, weights, opts, &info, out)?;
     write_tokenizer(model, out)?;
     Ok(manifest)
 }
@@ -218,8 +244,18 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
 /// [`cached_artifact`] for a whole [`Build`].
 pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
     let hash = source_hash(model_path)?;
-    let BuiltGraph { graph, passes, records, .. } = build_graph(model, build)?;
-    let dir = crate::cache_dir().join("artifacts").join(cache_key(&hash, &build.opts, &graph, &records));
+    let built = build_graph(model, build)?;
+    let mut key_hash = blake3::Hasher::new();
+    key_hash.update(hash.as_bytes());
+    for (name, t) in built.derived_weights(model) {
+        key_hash.update(name.as_bytes());
+        key_hash.update(t.dtype.name().as_bytes());
+        key_hash.update(&t.bytes);
+    }
+    let key_source = key_hash.finalize().to_hex().to_string();
+    let dir =
+        crate::cache_dir().join("artifacts").join(cache_key(&key_source, &build.opts, &built.graph, &built.records));
+    let BuiltGraph { graph, passes, records, weights, .. } = built;
     // Integrity (hashes, CPU features) is checked when the artifact is loaded; see `evict`.
     if is_artifact(&dir) {
         return Ok((dir, false));
@@ -227,7 +263,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_graph(model, &graph, &hash, &build.opts, passes, records, &tmp)?;
+    compile_graph(model, &graph, &weights, &hash, &build.opts, passes, records, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

@@ -296,11 +296,12 @@ fn compile(a: CompileArgs) -> Result<()> {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
     if let Some(stage) = a.emit {
-        let graph = kiln::artifact::build_graph(&m, &build)?.graph;
+        let built = kiln::artifact::build_graph(&m, &build)?;
+        let (graph, weights) = (&built.graph, &built.weights);
         match stage {
-            CompileEmit::Ir => print!("{}", kiln::ir::text::print(&graph)),
+            CompileEmit::Ir => print!("{}", kiln::ir::text::print(graph)),
             CompileEmit::Program => {
-                let lowered = kiln::codegen::lower::lower(&graph, &m.weights)?;
+                let lowered = kiln::codegen::lower::lower(graph, weights)?;
                 println!("{}", serde_json::to_string_pretty(&lowered.program)?);
             }
             CompileEmit::Mlir | CompileEmit::Llvm | CompileEmit::Asm => {
@@ -309,7 +310,7 @@ fn compile(a: CompileArgs) -> Result<()> {
                     CompileEmit::Llvm => kiln::codegen::Stage::Llvm,
                     _ => kiln::codegen::Stage::Asm,
                 };
-                print!("{}", kiln::codegen::emit_stage(&graph, &m.weights, &opts, stage)?)
+                print!("{}", kiln::codegen::emit_stage(graph, weights, &opts, stage)?)
             }
             CompileEmit::Lib | CompileEmit::Obj => unreachable!("handled above"),
         }
@@ -422,16 +423,14 @@ fn run(a: RunArgs) -> Result<()> {
         Loaded { model: Some(m), tokenizer, compiled, name, build: Some(build) }
     };
     let mut loaded = loaded;
+    let built;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut loaded.compiled, &loaded.model) {
         (Some(compiled), _) => compiled,
         (None, Some(m)) => {
             let build = loaded.build.as_ref().expect("built for a model");
-            interp = InterpreterBackend::new(
-                kiln::artifact::build_graph(m, build)?.graph,
-                &m.weights,
-                m.config.context_length,
-            )?;
+            built = kiln::artifact::build_graph(m, build)?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             prepare_weights(&interp)?;
             &mut interp
         }

@@ -272,12 +272,13 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         (name, tok, b, Some(build))
     };
     let tokens = tokenize(tokenizer.as_ref(), &text, &a.text)?;
+    let built;
     let mut interp;
     let backend: &mut dyn Backend = match (&mut compiled_backend, &interp_model) {
         (Some(b), _) => b,
         (None, Some(m)) => {
-            let g = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?.graph;
-            interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
+            built = kiln::artifact::build_graph(m, build.as_ref().expect("built for a model"))?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp
         }
@@ -353,6 +354,7 @@ pub fn calibrate_model(
         expose_calibration: true,
         ..Default::default()
     };
+    let built;
     let mut interp;
     let mut comp;
     let backend: &mut dyn Backend = match backend_kind {
@@ -361,8 +363,8 @@ pub fn calibrate_model(
             &mut comp
         }
         BackendKind::Interpreter => {
-            let g = kiln::artifact::build_graph(m, &build)?.graph;
-            interp = InterpreterBackend::new(g, &m.weights, m.config.context_length)?;
+            built = kiln::artifact::build_graph(m, &build)?;
+            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
             crate::prepare_weights(&interp)?;
             &mut interp
         }

@@ -11,7 +11,7 @@ pub mod fuse_allreduce_rmsnorm;
 pub mod shard;
 pub mod skip_layers;
 
-use kiln_ir::{Graph, GraphError};
+use kiln_ir::{Graph, GraphError, WeightStore};
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,6 +24,10 @@ pub struct PassCx {
     pub records: RefCell<Vec<PassRecord>>,
     /// Why passes decided what they decided (`kiln compile --explain`): (pass, line).
     pub explanations: RefCell<Vec<(String, String)>>,
+    /// The weights the graph's `weight` nodes name: the model's, plus derived tensors passes add (slices,
+    /// gathers, concatenations — see `kiln_ir::weights::TensorData`) under new names (`<name>#<what>`).
+    /// A pass never replaces a model tensor in place.
+    pub weights: RefCell<WeightStore>,
 }
 
 /// What a (lossy) pass did, as it goes into the manifest.
