@@ -35,6 +35,17 @@ pub struct Build {
     pub records: Vec<serde_json::Value>,
     /// Stop the pipeline after this stage (`--stop-after`).
     pub stop_after: Option<String>,
+    /// Build one rank's part of a tensor-parallel decoder (`kiln run --tp N`).
+    pub tp: Option<TensorParallel>,
+}
+
+/// One rank of a tensor-parallel build: the `shard` pass for (`tp`, `rank`), then (with `fuse`)
+/// `fuse-allreduce-rmsnorm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorParallel {
+    pub tp: usize,
+    pub rank: usize,
+    pub fuse: bool,
 }
 
 /// The graph a build compiles and what the pipeline said about it.
@@ -79,6 +90,12 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     if build.skip.count > 0 {
         passes.push(Box::new(build.skip));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(tp) = build.tp.filter(|t| t.tp > 1) {
+        passes.push(Box::new(kiln_passes::shard::Shard { tp: tp.tp, rank: tp.rank }));
+        if tp.fuse {
+            passes.push(Box::new(kiln_passes::fuse_allreduce_rmsnorm::FuseAllReduceRmsNorm));
+        }
     }
     let pipeline = Pipeline::from_passes(passes);
     let cx = PassCx {

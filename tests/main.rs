@@ -14,3 +14,4 @@ mod ir_text;
 mod ops;
 mod quality;
 mod tokenizer;
+mod tp;

@@ -63,7 +63,13 @@ pub fn shard_counts(len: usize, row: usize, world: usize) -> Vec<usize> {
 
 /// `reduce_scatter` of a tensor of `len` rows of `row` elements (`data`, rows outermost) into this
 /// rank's rows (`out`); a step that is not split is an all-reduce.
-pub fn reduce_scatter_rows(c: &dyn Collective, data: &[f32], len: usize, row: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn reduce_scatter_rows(
+    c: &dyn Collective,
+    data: &[f32],
+    len: usize,
+    row: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
     if !splits(len, c.world()) {
         out.copy_from_slice(data);
         return c.all_reduce(out);
@@ -73,7 +79,13 @@ pub fn reduce_scatter_rows(c: &dyn Collective, data: &[f32], len: usize, row: us
 
 /// `all_gather` into a tensor of `len` rows of `row` elements (`out`) from this rank's rows (`local`); a
 /// step that is not split holds every row already.
-pub fn all_gather_rows(c: &dyn Collective, local: &[f32], len: usize, row: usize, out: &mut [f32]) -> Result<(), String> {
+pub fn all_gather_rows(
+    c: &dyn Collective,
+    local: &[f32],
+    len: usize,
+    row: usize,
+    out: &mut [f32],
+) -> Result<(), String> {
     if !splits(len, c.world()) {
         out.copy_from_slice(local);
         return Ok(());

@@ -500,11 +500,14 @@ impl Op {
                 want_float(x, "operand")?;
                 let ax = norm_axis(*axis, x.rank())?;
                 let d = &x.shape[ax];
-                let sym = d.as_sym().ok_or_else(|| format!("axis {ax} ({d}) must be one symbol to be split over ranks"))?;
+                let sym =
+                    d.as_sym().ok_or_else(|| format!("axis {ax} ({d}) must be one symbol to be split over ranks"))?;
                 let suffix = crate::collective::SHARD_SUFFIX;
                 let to = match (self, sym.strip_suffix(suffix)) {
                     (Op::AllGather { .. }, Some(full)) => full.to_string(),
-                    (Op::AllGather { .. }, None) => return Err(format!("all_gather axis {ax} ({d}) is not a shard dimension")),
+                    (Op::AllGather { .. }, None) => {
+                        return Err(format!("all_gather axis {ax} ({d}) is not a shard dimension"))
+                    }
                     (_, Some(_)) => return Err(format!("axis {ax} ({d}) is already sharded")),
                     (_, None) => format!("{sym}{suffix}"),
                 };

@@ -75,7 +75,10 @@ impl Pass for FuseAllReduceRmsNorm {
         let mut fused = vec![false; n];
         for v in 0..n {
             let Some((r, _, _)) = cands[v] else { continue };
-            let norms = readers[v].iter().filter(|&&j| matches!(g.nodes[j].op, Op::RmsNorm { .. }) && g.nodes[j].inputs[0].index() == v).count();
+            let norms = readers[v]
+                .iter()
+                .filter(|&&j| matches!(g.nodes[j].op, Op::RmsNorm { .. }) && g.nodes[j].inputs[0].index() == v)
+                .count();
             let other = is_output(v)
                 || readers[v].iter().any(|&j| {
                     let norm = matches!(g.nodes[j].op, Op::RmsNorm { .. }) && g.nodes[j].inputs[0].index() == v;
@@ -87,10 +90,17 @@ impl Pass for FuseAllReduceRmsNorm {
                 fused[v] = true;
                 cx.explain(
                     self.name(),
-                    format!("%{v}: fused ({norms} norm(s) gathered{}{})", if other { ", residual gathered" } else { "" }, if fused[r] { ", residual already sharded" } else { "" }),
+                    format!(
+                        "%{v}: fused ({norms} norm(s) gathered{}{})",
+                        if other { ", residual gathered" } else { "" },
+                        if fused[r] { ", residual already sharded" } else { "" }
+                    ),
                 );
             } else {
-                cx.explain(self.name(), format!("%{v}: kept unfused — {gathers} gathers would cost more than one all-reduce"));
+                cx.explain(
+                    self.name(),
+                    format!("%{v}: kept unfused — {gathers} gathers would cost more than one all-reduce"),
+                );
             }
         }
         if !fused.iter().any(|&f| f) {
@@ -101,7 +111,12 @@ impl Pass for FuseAllReduceRmsNorm {
         let mut full: Vec<Option<ValueId>> = vec![None; n];
         let mut sharded: Vec<Option<ValueId>> = vec![None; n];
         // The whole (unsharded) form of old value `v`, gathering it if it exists only sharded.
-        fn whole(out: &mut Graph, full: &mut [Option<ValueId>], sharded: &[Option<ValueId>], v: usize) -> Result<ValueId, GraphError> {
+        fn whole(
+            out: &mut Graph,
+            full: &mut [Option<ValueId>],
+            sharded: &[Option<ValueId>],
+            v: usize,
+        ) -> Result<ValueId, GraphError> {
             if let Some(x) = full[v] {
                 return Ok(x);
             }
@@ -133,7 +148,8 @@ impl Pass for FuseAllReduceRmsNorm {
                     continue;
                 }
             }
-            if let (Op::RmsNorm { .. }, Some(hs)) = (&node.op, sharded[node.inputs[0].index()]) {
+            let sharded_in = |k: usize| node.inputs.get(k).and_then(|v| sharded[v.index()]);
+            if let (Op::RmsNorm { .. }, Some(hs)) = (&node.op, sharded_in(0)) {
                 let w = whole(&mut out, &mut full, &sharded, node.inputs[1].index()).map_err(fail)?;
                 let ns = out.add(node.op.clone(), &[hs, w]).map_err(fail)?;
                 full[i] = Some(out.add(Op::AllGather { axis: TOKEN_AXIS }, &[ns]).map_err(fail)?);

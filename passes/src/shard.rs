@@ -52,8 +52,15 @@ impl Shard {
     fn split_layer(&self, g: &Graph, layer: usize) -> Result<LayerSplit, PassError> {
         let shape_of = |suffix: &str| -> Result<Vec<i64>, PassError> {
             let name = format!("blk.{layer}.{suffix}");
-            let (_, v) = g.weights().find(|(n, _)| *n == name).ok_or_else(|| err(format!("weight `{name}` is not in the graph")))?;
-            g.ty(v).shape.iter().map(|d| d.as_fixed().ok_or_else(|| err(format!("`{name}` has a symbolic shape")))).collect()
+            let (_, v) = g
+                .weights()
+                .find(|(n, _)| *n == name)
+                .ok_or_else(|| err(format!("weight `{name}` is not in the graph")))?;
+            g.ty(v)
+                .shape
+                .iter()
+                .map(|d| d.as_fixed().ok_or_else(|| err(format!("`{name}` has a symbolic shape"))))
+                .collect()
         };
         let cache = g
             .inputs()
@@ -85,7 +92,12 @@ impl Shard {
 
     /// The derived weight for `name` (a `blk.L.*` tensor this rank holds part of), or `None` when the
     /// weight is replicated.
-    fn derive(&self, name: &str, splits: &HashMap<usize, LayerSplit>, cx: &PassCx) -> Result<Option<String>, PassError> {
+    fn derive(
+        &self,
+        name: &str,
+        splits: &HashMap<usize, LayerSplit>,
+        cx: &PassCx,
+    ) -> Result<Option<String>, PassError> {
         let Some((layer, suffix)) = name.strip_prefix("blk.").and_then(|r| r.split_once('.')) else { return Ok(None) };
         let Some(s) = layer.parse().ok().and_then(|l: usize| splits.get(&l)) else { return Ok(None) };
         enum Cut {
@@ -104,11 +116,21 @@ impl Shard {
         let mut store = cx.weights.borrow_mut();
         if !store.contains(&derived) {
             let t = store.get(name).ok_or_else(|| err(format!("weight `{name}` is not in the weight store")))?;
-            let d = match cut {
-                Cut::Rows(r) => t.slice_rows(r),
-                Cut::Cols(r) => t.slice_cols(r),
-            }
-            .map_err(|e| err(format!("slicing `{name}` for rank {} of {}: {e}", self.rank, self.tp)))?;
+            let why = |e: kiln_ir::weights::DeriveError| {
+                err(format!("slicing `{name}` for rank {} of {}: {e}", self.rank, self.tp))
+            };
+            let d = match (cut, t.shape.len()) {
+                // A bias: rows of a one-column matrix.
+                (Cut::Rows(r), 1) => {
+                    let mut m = t.clone();
+                    m.shape = vec![t.shape[0], 1];
+                    let mut d = m.slice_rows(r).map_err(why)?;
+                    d.shape.pop();
+                    d
+                }
+                (Cut::Rows(r), _) => t.slice_rows(r).map_err(why)?,
+                (Cut::Cols(r), _) => t.slice_cols(r).map_err(why)?,
+            };
             store.insert(derived.clone(), d);
         }
         Ok(Some(derived))

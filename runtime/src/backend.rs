@@ -90,15 +90,7 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b = InterpreterBackend {
-            graph,
-            interp,
-            state: Vec::new(),
-            extra: Vec::new(),
-            vocab,
-            context,
-            past: 0,
-        };
+        let mut b = InterpreterBackend { graph, interp, state: Vec::new(), extra: Vec::new(), vocab, context, past: 0 };
         b.reset();
         Ok(b)
     }

@@ -6,10 +6,12 @@
 
 use crate::backend::{Backend, Logits, RuntimeError};
 use crate::pool::SpinPool;
+use kiln_ir::collective::{
+    all_gather_rows, bind_shard_symbols, reduce_scatter_rows, shard_range, Collective, SingleRank,
+};
+use kiln_ir::program::CollectiveKind;
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
-use kiln_ir::collective::{all_gather_rows, bind_shard_symbols, reduce_scatter_rows, shard_range, Collective, SingleRank};
-use kiln_ir::program::CollectiveKind;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -4,6 +4,69 @@
 //! graph's collective ops.
 
 pub use kiln_ir::collective::{Collective, LocalGroup, SingleRank};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Bytes and time a rank spent communicating.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct CommStats {
+    pub calls: u64,
+    /// Bytes this rank sends under ring algorithms (the usual model of MPI's and NCCL's large-message
+    /// collectives): all-reduce 2(n−1)/n·S, reduce-scatter and all-gather (n−1)/n·S, for a tensor of
+    /// S bytes (the whole, unsharded tensor) over n ranks.
+    pub bytes: u64,
+    #[serde(serialize_with = "secs")]
+    pub time: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
+}
+
+/// A [`Collective`] that counts what passes through another.
+pub struct Counting {
+    inner: Arc<dyn Collective>,
+    stats: Mutex<CommStats>,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Collective>) -> Counting {
+        Counting { inner, stats: Mutex::new(CommStats::default()) }
+    }
+
+    pub fn stats(&self) -> CommStats {
+        *self.stats.lock().unwrap()
+    }
+
+    fn count<T>(&self, whole: usize, halves: u64, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        let n = self.inner.world() as u64;
+        let mut s = self.stats.lock().unwrap();
+        s.calls += 1;
+        s.bytes += halves * (n - 1) * (whole as u64 * 4) / n;
+        s.time += t.elapsed();
+        r
+    }
+}
+
+impl Collective for Counting {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn world(&self) -> usize {
+        self.inner.world()
+    }
+    fn all_reduce(&self, data: &mut [f32]) -> Result<(), String> {
+        self.count(data.len(), 2, || self.inner.all_reduce(data))
+    }
+    fn reduce_scatter(&self, data: &[f32], counts: &[usize], out: &mut [f32]) -> Result<(), String> {
+        self.count(data.len(), 1, || self.inner.reduce_scatter(data, counts, out))
+    }
+    fn all_gather(&self, local: &[f32], counts: &[usize], out: &mut [f32]) -> Result<(), String> {
+        self.count(out.len(), 1, || self.inner.all_gather(local, counts, out))
+    }
+}
 
 /// MPI's world communicator as a [`Collective`]. Create it once per process ([`MpiCollective::init`]);
 /// dropping it finalises MPI.
