@@ -29,7 +29,8 @@ pub fn setup(tp: usize) -> Result<Option<Dist>> {
     if !under_mpirun() {
         let exe = std::env::current_exe().context("finding the kiln executable to start under mpirun")?;
         let status = std::process::Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", &tp.to_string()])
+            .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "--mca", "mpi_yield_when_idle", "1"])
+            .args(["-np", &tp.to_string()])
             .arg(exe)
             .args(std::env::args_os().skip(1))
             .status()
