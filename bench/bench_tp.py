@@ -16,18 +16,21 @@ p.add_argument("--tp", type=int, default=2)
 p.add_argument("--prompt-tokens", type=int, default=64)
 p.add_argument("--gen", type=int, default=32)
 p.add_argument("--rounds", type=int, default=3)
-p.add_argument("--threads", type=int, default=0, help="threads per rank for tp=N (tp=1 gets N times as many)")
+p.add_argument("--threads", type=int, default=1, help="threads per rank")
 a = p.parse_args()
 
 prompt = ",".join(str(1000 + (i * 37) % 20000) for i in range(a.prompt_tokens))
-configs = [("tp=1", ["--tp", "1"]), (f"tp={a.tp} unfused", ["--tp", str(a.tp), "--no-fuse"]), (f"tp={a.tp} fused", ["--tp", str(a.tp)])]
-threads = a.threads or None
+per_rank = a.threads or 1
+# tp=1 on as many threads as the N ranks together (same cores), and on one thread (same per-rank work).
+configs = [
+    ("tp=1", ["--tp", "1", "--threads", str(per_rank * a.tp)]),
+    (f"tp=1, {per_rank} thread(s)", ["--tp", "1", "--threads", str(per_rank)]),
+    (f"tp={a.tp} unfused", ["--tp", str(a.tp), "--no-fuse", "--threads", str(per_rank)]),
+    (f"tp={a.tp} fused", ["--tp", str(a.tp), "--threads", str(per_rank)]),
+]
 
 def run(extra):
     cmd = [a.kiln, "run"] + ([a.model] if a.model else []) + ["--prompt-ids", prompt, "-n", str(a.gen), "--ignore-eos", "--json"] + extra
-    if threads:
-        t = threads * (a.tp if extra[1] == "1" else 1)
-        cmd += ["--threads", str(t)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stderr}")

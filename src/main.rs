@@ -173,6 +173,10 @@ struct RunArgs {
     /// `mpirun -np N` unless mpirun started it). Rank 0 prints.
     #[arg(long, default_value_t = 1, value_name = "N")]
     tp: usize,
+    /// With --tp: how ranks communicate — `mpi` (OpenMPI, CPU) or `nccl` (GPUs through CUDA/NCCL; MPI
+    /// still starts the ranks and hands out the NCCL id).
+    #[arg(long, value_enum, default_value = "mpi")]
+    comm: tp_cli::CommKind,
     /// With --tp: keep AllReduce → add → RMSNorm unfused (no fuse-allreduce-rmsnorm).
     #[arg(long)]
     no_fuse: bool,
@@ -383,7 +387,7 @@ fn run(mut a: RunArgs) -> Result<()> {
     if a.tp > 1 && is_artifact {
         bail!("--tp {} needs a model (each rank compiles its own part), not an artifact", a.tp);
     }
-    let dist = if a.emit.is_some() { None } else { tp_cli::setup(a.tp)? };
+    let dist = if a.emit.is_some() { None } else { tp_cli::setup(a.tp, a.comm)? };
     if let (Some(_), 0) = (&dist, a.threads) {
         // Ranks share the machine's cores.
         a.threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / a.tp).max(1);

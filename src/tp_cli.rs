@@ -10,6 +10,8 @@ use std::sync::Arc;
 pub struct Dist {
     pub rank: usize,
     pub comm: Arc<Counting>,
+    /// MPI, kept alive (and finalised when dropped) when another communicator does the collectives.
+    _mpi: Option<Box<dyn std::any::Any>>,
 }
 
 /// Whether mpirun (OpenMPI) started this process.
@@ -19,7 +21,7 @@ fn under_mpirun() -> bool {
 
 /// For `--tp 1`: nothing. Otherwise, outside mpirun: runs `mpirun -np N` on this very command line and
 /// exits with its status (this call does not return); inside: initialises MPI and returns the rank.
-pub fn setup(tp: usize) -> Result<Option<Dist>> {
+pub fn setup(tp: usize, comm: CommKind) -> Result<Option<Dist>> {
     if tp == 0 {
         bail!("--tp 0: at least one rank is needed");
     }
@@ -39,22 +41,67 @@ pub fn setup(tp: usize) -> Result<Option<Dist>> {
             })?;
         std::process::exit(status.code().unwrap_or(1));
     }
-    rank_communicator(tp)
+    rank_communicator(tp, comm)
+}
+
+/// How the ranks communicate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum CommKind {
+    /// OpenMPI between the CPU processes.
+    Mpi,
+    /// NCCL between GPUs (one per rank), through cudarc; the tensors are copied to the GPU and back.
+    Nccl,
 }
 
 #[cfg(feature = "mpi")]
-fn rank_communicator(tp: usize) -> Result<Option<Dist>> {
+fn rank_communicator(tp: usize, kind: CommKind) -> Result<Option<Dist>> {
     use kiln::runtime::dist::{Collective, MpiCollective};
     let c = MpiCollective::init().map_err(anyhow::Error::msg)?;
     if c.world() != tp {
         bail!("--tp {tp} but mpirun started {} ranks", c.world());
     }
     let rank = c.rank();
-    Ok(Some(Dist { rank, comm: Arc::new(Counting::new(Arc::new(c))) }))
+    let (inner, mpi): (Arc<dyn Collective>, Option<Box<dyn std::any::Any>>) = match kind {
+        CommKind::Mpi => (Arc::new(c), None),
+        CommKind::Nccl => {
+            let n = nccl(&c)?;
+            (n, Some(Box::new(c)))
+        }
+    };
+    Ok(Some(Dist { rank, comm: Arc::new(Counting::new(inner)), _mpi: mpi }))
+}
+
+/// NCCL over the ranks MPI started: rank 0 makes the NCCL id and broadcasts it.
+#[cfg(all(feature = "mpi", feature = "nccl"))]
+fn nccl(c: &kiln::runtime::dist::MpiCollective) -> Result<Arc<dyn kiln::runtime::dist::Collective>> {
+    use kiln::runtime::dist::nccl::{available, unique_id, NcclCollective};
+    use kiln::runtime::dist::Collective;
+    // Every rank checks, and all agree, before any waits on another in NCCL.
+    let ok = available();
+    let mut failed = [if ok.is_err() { 1.0 } else { 0.0 }];
+    c.all_reduce(&mut failed).map_err(anyhow::Error::msg)?;
+    ok.map_err(|e| anyhow::anyhow!("--comm nccl: {e}"))?;
+    if failed[0] > 0.0 {
+        bail!("--comm nccl: another rank cannot use NCCL");
+    }
+    let mut id: Vec<u32> = if c.rank() == 0 {
+        unique_id().map_err(anyhow::Error::msg)?.iter().map(|&b| b as u32).collect()
+    } else {
+        Vec::new()
+    };
+    c.broadcast_u32(&mut id);
+    let bytes: [u8; 128] = std::array::from_fn(|i| id[i] as u8);
+    let n = NcclCollective::new(c.rank(), c.world(), bytes).map_err(|e| anyhow::anyhow!("--comm nccl: {e}"))?;
+    Ok(Arc::new(n))
+}
+
+#[cfg(all(feature = "mpi", not(feature = "nccl")))]
+fn nccl(_: &kiln::runtime::dist::MpiCollective) -> Result<Arc<dyn kiln::runtime::dist::Collective>> {
+    bail!("--comm nccl: this kiln was built without NCCL (cargo feature `nccl`)")
 }
 
 #[cfg(not(feature = "mpi"))]
-fn rank_communicator(tp: usize) -> Result<Option<Dist>> {
+fn rank_communicator(tp: usize, _: CommKind) -> Result<Option<Dist>> {
     bail!("--tp {tp}: this kiln was built without MPI (cargo feature `mpi`)")
 }
 

@@ -306,3 +306,26 @@ fn tp2_under_mpirun_matches_tp1_on_smollm2() {
         }
     }
 }
+
+#[test]
+fn bad_tp_options_are_clear_errors() {
+    let _ = smollm2();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(kiln_bin()).arg("run").args(args).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = run(&["--prompt-ids", "1,2", "-n", "1", "--tp", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--tp 0"), "{err}");
+    if mpirun_present() && !Path::new("/dev/nvidia0").exists() {
+        // NCCL is compiled in, and refuses without a GPU: every rank exits with the reason.
+        let (code, err) = run(&["--prompt-ids", "1,2", "-n", "1", "--tp", "2", "--comm", "nccl"]);
+        assert_ne!(code, Some(0));
+        assert!(err.contains("--comm nccl") && err.contains("CUDA"), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        // SmolLM2 has 3 KV heads: four ranks cannot share them.
+        let (code, err) = run(&["--prompt-ids", "1,2", "-n", "1", "--tp", "4", "--backend", "interpreter"]);
+        assert_ne!(code, Some(0));
+        assert!(err.contains("3 KV heads"), "{err}");
+    }
+}
