@@ -483,6 +483,16 @@ fn run(mut a: RunArgs) -> Result<()> {
             report["fused"] = (a.tp > 1 && !a.no_fuse).into();
             report["comm"] = rec.comm_report();
             println!("{}", serde_json::to_string_pretty(&report)?);
+        } else if a.tp > 1 {
+            let c = rec.comm_report();
+            eprintln!(
+                "[tp {} ({}): each rank sent {:.2} MB in {} collectives, {:.1} ms]",
+                a.tp,
+                if a.no_fuse { "unfused" } else { "fused AllReduce-RMSNorm" },
+                c["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                c["calls"],
+                c["ms"].as_f64().unwrap_or(0.0)
+            );
         }
     }
     Ok(())

@@ -290,9 +290,22 @@ pub mod nccl {
     #[cfg(test)]
     mod tests {
         #[test]
-        fn without_a_gpu_nccl_is_a_clear_error_not_a_panic() {
+        fn nccl_runs_with_a_gpu_and_is_a_clear_error_without() {
             match super::available() {
-                Ok(()) => eprintln!("a CUDA device is present: the error path is not exercised here"),
+                Ok(()) => {
+                    // A GPU: one rank's communicator through real NCCL calls (uneven counts padded).
+                    use super::Collective;
+                    let c = super::NcclCollective::new(0, 1, super::unique_id().unwrap()).unwrap();
+                    let mut x = vec![1.5f32, -2.0, 3.25];
+                    c.all_reduce(&mut x).unwrap();
+                    assert_eq!(x, [1.5, -2.0, 3.25]);
+                    let mut out = vec![0f32; 3];
+                    c.reduce_scatter(&x, &[3], &mut out).unwrap();
+                    assert_eq!(out, x);
+                    let mut g = vec![0f32; 3];
+                    c.all_gather(&x, &[3], &mut g).unwrap();
+                    assert_eq!(g, x);
+                }
                 Err(e) => {
                     assert!(e.contains("CUDA") || e.contains("NCCL"), "{e}");
                     let e = super::NcclCollective::new(0, 1, [0; 128]).err().expect("refused without a GPU");
