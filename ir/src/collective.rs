@@ -242,4 +242,61 @@ mod tests {
         assert_eq!(results[1].1, vec![3.0]);
         assert_eq!(results[2].1, vec![6.0, 15.0]);
     }
+
+    #[test]
+    fn collective_ops_type_and_run_on_the_interpreter() {
+        use crate::{shape, DType, Graph, Interpreter, Op, Tensor, TensorType, WeightStore};
+        let mut g = Graph::new("c");
+        let x = g.input("x", TensorType::new(DType::F32, shape!["batch", "seq", 2i64])).unwrap();
+        let rs = g.add(Op::ReduceScatter { axis: 1 }, &[x]).unwrap();
+        assert_eq!(g.ty(rs).to_string(), "f32[batch, seq_shard, 2]");
+        let ag = g.add(Op::AllGather { axis: 1 }, &[rs]).unwrap();
+        let sh = g.add(Op::Shard { axis: 1 }, &[x]).unwrap();
+        let back = g.add(Op::AllGather { axis: 1 }, &[sh]).unwrap();
+        let ar = g.add(Op::AllReduce, &[x]).unwrap();
+        g.output("ag", ag);
+        g.output("back", back);
+        g.output("ar", ar);
+        // Type errors name the axis.
+        let e = g.add(Op::AllGather { axis: 1 }, &[x]).unwrap_err().to_string();
+        assert!(e.contains("not a shard dimension"), "{e}");
+        let e = g.add(Op::ReduceScatter { axis: 2 }, &[x]).unwrap_err().to_string();
+        assert!(e.contains("must be one symbol"), "{e}");
+        let e = g.add(Op::Shard { axis: 1 }, &[rs]).unwrap_err().to_string();
+        assert!(e.contains("already sharded"), "{e}");
+
+        let w = WeightStore::new();
+        // 5 tokens over 2 ranks (2 + 3), and 1 token (replicated).
+        for seq in [5usize, 1] {
+            let outs: Vec<Vec<(String, Tensor)>> = std::thread::scope(|s| {
+                let js: Vec<_> = LocalGroup::new(2)
+                    .into_iter()
+                    .map(|h| {
+                        let (g, w) = (&g, &w);
+                        s.spawn(move || {
+                            let r = h.rank() as f32;
+                            let data: Vec<f32> = (0..seq * 2).map(|i| i as f32 + 10.0 * r).collect();
+                            let i = Interpreter::new(w).with_collective(std::sync::Arc::new(h));
+                            i.run(g, &[("x", Tensor::f32(vec![1, seq, 2], data))]).unwrap()
+                        })
+                    })
+                    .collect();
+                js.into_iter().map(|j| j.join().unwrap()).collect()
+            });
+            // Rank r holds i + 10r: the sum over ranks is 2i + 10.
+            let sum: Vec<f32> = (0..seq * 2).map(|i| 2.0 * i as f32 + 10.0).collect();
+            for (r, o) in outs.iter().enumerate() {
+                let own: Vec<f32> = (0..seq * 2).map(|i| i as f32 + 10.0 * r as f32).collect();
+                assert_eq!(o[0].1.as_f32().unwrap(), &sum[..], "reduce_scatter then all_gather = all_reduce");
+                assert_eq!(o[2].1.as_f32().unwrap(), &sum[..]);
+                if seq >= 2 {
+                    // Shards of different ranks' data, gathered: rank 0's first 2 tokens, rank 1's last 3.
+                    let mixed: Vec<f32> = (0..seq * 2).map(|i| i as f32 + if i < 4 { 0.0 } else { 10.0 }).collect();
+                    assert_eq!(o[1].1.as_f32().unwrap(), &mixed[..]);
+                } else {
+                    assert_eq!(o[1].1.as_f32().unwrap(), &own[..], "one token: replicated, shard is the identity");
+                }
+            }
+        }
+    }
 }
