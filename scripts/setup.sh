@@ -16,6 +16,8 @@ fi
 LLVM_PKGS="llvm-19-dev libmlir-19-dev mlir-19-tools clang-19 libclang-19-dev libpolly-19-dev libzstd-dev mold"
 # cmake builds examples/c-embed (the CMake integration test); valgrind runs the C ABI misuse suite.
 LLVM_PKGS="$LLVM_PKGS cmake valgrind"
+# OpenMPI: the `mpi` crate builds against it and `kiln run --tp N` launches ranks with mpirun.
+LLVM_PKGS="$LLVM_PKGS libopenmpi-dev openmpi-bin"
 missing=""
 for pkg in $LLVM_PKGS; do
   if ! dpkg -s "$pkg" >/dev/null 2>&1; then

@@ -43,6 +43,17 @@ pub struct Build {
     pub stop_after: Option<String>,
     /// The early-exit schedule the artifact runs by default (`--early-exit`, checked by the caller).
     pub early_exit: Option<kiln_ir::program::EarlyExitSpec>,
+    /// Build one rank's part of a tensor-parallel decoder (`kiln run --tp N`).
+    pub tp: Option<TensorParallel>,
+}
+
+/// One rank of a tensor-parallel build: the `shard` pass for (`tp`, `rank`), then (with `fuse`)
+/// `fuse-allreduce-rmsnorm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TensorParallel {
+    pub tp: usize,
+    pub rank: usize,
+    pub fuse: bool,
 }
 
 /// The graph a build compiles and what the pipeline said about it.
@@ -96,6 +107,12 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     if let Some(p) = &build.prune {
         passes.push(Box::new(p.clone()));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(tp) = build.tp.filter(|t| t.tp > 1) {
+        passes.push(Box::new(kiln_passes::shard::Shard { tp: tp.tp, rank: tp.rank }));
+        if tp.fuse {
+            passes.push(Box::new(kiln_passes::fuse_allreduce_rmsnorm::FuseAllReduceRmsNorm));
+        }
     }
     let pipeline = Pipeline::from_passes(passes);
     let names: Vec<String> = pipeline.names().into_iter().map(str::to_string).collect();

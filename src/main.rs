@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 mod quality_cli;
+mod tp_cli;
 
 #[derive(Parser)]
 #[command(
@@ -176,6 +177,20 @@ struct RunArgs {
     /// Print a JSON report (ids, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Tensor parallelism: split the model over N ranks (MPI processes; `kiln` starts itself under
+    /// `mpirun -np N` unless mpirun started it). Rank 0 prints.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    tp: usize,
+    /// With --tp: how ranks communicate — `mpi` (OpenMPI, CPU) or `nccl` (GPUs through CUDA/NCCL; MPI
+    /// still starts the ranks and hands out the NCCL id).
+    #[arg(long, value_enum, default_value = "mpi")]
+    comm: tp_cli::CommKind,
+    /// With --tp: keep AllReduce → add → RMSNorm unfused (no fuse-allreduce-rmsnorm).
+    #[arg(long)]
+    no_fuse: bool,
+    /// Write the logits each generated token was chosen from to FILE (JSON: one array per token).
+    #[arg(long, value_name = "FILE")]
+    logits_out: Option<PathBuf>,
 }
 
 fn main() {
@@ -376,12 +391,20 @@ struct Loaded {
     build: Option<kiln::artifact::Build>,
 }
 
-fn run(a: RunArgs) -> Result<()> {
+fn run(mut a: RunArgs) -> Result<()> {
     let path = model_path(a.model.clone())?;
     let opts = CompileOptions::default();
     let is_artifact = kiln::artifact::is_artifact(&path);
     if a.emit.is_some() && is_artifact {
         bail!("--emit needs a model, not an artifact");
+    }
+    if a.tp > 1 && is_artifact {
+        bail!("--tp {} needs a model (each rank compiles its own part), not an artifact", a.tp);
+    }
+    let dist = if a.emit.is_some() { None } else { tp_cli::setup(a.tp, a.comm)? };
+    if let (Some(_), 0) = (&dist, a.threads) {
+        // Ranks share the machine's cores.
+        a.threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / a.tp).max(1);
     }
     let loaded = if is_artifact {
         if a.backend == BackendKind::Interpreter {
@@ -400,7 +423,11 @@ fn run(a: RunArgs) -> Result<()> {
         }
     } else {
         let mut m = load(&path)?;
-        let build = a.skip.build(opts.clone(), &m, &path)?;
+        let mut build = a.skip.build(opts.clone(), &m, &path)?;
+        if a.tp > 1 {
+            let rank = dist.as_ref().map_or(0, |d| d.rank);
+            build.tp = Some(kiln::artifact::TensorParallel { tp: a.tp, rank, fuse: !a.no_fuse });
+        }
         match a.emit {
             Some(Emit::Ir) => {
                 print!("{}", kiln::ir::text::print(&kiln::artifact::build_graph(&m, &build)?.graph));
@@ -424,6 +451,10 @@ fn run(a: RunArgs) -> Result<()> {
                     kiln::runtime::CompiledBackend::load(&dir, a.threads, None)?
                 }
                 other => other?,
+            };
+            let backend = match &dist {
+                Some(d) => backend.with_collective(d.comm.clone()),
+                None => backend,
             };
             if fresh {
                 eprintln!("[compiled {} in {:.1}s → {}]", m.name, t.elapsed().as_secs_f64(), dir.display());
@@ -452,21 +483,52 @@ fn run(a: RunArgs) -> Result<()> {
         (None, Some(m)) => {
             let build = loaded.build.as_ref().expect("built for a model");
             built = kiln::artifact::build_graph(m, build)?;
-            interp = InterpreterBackend::new(built.graph.clone(), &built.weights, m.config.context_length)?;
+            let mut i = kiln::ir::Interpreter::new(&built.weights);
+            if let Some(d) = &dist {
+                i = i.with_collective(d.comm.clone());
+            }
+            interp = InterpreterBackend::with_interpreter(built.graph.clone(), i, m.config.context_length)?;
             prepare_weights(&interp)?;
             &mut interp
         }
         (None, None) => unreachable!("an artifact or a model is loaded"),
     };
-    generate_and_print(&a, backend, loaded.tokenizer.as_ref(), &loaded.name)
+    let mut rec = tp_cli::Recorder::new(backend, dist.as_ref().map(|d| d.comm.clone()), a.logits_out.is_some());
+    let rank = dist.as_ref().map_or(0, |d| d.rank);
+    let report = generate_and_print(&a, &mut rec, loaded.tokenizer.as_ref(), &loaded.name, rank)?;
+    if rank == 0 {
+        if let Some(p) = &a.logits_out {
+            std::fs::write(p, serde_json::to_string(&rec.rows)?).with_context(|| format!("writing {}", p.display()))?;
+        }
+        if let Some(mut report) = report {
+            report["tp"] = a.tp.into();
+            report["fused"] = (a.tp > 1 && !a.no_fuse).into();
+            report["comm"] = rec.comm_report();
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else if a.tp > 1 {
+            let c = rec.comm_report();
+            eprintln!(
+                "[tp {} ({}): each rank sent {:.2} MB in {} collectives, {:.1} ms]",
+                a.tp,
+                if a.no_fuse { "unfused" } else { "fused AllReduce-RMSNorm" },
+                c["bytes"].as_f64().unwrap_or(0.0) / 1e6,
+                c["calls"],
+                c["ms"].as_f64().unwrap_or(0.0)
+            );
+        }
+    }
+    Ok(())
 }
 
+/// Generates and prints (only on rank 0); with --json, returns the report instead of printing it.
 fn generate_and_print(
     a: &RunArgs,
     backend: &mut dyn Backend,
     tok: Option<&kiln::frontend::tokenizer::Tokenizer>,
     name: &str,
-) -> Result<()> {
+    rank: usize,
+) -> Result<Option<serde_json::Value>> {
+    let quiet = rank != 0;
     let prompt_ids: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => {
@@ -485,13 +547,13 @@ fn generate_and_print(
     let stop: Vec<u32> = if a.ignore_eos { vec![] } else { tok.and_then(|t| t.eos()).into_iter().collect() };
     let mut decoder = tok.map(|t| t.stream_decoder(true));
     let mut out = std::io::stdout().lock();
-    if !a.json && !a.chat {
+    if !a.json && !a.chat && !quiet {
         if let (Some(_), Some(text)) = (tok, &a.prompt) {
             write!(out, "{text}")?;
             out.flush()?;
         }
     }
-    let json = a.json;
+    let json = a.json || quiet;
     let stats = kiln::runtime::generate(backend, &prompt_ids, a.max_tokens, &mut sampler, &stop, |id| {
         if !json {
             match decoder.as_mut() {
@@ -525,8 +587,8 @@ fn generate_and_print(
             "decode_tok_per_s": decode_tps,
             "peak_rss_mib": peak_rss_mib(),
         });
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+        return Ok(Some(report));
+    } else if !quiet {
         if let Some(rest) = decoder.as_mut().and_then(|d| d.finish()) {
             write!(out, "{rest}")?;
         }
@@ -541,7 +603,7 @@ fn generate_and_print(
             backend.name()
         );
     }
-    Ok(())
+    Ok(None)
 }
 
 /// Dequantizes every weight up front, with a progress bar, so generation timings measure generation.

@@ -16,3 +16,4 @@ mod ops;
 mod quality;
 mod sparsity;
 mod tokenizer;
+mod tp;

@@ -83,10 +83,7 @@ impl Case {
             context_length: 64,
             vocab_size: VOCAB,
             eos_token: None,
-            passes: Vec::new(),
-            stages: Vec::new(),
-            records: Vec::new(),
-            early_exit: None,
+            ..Default::default()
         };
         let manifest = compile_to_dir(&self.g, &self.store, &CompileOptions::default(), &info, dir.path())
             .unwrap_or_else(|e| panic!("compiles: {e}\n{}", kiln::ir::text::print(&self.g)));

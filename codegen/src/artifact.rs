@@ -29,6 +29,7 @@ impl Default for CompileOptions {
 }
 
 /// Facts about the model that the manifest records.
+#[derive(Clone, Debug, Default)]
 pub struct ArtifactInfo {
     pub model_name: String,
     pub source_hash: String,

@@ -95,6 +95,10 @@ impl Target for CpuTarget {
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }
+                | Op::AllReduce
+                | Op::ReduceScatter { .. }
+                | Op::Shard { .. }
+                | Op::AllGather { .. }
         )
     }
 }

@@ -10,7 +10,7 @@ use crate::kernels::fused::{Arg, Bcast, EwOp, FusedKernel, Step};
 use crate::kernels::linear::LinearKernelSpec;
 use crate::kernels::ops::OpKernel;
 use crate::CodegenError;
-use kiln_ir::program::{Buffer, BufferKind, Launch, Program, Region};
+use kiln_ir::program::{Buffer, BufferKind, CollectiveKind, Launch, Program, Region};
 use kiln_ir::{DType, Dim, Graph, Op, TensorData, WeightStore};
 use serde::{Deserialize, Serialize};
 
@@ -192,7 +192,21 @@ impl Cx<'_> {
             self.kernels.push(spec);
         }
         let label = format!("%{i} {}", self.g.nodes[i].op.name());
-        self.program.launches.push(Launch { kernel, label, bufs, dims, items, parallel });
+        self.program.launches.push(Launch { kernel, label, bufs, dims, items, parallel, collective: None });
+    }
+
+    /// A communication step of node `i` (no kernel; the runtime's communicator executes it).
+    fn collective(&mut self, i: usize, kind: CollectiveKind, bufs: Vec<usize>, dims: Vec<Vec<Dim>>) {
+        let label = format!("%{i} {}", self.g.nodes[i].op.name());
+        self.program.launches.push(Launch {
+            kernel: String::new(),
+            label,
+            bufs,
+            dims,
+            items: vec![],
+            parallel: false,
+            collective: Some(kind),
+        });
     }
 }
 
@@ -607,6 +621,32 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let rows = vec![ty.shape[ax].clone()];
                 let spec = KernelSpec::Op(OpKernel::SliceRows { row });
                 cx.launch(i, spec, vec![x, out], vec![vec![start.clone()]], rows, false);
+                out
+            }
+            Op::AllReduce => {
+                let x = cx.operand(i, 0);
+                let out = cx.temp(i);
+                cx.collective(i, CollectiveKind::AllReduce, vec![x, out], vec![ty.shape.clone()]);
+                out
+            }
+            Op::ReduceScatter { axis } | Op::Shard { axis } | Op::AllGather { axis } => {
+                // Whole rows of a [batch, rows, …] tensor (batch = 1 at run time): each rank's share is
+                // one contiguous block.
+                let x = cx.operand(i, 0);
+                let xt = g.ty(n.inputs[0]);
+                let ax = kiln_ir::op::norm_axis(*axis, xt.rank()).map_err(|e| cx.unsupported(i, e))?;
+                let outer_ok = xt.shape[..ax].iter().all(|d| d.as_sym() == Some("batch") || d.as_fixed() == Some(1));
+                let row: Option<usize> = xt.shape[ax + 1..].iter().map(fixed).try_fold(1usize, |a, d| Some(a * d?));
+                let (Some(row), true) = (row, outer_ok) else {
+                    return Err(cx.unsupported(i, "only rows of [batch, rows, …] tensors are split over ranks"));
+                };
+                let (kind, full) = match &n.op {
+                    Op::ReduceScatter { .. } => (CollectiveKind::ReduceScatter, xt.shape[ax].clone()),
+                    Op::Shard { .. } => (CollectiveKind::Shard, xt.shape[ax].clone()),
+                    _ => (CollectiveKind::AllGather, ty.shape[ax].clone()),
+                };
+                let out = cx.temp(i);
+                cx.collective(i, kind, vec![x, out], vec![vec![full], vec![Dim::from(row)]]);
                 out
             }
             op if EwOp::from_op(op).is_some() => cx.fused(i)?,

@@ -4,6 +4,9 @@
 //! one straightforward loop nest per op, dot products and reductions accumulated in f64 (so results do not
 //! depend on summation order), every result checked against the node's declared type.
 
+use crate::collective::{
+    all_gather_rows, bind_shard_symbols, reduce_scatter_rows, shard_range, Collective, SingleRank,
+};
 use crate::dtype::DType;
 use crate::graph::{Graph, ValueId};
 use crate::op::{norm_axis, Op, RopeMode};
@@ -65,15 +68,28 @@ pub enum InterpError {
     Op { value: ValueId, op: &'static str, msg: String },
 }
 
-/// Runs graphs against one weight store, caching dequantized weights between runs.
+/// Runs graphs against one weight store, caching dequantized weights between runs. Collective ops
+/// (`all_reduce`, …) go through the rank's [`Collective`]: a single rank (the identity) unless
+/// [`Interpreter::with_collective`] gives another.
 pub struct Interpreter<'w> {
     weights: &'w WeightStore,
     dequantized: Mutex<HashMap<String, Arc<Tensor>>>,
+    collective: Arc<dyn Collective>,
 }
 
 impl<'w> Interpreter<'w> {
     pub fn new(weights: &'w WeightStore) -> Self {
-        Interpreter { weights, dequantized: Mutex::new(HashMap::new()) }
+        Interpreter { weights, dequantized: Mutex::new(HashMap::new()), collective: Arc::new(SingleRank) }
+    }
+
+    /// Runs as one rank of a tensor-parallel group.
+    pub fn with_collective(mut self, c: Arc<dyn Collective>) -> Self {
+        self.collective = c;
+        self
+    }
+
+    pub fn collective(&self) -> &dyn Collective {
+        &*self.collective
     }
 
     fn weight(&self, name: &str, g: &Graph, v: ValueId) -> Result<Arc<Tensor>, InterpError> {
@@ -109,7 +125,8 @@ impl<'w> Interpreter<'w> {
 
     /// Runs `g` on named inputs and returns its named outputs in order.
     pub fn run(&self, g: &Graph, inputs: &[(&str, Tensor)]) -> Result<Vec<(String, Tensor)>, InterpError> {
-        let env = bind_symbols(g, inputs)?;
+        let mut env = bind_symbols(g, inputs)?;
+        bind_shard_symbols(&mut env, self.collective.rank(), self.collective.world());
         // Last use of each value, so intermediates can be dropped early.
         let mut last_use = vec![0usize; g.nodes.len()];
         for (i, n) in g.nodes.iter().enumerate() {
@@ -139,6 +156,11 @@ impl<'w> Interpreter<'w> {
                     }
                     Arc::new(Tensor { shape: want, data: src.data.clone() })
                 }
+                Op::AllReduce | Op::ReduceScatter { .. } | Op::Shard { .. } | Op::AllGather { .. } => {
+                    let src = vals[n.inputs[0].index()].as_deref().unwrap();
+                    let want = n.ty.concrete(&env).ok_or_else(|| oerr(format!("cannot evaluate type {}", n.ty)))?;
+                    Arc::new(self.collective_op(&n.op, src, &want).map_err(oerr)?)
+                }
                 _ => {
                     let args: Vec<&Tensor> = n.inputs.iter().map(|v| vals[v.index()].as_deref().unwrap()).collect();
                     Arc::new(eval(&n.op, &args, &env).map_err(oerr)?)
@@ -156,6 +178,73 @@ impl<'w> Interpreter<'w> {
             }
         }
         Ok(g.outputs.iter().map(|(name, v)| (name.clone(), (*vals[v.index()].clone().unwrap()).clone())).collect())
+    }
+}
+
+impl Interpreter<'_> {
+    /// Evaluates a collective op on this rank's operand. The split axis is moved outermost so that each
+    /// rank's slice is one contiguous block.
+    fn collective_op(&self, op: &Op, x: &Tensor, want: &[usize]) -> Result<Tensor, String> {
+        let c = &*self.collective;
+        let (rank, world) = (c.rank(), c.world());
+        let data = f(x)?;
+        let axis = match op {
+            Op::AllReduce => {
+                let mut out = data.to_vec();
+                c.all_reduce(&mut out)?;
+                return Ok(Tensor::f32(x.shape.clone(), out));
+            }
+            Op::ReduceScatter { axis } | Op::Shard { axis } | Op::AllGather { axis } => *axis,
+            _ => unreachable!("only collective ops"),
+        };
+        let ax = norm_axis(axis, x.shape.len())?;
+        let (outer, len, inner) = around(&x.shape, ax);
+        let row = outer * inner;
+        // [outer, len, inner] ↔ [len, outer, inner]
+        let to_rows = |v: &[f32], len: usize| -> Vec<f32> {
+            let mut out = vec![0f32; v.len()];
+            for o in 0..outer {
+                for l in 0..len {
+                    out[(l * outer + o) * inner..][..inner].copy_from_slice(&v[(o * len + l) * inner..][..inner]);
+                }
+            }
+            out
+        };
+        let from_rows = |v: &[f32], len: usize| -> Vec<f32> {
+            let mut out = vec![0f32; v.len()];
+            for o in 0..outer {
+                for l in 0..len {
+                    out[(o * len + l) * inner..][..inner].copy_from_slice(&v[(l * outer + o) * inner..][..inner]);
+                }
+            }
+            out
+        };
+        let rows = to_rows(data, len);
+        let (out_len, out_rows) = match op {
+            Op::ReduceScatter { .. } => {
+                let mine = shard_range(len, rank, world).len();
+                let mut out = vec![0f32; mine * row];
+                reduce_scatter_rows(c, &rows, len, row, &mut out)?;
+                (mine, out)
+            }
+            Op::Shard { .. } => {
+                let r = shard_range(len, rank, world);
+                (r.len(), rows[r.start * row..r.end * row].to_vec())
+            }
+            _ => {
+                let full = want[ax];
+                let share = shard_range(full, rank, world).len();
+                if share != len {
+                    return Err(format!("this rank holds {len} rows of {full}, its share is {share}"));
+                }
+                let mut out = vec![0f32; full * row];
+                all_gather_rows(c, &rows, full, row, &mut out)?;
+                (full, out)
+            }
+        };
+        let mut shape = x.shape.clone();
+        shape[ax] = out_len;
+        Ok(Tensor::f32(shape, from_rows(&out_rows, out_len)))
     }
 }
 
@@ -617,6 +706,9 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
                 Data::F32(x) => Tensor::f32(shape, cut(x, outer, len, inner, s, e)),
                 Data::I64(x) => Tensor::i64(shape, cut(x, outer, len, inner, s, e)),
             })
+        }
+        Op::AllReduce | Op::ReduceScatter { .. } | Op::Shard { .. } | Op::AllGather { .. } => {
+            Err("collective ops need the rank's communicator; the interpreter evaluates them".into())
         }
         Op::Cast { dtype } => {
             let t = args[0];

@@ -2,6 +2,7 @@
 //! form, a verifier, and the reference interpreter that is the oracle for every other stage.
 
 pub mod blocks;
+pub mod collective;
 pub mod decompose;
 pub mod dot;
 pub mod dtype;

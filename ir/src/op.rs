@@ -268,6 +268,15 @@ ops! {
     /// Causal mask over the last two axes `[…, S, T]` (T ≥ S; row i sits at position T−S+i): entries
     /// with column j > T−S+i become −∞, the rest pass through.
     CausalMask = "causal_mask" / 1;
+    // collectives (tensor parallelism)
+    /// Sum over the ranks of the tensor-parallel group; every rank gets the sum (see `collective.rs`).
+    AllReduce = "all_reduce" / 1;
+    /// Sum over the ranks, of which this rank keeps its slice along `axis`: `[.., s, ..] → [.., s_shard, ..]`.
+    ReduceScatter { axis: i64 } = "reduce_scatter" / 1;
+    /// This rank's slice along `axis`, no communication: `[.., s, ..] → [.., s_shard, ..]`.
+    Shard { axis: i64 } = "shard" / 1;
+    /// Every rank's slice along `axis`, concatenated in rank order: `[.., s_shard, ..] → [.., s, ..]`.
+    AllGather { axis: i64 } = "all_gather" / 1;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -564,6 +573,30 @@ impl Op {
                     return Err(format!("causal_mask needs rank ≥ 2, found {x}"));
                 }
                 Ok(x.clone())
+            }
+            Op::AllReduce => {
+                want_float(ins[0], "all_reduce operand")?;
+                Ok(ins[0].clone())
+            }
+            Op::ReduceScatter { axis } | Op::Shard { axis } | Op::AllGather { axis } => {
+                let x = ins[0];
+                want_float(x, "operand")?;
+                let ax = norm_axis(*axis, x.rank())?;
+                let d = &x.shape[ax];
+                let sym =
+                    d.as_sym().ok_or_else(|| format!("axis {ax} ({d}) must be one symbol to be split over ranks"))?;
+                let suffix = crate::collective::SHARD_SUFFIX;
+                let to = match (self, sym.strip_suffix(suffix)) {
+                    (Op::AllGather { .. }, Some(full)) => full.to_string(),
+                    (Op::AllGather { .. }, None) => {
+                        return Err(format!("all_gather axis {ax} ({d}) is not a shard dimension"))
+                    }
+                    (_, Some(_)) => return Err(format!("axis {ax} ({d}) is already sharded")),
+                    (_, None) => format!("{sym}{suffix}"),
+                };
+                let mut shape = x.shape.clone();
+                shape[ax] = Dim::sym(&to);
+                Ok(f32t(shape))
             }
             Op::Cast { dtype } => {
                 if dtype.is_quantized() {

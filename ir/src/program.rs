@@ -35,6 +35,20 @@ pub struct Buffer {
     pub shape: Vec<Dim>,
 }
 
+/// A launch that is a collective communication step (tensor parallelism): the runtime executes it with
+/// its rank's communicator instead of calling a kernel. `bufs` are [x, out]. `AllReduce` has
+/// `dims` [[elements]]; the others move whole rows of `[batch = 1, rows, …]` tensors and have `dims`
+/// [[full rows], [row elements]], the full row count being the unsharded one (`seq`), from which each
+/// rank's share follows (`kiln_ir::collective::shard_range`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CollectiveKind {
+    AllReduce,
+    ReduceScatter,
+    Shard,
+    AllGather,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Launch {
     /// Symbol of the kernel in the artifact's library.
@@ -48,6 +62,9 @@ pub struct Launch {
     pub items: Vec<Dim>,
     /// Whether the launch is worth splitting across threads.
     pub parallel: bool,
+    /// Set for communication steps, which have no kernel (`kernel` is empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collective: Option<CollectiveKind>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -10,9 +10,11 @@ pub mod cse;
 pub mod dce;
 pub mod decompose;
 pub mod egraph;
+pub mod fuse_allreduce_rmsnorm;
 pub mod lift;
-pub mod rules;
 pub mod prune;
+pub mod rules;
+pub mod shard;
 pub mod skip_layers;
 
 use kiln_ir::{Graph, GraphError, WeightStore};
@@ -100,6 +102,9 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(skip_layers::SkipLayers::default()),
         Box::new(decompose::Decompose),
         Box::new(lift::Lift::default()),
+        // Unconfigured (one rank) it changes nothing; `kiln run --tp N` configures it per rank.
+        Box::new(shard::Shard { tp: 1, rank: 0 }),
+        Box::new(fuse_allreduce_rmsnorm::FuseAllReduceRmsNorm),
     ]
 }
 

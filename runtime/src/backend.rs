@@ -15,6 +15,8 @@ pub enum RuntimeError {
     EmptyPrompt,
     #[error("KV cache `{cache}` holds {written} rows but the step reads {needed}: an early-exit schedule skipped a block that a later position runs")]
     UnwrittenKv { cache: String, written: usize, needed: usize },
+    #[error("collective {launch}: {msg}")]
+    Collective { launch: String, msg: String },
     #[error(transparent)]
     Interp(#[from] InterpError),
 }
@@ -70,6 +72,11 @@ pub struct InterpreterBackend<'w> {
 
 impl<'w> InterpreterBackend<'w> {
     pub fn new(graph: Graph, weights: &'w WeightStore, context: usize) -> Result<Self, RuntimeError> {
+        Self::with_interpreter(graph, Interpreter::new(weights), context)
+    }
+
+    /// A backend on a configured interpreter (e.g. one rank of a tensor-parallel group).
+    pub fn with_interpreter(graph: Graph, interp: Interpreter<'w>, context: usize) -> Result<Self, RuntimeError> {
         for name in ["tokens", "pos"] {
             if !graph.inputs().any(|(n, _)| n == name) {
                 return Err(RuntimeError::Interface(name.into(), "input"));
@@ -83,15 +90,7 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b = InterpreterBackend {
-            graph,
-            interp: Interpreter::new(weights),
-            state: Vec::new(),
-            extra: Vec::new(),
-            vocab,
-            context,
-            past: 0,
-        };
+        let mut b = InterpreterBackend { graph, interp, state: Vec::new(), extra: Vec::new(), vocab, context, past: 0 };
         b.reset();
         Ok(b)
     }

@@ -7,10 +7,15 @@
 use crate::backend::{Backend, Logits, RuntimeError};
 use crate::early_exit::{ExitMode, ExitSchedule};
 use crate::pool::SpinPool;
+use kiln_ir::collective::{
+    all_gather_rows, bind_shard_symbols, reduce_scatter_rows, shard_range, Collective, SingleRank,
+};
+use kiln_ir::program::CollectiveKind;
 use kiln_ir::program::{BufferKind, Manifest, Program, ARTIFACT_FORMAT_VERSION};
 use kiln_ir::{DType, SymEnv};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A generated kernel (the uniform ABI of `kiln_ir::program`).
 pub type KernelFn = unsafe extern "C" fn(*const *mut u8, *const i64, i64, i64);
@@ -175,6 +180,8 @@ pub struct CompiledBackend {
     past: usize,
     capacity: usize,
     pool: SpinPool,
+    /// This rank's communicator (a single rank unless set by [`CompiledBackend::with_collective`]).
+    collective: Arc<dyn Collective>,
     /// Keeps a `dlopen`ed kernel library loaded while its functions are in `kernels`.
     _lib: Option<libloading::Library>,
 }
@@ -212,6 +219,10 @@ impl CompiledBackend {
                 let l = unsafe { libloading::Library::new(&lpath) }
                     .map_err(|e| invalid(&lpath, format!("cannot load: {e}")))?;
                 for launch in &manifest.program.launches {
+                    if launch.collective.is_some() {
+                        kernels.push(no_kernel as KernelFn);
+                        continue;
+                    }
                     // SAFETY: every kernel symbol has the uniform kernel ABI (see kiln_ir::program).
                     let f: libloading::Symbol<KernelFn> = unsafe { l.get(launch.kernel.as_bytes()) }
                         .map_err(|e| invalid(&lpath, format!("kernel `{}` missing: {e}", launch.kernel)))?;
@@ -221,6 +232,10 @@ impl CompiledBackend {
             }
             KernelSource::Linked(table) => {
                 for launch in &manifest.program.launches {
+                    if launch.collective.is_some() {
+                        kernels.push(no_kernel as KernelFn);
+                        continue;
+                    }
                     let f = table.get(&launch.kernel).ok_or_else(|| {
                         invalid(wpath, format!("kernel `{}` is not linked into this program", launch.kernel))
                     })?;
@@ -276,8 +291,15 @@ impl CompiledBackend {
             past: 0,
             capacity,
             pool,
+            collective: Arc::new(SingleRank),
             _lib: lib,
         })
+    }
+
+    /// Runs as one rank of a tensor-parallel group: the program's collective launches go through `c`.
+    pub fn with_collective(mut self, c: Arc<dyn Collective>) -> Self {
+        self.collective = c;
+        self
     }
 
     pub fn manifest(&self) -> &Manifest {
@@ -402,8 +424,9 @@ impl CompiledBackend {
             return Err(RuntimeError::BadToken { id, vocab });
         }
         let s = tokens.len();
-        let env: SymEnv =
+        let mut env: SymEnv =
             [("batch".to_string(), 1), ("seq".to_string(), s as i64), ("past".to_string(), self.past as i64)].into();
+        bind_shard_symbols(&mut env, self.collective.rank(), self.collective.world());
         let program: &Program = &self.manifest.program;
         for (b, st) in program.buffers.iter().zip(self.storage.iter_mut()) {
             match (&b.kind, st) {
@@ -461,6 +484,10 @@ impl CompiledBackend {
             }
             let (l, kernel) = (&program.launches[li], self.kernels[li]);
             li += 1;
+            if let Some(kind) = l.collective {
+                self.communicate(kind, l, &ptrs, &env)?;
+                continue;
+            }
             args.clear();
             args.extend(l.bufs.iter().map(|&b| ptrs[b]));
             dims.clear();
@@ -491,7 +518,49 @@ impl CompiledBackend {
         self.past += s;
         Ok(())
     }
+
+    /// Executes a collective launch: bufs [x, out], both f32 temps of the sizes their shapes give.
+    fn communicate(
+        &self,
+        kind: CollectiveKind,
+        l: &kiln_ir::program::Launch,
+        ptrs: &[*mut u8],
+        env: &SymEnv,
+    ) -> Result<(), RuntimeError> {
+        let program = &self.manifest.program;
+        let len_of = |b: usize| Program::eval(&program.buffers[b].shape, env).expect("shapes use bound symbols");
+        let (xb, ob) = (l.bufs[0], l.bufs[1]);
+        let (nx, no) = (len_of(xb), len_of(ob));
+        // SAFETY: both are f32 temps sized for this step above; `x` is computed and `out` is not read by
+        // anything else until this launch finishes (temps are written once).
+        let (x, out) = unsafe {
+            (
+                std::slice::from_raw_parts(ptrs[xb] as *const f32, nx),
+                std::slice::from_raw_parts_mut(ptrs[ob] as *mut f32, no),
+            )
+        };
+        let c = &*self.collective;
+        let fail = |msg: String| RuntimeError::Collective { launch: l.label.clone(), msg };
+        let dim = |k: usize| Program::eval(&l.dims[k], env).expect("dims use bound symbols");
+        match kind {
+            CollectiveKind::AllReduce => {
+                out.copy_from_slice(x);
+                c.all_reduce(out).map_err(fail)
+            }
+            CollectiveKind::ReduceScatter => reduce_scatter_rows(c, x, dim(0), dim(1), out).map_err(fail),
+            CollectiveKind::AllGather => all_gather_rows(c, x, dim(0), dim(1), out).map_err(fail),
+            CollectiveKind::Shard => {
+                let (len, row) = (dim(0), dim(1));
+                let r = shard_range(len, c.rank(), c.world());
+                out.copy_from_slice(&x[r.start * row..r.end * row]);
+                Ok(())
+            }
+        }
+    }
 }
+
+/// Stands in for the kernel of a collective launch (never called).
+unsafe extern "C" fn no_kernel(_: *const *mut u8, _: *const i64, _: i64, _: i64) {}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod compiled;
+pub mod dist;
 pub mod early_exit;
 pub mod generate;
 pub mod pool;

@@ -70,12 +70,14 @@ impl CostModel {
             // Sources cost nothing themselves (their bytes are charged to whoever reads them), and a
             // reshape is a view.
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => return 0.0,
-            Op::Linear | Op::MatMul => {
+            // Sparse variants are costed as the dense product (an upper bound: the lift rules never
+            // choose between them; the prune pass selects kernels from measured break-evens).
+            Op::Linear | Op::MatMul | Op::MaskedLinear | Op::ActiveLinear | Op::SparseLinear { .. } => {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
             Op::Attention { .. } => 4.0 * self.numel(&TensorType::new(out.dtype, vec![ins[1].shape[1].clone()])),
-            Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Neg | Op::CausalMask | Op::Iota { .. } => 1.0,
+            Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Neg | Op::CausalMask | Op::Iota { .. } | Op::Threshold => 1.0,
             Op::Sqrt | Op::Rsqrt => 4.0,
             Op::Exp | Op::Sigmoid | Op::Sin | Op::Cos | Op::Pow => 10.0,
             Op::Silu | Op::SwiGlu => 12.0,
@@ -86,6 +88,9 @@ impl CostModel {
             Op::RmsNorm { .. } => 4.0,
             Op::Rope { .. } => 24.0,
             Op::Embedding | Op::Transpose { .. } | Op::Concat { .. } | Op::Slice { .. } | Op::Cast { .. } => 0.0,
+            // Collectives: their bytes (charged by launch_and_moves) stand for the traffic; the e-graph
+            // never chooses between them (the shard and fuse passes place them).
+            Op::AllReduce | Op::ReduceScatter { .. } | Op::Shard { .. } | Op::AllGather { .. } => 1.0,
         };
         self.launch_and_moves(out, ins) + self.coef.ns_per_flop * flops_per_elem * n
     }
