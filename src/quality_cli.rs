@@ -154,7 +154,7 @@ pub struct SkipArgs {
     #[arg(long, value_name = "S")]
     pub prune_sparsity: Option<f64>,
     /// How --prune-sparsity ranks blocks: weight magnitude, or Wanda (|W|·activation, needs --calibration).
-    #[arg(long, value_enum, default_value = "magnitude")]
+    #[arg(long, value_enum, default_value = "magnitude", requires = "prune_sparsity")]
     pub prune_method: PruneMethodArg,
     /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
     /// --quality-budget).

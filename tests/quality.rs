@@ -361,6 +361,10 @@ fn bad_quality_input_is_refused_by_name() {
             "compiled",
         ),
         (vec!["compile", "-o", "/tmp/x", "--early-exit", "top", "--exit-schedule", "4:20,8:25"], "never written"),
+        (vec!["compile", "-o", "/tmp/x", "--prune-sparsity", "1.5"], "outside [0, 1)"),
+        (vec!["compile", "-o", "/tmp/x", "--prune-sparsity", "0.5", "--prune-method", "wanda"], "--calibration"),
+        (vec!["compile", "-o", "/tmp/x", "--prune-sparsity", "0.5", "--prune-method", "bogus"], "bogus"),
+        (vec!["compile", "-o", "/tmp/x", "--prune-method", "wanda"], "--prune-sparsity"),
         (
             vec!["compile", "-o", "/tmp/x", "--early-exit", "top", "--skip-layers", "2", "--exit-schedule", "4:20"],
             "cannot be used with",
