@@ -366,7 +366,7 @@ impl ExitArgs {
     /// The checked schedule as an artifact records it.
     pub fn spec(&self, n: usize) -> Result<Option<kiln::ir::program::EarlyExitSpec>> {
         Ok(self.schedule(n)?.map(|(mode, s)| kiln::ir::program::EarlyExitSpec {
-            mode: format!("{mode:?}").to_lowercase(),
+            mode: mode.name().to_string(),
             schedule: s.points().to_vec(),
         }))
     }
@@ -436,7 +436,7 @@ fn eval_early_exit(a: &EvalArgs) -> Result<()> {
     pb.finish_and_clear();
     let j = serde_json::json!({
         "model": m.as_ref().map_or_else(|| path.display().to_string(), |m| m.name.clone()), "backend": backend.name(),
-        "text": a.text, "early_exit": format!("{mode:?}").to_lowercase(),
+        "text": a.text, "early_exit": mode.name(),
         "exit_schedule": a.exit.exit_schedule, "report": report,
     });
     if a.json {

@@ -161,6 +161,13 @@ impl SendPtr {
     }
 }
 
+/// A KV-cache buffer, the block region it belongs to (if any), and the rows written so far.
+struct Cache {
+    buffer: usize,
+    region: Option<usize>,
+    rows: usize,
+}
+
 enum Storage {
     Weight(usize),
     Floats(Vec<f32>),
@@ -172,9 +179,9 @@ pub struct CompiledBackend {
     weights: memmap2::Mmap,
     kernels: Vec<KernelFn>,
     storage: Vec<Storage>,
-    /// KV rows written so far, per buffer (states only; 0 elsewhere). Equal to `past` for every cache
+    /// The KV caches (state buffers), with the rows each has written so far: `past` for every cache
     /// unless an early-exit schedule skipped blocks.
-    state_rows: Vec<usize>,
+    caches: Vec<Cache>,
     /// Per-position early exit: which blocks each position runs.
     exit: Option<(ExitMode, ExitSchedule)>,
     past: usize,
@@ -263,15 +270,20 @@ impl CompiledBackend {
         }
         let threads = if threads == 0 { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { threads };
         let pool = SpinPool::new(threads).map_err(|e| invalid(dir, format!("starting worker threads: {e}")))?;
-        let state_rows = vec![0; storage.len()];
+        let regions = &manifest.program.regions;
+        let caches = (manifest.program.buffers.iter().enumerate())
+            .filter(|(_, b)| matches!(b.kind, BufferKind::State { .. }))
+            .map(|(buffer, _)| Cache {
+                buffer,
+                region: regions.iter().position(|r| r.states.contains(&buffer)),
+                rows: 0,
+            })
+            .collect();
         let exit = match &manifest.early_exit {
             None => None,
             Some(spec) => {
-                let mode = match spec.mode.as_str() {
-                    "top" => ExitMode::Top,
-                    "lower" => ExitMode::Lower,
-                    other => return Err(invalid(dir, format!("early-exit mode `{other}` is not top or lower"))),
-                };
+                let mode = ExitMode::parse(&spec.mode)
+                    .ok_or_else(|| invalid(dir, format!("early-exit mode `{}` is not top or lower", spec.mode)))?;
                 let n = manifest.program.regions.len();
                 if n == 0 {
                     return Err(invalid(dir, "an early-exit schedule but no skippable blocks"));
@@ -286,7 +298,7 @@ impl CompiledBackend {
             weights,
             kernels,
             storage,
-            state_rows,
+            caches,
             exit,
             past: 0,
             capacity,
@@ -349,7 +361,7 @@ impl Backend for CompiledBackend {
     fn reset(&mut self) {
         // Rows past `past` are never read, so the cache need not be cleared.
         self.past = 0;
-        self.state_rows.iter_mut().for_each(|r| *r = 0);
+        self.caches.iter_mut().for_each(|c| c.rows = 0);
     }
 
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
@@ -393,25 +405,11 @@ impl CompiledBackend {
             }
         }
         let skipped = |r: usize| active.is_some_and(|a| !a[r]);
-        // Caches this step appends to: all but those of skipped blocks.
-        let mut appends = vec![false; self.storage.len()];
-        for (b, buf) in self.manifest.program.buffers.iter().enumerate() {
-            appends[b] = matches!(buf.kind, BufferKind::State { .. });
-        }
-        for (r, region) in regions.iter().enumerate() {
-            if skipped(r) {
-                region.states.iter().for_each(|&b| appends[b] = false);
-            }
-        }
-        for (b, &on) in appends.iter().enumerate() {
-            if on && self.state_rows[b] != self.past {
-                let BufferKind::State { name, .. } = &self.manifest.program.buffers[b].kind else { unreachable!() };
-                return Err(RuntimeError::UnwrittenKv {
-                    cache: name.clone(),
-                    written: self.state_rows[b],
-                    needed: self.past,
-                });
-            }
+        // The caches this step appends to: all but those of skipped blocks.
+        let appends = |c: &Cache| c.region.is_none_or(|r| !skipped(r));
+        if let Some(c) = self.caches.iter().find(|c| appends(c) && c.rows != self.past) {
+            let BufferKind::State { name, .. } = &self.manifest.program.buffers[c.buffer].kind else { unreachable!() };
+            return Err(RuntimeError::UnwrittenKv { cache: name.clone(), written: c.rows, needed: self.past });
         }
         if tokens.is_empty() {
             return Err(RuntimeError::EmptyPrompt);
@@ -510,10 +508,8 @@ impl CompiledBackend {
                 unsafe { p.call(kernel, 0, items) }
             }
         }
-        for (b, &on) in appends.iter().enumerate() {
-            if on {
-                self.state_rows[b] += s;
-            }
+        for c in self.caches.iter_mut().filter(|c| appends(c)) {
+            c.rows += s;
         }
         self.past += s;
         Ok(())

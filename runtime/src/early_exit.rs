@@ -26,6 +26,18 @@ pub enum ExitMode {
 }
 
 impl ExitMode {
+    /// The name manifests and reports use (`top`, `lower`).
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitMode::Top => "top",
+            ExitMode::Lower => "lower",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ExitMode> {
+        [ExitMode::Top, ExitMode::Lower].into_iter().find(|m| m.name() == s)
+    }
+
     /// The blocks a position of `depth` runs, of `n`.
     pub fn active(self, n: usize, depth: usize) -> std::ops::Range<usize> {
         match self {
@@ -235,5 +247,7 @@ mod tests {
         let s = ExitSchedule::new(vec![(4, 3), (6, 2)], 4).unwrap();
         assert_eq!([0, 3, 4, 5, 6, 100].map(|p| s.depth_at(p, 4)), [4, 4, 3, 3, 2, 2]);
         assert_eq!(ExitMode::Lower.active(4, 1), 3..4);
+        assert_eq!(ExitMode::parse(ExitMode::Lower.name()), Some(ExitMode::Lower));
+        assert_eq!((ExitMode::parse("top"), ExitMode::parse("middle")), (Some(ExitMode::Top), None));
     }
 }
