@@ -207,11 +207,17 @@ pub fn compile_model(model: &Model, source_hash: &str, opts: &CompileOptions, ou
 
 /// Compiles `build` of `model` into `out`; the manifest lists the passes and their records.
 pub fn compile_build(model: &Model, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
-    let b = build_graph(model, build)?;
-    compile_graph(model, &b, source_hash, build, out)
+    compile_built(model, &build_graph(model, build)?, source_hash, build, out)
 }
 
-fn compile_graph(model: &Model, built: &BuiltGraph, source_hash: &str, build: &Build, out: &Path) -> Result<Manifest> {
+/// Compiles an already built graph of `build` (see [`build_graph`]) into `out`.
+pub fn compile_built(
+    model: &Model,
+    built: &BuiltGraph,
+    source_hash: &str,
+    build: &Build,
+    out: &Path,
+) -> Result<Manifest> {
     let info = artifact_info(model, source_hash, built, build);
     let manifest = kiln_codegen::compile_to_dir(&built.graph, &built.weights, &build.opts, &info, out)?;
     write_tokenizer(model, out)?;
@@ -317,7 +323,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_graph(model, &built, &hash, build, &tmp)?;
+    compile_built(model, &built, &hash, build, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

@@ -281,6 +281,23 @@ fn inspect(model: Option<PathBuf>, json: bool, tensors: bool) -> Result<()> {
     Ok(())
 }
 
+/// `--explain`: per pass, its time, node counts and its own reasons.
+fn explain(b: &kiln::artifact::BuiltGraph) {
+    for r in &b.reports {
+        eprintln!(
+            "pass {:<14} {:>8.2} ms  nodes {} → {}{}",
+            r.pass,
+            r.time.as_secs_f64() * 1e3,
+            r.nodes_before,
+            r.nodes_after,
+            if r.changed { "" } else { "  (no change)" }
+        );
+        for (_, line) in b.explanations.iter().filter(|(p, _)| p == r.pass) {
+            eprintln!("  {line}");
+        }
+    }
+}
+
 fn compile(a: CompileArgs) -> Result<()> {
     let path = model_path(a.model.clone())?;
     let target = kiln::codegen::TargetSpec::parse(&a.target)?;
@@ -290,23 +307,11 @@ fn compile(a: CompileArgs) -> Result<()> {
     build.passes = a.passes.clone();
     build.stop_after = a.stop_after.clone();
     build.early_exit = a.exit.spec(m.config.n_layers)?;
-    if a.explain {
-        let b = kiln::artifact::build_graph(&m, &build)?;
-        for r in &b.reports {
-            eprintln!(
-                "pass {:<14} {:>8.2} ms  nodes {} → {}{}",
-                r.pass,
-                r.time.as_secs_f64() * 1e3,
-                r.nodes_before,
-                r.nodes_after,
-                if r.changed { "" } else { "  (no change)" }
-            );
-            for (_, line) in b.explanations.iter().filter(|(p, _)| p == r.pass) {
-                eprintln!("  {line}");
-            }
-        }
-    }
     if let Some(kind @ (CompileEmit::Lib | CompileEmit::Obj)) = a.emit {
+        if a.explain {
+            // The library path builds its graph itself; explaining it costs one more pipeline run.
+            explain(&kiln::artifact::build_graph(&m, &build)?);
+        }
         return kiln::aot::compile_command(
             &m,
             &path,
@@ -320,8 +325,12 @@ fn compile(a: CompileArgs) -> Result<()> {
     if target != kiln::codegen::TargetSpec::Host {
         bail!("--target {} needs --emit obj (only object code is made for other machines)", a.target);
     }
+    // One pipeline run serves --explain, --emit and the artifact.
+    let built = kiln::artifact::build_graph(&m, &build)?;
+    if a.explain {
+        explain(&built);
+    }
     if let Some(stage) = a.emit {
-        let built = kiln::artifact::build_graph(&m, &build)?;
         let (graph, weights) = (&built.graph, &built.weights);
         match stage {
             CompileEmit::Ir => print!("{}", kiln::ir::text::print(graph)),
@@ -348,7 +357,7 @@ fn compile(a: CompileArgs) -> Result<()> {
     spinner.set_message(format!("compiling {} for {}", m.name, kiln::codegen::host_target_info().cpu));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let hash = kiln::artifact::source_hash(&path)?;
-    let manifest = kiln::artifact::compile_build(&m, &hash, &build, &out)?;
+    let manifest = kiln::artifact::compile_built(&m, &built, &hash, &build, &out)?;
     spinner.finish_and_clear();
     if a.json {
         println!(
