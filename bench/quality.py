@@ -17,11 +17,12 @@ Usage: scripts/quality.sh [--threads 1] [--rounds 3] [--only skip|early-exit]
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
-from kilnbench import ROOT, cpu_run, kiln, splice, use_memo
+from kilnbench import ROOT, decode_speeds, kiln, splice, use_memo
+
+PROMPT = "The history of the bicycle begins"
 
 
 def early_exit_section(a, calib, t0):
@@ -44,19 +45,8 @@ def early_exit_section(a, calib, t0):
             ppl[(k, label)] = out["report"]
             print(f"early-exit eval {k} {label}: {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)",
                   file=sys.stderr)
-    prompt = "The history of the bicycle begins"
-    speeds = {r: [] for r in rows}
-    cpu = {r: [] for r in rows}
-    for _ in range(a.rounds):
-        for k in counts:
-            for label, args in variants(k, 8):
-                base = ["run", "--prompt", prompt, "--ignore-eos", "--json", "--threads", str(a.threads)] + args
-                _, short = cpu_run(base + ["-n", "16"])
-                out, long = cpu_run(base + ["-n", str(16 + a.decode_tokens)])
-                speeds[(k, label)].append(json.loads(out)["decode_tok_per_s"])
-                cpu[(k, label)].append(a.decode_tokens / max(long - short, 1e-9))
-    wall = {r: max(v) for r, v in speeds.items()}
-    cpu_med = {r: statistics.median(v) for r, v in cpu.items()}
+    runs = {(k, label): args for k in counts for label, args in variants(k, 8)}
+    cpu_med, wall = decode_speeds(runs, PROMPT, a.threads, a.rounds, a.decode_tokens)
     b_ppl, b_cpu, b_wall = ppl[(0, "full depth")]["perplexity"], cpu_med[(0, "full depth")], wall[(0, "full depth")]
     lines = [
         f"Per-position early exit, compiled. Perplexity: teacher-forced decoding of the first {a.exit_window + 1} "
@@ -122,21 +112,8 @@ def main():
         ppl[(k, m)] = out["report"]
         print(f"eval skip {k} {m}: ppl {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
 
-    prompt = "The history of the bicycle begins"
-    speeds = {c: [] for c in configs}
-    cpu_speeds = {c: [] for c in configs}
-
-    for _ in range(a.rounds):
-        for k, m in configs:
-            base = ["run", "--prompt", prompt, "--ignore-eos", "--json", "--threads", str(a.threads)] + skip_args(k, m)
-            _, cpu_short = cpu_run(base + ["-n", "16"])
-            out, cpu_long = cpu_run(base + ["-n", str(16 + a.decode_tokens)])
-            speeds[(k, m)].append(json.loads(out)["decode_tok_per_s"])
-            # CPU seconds of the extra decode tokens: what time-sharing with other work does not inflate.
-            cpu_speeds[(k, m)].append(a.decode_tokens / max(cpu_long - cpu_short, 1e-9))
-    # Best of the rounds: on a shared machine other work only ever slows a run down.
-    decode = {c: max(v) for c, v in speeds.items()}
-    cpu_decode = {c: statistics.median(v) for c, v in cpu_speeds.items()}
+    cpu_decode, decode = decode_speeds({c: skip_args(*c) for c in configs}, PROMPT, a.threads, a.rounds,
+                                       a.decode_tokens)
     base_cpu = cpu_decode[(0, "none")]
     base_ppl = ppl[(0, "none")]["perplexity"]
     base_tps = decode[(0, "none")]
@@ -187,8 +164,8 @@ def main():
     table = "\n".join(lines)
     print(table)
     splice(a.out, "quality", table)
-    json.dump({"eval": {f"{k}/{m}": v for (k, m), v in ppl.items()}, "decode": {f"{k}/{m}": v for (k, m), v in speeds.items()},
-               "cpu_decode": {f"{k}/{m}": v for (k, m), v in cpu_speeds.items()}},
+    json.dump({"eval": {f"{k}/{m}": v for (k, m), v in ppl.items()}, "decode": {f"{k}/{m}": v for (k, m), v in decode.items()},
+               "cpu_decode": {f"{k}/{m}": v for (k, m), v in cpu_decode.items()}},
               open(os.path.join(a.work, "results.json"), "w"), indent=1)
 
 
