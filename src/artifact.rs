@@ -23,8 +23,11 @@ use std::sync::Arc;
 #[derive(Clone, Debug, Default)]
 pub struct Build {
     pub opts: CompileOptions,
-    /// Named graph passes to run first (`--passes`), in order.
+    /// Named graph passes to run first (`--passes`), in order; empty: the default pipeline
+    /// ([`kiln_passes::DEFAULT_PIPELINE`]) unless `no_default_passes`.
     pub passes: Vec<String>,
+    /// Run no default pipeline when `passes` is empty (`--passes none`).
+    pub no_default_passes: bool,
     /// Decoder blocks to remove (`count` 0: none).
     pub skip: SkipLayers,
     /// Activation sparsity in the MLP (`chess` pass): the target share of gate channels dropped per token.
@@ -87,12 +90,14 @@ impl Build {
     }
 }
 
-/// The graph a build compiles: the decoder graph, then the pipeline (the named passes, then `skip-layers`
-/// and `dce` when configured), then the calibration edit.
+/// The graph a build compiles: the decoder graph, then the pipeline (the named passes or the default
+/// pipeline, then `skip-layers` and `dce` when configured, …), then the calibration edit.
 pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let mut g = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !build.opts.all_logits })?;
     let mut passes: Vec<Box<dyn Pass>> = Vec::new();
-    for name in &build.passes {
+    let default: Vec<String> = kiln_passes::DEFAULT_PIPELINE.iter().map(|s| s.to_string()).collect();
+    let named = if build.passes.is_empty() && !build.no_default_passes { &default } else { &build.passes };
+    for name in named {
         passes.push(kiln_passes::lookup(name).context("--passes")?);
     }
     if build.skip.count > 0 {

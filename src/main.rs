@@ -68,7 +68,8 @@ struct CompileArgs {
     /// levels with --emit lib (e.g. x86_64-unknown-linux-gnu:x86-64-v3).
     #[arg(long, default_value = "cpu")]
     target: String,
-    /// Graph passes to run before code generation, comma separated (e.g. cse,dce).
+    /// Graph passes to run before code generation, comma separated, instead of the default pipeline
+    /// (lift,cse,dce); `none` runs no graph pass (e.g. --passes decompose --emit ir).
     #[arg(long, value_delimiter = ',')]
     passes: Vec<String>,
     /// Print a compiler stage instead of (or besides, with -o) writing the artifact; `lib`/`obj` write a
@@ -304,7 +305,8 @@ fn compile(a: CompileArgs) -> Result<()> {
     let opts = CompileOptions { opt_level: a.opt_level, all_logits: a.all_logits };
     let m = load(&path)?;
     let (mut build, choice) = quality_cli::compile_build(&a.skip, &a.budget, opts.clone(), &m, &path)?;
-    build.passes = a.passes.clone();
+    build.no_default_passes = !a.passes.is_empty();
+    build.passes = a.passes.iter().filter(|p| p.as_str() != "none").cloned().collect();
     build.stop_after = a.stop_after.clone();
     build.early_exit = a.exit.spec(m.config.n_layers)?;
     if let Some(kind @ (CompileEmit::Lib | CompileEmit::Obj)) = a.emit {
