@@ -249,6 +249,38 @@ fn norm_rope_linear_and_slice_match_interpreter_on_odd_shapes() {
     }
 }
 
+/// `rms_norm(add(a, b))` where the sum is also read later (a residual stream): one launch writes the sum
+/// and its norm. When something reads the sum before the norm, the add keeps its own launch. Both
+/// against the interpreter, on odd widths, 1 and 2 threads.
+#[test]
+fn residual_add_fuses_into_the_following_rms_norm() {
+    let mut rng = StdRng::seed_from_u64(17);
+    for (trial, &d) in WIDTHS.iter().enumerate() {
+        let mut c = Case::new(500 + trial as u64, d, -2.0, 2.0);
+        let (x, x2, w) = (c.x, c.x2, c.w);
+        let h = c.op(Op::Add, &[x, x2]);
+        let n = c.op(Op::RmsNorm { eps: 1e-5 }, &[h, w]);
+        let later = c.op(Op::Mul, &[n, h]);
+        c.out("norm", n);
+        c.out("later", later);
+        // Read before its norm: not fused.
+        let h2 = c.op(Op::Add, &[x2, later]);
+        let e = c.op(Op::Exp, &[h2]);
+        let n2 = c.op(Op::RmsNorm { eps: 1e-6 }, &[h2, w]);
+        c.out("e", e);
+        c.out("norm2", n2);
+        let manifest = c.check(&random_tokens(&mut rng), 1 + trial % 2, 1e-5);
+        let kernels: Vec<(&str, &str)> =
+            manifest.program.launches.iter().map(|l| (l.kernel.as_str(), l.label.as_str())).collect();
+        let fused: Vec<_> = kernels.iter().filter(|(k, _)| k.starts_with("kiln_add_rms_norm_")).collect();
+        assert_eq!(fused.len(), 1, "{kernels:?}");
+        assert!(fused[0].1.contains(&format!("%{} rms_norm +%{} add", n.0, h.0)), "{kernels:?}");
+        assert_eq!(kernels.iter().filter(|(k, _)| k.starts_with("kiln_rms_norm_")).count(), 1, "{kernels:?}");
+        // embeddings 3; add+norm; mul; add; exp; norm.
+        assert_eq!(kernels.len(), 3 + 5, "{kernels:?}");
+    }
+}
+
 /// The CHESS MLP (`threshold` of silu(gate), `masked_linear` up, `active_linear` down on a transposed
 /// weight) compiled vs the interpreter: f32 and Q4_1 weights, thresholds from keep-all to drop-all,
 /// decode (seq 1) and prefill steps, 1 and 2 threads. Checks that the sparse paths drop exactly what

@@ -78,7 +78,14 @@ fn steps_ranks(ranks: &[(Graph, WeightStore)], steps: &[&[u32]]) -> Vec<Vec<Vec<
 }
 
 /// Compiles each rank's graph and runs the ranks as threads with the reference collective.
-fn steps_ranks_compiled(ranks: &[(Graph, WeightStore)], vocab: usize, steps: &[&[u32]]) -> Vec<Vec<Vec<f32>>> {
+/// Each rank's logits per step, and how many launches of its program fuse a residual add into an
+/// RMSNorm.
+fn steps_ranks_compiled(
+    ranks: &[(Graph, WeightStore)],
+    vocab: usize,
+    steps: &[&[u32]],
+) -> (Vec<Vec<Vec<f32>>>, Vec<usize>) {
+    let mut add_norms = Vec::new();
     let dirs: Vec<tempfile::TempDir> = ranks
         .iter()
         .map(|(g, w)| {
@@ -92,12 +99,13 @@ fn steps_ranks_compiled(ranks: &[(Graph, WeightStore)], vocab: usize, steps: &[&
                 ..Default::default()
             };
             let opts = CompileOptions { all_logits: true, ..CompileOptions::default() };
-            kiln::codegen::compile_to_dir(g, w, &opts, &info, d.path()).unwrap();
+            let m = kiln::codegen::compile_to_dir(g, w, &opts, &info, d.path()).unwrap();
+            add_norms.push(m.program.launches.iter().filter(|l| l.kernel.starts_with("kiln_add_rms_norm")).count());
             d
         })
         .collect();
     let group = LocalGroup::new(ranks.len());
-    std::thread::scope(|s| {
+    let logits = std::thread::scope(|s| {
         let js: Vec<_> = dirs
             .iter()
             .zip(group)
@@ -109,7 +117,8 @@ fn steps_ranks_compiled(ranks: &[(Graph, WeightStore)], vocab: usize, steps: &[&
             })
             .collect();
         js.into_iter().map(|j| j.join().unwrap()).collect()
-    })
+    });
+    (logits, add_norms)
 }
 
 /// Prefill of 5 tokens (uneven over 2 and 3 ranks), a decode step (one token: replicated), then 2.
@@ -229,7 +238,15 @@ fn compiled_ranks_equal_the_interpreter_fused_and_unfused_quantized() {
     let want = steps_single(&g, &w, &STEPS);
     for fuse in [false, true] {
         let ranks: Vec<(Graph, WeightStore)> = (0..2).map(|r| rank_graph(&g, &w, 2, r, fuse)).collect();
-        let got = steps_ranks_compiled(&ranks, cfg.vocab_size, &STEPS);
+        let (got, add_norms) = steps_ranks_compiled(&ranks, cfg.vocab_size, &STEPS);
+        if !fuse {
+            // Unfused, each all-reduce (attention and MLP, per layer) is added to the residual stream
+            // and the sum normalised next (by the MLP norm, the next layer's attention norm or the final
+            // norm): one add+norm launch each. (Sharded graphs have no skippable block regions, so
+            // block boundaries do not keep the add apart.)
+            assert!(kiln::ir::blocks::find_blocks(&ranks[0].0).is_ok_and(|b| b.is_empty()));
+            assert_eq!(add_norms, vec![2 * cfg.n_layers; 2], "add+rms_norm launches per rank");
+        }
         for (r, per_rank) in got.iter().enumerate() {
             for (s, (w, g)) in want.iter().zip(per_rank).enumerate() {
                 let d = max_abs_diff(w, g);

@@ -106,6 +106,13 @@ struct Cx<'g> {
     uses: Vec<usize>,
     /// The launch computing each linear node.
     linear_launch: std::collections::HashMap<usize, usize>,
+    /// The nodes reading each value.
+    readers: Vec<Vec<usize>>,
+    /// Residual-stream values at decoder-block boundaries (a block's input or output): computed in
+    /// their own block's launches, so that skipping blocks keeps them right.
+    boundary: Vec<bool>,
+    /// `rms_norm` nodes that compute the residual add before them: node → (a, b, sum buffer).
+    add_into_norm: std::collections::HashMap<usize, (usize, usize, usize)>,
 }
 
 impl Cx<'_> {
@@ -305,9 +312,45 @@ impl Cx<'_> {
         Some(out)
     }
 
+    /// `h = add(a, b)` whose first reader is `rms_norm(h, w)`, with nothing reading `h` in between:
+    /// the add is computed by the norm's launch (one pass over each row writes the sum and its norm),
+    /// instead of a launch of its own. Not for the residual add fused into a linear (tried first, it
+    /// saves the linear's output round trip) nor at a block boundary. Returns the buffer the sum will
+    /// be in.
+    fn add_before_norm(&mut self, i: usize) -> Option<usize> {
+        let g = self.g;
+        let n = &g.nodes[i];
+        if !matches!(n.op, Op::Add) || self.boundary[i] || n.ty.dtype != DType::F32 {
+            return None;
+        }
+        let d = fixed(n.ty.shape.last()?)?;
+        let (a, b) = (n.inputs[0].index(), n.inputs[1].index());
+        if d == 0 || [a, b].iter().any(|&v| self.folded[v] || g.nodes[v].ty != n.ty) {
+            return None;
+        }
+        let (ab, bb) = (self.val_buf[a]?, self.val_buf[b]?);
+        if self.is_state(ab) || self.is_state(bb) {
+            return None;
+        }
+        let j = *self.readers[i].iter().min()?;
+        let norm = &g.nodes[j];
+        if !matches!(norm.op, Op::RmsNorm { .. }) || norm.inputs[0].index() != i || norm.inputs[1].index() == i {
+            return None;
+        }
+        if norm.ty != n.ty || self.add_into_norm.contains_key(&j) {
+            return None;
+        }
+        let out = self.temp(i);
+        self.add_into_norm.insert(j, (ab, bb, out));
+        Some(out)
+    }
+
     /// Lowers the elementwise value `i` and every value folded into it as one fused kernel.
     fn fused(&mut self, i: usize) -> Result<usize, CodegenError> {
         if let Some(out) = self.residual_into_linear(i) {
+            return Ok(out);
+        }
+        if let Some(out) = self.add_before_norm(i) {
             return Ok(out);
         }
         let g = self.g;
@@ -400,6 +443,9 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             .map(|(i, r)| r.len() + g.outputs.iter().filter(|(_, v)| v.index() == i).count())
             .collect(),
         linear_launch: Default::default(),
+        boundary: block_boundaries(g),
+        add_into_norm: Default::default(),
+        readers: readers.clone(),
     };
     // The node whose lowering created each launch.
     let mut launch_node: Vec<usize> = Vec::new();
@@ -550,7 +596,25 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let d = fixed(ty.shape.last().unwrap()).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
                 let out = cx.temp(i);
                 let rows = ty.shape[..ty.rank() - 1].to_vec();
-                cx.launch(i, KernelSpec::Op(OpKernel::RmsNorm { d, eps: *eps }), vec![x, w, out], vec![], rows, false);
+                if let Some((a, b, sum)) = cx.add_into_norm.remove(&i) {
+                    let spec = KernelSpec::Op(OpKernel::AddRmsNorm { d, eps: *eps });
+                    cx.launch(i, spec, vec![a, b, w, sum, out], vec![], rows, false);
+                    cx.program
+                        .launches
+                        .last_mut()
+                        .expect("just pushed")
+                        .label
+                        .push_str(&format!(" +{} add", n.inputs[0]));
+                } else {
+                    cx.launch(
+                        i,
+                        KernelSpec::Op(OpKernel::RmsNorm { d, eps: *eps }),
+                        vec![x, w, out],
+                        vec![],
+                        rows,
+                        false,
+                    );
+                }
                 out
             }
             Op::Rope { mode, theta, n_rot } => {
@@ -667,6 +731,16 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
     let used: std::collections::HashSet<&str> = cx.program.launches.iter().map(|l| l.kernel.as_str()).collect();
     cx.kernels.retain(|k| used.contains(k.symbol().as_str()));
     Ok(Lowered { program: cx.program, kernels: cx.kernels, weights: cx.weights })
+}
+
+/// Per node: whether it is some decoder block's residual input or output.
+fn block_boundaries(g: &Graph) -> Vec<bool> {
+    let mut out = vec![false; g.nodes.len()];
+    for b in kiln_ir::blocks::find_blocks(g).unwrap_or_default() {
+        out[b.x_in.index()] = true;
+        out[b.x_out.index()] = true;
+    }
+    out
 }
 
 /// The program's decoder blocks as skippable [`Region`]s, or none when the graph has no blocks or one

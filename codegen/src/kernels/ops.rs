@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 pub enum OpKernel {
     /// bufs [x, w, y]; items: rows; y[r] = x[r] / sqrt(mean(x[r]²) + eps) * w.
     RmsNorm { d: usize, eps: f32 },
+    /// A residual add and the RMSNorm of its sum in one pass over each row: bufs [a, b, w, s, y];
+    /// items: rows; s[r] = a[r] + b[r] and y[r] = rms_norm(s[r]) * w.
+    AddRmsNorm { d: usize, eps: f32 },
     /// bufs [x, pos(i32), y]; items: rows of `heads * head_dim`.
     Rope { heads: usize, head_dim: usize, n_rot: usize, theta: f32, neox: bool },
     /// bufs [src, cache]; dims [past]; items: rows of `row` floats, written at rows `past..`.
@@ -30,6 +33,7 @@ impl OpKernel {
         let f = |x: f32| format!("{:08x}", x.to_bits());
         match self {
             OpKernel::RmsNorm { d, eps } => format!("kiln_rms_norm_d{d}_e{}", f(*eps)),
+            OpKernel::AddRmsNorm { d, eps } => format!("kiln_add_rms_norm_d{d}_e{}", f(*eps)),
             OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => format!(
                 "kiln_rope_{}_h{heads}_hd{head_dim}_r{n_rot}_t{}",
                 if *neox { "neox" } else { "normal" },
@@ -61,6 +65,27 @@ impl OpKernel {
                     e.for_range(e.i64c(0), dc, |j| {
                         let i = e.add(base, j)?;
                         let v = e.fmul(e.fmul(e.load_f32(x, i)?, inv)?, e.load_f32(w, j)?)?;
+                        e.store_f32(y, i, v)
+                    })
+                })?;
+            }
+            OpKernel::AddRmsNorm { d, eps } => {
+                let (a, b, w, s, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?, e.buf(4)?);
+                let dc = e.i64c(d as i64);
+                e.for_range(e.begin, e.end, |r| {
+                    let base = e.mul(r, dc)?;
+                    let ss = e.var_f32(0.0)?;
+                    e.for_range(e.i64c(0), dc, |j| {
+                        let i = e.add(base, j)?;
+                        let v = e.fadd(e.load_f32(a, i)?, e.load_f32(b, i)?)?;
+                        e.store_f32(s, i, v)?;
+                        e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
+                    })?;
+                    let mean = e.fdiv(e.get(ss)?, e.f32c(d as f32))?;
+                    let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
+                    e.for_range(e.i64c(0), dc, |j| {
+                        let i = e.add(base, j)?;
+                        let v = e.fmul(e.fmul(e.load_f32(s, i)?, inv)?, e.load_f32(w, j)?)?;
                         e.store_f32(y, i, v)
                     })
                 })?;
