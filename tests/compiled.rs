@@ -91,6 +91,44 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
     }
 }
 
+/// Projections of one activation run as one launch: per layer, Q/K/V is one grouped linear launch over
+/// the three weights and gate/up another (x read once, one launch instead of three or two); the residual
+/// adds after o_proj and down run in those linears' epilogues, so no separate add launches exist.
+#[test]
+fn projections_of_one_input_are_one_launch_per_layer() {
+    for (arch, dtype) in [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16)] {
+        let cfg = crate::common::tiny_config(arch);
+        let src = tempfile::tempdir().unwrap();
+        write_hf(src.path(), &cfg, &random_weights(&cfg, dtype, 3), 1).unwrap();
+        let m = Model::load(src.path()).unwrap();
+        let art = tempfile::tempdir().unwrap();
+        let manifest = kiln::artifact::compile_model(&m, "test", &CompileOptions::default(), art.path()).unwrap();
+        let p = &manifest.program;
+        let weight = |b: usize| match &p.buffers[b].kind {
+            kiln::ir::program::BufferKind::Weight { name, .. } => name.clone(),
+            _ => String::new(),
+        };
+        for layer in 0..cfg.n_layers {
+            for group in [&["attn_q", "attn_k", "attn_v"][..], &["ffn_gate", "ffn_up"][..]] {
+                let names: Vec<String> = group.iter().map(|w| format!("blk.{layer}.{w}.weight")).collect();
+                let launches: Vec<Vec<String>> = p
+                    .launches
+                    .iter()
+                    .map(|l| l.bufs.iter().map(|&b| weight(b)).filter(|n| names.contains(n)).collect())
+                    .filter(|ws: &Vec<String>| !ws.is_empty())
+                    .collect();
+                assert_eq!(launches, vec![names.clone()], "{arch:?} layer {layer}: launches reading {names:?}");
+            }
+        }
+        let res = p.launches.iter().filter(|l| l.kernel.contains("_res_x1")).count();
+        assert_eq!(res, 2 * cfg.n_layers, "{arch:?}: residual adds fused into o_proj and down");
+        let steps: [&[u32]; 2] = [&[1, 7, 3], &[42]];
+        for (w, g) in interp_logits(&m, &steps).iter().zip(compiled_logits(art.path(), 2, &steps)) {
+            check_close(w, &g, cfg.vocab_size, 1e-4, &format!("{arch:?}"));
+        }
+    }
+}
+
 #[test]
 fn tiny_models_with_odd_sizes_match_interpreter() {
     for seed in 0..4u64 {
