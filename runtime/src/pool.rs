@@ -4,6 +4,12 @@
 //! round trips, as a general-purpose pool does once its workers go idle) costs a measurable share of the
 //! step. Here workers spin on a generation counter while a step runs, so a launch starts within
 //! nanoseconds, and back off to short sleeps once idle for a while, so an idle process does not burn CPU.
+//!
+//! Spinning assumes every thread has a core. When the machine is oversubscribed (more runnable threads
+//! than cores: other processes, several ranks on one machine), a spinning thread can hold the core the
+//! thread it waits for needs, and a step slows by an order of magnitude. So every waiting loop also
+//! yields its core to the scheduler every [`YIELD_EVERY`] spins: a `sched_yield` that returns at once
+//! when no other thread wants the core, and lets the one being waited for run when one does.
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -33,6 +39,19 @@ pub struct SpinPool {
 
 /// How long an idle worker spins before it starts sleeping between checks.
 const SPIN_FOR: Duration = Duration::from_millis(2);
+
+/// Spins between yields of the core (see the module docs).
+const YIELD_EVERY: u32 = 64;
+
+/// One iteration of a wait loop: a spin hint, or every `YIELD_EVERY`-th time a yield of the core.
+fn relax(spins: &mut u32) {
+    *spins = spins.wrapping_add(1);
+    if spins.is_multiple_of(YIELD_EVERY) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
 
 impl SpinPool {
     /// A pool running tasks on `threads` threads in all: the caller plus `threads - 1` workers.
@@ -72,8 +91,9 @@ impl SpinPool {
         self.shared.finished.store(0, Ordering::Relaxed);
         self.shared.generation.fetch_add(1, Ordering::Release);
         task(0);
+        let mut spins = 0;
         while self.shared.finished.load(Ordering::Acquire) < self.workers.len() {
-            std::hint::spin_loop();
+            relax(&mut spins);
         }
     }
 }
@@ -94,12 +114,10 @@ fn worker(s: &Shared, index: usize) {
                 seen = g;
                 break;
             }
-            spins = spins.wrapping_add(1);
             if spins.is_multiple_of(1024) && idle_since.elapsed() > SPIN_FOR {
                 std::thread::sleep(Duration::from_micros(100));
-            } else {
-                std::hint::spin_loop();
             }
+            relax(&mut spins);
         }
         // SAFETY: see `Shared`; the task stays alive until we report finished.
         if let Some(task) = unsafe { *s.task.get() } {
