@@ -36,6 +36,8 @@ pub struct Build {
     pub chess_exact: bool,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
+    /// FlexPrefill sparse attention (`flexprefill` pass).
+    pub flex: Option<kiln_passes::flexprefill::FlexPrefill>,
     /// The calibration file lossy passes read (needed by `skip.method = influence`).
     pub calibration: Option<Arc<Calibration>>,
     /// Expose each block's activations as extra outputs (`calib.L.*`) for `kiln calibrate`.
@@ -112,6 +114,9 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     if let Some(p) = &build.prune {
         passes.push(Box::new(p.clone()));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(f) = build.flex {
+        passes.push(Box::new(f));
     }
     if let Some(tp) = build.tp.filter(|t| t.tp > 1) {
         passes.push(Box::new(kiln_passes::shard::Shard { tp: tp.tp, rank: tp.rank }));

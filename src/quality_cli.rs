@@ -156,6 +156,12 @@ pub struct SkipArgs {
     /// How --prune-sparsity ranks blocks: weight magnitude, or Wanda (|W|·activation, needs --calibration).
     #[arg(long, value_enum, default_value = "magnitude", requires = "prune_sparsity")]
     pub prune_method: PruneMethodArg,
+    /// FlexPrefill sparse attention for long prompts (lossy): `gamma=0.9,tau=0.1,block=64,min-len=1024`
+    /// (any subset; bare `--flex-prefill` takes these defaults). Prefill steps of at least min-len tokens
+    /// attend per head to the key blocks holding γ of the attention mass; shorter steps and decode are
+    /// dense. Quality numbers: docs/quality.md.
+    #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
+    pub flex_prefill: Option<String>,
     /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
     /// --quality-budget).
     #[arg(long, value_name = "FILE")]
@@ -173,7 +179,21 @@ impl SkipArgs {
     }
 
     fn is_set(&self) -> bool {
-        self.skip_layers > 0 || self.chess_sparsity.is_some() || self.prune_sparsity.is_some()
+        self.skip_layers > 0
+            || self.chess_sparsity.is_some()
+            || self.prune_sparsity.is_some()
+            || self.flex_prefill.is_some()
+    }
+
+    /// The `--flex-prefill` settings, checked (errors name the flag).
+    pub fn flex(&self) -> Result<Option<kiln::passes::flexprefill::FlexPrefill>> {
+        self.flex_prefill
+            .as_deref()
+            .map(|s| {
+                kiln::passes::flexprefill::FlexPrefill::parse(s)
+                    .map_err(|e| anyhow::anyhow!("--flex-prefill {s:?}: {e}"))
+            })
+            .transpose()
     }
 
     /// The build for `opts` with these options; checks them against the model.
@@ -184,6 +204,7 @@ impl SkipArgs {
         if let Some(s) = self.prune_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
             bail!("--prune-sparsity {s} is outside [0, 1)");
         }
+        let flex = self.flex()?;
         let calibration = match &self.calibration {
             Some(p) => Some(load_calibration(p, model, model_path)?),
             None => None,
@@ -211,13 +232,22 @@ impl SkipArgs {
                 Some(kiln::passes::prune::Prune { method, sparsity, table: Some(load_kernel_table()?) })
             }
         };
-        let build =
-            Build { opts, skip: self.skip(), chess: self.chess_sparsity, prune, calibration, ..Default::default() };
+        let build = Build {
+            opts,
+            skip: self.skip(),
+            chess: self.chess_sparsity,
+            prune,
+            flex,
+            calibration,
+            ..Default::default()
+        };
         // Resolve the choice now, so errors name the option.
         let what = if self.prune_sparsity.is_some() {
             "--prune-sparsity"
         } else if self.chess_sparsity.is_some() {
             "--chess-sparsity"
+        } else if self.flex_prefill.is_some() {
+            "--flex-prefill"
         } else {
             "--skip-layers"
         };

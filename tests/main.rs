@@ -7,6 +7,7 @@ mod bad_input;
 mod common;
 mod compiled;
 mod embed;
+mod flexprefill;
 mod fuzz;
 mod golden;
 mod import_roundtrip;

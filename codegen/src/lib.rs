@@ -87,6 +87,7 @@ impl Target for CpuTarget {
                 | Op::Rope { .. }
                 | Op::Concat { .. }
                 | Op::Attention { .. }
+                | Op::FlexAttention { .. }
                 | Op::SwiGlu
                 | Op::Threshold
                 | Op::MaskedLinear

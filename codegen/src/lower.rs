@@ -671,6 +671,51 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, KernelSpec::Op(spec), vec![q, k, v, out], vec![vec![seq], vec![past]], items, true);
                 out
             }
+            Op::FlexAttention { scale, block, gamma, tau, min_len } => {
+                let (q, k, v) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
+                if !cx.is_state(k) || !cx.is_state(v) {
+                    return Err(cx.unsupported(i, "keys and values must come from the KV cache"));
+                }
+                let (qt, kt) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
+                let (hq, hkv, hd) = match (fixed(&qt.shape[2]), fixed(&kt.shape[2]), fixed(&qt.shape[3])) {
+                    (Some(a), Some(b), Some(c)) => (a, b, c),
+                    _ => return Err(cx.unsupported(i, "symbolic heads")),
+                };
+                let seq = qt.shape[1].clone();
+                let past = kt.shape[1].sub(&seq);
+                let (block, min_len) = (*block as usize, *min_len as usize);
+                // Per head: [query_aware, vert[nkb], slash[nkb], pooled_k[nkb][hd]], nkb ≤ past+seq.
+                let scratch = cx.buffer(
+                    BufferKind::Temp,
+                    DType::F32,
+                    vec![kt.shape[1].add(&Dim::from(1usize)), Dim::from(hq * (hd + 2))],
+                );
+                let dims = vec![vec![seq.clone()], vec![past]];
+                let pat = OpKernel::FlexPattern {
+                    q_heads: hq,
+                    kv_heads: hkv,
+                    head_dim: hd,
+                    scale: *scale,
+                    block,
+                    gamma: *gamma,
+                    tau: *tau,
+                    min_len,
+                };
+                cx.launch(i, KernelSpec::Op(pat), vec![q, k, scratch], dims.clone(), vec![Dim::from(hq)], true);
+                let att = OpKernel::FlexAttention {
+                    q_heads: hq,
+                    kv_heads: hkv,
+                    head_dim: hd,
+                    scale: *scale,
+                    block,
+                    gamma: *gamma,
+                    min_len,
+                };
+                let out = cx.temp(i);
+                let items = vec![seq, Dim::from(hq)];
+                cx.launch(i, KernelSpec::Op(att), vec![q, k, v, scratch, out], dims, items, true);
+                out
+            }
             Op::Slice { axis, start, end: _ } => {
                 // Rows of a [batch, rows, …] tensor: with batch = 1 at run time, a contiguous copy.
                 let x = cx.operand(i, 0);

@@ -593,6 +593,26 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             }
             Ok(Tensor::f32(args[0].shape.clone(), out))
         }
+        Op::FlexAttention { scale, block, gamma, tau, min_len } => {
+            let p = crate::flex::FlexParams { block: *block, gamma: *gamma, tau: *tau, min_len: *min_len };
+            p.validate()?;
+            let [b, s, hq, d] = args[0].shape[..] else {
+                return Err("flex_attention needs rank 4".into());
+            };
+            let [_, t, hkv, _] = args[1].shape[..] else {
+                return Err("flex_attention needs rank 4".into());
+            };
+            if (s as i64) < *min_len {
+                // Exactly the dense op.
+                return eval(&Op::Attention { scale: *scale }, args, env);
+            }
+            if t < s {
+                return Err(format!("kv length {t} is shorter than the query length {s}"));
+            }
+            let out =
+                crate::flex::flex_attention(f(args[0])?, f(args[1])?, f(args[2])?, (b, s, hq, d), (t, hkv), *scale, &p);
+            Ok(Tensor::f32(args[0].shape.clone(), out))
+        }
         Op::SwiGlu => {
             let (g, u) = (f(args[0])?, f(args[1])?);
             Ok(Tensor::f32(

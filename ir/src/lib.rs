@@ -6,6 +6,7 @@ pub mod collective;
 pub mod decompose;
 pub mod dot;
 pub mod dtype;
+pub mod flex;
 pub mod graph;
 pub mod interp;
 pub mod op;

@@ -277,6 +277,12 @@ ops! {
     Shard { axis: i64 } = "shard" / 1;
     /// Every rank's slice along `axis`, concatenated in rank order: `[.., s_shard, ..] → [.., s, ..]`.
     AllGather { axis: i64 } = "all_gather" / 1;
+    /// FlexPrefill block-sparse causal attention: operands and result as `attention`. Keys are cut into
+    /// `block`-position blocks; per head, a Jensen–Shannon test (threshold `tau`) on the last query
+    /// block picks a query-aware or a vertical-slash pattern, blocks are kept until their attention
+    /// mass reaches `gamma`, block column 0 and the diagonal always. With fewer than `min_len` query
+    /// rows it is exactly `attention` (see `kiln_ir::flex`).
+    FlexAttention { scale: f32, block: i64, gamma: f32, tau: f32, min_len: i64 } = "flex_attention" / 3;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -429,6 +435,10 @@ impl Op {
                     }
                 }
                 Ok(x.clone())
+            }
+            Op::FlexAttention { scale, block, gamma, tau, min_len } => {
+                crate::flex::FlexParams { block: *block, gamma: *gamma, tau: *tau, min_len: *min_len }.validate()?;
+                Op::Attention { scale: *scale }.infer(ins, None)
             }
             Op::Attention { .. } => {
                 let (q, k, v) = (ins[0], ins[1], ins[2]);

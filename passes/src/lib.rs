@@ -10,6 +10,7 @@ pub mod cse;
 pub mod dce;
 pub mod decompose;
 pub mod egraph;
+pub mod flexprefill;
 pub mod fuse_allreduce_rmsnorm;
 pub mod lift;
 pub mod prune;

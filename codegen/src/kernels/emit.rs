@@ -130,6 +130,84 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         Ok(tmp.build_alloca(self.f32t().array_type(n), "arr")?)
     }
 
+    /// An f32 array of `n` (a run-time count) elements, allocated once in the entry block: call it
+    /// before any loop, while the builder is still in the entry block.
+    pub fn array_f32_dyn(&self, n: IntValue<'ctx>) -> R<PointerValue<'ctx>> {
+        Ok(self.b.build_array_alloca(self.f32t(), n, "dynarr")?)
+    }
+
+    /// An i64 stack slot in the entry block.
+    pub fn var_i64(&self, init: i64) -> R<PointerValue<'ctx>> {
+        let entry = self.func.get_first_basic_block().unwrap();
+        let tmp = self.ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        let slot = tmp.build_alloca(self.i64t(), "ivar")?;
+        self.b.build_store(slot, self.i64c(init))?;
+        Ok(slot)
+    }
+    pub fn get_i64(&self, slot: PointerValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_load(self.i64t(), slot, "iv")?.into_int_value())
+    }
+    pub fn set_i64(&self, slot: PointerValue<'ctx>, v: IntValue<'ctx>) -> R<()> {
+        self.b.build_store(slot, v)?;
+        Ok(())
+    }
+
+    /// `if cond { then() } else { otherwise() }`.
+    pub fn if_else(
+        &self,
+        cond: IntValue<'ctx>,
+        then: impl FnOnce() -> R<()>,
+        otherwise: impl FnOnce() -> R<()>,
+    ) -> R<()> {
+        let (t, f, join) = (
+            self.ctx.append_basic_block(self.func, "then"),
+            self.ctx.append_basic_block(self.func, "else"),
+            self.ctx.append_basic_block(self.func, "join"),
+        );
+        self.b.build_conditional_branch(cond, t, f)?;
+        self.b.position_at_end(t);
+        then()?;
+        self.b.build_unconditional_branch(join)?;
+        self.b.position_at_end(f);
+        otherwise()?;
+        self.b.build_unconditional_branch(join)?;
+        self.b.position_at_end(join);
+        Ok(())
+    }
+
+    pub fn if_then(&self, cond: IntValue<'ctx>, then: impl FnOnce() -> R<()>) -> R<()> {
+        self.if_else(cond, then, || Ok(()))
+    }
+
+    /// Signed integer comparison.
+    pub fn icmp(&self, pred: IntPredicate, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_compare(pred, a, b, "icmp")?)
+    }
+    /// Ordered float comparison.
+    pub fn fcmp(&self, pred: FloatPredicate, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_float_compare(pred, a, b, "fcmp")?)
+    }
+    pub fn select_f32(&self, c: IntValue<'ctx>, a: FloatValue<'ctx>, b: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        Ok(self.b.build_select(c, a, b, "sel")?.into_float_value())
+    }
+    pub fn select_i64(&self, c: IntValue<'ctx>, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_select(c, a, b, "sel")?.into_int_value())
+    }
+    pub fn imax(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let gt = self.b.build_int_compare(IntPredicate::SGT, a, b, "gt")?;
+        Ok(self.b.build_select(gt, a, b, "max")?.into_int_value())
+    }
+    pub fn isub(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        Ok(self.b.build_int_sub(a, b, "sub")?)
+    }
+    pub fn log(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
+        self.intrinsic_f32("llvm.log", &[x])
+    }
+
     pub fn get(&self, slot: PointerValue<'ctx>) -> R<FloatValue<'ctx>> {
         Ok(self.b.build_load(self.f32t(), slot, "x")?.into_float_value())
     }

@@ -12,6 +12,7 @@
 pub mod abi;
 pub mod embedding;
 pub mod emit;
+pub mod flex;
 pub mod fused;
 pub mod linear;
 pub mod measure;

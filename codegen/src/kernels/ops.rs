@@ -6,7 +6,7 @@ use super::emit::{Emitter, R};
 use crate::CodegenError;
 use inkwell::context::Context;
 use inkwell::module::Module;
-use inkwell::values::FunctionValue;
+use inkwell::values::{FloatValue, FunctionValue, IntValue, PointerValue};
 use serde::{Deserialize, Serialize};
 
 /// What to generate for one launch; equal specs share one kernel.
@@ -26,6 +26,29 @@ pub enum OpKernel {
     SliceRows { row: usize },
     /// bufs [q, k_cache, v_cache, out]; dims [seq, past]; items: `seq * q_heads` (query, head) pairs.
     Attention { q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// FlexPrefill step 1–2 (`kiln_ir::flex`): bufs [q, k_cache, scratch]; dims [seq, past]; items:
+    /// `q_heads`. Writes each head's pattern to `scratch` (nothing when `seq < min_len`).
+    FlexPattern {
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        block: usize,
+        gamma: f32,
+        tau: f32,
+        min_len: usize,
+    },
+    /// FlexPrefill step 3–4: bufs [q, k_cache, v_cache, scratch, out]; dims [seq, past]; items:
+    /// `q_heads * seq`, head-major. With `seq < min_len` each item is exactly the dense kernel's.
+    FlexAttention {
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        block: usize,
+        gamma: f32,
+        min_len: usize,
+    },
 }
 
 impl OpKernel {
@@ -44,6 +67,17 @@ impl OpKernel {
             OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
                 format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}", f(*scale))
             }
+            OpKernel::FlexPattern { q_heads, kv_heads, head_dim, scale, block, gamma, tau, min_len } => format!(
+                "kiln_flex_pattern_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}_b{block}_g{}_t{}_m{min_len}",
+                f(*scale),
+                f(*gamma),
+                f(*tau)
+            ),
+            OpKernel::FlexAttention { q_heads, kv_heads, head_dim, scale, block, gamma, min_len } => format!(
+                "kiln_flex_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}_b{block}_g{}_m{min_len}",
+                f(*scale),
+                f(*gamma)
+            ),
         }
     }
 
@@ -160,69 +194,136 @@ impl OpKernel {
                 }
                 let (q, kc, vc, out) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?);
                 let past = e.dim(1)?;
-                let hd = e.i64c(head_dim as i64);
-                let acc = e.array_f32(head_dim as u32)?;
-                let vec8 = head_dim % 8 == 0;
-                let (m, l) = (e.var_f32(0.0)?, e.var_f32(0.0)?);
+                let a = Attend::new(&e, q, kc, vc, kv_heads, head_dim, scale)?;
                 e.for_range(e.begin, e.end, |it| {
                     let i = e.div(it, e.i64c(q_heads as i64))?;
                     let h = e.rem(it, e.i64c(q_heads as i64))?;
                     let kh = e.div(h, e.i64c((q_heads / kv_heads) as i64))?;
-                    let qbase = e.mul(it, hd)?; // (i * q_heads + h) * head_dim
+                    let qbase = e.mul(it, e.i64c(head_dim as i64))?; // (i * q_heads + h) * head_dim
                     let visible = e.add(e.add(past, i)?, e.i64c(1))?;
-                    e.set(m, e.f32c(f32::NEG_INFINITY))?;
-                    e.set(l, e.f32c(0.0))?;
-                    e.for_range(e.i64c(0), hd, |c| e.store_f32(acc, c, e.f32c(0.0)))?;
-                    e.for_range(e.i64c(0), visible, |j| {
-                        let kbase = e.mul(e.add(e.mul(j, e.i64c(kv_heads as i64))?, kh)?, hd)?;
-                        // q·k: 8 lanes at a time when the head dim allows, else a scalar loop.
-                        let dot = if vec8 {
-                            let mut acc8 = e.f32t().vec_type(8).const_zero();
-                            for c in (0..head_dim as i64).step_by(8) {
-                                let qv = e.load_v8(q, e.add(qbase, e.i64c(c))?)?;
-                                let kv = e.load_v8(kc, e.add(kbase, e.i64c(c))?)?;
-                                acc8 = e.fma_v8(qv, kv, acc8)?;
-                            }
-                            e.reduce_v8(acc8)?
-                        } else {
-                            let s = e.var_f32(0.0)?;
-                            e.for_range(e.i64c(0), hd, |c| {
-                                let qv = e.load_f32(q, e.add(qbase, c)?)?;
-                                let kv = e.load_f32(kc, e.add(kbase, c)?)?;
-                                e.set(s, e.fma_reduce(qv, kv, e.get(s)?)?)
-                            })?;
-                            e.get(s)?
-                        };
-                        // Online softmax: rescale what was accumulated when the running max grows.
-                        let score = e.fmul(dot, e.f32c(scale))?;
-                        let m_old = e.get(m)?;
-                        let m_new = e.fmax(m_old, score)?;
-                        let corr = e.exp(e.fsub(m_old, m_new)?)?;
-                        let p = e.exp(e.fsub(score, m_new)?)?;
-                        e.set(l, e.fma(e.get(l)?, corr, p)?)?;
-                        e.set(m, m_new)?;
-                        if vec8 {
-                            let (pv, cv) = (e.splat_v8(p)?, e.splat_v8(corr)?);
-                            for c in (0..head_dim as i64).step_by(8) {
-                                let v = e.load_v8(vc, e.add(kbase, e.i64c(c))?)?;
-                                let a = e.b.build_float_mul(e.load_v8(acc, e.i64c(c))?, cv, "scaled")?;
-                                e.store_v8(acc, e.i64c(c), e.fma_v8(v, pv, a)?)?;
-                            }
-                            Ok(())
-                        } else {
-                            e.for_range(e.i64c(0), hd, |c| {
-                                let v = e.load_f32(vc, e.add(kbase, c)?)?;
-                                e.store_f32(acc, c, e.fma(v, p, e.fmul(e.load_f32(acc, c)?, corr)?)?)
-                            })
-                        }
-                    })?;
-                    let inv = e.fdiv(e.f32c(1.0), e.get(l)?)?;
-                    e.for_range(e.i64c(0), hd, |c| {
-                        e.store_f32(out, e.add(qbase, c)?, e.fmul(e.load_f32(acc, c)?, inv)?)
-                    })
+                    a.start(&e)?;
+                    a.keys(&e, qbase, kh, e.i64c(0), visible)?;
+                    a.finish(&e, out, qbase)
                 })?;
             }
+            OpKernel::FlexPattern { .. } | OpKernel::FlexAttention { .. } => super::flex::emit(&e, self)?,
         }
         e.finish()
+    }
+}
+
+/// The per-key step of causal attention for one (query, head), shared by the dense and the
+/// block-sparse kernels so that both do exactly the same arithmetic on the keys they visit: q·k (8
+/// lanes at a time when the head dim allows), then the online-softmax update of the running max `m`,
+/// normalizer `l` and output accumulator `acc`.
+pub(crate) struct Attend<'ctx> {
+    q: PointerValue<'ctx>,
+    kc: PointerValue<'ctx>,
+    vc: PointerValue<'ctx>,
+    kv_heads: usize,
+    head_dim: usize,
+    scale: f32,
+    acc: PointerValue<'ctx>,
+    m: PointerValue<'ctx>,
+    l: PointerValue<'ctx>,
+}
+
+impl<'ctx> Attend<'ctx> {
+    pub(crate) fn new(
+        e: &Emitter<'_, 'ctx>,
+        q: PointerValue<'ctx>,
+        kc: PointerValue<'ctx>,
+        vc: PointerValue<'ctx>,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+    ) -> R<Self> {
+        let acc = e.array_f32(head_dim as u32)?;
+        let (m, l) = (e.var_f32(0.0)?, e.var_f32(0.0)?);
+        Ok(Attend { q, kc, vc, kv_heads, head_dim, scale, acc, m, l })
+    }
+
+    pub(crate) fn start(&self, e: &Emitter<'_, 'ctx>) -> R<()> {
+        e.set(self.m, e.f32c(f32::NEG_INFINITY))?;
+        e.set(self.l, e.f32c(0.0))?;
+        e.for_range(e.i64c(0), e.i64c(self.head_dim as i64), |c| e.store_f32(self.acc, c, e.f32c(0.0)))
+    }
+
+    /// `q[qbase..]` · k, scaled, for key row `j` of kv head `kh`.
+    pub(crate) fn score(
+        &self,
+        e: &Emitter<'_, 'ctx>,
+        qbase: IntValue<'ctx>,
+        kbase: IntValue<'ctx>,
+    ) -> R<FloatValue<'ctx>> {
+        let (head_dim, q, kc) = (self.head_dim, self.q, self.kc);
+        let dot = if head_dim % 8 == 0 {
+            let mut acc8 = e.f32t().vec_type(8).const_zero();
+            for c in (0..head_dim as i64).step_by(8) {
+                let qv = e.load_v8(q, e.add(qbase, e.i64c(c))?)?;
+                let kv = e.load_v8(kc, e.add(kbase, e.i64c(c))?)?;
+                acc8 = e.fma_v8(qv, kv, acc8)?;
+            }
+            e.reduce_v8(acc8)?
+        } else {
+            let s = e.var_f32(0.0)?;
+            e.for_range(e.i64c(0), e.i64c(head_dim as i64), |c| {
+                let qv = e.load_f32(q, e.add(qbase, c)?)?;
+                let kv = e.load_f32(kc, e.add(kbase, c)?)?;
+                e.set(s, e.fma_reduce(qv, kv, e.get(s)?)?)
+            })?;
+            e.get(s)?
+        };
+        e.fmul(dot, e.f32c(self.scale))
+    }
+
+    /// The offset of key/value row `j` of kv head `kh`.
+    pub(crate) fn kbase(&self, e: &Emitter<'_, 'ctx>, j: IntValue<'ctx>, kh: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        e.mul(e.add(e.mul(j, e.i64c(self.kv_heads as i64))?, kh)?, e.i64c(self.head_dim as i64))
+    }
+
+    /// Visits keys `from..to`.
+    pub(crate) fn keys(
+        &self,
+        e: &Emitter<'_, 'ctx>,
+        qbase: IntValue<'ctx>,
+        kh: IntValue<'ctx>,
+        from: IntValue<'ctx>,
+        to: IntValue<'ctx>,
+    ) -> R<()> {
+        let (head_dim, vc, acc, m, l) = (self.head_dim, self.vc, self.acc, self.m, self.l);
+        e.for_range(from, to, |j| {
+            let kbase = self.kbase(e, j, kh)?;
+            // Online softmax: rescale what was accumulated when the running max grows.
+            let score = self.score(e, qbase, kbase)?;
+            let m_old = e.get(m)?;
+            let m_new = e.fmax(m_old, score)?;
+            let corr = e.exp(e.fsub(m_old, m_new)?)?;
+            let p = e.exp(e.fsub(score, m_new)?)?;
+            e.set(l, e.fma(e.get(l)?, corr, p)?)?;
+            e.set(m, m_new)?;
+            if head_dim % 8 == 0 {
+                let (pv, cv) = (e.splat_v8(p)?, e.splat_v8(corr)?);
+                for c in (0..head_dim as i64).step_by(8) {
+                    let v = e.load_v8(vc, e.add(kbase, e.i64c(c))?)?;
+                    let a = e.b.build_float_mul(e.load_v8(acc, e.i64c(c))?, cv, "scaled")?;
+                    e.store_v8(acc, e.i64c(c), e.fma_v8(v, pv, a)?)?;
+                }
+                Ok(())
+            } else {
+                e.for_range(e.i64c(0), e.i64c(head_dim as i64), |c| {
+                    let v = e.load_f32(vc, e.add(kbase, c)?)?;
+                    e.store_f32(acc, c, e.fma(v, p, e.fmul(e.load_f32(acc, c)?, corr)?)?)
+                })
+            }
+        })
+    }
+
+    /// Writes `acc / l` to `out[qbase..]`.
+    pub(crate) fn finish(&self, e: &Emitter<'_, 'ctx>, out: PointerValue<'ctx>, qbase: IntValue<'ctx>) -> R<()> {
+        let inv = e.fdiv(e.f32c(1.0), e.get(self.l)?)?;
+        e.for_range(e.i64c(0), e.i64c(self.head_dim as i64), |c| {
+            e.store_f32(out, e.add(qbase, c)?, e.fmul(e.load_f32(self.acc, c)?, inv)?)
+        })
     }
 }

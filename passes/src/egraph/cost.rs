@@ -76,7 +76,10 @@ impl CostModel {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
-            Op::Attention { .. } => 4.0 * self.numel(&TensorType::new(out.dtype, vec![ins[1].shape[1].clone()])),
+            // FlexPrefill is costed as dense attention (an upper bound; no rule chooses between them).
+            Op::Attention { .. } | Op::FlexAttention { .. } => {
+                4.0 * self.numel(&TensorType::new(out.dtype, vec![ins[1].shape[1].clone()]))
+            }
             Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Neg | Op::CausalMask | Op::Iota { .. } | Op::Threshold => 1.0,
             Op::Sqrt | Op::Rsqrt => 4.0,
             Op::Exp | Op::Sigmoid | Op::Sin | Op::Cos | Op::Pow => 10.0,
