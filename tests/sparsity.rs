@@ -392,3 +392,62 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     };
     assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
 }
+
+/// `kiln bench --kernels` on a tiny model writes a well-formed table (into `KILN_CACHE_DIR`): this CPU,
+/// one entry per distinct (dtype, k, n) block linear shape at m = 1 and 64, break-evens among the measured
+/// densities (or 0), and `--prune-sparsity` then compiles with it. No timing is asserted.
+#[test]
+fn bench_kernels_writes_a_well_formed_table() {
+    use kiln::passes::prune::{KernelTable, KERNEL_TABLE_FORMAT};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 96);
+        c
+    };
+    let model = dir.path().join("model");
+    write_hf(&model, &cfg, &random_weights(&cfg, DType::F32, 4), 1).unwrap();
+    let cache = dir.path().join("cache");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::kiln_bin())
+            .args(args)
+            .env("KILN_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    };
+    let m = model.to_str().unwrap();
+    // Without a table, pruning names the command that makes one.
+    let (code, _, err) = kiln(&["compile", m, "-o", dir.path().join("a").to_str().unwrap(), "--prune-sparsity", "0.5"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("kiln bench --kernels"), "{err}");
+    let (code, out, err) = kiln(&["bench", "--kernels", m, "--ms", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("kernel table →"), "{out}");
+    let table: KernelTable =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("kernel-table.json")).unwrap()).unwrap();
+    assert_eq!((table.format.as_str(), table.version), (KERNEL_TABLE_FORMAT, 1));
+    assert_eq!(table.cpu, kiln::codegen::host_target_info().cpu);
+    // q/o: 64→64, k/v: 64→32, gate/up: 64→96, down: 96→64.
+    let mut want: Vec<(usize, usize, usize)> = Vec::new();
+    for (k, n) in [(64, 32), (64, 64), (64, 96), (96, 64)] {
+        for mm in [1, 64] {
+            want.push((k, n, mm));
+        }
+    }
+    let mut got: Vec<(usize, usize, usize)> = table.entries.iter().map(|e| (e.k, e.n, e.m)).collect();
+    got.sort();
+    assert_eq!(got, want);
+    for e in &table.entries {
+        assert_eq!(e.dtype, DType::F32);
+        // Densities are kept blocks / blocks per row (2 or 3 blocks): 0 when sparse never won first.
+        let blocks = e.k / 32;
+        let measured = (0..=blocks).any(|b| (e.break_even - b as f64 / blocks as f64).abs() < 1e-9);
+        assert!(measured, "{e:?}");
+    }
+    let (code, out, err) =
+        kiln(&["compile", m, "-o", dir.path().join("b").to_str().unwrap(), "--prune-sparsity", "0.5", "--explain"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(format!("{out}{err}").contains("break-even"), "{out}{err}");
+}
