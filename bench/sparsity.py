@@ -7,7 +7,7 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
   2. per configuration, `kiln eval` on data/eval.txt;
   3. decode speed from `kiln run`, interleaved over rounds (CPU tok/s as in bench/quality.py).
 
-Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9]
+Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
 """
 import argparse
 import json
@@ -21,6 +21,8 @@ from kilnbench import KILN, ROOT, decode_speeds, kiln, splice, use_memo
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.7,0.9", help="chess target sparsities ('' for none)")
+    ap.add_argument("--scopes", default="mlp", help="chess scopes measured at each sparsity: mlp, attn, all (comma list)")
+    ap.add_argument("--text", default="data/eval.txt", help="evaluation text")
     ap.add_argument("--prune", default="", help="magnitude-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
     ap.add_argument("--marker", default="sparsity")
     ap.add_argument("--window", type=int, default=512)
@@ -35,23 +37,27 @@ def main():
     os.makedirs(a.work, exist_ok=True)
     use_memo(os.path.join(a.work, "sparsity-evals.json"))
     t0 = time.time()
-    calib = os.path.join(a.work, "calib-v2.json")
+    # v2 files without the attention-output quantiles cannot drive `--chess-scope attn/all`.
+    calib = os.path.join(a.work, "calib-v2b.json")
     if not os.path.exists(calib):
         kiln(["calibrate", "--text", "data/calibration.txt", "-o", calib])
-    configs = [("dense", None)] + [("chess", float(s)) for s in a.sparsities.split(",") if s]
+    scopes = [sc for sc in a.scopes.split(",") if sc]
+    configs = [("dense", None)] + [("chess" if sc == "mlp" else f"chess ({sc})", float(s))
+                                   for sc in scopes for s in a.sparsities.split(",") if s]
     configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
 
     def opts(c):
         tech, s = c
-        if tech == "chess":
-            return ["--chess-sparsity", str(s), "--calibration", calib]
+        if tech.startswith("chess"):
+            scope = tech[len("chess ("):-1] if tech != "chess" else "mlp"
+            return ["--chess-sparsity", str(s), "--chess-scope", scope, "--calibration", calib]
         if tech.startswith("prune"):
             return ["--prune-sparsity", str(s), "--prune-method", "magnitude"]
         return []
 
     ppl = {}
     for c in configs:
-        out = json.loads(kiln(["eval", "--text", "data/eval.txt", "--json", "--window", str(a.window), "--stride",
+        out = json.loads(kiln(["eval", "--text", a.text, "--json", "--window", str(a.window), "--stride",
                                str(a.stride), "--threads", str(a.eval_threads)] + opts(c)))
         ppl[c] = out["report"]
         print(f"eval {c}: ppl {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -61,7 +67,7 @@ def main():
                               a.rounds, a.decode_tokens)
     base = configs[0]
     lines = [
-        f"Perplexity on `data/eval.txt` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride}); decode: "
+        f"Perplexity on `{a.text}` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride}); decode: "
         f"{a.decode_tokens} greedy tokens, {a.threads} thread(s), compiled backend, {a.rounds} interleaved rounds, "
         f"CPU tok/s and wall tok/s as above. Binary: `{os.path.relpath(KILN, ROOT)}`.",
         "",

@@ -30,10 +30,12 @@ pub struct Build {
     pub no_default_passes: bool,
     /// Decoder blocks to remove (`count` 0: none).
     pub skip: SkipLayers,
-    /// Activation sparsity in the MLP (`chess` pass): the target share of gate channels dropped per token.
+    /// Activation sparsity (`chess` pass): the target share of channels dropped per token.
     pub chess: Option<f64>,
-    /// With `chess`: keep the transposed down weights in f32 (exact; the reference variant for tests).
+    /// With `chess`: keep the transposed weights in f32 (exact; the reference variant for tests).
     pub chess_exact: bool,
+    /// With `chess`: which activations are thresholded (MLP gate, attention-projection inputs, or both).
+    pub chess_scope: kiln_passes::chess::ChessScope,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -108,7 +110,11 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     }
     if let Some(s) = build.chess {
         let chess = kiln_passes::chess::Chess::new(s).map_err(anyhow::Error::msg)?;
-        passes.push(Box::new(kiln_passes::chess::Chess { exact: build.chess_exact, ..chess }));
+        passes.push(Box::new(kiln_passes::chess::Chess {
+            exact: build.chess_exact,
+            scope: build.chess_scope,
+            ..chess
+        }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     if let Some(p) = &build.prune {

@@ -33,6 +33,13 @@ pub enum PruneMethodArg {
     Wanda,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChessScopeArg {
+    Mlp,
+    Attn,
+    All,
+}
+
 /// Where `kiln bench --kernels` caches its table.
 pub fn kernel_table_path() -> PathBuf {
     kiln::cache_dir().join("kernel-table.json")
@@ -148,6 +155,10 @@ pub struct SkipArgs {
     /// per-channel thresholds from --calibration; up and down then skip the dropped channels. In [0, 1).
     #[arg(long, value_name = "S")]
     pub chess_sparsity: Option<f64>,
+    /// Which activations --chess-sparsity thresholds: the MLP gate (`mlp`), the inputs of the attention
+    /// projections (`attn`: Q/K/V's normed input and the output projection's input), or both (`all`).
+    #[arg(long, value_enum, value_name = "SCOPE", default_value = "mlp", requires = "chess_sparsity")]
+    pub chess_scope: ChessScopeArg,
     /// Block-sparse weight pruning (lossy): drop this share of the 32-element blocks of every row of the
     /// blocks' linear weights; the dense or block-sparse kernel is chosen per layer and phase from the
     /// break-even densities `kiln bench --kernels` measured on this machine. In [0, 1).
@@ -176,6 +187,15 @@ impl SkipArgs {
             SkipMethodArg::Top => SkipMethod::Top,
         };
         SkipLayers { count: self.skip_layers, method }
+    }
+
+    pub fn chess_scope(&self) -> kiln::passes::chess::ChessScope {
+        use kiln::passes::chess::ChessScope;
+        match self.chess_scope {
+            ChessScopeArg::Mlp => ChessScope::Mlp,
+            ChessScopeArg::Attn => ChessScope::Attn,
+            ChessScopeArg::All => ChessScope::All,
+        }
     }
 
     fn is_set(&self) -> bool {
@@ -236,6 +256,7 @@ impl SkipArgs {
             opts,
             skip: self.skip(),
             chess: self.chess_sparsity,
+            chess_scope: self.chess_scope(),
             prune,
             flex,
             calibration,
@@ -540,6 +561,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "skip_layers": a.skip.skip_layers,
             "skip_method": a.skip.skip().method.name(),
             "chess_sparsity": a.skip.chess_sparsity,
+            "chess_scope": a.skip.chess_sparsity.map(|_| a.skip.chess_scope().name()),
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);

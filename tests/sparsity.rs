@@ -53,11 +53,12 @@ fn steps(b: &mut dyn Backend, tokens: &[u32], split: usize) -> Vec<f32> {
     out
 }
 
-/// Share of zeros in the outputs of every `threshold` node of `g` on `tokens` (interpreter).
-fn dropped_share(g: &Graph, w: &kiln::ir::WeightStore, tokens: &[u32], n_layers: usize) -> f64 {
+/// Share of zeros in the outputs of every `threshold` node of `g` on `tokens` (interpreter); `g` has
+/// `count` of them.
+fn dropped_share(g: &Graph, w: &kiln::ir::WeightStore, tokens: &[u32], count: usize) -> f64 {
     let mut g = g.clone();
     let thresholds: Vec<usize> = (0..g.nodes.len()).filter(|&i| g.nodes[i].op == Op::Threshold).collect();
-    assert_eq!(thresholds.len(), n_layers, "one threshold per block");
+    assert_eq!(thresholds.len(), count, "threshold nodes");
     g.outputs.retain(|(n, _)| n == "logits");
     for (k, &i) in thresholds.iter().enumerate() {
         g.output(&format!("thr{k}"), kiln::ir::ValueId(i as u32));
@@ -193,6 +194,101 @@ fn chess_on_smollm2_matches_the_interpreter() {
     assert!(d < 1e-3, "exact chess at sparsity 0 vs the dense model: {d}");
 }
 
+/// `chess` on the attention projections' inputs (and on everything): the compiled paths equal the
+/// interpreter, sparsity 0 with f32 transposed weights is the dense model, the dropped share follows the
+/// target, Q/K/V share one threshold, projections whose width the kernel cannot take stay dense, and a
+/// calibration without the output-projection quantiles is refused with a reason.
+#[test]
+fn chess_on_attention_inputs_matches_the_interpreter_and_is_exact_at_sparsity_0() {
+    use kiln::passes::chess::ChessScope;
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 23), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 5);
+    let build = |s: f64, scope| Build { chess_scope: scope, ..chess_build(&cal, s) };
+
+    // Sparsity 0, exact transposed weights: the dense model (compiled and interpreted).
+    for scope in [ChessScope::Attn, ChessScope::All] {
+        let b = Build { chess_exact: true, ..build(0.0, scope) };
+        let g = build_graph(&m, &b).unwrap();
+        let mut i0 = InterpreterBackend::new(g.graph.clone(), &g.weights, 64).unwrap();
+        let d = max_abs_diff(&steps(&mut i0, &tokens, 5), &want);
+        assert!(d < 1e-5, "{scope:?} sparsity 0 (interpreter) vs dense: {d}");
+        let art = tempfile::tempdir().unwrap();
+        compile_build(&m, "test", &b, art.path()).unwrap();
+        let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+        let d = max_abs_diff(&steps(&mut c, &tokens, 5), &want);
+        assert!(d < 1e-4, "{scope:?} sparsity 0 (compiled) vs dense: {d}");
+    }
+
+    for (s, scope) in [(0.5, ChessScope::Attn), (0.9, ChessScope::Attn), (0.5, ChessScope::All)] {
+        let b = build_graph(&m, &build(s, scope)).unwrap();
+        // Per block: Q/K/V (3) and the output projection (1) read thresholded inputs, plus down with `all`.
+        let active = b.graph.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count();
+        let per_block = if scope == ChessScope::All { 5 } else { 4 };
+        assert_eq!(active, per_block * 2, "{scope:?}");
+        assert_eq!(b.graph.nodes.iter().any(|n| n.op == Op::SwiGlu), scope == ChessScope::Attn);
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 5);
+        assert!(max_abs_diff(&reference, &want) > 1e-4, "{scope:?} sparsity {s} changes the model");
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &build(s, scope), art.path()).unwrap();
+        let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+        let d = max_abs_diff(&steps(&mut c, &tokens, 5), &reference);
+        assert!(d < 1e-4, "{scope:?} sparsity {s}: compiled vs interpreter {d}");
+        let rec = manifest.records.iter().find(|r| r["pass"] == "chess").expect("chess recorded");
+        assert_eq!(rec["detail"]["scope"], serde_json::json!(scope.name()));
+        let kernels = manifest.program.launches.iter().filter(|l| l.kernel.starts_with("kiln_active_linear_")).count();
+        assert_eq!(kernels, per_block * 2, "{scope:?}");
+        if scope == ChessScope::Attn {
+            // Two thresholds per block (Q/K/V's shared input, the output projection's input).
+            let share = dropped_share(&b.graph, &b.weights, &calib_tokens[..20], 4);
+            assert!((share - s).abs() < 0.1, "sparsity {s}: dropped {share}");
+        }
+    }
+
+    // The default tiny shapes: K/V project to 16 outputs, which the active-channel kernel cannot write;
+    // they stay dense linears of the thresholded input, and the model still equals the interpreter.
+    let small = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama);
+    write_hf(small.path(), &cfg, &random_weights(&cfg, DType::F32, 5), 1).unwrap();
+    let sm = Model::load(small.path()).unwrap();
+    let cb = build_graph(&sm, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let scal = calibrate(&sm, &mut ib, &calib_tokens, 20);
+    let sb = Build { chess_scope: ChessScope::Attn, ..chess_build(&scal, 0.5) };
+    let b = build_graph(&sm, &sb).unwrap();
+    assert_eq!(b.graph.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count(), 2 * 2, "Q and O per block");
+    assert!(b.explanations.iter().any(|(p, l)| p == "chess" && l.contains("not a multiple of 32")));
+    let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+    let reference = steps(&mut ib, &tokens, 5);
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&sm, "test", &sb, art.path()).unwrap();
+    let mut c = CompiledBackend::load(art.path(), 1, None).unwrap();
+    let d = max_abs_diff(&steps(&mut c, &tokens, 5), &reference);
+    assert!(d < 1e-4, "odd widths: compiled vs interpreter {d}");
+
+    // A calibration file without the output projection's quantiles (older files) is refused.
+    let mut old = (*cal).clone();
+    old.layers.iter_mut().for_each(|l| l.attn_out_in_abs_quantiles.clear());
+    let old = Arc::new(old);
+    let err = build_graph(&m, &Build { chess_scope: ChessScope::Attn, ..chess_build(&old, 0.5) }).err().unwrap();
+    assert!(format!("{err:#}").contains("re-run `kiln calibrate`"), "{err:#}");
+    assert!(build_graph(&m, &chess_build(&old, 0.5)).is_ok(), "the MLP scope does not need them");
+}
+
 #[test]
 fn chess_options_are_checked() {
     let dir = tempfile::tempdir().unwrap();
@@ -205,6 +301,8 @@ fn chess_options_are_checked() {
     std::fs::write(&bad_calib, "{\"format\": \"kiln-calibration\", \"version\": 1}").unwrap();
     let b = bad_calib.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--chess-scope", "ffn", "--calibration", b], "ffn"),
+        (vec!["eval", "--text", t, "--chess-scope", "attn"], "--chess-sparsity"),
         (vec!["eval", "--text", t, "--chess-sparsity", "1.0", "--calibration", b], "outside [0, 1)"),
         (vec!["eval", "--text", t, "--chess-sparsity=-0.1", "--calibration", b], "outside [0, 1)"),
         (vec!["eval", "--text", t, "--chess-sparsity", "0.5"], "--calibration"),
@@ -293,4 +391,63 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
         ..Default::default()
     };
     assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
+}
+
+/// `kiln bench --kernels` on a tiny model writes a well-formed table (into `KILN_CACHE_DIR`): this CPU,
+/// one entry per distinct (dtype, k, n) block linear shape at m = 1 and 64, break-evens among the measured
+/// densities (or 0), and `--prune-sparsity` then compiles with it. No timing is asserted.
+#[test]
+fn bench_kernels_writes_a_well_formed_table() {
+    use kiln::passes::prune::{KernelTable, KERNEL_TABLE_FORMAT};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 96);
+        c
+    };
+    let model = dir.path().join("model");
+    write_hf(&model, &cfg, &random_weights(&cfg, DType::F32, 4), 1).unwrap();
+    let cache = dir.path().join("cache");
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::kiln_bin())
+            .args(args)
+            .env("KILN_CACHE_DIR", &cache)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), err)
+    };
+    let m = model.to_str().unwrap();
+    // Without a table, pruning names the command that makes one.
+    let (code, _, err) = kiln(&["compile", m, "-o", dir.path().join("a").to_str().unwrap(), "--prune-sparsity", "0.5"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("kiln bench --kernels"), "{err}");
+    let (code, out, err) = kiln(&["bench", "--kernels", m, "--ms", "1"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("kernel table →"), "{out}");
+    let table: KernelTable =
+        serde_json::from_str(&std::fs::read_to_string(cache.join("kernel-table.json")).unwrap()).unwrap();
+    assert_eq!((table.format.as_str(), table.version), (KERNEL_TABLE_FORMAT, 1));
+    assert_eq!(table.cpu, kiln::codegen::host_target_info().cpu);
+    // q/o: 64→64, k/v: 64→32, gate/up: 64→96, down: 96→64.
+    let mut want: Vec<(usize, usize, usize)> = Vec::new();
+    for (k, n) in [(64, 32), (64, 64), (64, 96), (96, 64)] {
+        for mm in [1, 64] {
+            want.push((k, n, mm));
+        }
+    }
+    let mut got: Vec<(usize, usize, usize)> = table.entries.iter().map(|e| (e.k, e.n, e.m)).collect();
+    got.sort();
+    assert_eq!(got, want);
+    for e in &table.entries {
+        assert_eq!(e.dtype, DType::F32);
+        // Densities are kept blocks / blocks per row (2 or 3 blocks): 0 when sparse never won first.
+        let blocks = e.k / 32;
+        let measured = (0..=blocks).any(|b| (e.break_even - b as f64 / blocks as f64).abs() < 1e-9);
+        assert!(measured, "{e:?}");
+    }
+    let (code, out, err) =
+        kiln(&["compile", m, "-o", dir.path().join("b").to_str().unwrap(), "--prune-sparsity", "0.5", "--explain"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(format!("{out}{err}").contains("break-even"), "{out}{err}");
 }

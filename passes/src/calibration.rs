@@ -80,6 +80,10 @@ pub struct LayerStats {
     pub ffn_gate_abs_quantiles: Vec<Vec<f32>>,
     /// The same for the input of the Q/K/V projections (`hidden_size`).
     pub attn_in_abs_quantiles: Vec<Vec<f32>>,
+    /// The same for the input of the attention output projection (`n_heads · head_dim`). Empty in files
+    /// written before it was recorded (`chess` on the output projection then asks for a new calibration).
+    #[serde(default)]
+    pub attn_out_in_abs_quantiles: Vec<Vec<f32>>,
 }
 
 impl LayerStats {
@@ -87,6 +91,16 @@ impl LayerStats {
     /// calibration values fall (linear between the recorded levels; 0 at sparsity 0).
     pub fn ffn_gate_thresholds(&self, levels: &[f32], sparsity: f64) -> Vec<f32> {
         self.ffn_gate_abs_quantiles.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect()
+    }
+
+    /// The same for the input of the Q/K/V projections.
+    pub fn attn_in_thresholds(&self, levels: &[f32], sparsity: f64) -> Vec<f32> {
+        self.attn_in_abs_quantiles.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect()
+    }
+
+    /// The same for the input of the attention output projection (empty when the file does not have it).
+    pub fn attn_out_in_thresholds(&self, levels: &[f32], sparsity: f64) -> Vec<f32> {
+        self.attn_out_in_abs_quantiles.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect()
     }
 }
 
@@ -164,6 +178,15 @@ impl Calibration {
                     "layer {i}: per-channel quantiles must be intermediate_size/hidden_size vectors of {q} levels"
                 ));
             }
+            let out_width = l.attn_out_in_mean_abs.len();
+            if !l.attn_out_in_abs_quantiles.is_empty()
+                && (l.attn_out_in_abs_quantiles.len() != out_width
+                    || l.attn_out_in_abs_quantiles.iter().any(|v| v.len() != q))
+            {
+                return Err(format!(
+                    "layer {i}: attn_out_in_abs_quantiles must be {out_width} vectors (attn_out_in_mean_abs) of {q} levels"
+                ));
+            }
             if l.ffn_act_mean_abs.len() != self.intermediate_size {
                 return Err(format!(
                     "layer {i}: ffn_act_mean_abs does not have intermediate_size = {}",
@@ -235,6 +258,7 @@ struct LayerAcc {
     ffn_act: Vec<f64>,
     gate_hist: AbsHistogram,
     attn_in_hist: AbsHistogram,
+    attn_out_in_hist: AbsHistogram,
 }
 
 /// Per-channel histograms of |x| on a log scale: bin 0 holds |x| < 2^LOG_MIN (and 0), then
@@ -367,6 +391,7 @@ impl StatsAccumulator {
         add_abs(&mut acc.ffn_act, a.ffn_act, a.ffn_act.len() / tokens);
         acc.gate_hist.add(a.ffn_gate_act, a.ffn_gate_act.len() / tokens);
         acc.attn_in_hist.add(a.attn_in, a.attn_in.len() / tokens);
+        acc.attn_out_in_hist.add(a.attn_out_in, a.attn_out_in.len() / tokens);
         acc.tokens += tokens;
         Ok(())
     }
@@ -392,6 +417,7 @@ impl StatsAccumulator {
                     ffn_act_mean_abs: mean(a.ffn_act),
                     ffn_gate_abs_quantiles: a.gate_hist.quantiles(&levels),
                     attn_in_abs_quantiles: a.attn_in_hist.quantiles(&levels),
+                    attn_out_in_abs_quantiles: a.attn_out_in_hist.quantiles(&levels),
                 }
             })
             .collect()

@@ -22,13 +22,53 @@ use kiln_ir::sparse::SPARSE_DTYPES;
 use kiln_ir::{DType, Dim, Graph, Node, Op, TensorData, TensorType, ValueId};
 use std::collections::HashMap;
 
-/// The pass, configured with a target share of gate channels to drop per token, in `[0, 1)`.
+/// Which projections' inputs the pass thresholds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ChessScope {
+    /// The SwiGLU gate activation (up masked, down input-sparse): the original CHESS MLP rewrite.
+    #[default]
+    Mlp,
+    /// The inputs of the attention projections: the normed block input read by Q/K/V and the attention
+    /// result read by the output projection (each input-sparse).
+    Attn,
+    /// Both.
+    All,
+}
+
+impl ChessScope {
+    pub const NAMES: [&'static str; 3] = ["mlp", "attn", "all"];
+
+    pub fn parse(s: &str) -> Result<ChessScope, String> {
+        match s {
+            "mlp" => Ok(ChessScope::Mlp),
+            "attn" => Ok(ChessScope::Attn),
+            "all" => Ok(ChessScope::All),
+            _ => Err(format!("unknown chess scope `{s}` (expected one of mlp, attn, all)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    pub fn mlp(self) -> bool {
+        self != ChessScope::Attn
+    }
+
+    pub fn attn(self) -> bool {
+        self != ChessScope::Mlp
+    }
+}
+
+/// The pass, configured with a target share of channels to drop per token, in `[0, 1)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Chess {
     pub sparsity: f64,
-    /// Keep `W_downᵀ` in f32 (the dequantized weights exactly, 4 bytes each): the reference variant,
-    /// equal to the dense model at sparsity 0 up to summation order. Off: Q8_0 for quantized weights.
+    /// Keep the transposed weights in f32 (the dequantized weights exactly, 4 bytes each): the reference
+    /// variant, equal to the dense model at sparsity 0 up to summation order. Off: Q8_0 for quantized weights.
     pub exact: bool,
+    /// Which activations are thresholded.
+    pub scope: ChessScope,
 }
 
 impl Chess {
@@ -36,8 +76,44 @@ impl Chess {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(format!("chess sparsity {sparsity} is outside [0, 1)"));
         }
-        Ok(Chess { sparsity, exact: false })
+        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp })
     }
+}
+
+/// One thresholded attention-projection input of a block: the projections that read it.
+struct AttnInput {
+    layer: usize,
+    /// `attn_in` (Q/K/V) or `attn_out_in` (output projection).
+    what: &'static str,
+    value: ValueId,
+    /// (linear node, weight name) of each projection reading `value`.
+    linears: Vec<(usize, String)>,
+}
+
+fn find_attn_inputs(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<AttnInput>, String> {
+    let mut out = Vec::new();
+    for b in blocks {
+        let l = b.layer;
+        for (what, value, suffixes) in [
+            ("attn_in", b.attn_in, &["attn_q.weight", "attn_k.weight", "attn_v.weight"][..]),
+            ("attn_out_in", b.attn_out_in, &["attn_output.weight"][..]),
+        ] {
+            let mut linears = Vec::new();
+            for sfx in suffixes {
+                let want = format!("blk.{l}.{sfx}");
+                let i = g
+                    .nodes
+                    .iter()
+                    .position(|n| {
+                        n.op == Op::Linear && n.inputs[0] == value && weight_name(g, n.inputs[1]) == Some(&want)
+                    })
+                    .ok_or_else(|| format!("block {l}: no linear of weight `{want}` reads {value} ({what})"))?;
+                linears.push((i, want));
+            }
+            out.push(AttnInput { layer: l, what, value, linears });
+        }
+    }
+    Ok(out)
 }
 
 /// What one block's MLP is made of.
@@ -58,9 +134,9 @@ fn weight_name(g: &Graph, v: ValueId) -> Option<&str> {
     }
 }
 
-fn find_mlps(g: &Graph) -> Result<Vec<Mlp>, String> {
+fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<Mlp>, String> {
     let mut out = Vec::new();
-    for b in find_blocks(g)? {
+    for b in blocks {
         let l = b.layer;
         let act = g.node(b.ffn_act);
         if act.op != Op::SwiGlu {
@@ -117,6 +193,23 @@ fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, String> {
     Ok(TensorData { dtype, shape: vec![k, n], bytes: bytes.into() })
 }
 
+/// How the rebuild treats one node of the input graph.
+enum Action {
+    /// The swiglu of MLP `i`: thresholded gate, masked up.
+    Swiglu(usize),
+    /// The down projection of MLP `i`: active-channel on the transposed weight.
+    Down(usize),
+    /// A projection reading thresholded input `t` (index into the attention inputs): active-channel on
+    /// the transposed weight when it has one, else the dense linear of the thresholded input.
+    Proj { t: usize, wt: Option<(String, TensorType)> },
+}
+
+fn median(t: &[f32]) -> f32 {
+    let mut s = t.to_vec();
+    s.sort_by(f32::total_cmp);
+    s.get(s.len() / 2).copied().unwrap_or(0.0)
+}
+
 impl Pass for Chess {
     fn name(&self) -> &'static str {
         "chess"
@@ -129,16 +222,21 @@ impl Pass for Chess {
             .calibration
             .as_ref()
             .ok_or_else(|| fail("needs a calibration file (--calibration FILE, from `kiln calibrate`)".into()))?;
-        let mlps = find_mlps(g).map_err(fail)?;
+        let blocks = find_blocks(g).map_err(fail)?;
+        let mlps = if self.scope.mlp() { find_mlps(g, &blocks).map_err(fail)? } else { Vec::new() };
+        let attn = if self.scope.attn() { find_attn_inputs(g, &blocks).map_err(fail)? } else { Vec::new() };
+        let stats_of = |layer: usize| {
+            cal.layers
+                .get(layer)
+                .ok_or_else(|| fail(format!("the calibration file has no layer {layer} ({} layers)", cal.layers.len())))
+        };
+        let wt_suffix = if self.exact { "#t-f32" } else { "#t" };
         let mut weights = cx.weights.borrow_mut();
-        let mut by_swiglu: HashMap<usize, (usize, ValueId)> = HashMap::new();
-        let mut by_down: HashMap<usize, usize> = HashMap::new();
+        let mut actions: HashMap<usize, Action> = HashMap::new();
         let mut derived = Vec::new();
         let mut layer_records = Vec::new();
         for (i, m) in mlps.iter().enumerate() {
-            let stats = cal.layers.get(m.layer).ok_or_else(|| {
-                fail(format!("the calibration file has no layer {} ({} layers)", m.layer, cal.layers.len()))
-            })?;
+            let stats = stats_of(m.layer)?;
             let width = g.ty(m.gate).shape.last().and_then(Dim::as_fixed).unwrap_or(-1);
             if width as usize != stats.ffn_gate_abs_quantiles.len() {
                 return Err(fail(format!(
@@ -154,13 +252,9 @@ impl Pass for Chess {
             let src =
                 weights.get(&m.down_w).ok_or_else(|| fail(format!("weight `{}` is not in the store", m.down_w)))?;
             let wt = transposed(src, self.exact).map_err(|e| fail(format!("{}: {e}", m.down_w)))?;
-            let wt_name = format!("{}#t{}", m.down_w, if self.exact { "-f32" } else { "" });
+            let wt_name = format!("{}{wt_suffix}", m.down_w);
             let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
-            let median = {
-                let mut s = t.clone();
-                s.sort_by(f32::total_cmp);
-                s[s.len() / 2]
-            };
+            let median = median(&t);
             cx.explain(
                 "chess",
                 format!(
@@ -174,39 +268,128 @@ impl Pass for Chess {
                     wt.shape[1]
                 ),
             );
-            layer_records.push(
-                serde_json::json!({"layer": m.layer, "median_threshold": median, "down_t_dtype": wt.dtype.name()}),
-            );
+            layer_records
+                .push(serde_json::json!({"layer": m.layer, "input": "ffn_gate_act", "median_threshold": median,
+                "down_t_dtype": wt.dtype.name()}));
             weights.insert(wt_name.clone(), wt);
             derived.push((t_name, wt_name, wt_ty));
-            by_swiglu.insert(m.swiglu, (i, m.gate));
-            by_down.insert(m.down, i);
+            actions.insert(m.swiglu, Action::Swiglu(i));
+            actions.insert(m.down, Action::Down(i));
+        }
+        // Attention: per block, the normed input of Q/K/V and the input of the output projection.
+        let mut attn_thresholds: Vec<(String, usize)> = Vec::new();
+        for (ti, a) in attn.iter().enumerate() {
+            let stats = stats_of(a.layer)?;
+            let t = if a.what == "attn_in" {
+                stats.attn_in_thresholds(&cal.quantile_levels, self.sparsity)
+            } else {
+                stats.attn_out_in_thresholds(&cal.quantile_levels, self.sparsity)
+            };
+            if t.is_empty() {
+                return Err(fail(format!(
+                    "the calibration file has no per-channel quantiles of {} (layer {}); re-run `kiln calibrate`",
+                    a.what, a.layer
+                )));
+            }
+            let width = g.ty(a.value).shape.last().and_then(Dim::as_fixed).unwrap_or(-1);
+            if width as usize != t.len() {
+                return Err(fail(format!(
+                    "layer {}: the calibration file has {} {} channels, the graph {width}",
+                    a.layer,
+                    t.len(),
+                    a.what
+                )));
+            }
+            let t_name = format!("blk.{}.{}#chess{}", a.layer, a.what, self.sparsity);
+            let median = median(&t);
+            weights.insert(t_name.clone(), TensorData::from_f32(vec![t.len()], &t));
+            attn_thresholds.push((t_name, t.len()));
+            let mut projs = Vec::new();
+            for (node, w) in &a.linears {
+                let src = weights.get(w).ok_or_else(|| fail(format!("weight `{w}` is not in the store")))?;
+                let n = src.shape.first().copied().unwrap_or(0);
+                // The active-channel kernel writes whole blocks of 32 outputs; other widths keep the
+                // dense linear (of the thresholded input: the same values, no saving).
+                let wt = if n % 32 == 0 {
+                    let wt = transposed(src, self.exact).map_err(|e| fail(format!("{w}: {e}")))?;
+                    let wt_name = format!("{w}{wt_suffix}");
+                    let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
+                    projs.push(format!("{wt_name} ({} [{}, {}])", wt.dtype, wt.shape[0], wt.shape[1]));
+                    weights.insert(wt_name.clone(), wt);
+                    Some((wt_name, wt_ty))
+                } else {
+                    projs.push(format!("{w} dense ({n} outputs, not a multiple of 32)"));
+                    None
+                };
+                actions.insert(*node, Action::Proj { t: ti, wt });
+            }
+            cx.explain(
+                "chess",
+                format!(
+                    "layer {}: {} {} channels thresholded at their {:.0}% |x| quantile (median t = {median:.4}); reads {}",
+                    a.layer,
+                    t.len(),
+                    a.what,
+                    self.sparsity * 100.0,
+                    projs.join(", ")
+                ),
+            );
+            layer_records.push(serde_json::json!({"layer": a.layer, "input": a.what, "median_threshold": median,
+                "projections": projs}));
         }
         drop(weights);
 
-        // Rebuild in order, replacing each swiglu by the thresholded, masked MLP and each down projection
-        // by the active-channel one. The old up projections and down weights die (dce removes them).
+        // Rebuild in order, replacing each swiglu by the thresholded, masked MLP, each down projection by
+        // the active-channel one, and each attention projection by the active-channel one on its thresholded
+        // input (one threshold per input, made where its first reader was). The old weights die (dce).
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
+        let mut thresholded: HashMap<usize, ValueId> = HashMap::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for (i, n) in g.nodes.iter().enumerate() {
-            let new = if let Some(&(mi, gate)) = by_swiglu.get(&i) {
-                let m = &mlps[mi];
-                let (t_name, _, _) = &derived[mi];
-                let width = g.ty(gate).shape.last().cloned().expect("rank ≥ 1");
-                let t = out.weight(t_name, TensorType::new(DType::F32, vec![width])).map_err(err)?;
-                let a = out.add(Op::Silu, &[map[gate.index()]]).map_err(err)?;
-                let a = out.add(Op::Threshold, &[a, t]).map_err(err)?;
-                let up = out.add(Op::MaskedLinear, &[map[m.ffn_in.index()], map[m.up_w.index()], a]).map_err(err)?;
-                out.add(Op::Mul, &[a, up]).map_err(err)?
-            } else if let Some(&mi) = by_down.get(&i) {
-                let (_, wt_name, wt_ty) = &derived[mi];
-                let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
-                out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
-            } else {
-                let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                ValueId(out.nodes.len() as u32 - 1)
+            let new = match actions.get(&i) {
+                Some(&Action::Swiglu(mi)) => {
+                    let m = &mlps[mi];
+                    let (t_name, _, _) = &derived[mi];
+                    let width = g.ty(m.gate).shape.last().cloned().expect("rank ≥ 1");
+                    let t = out.weight(t_name, TensorType::new(DType::F32, vec![width])).map_err(err)?;
+                    let a = out.add(Op::Silu, &[map[m.gate.index()]]).map_err(err)?;
+                    let a = out.add(Op::Threshold, &[a, t]).map_err(err)?;
+                    let up =
+                        out.add(Op::MaskedLinear, &[map[m.ffn_in.index()], map[m.up_w.index()], a]).map_err(err)?;
+                    out.add(Op::Mul, &[a, up]).map_err(err)?
+                }
+                Some(Action::Down(mi)) => {
+                    let (_, wt_name, wt_ty) = &derived[*mi];
+                    let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
+                    out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
+                }
+                Some(Action::Proj { t, wt }) => {
+                    let xs = match thresholded.get(t) {
+                        Some(&v) => v,
+                        None => {
+                            let (t_name, width) = &attn_thresholds[*t];
+                            let tv = out
+                                .weight(t_name, TensorType::new(DType::F32, vec![Dim::from(*width)]))
+                                .map_err(err)?;
+                            let v = out.add(Op::Threshold, &[map[n.inputs[0].index()], tv]).map_err(err)?;
+                            thresholded.insert(*t, v);
+                            v
+                        }
+                    };
+                    match wt {
+                        Some((wt_name, wt_ty)) => {
+                            let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
+                            out.add(Op::ActiveLinear, &[xs, wt]).map_err(err)?
+                        }
+                        None => out.add(Op::Linear, &[xs, map[n.inputs[1].index()]]).map_err(err)?,
+                    }
+                }
+                None => {
+                    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
+                    out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
+                    ValueId(out.nodes.len() as u32 - 1)
+                }
             };
             map.push(new);
         }
@@ -216,12 +399,13 @@ impl Pass for Chess {
             "chess",
             serde_json::json!({
                 "sparsity": self.sparsity,
-                "thresholds": "per channel of silu(gate): the calibrated |activation| quantile at the sparsity",
+                "scope": self.scope.name(),
+                "thresholds": "per channel of each thresholded activation: the calibrated |activation| quantile at the sparsity",
                 "calibration_text": cal.text.file,
                 "layers": layer_records,
             }),
         );
-        Ok(!mlps.is_empty())
+        Ok(!actions.is_empty())
     }
 }
 
