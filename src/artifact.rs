@@ -31,6 +31,8 @@ pub struct Build {
     pub chess: Option<f64>,
     /// With `chess`: keep the transposed down weights in f32 (exact; the reference variant for tests).
     pub chess_exact: bool,
+    /// Structured pruning (`structured-prune` pass): MLP neurons and attention query heads removed.
+    pub structured: Option<kiln_passes::structured_prune::StructuredPrune>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// The calibration file lossy passes read (needed by `skip.method = influence`).
@@ -97,6 +99,10 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     }
     if build.skip.count > 0 {
         passes.push(Box::new(build.skip));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(sp) = build.structured.filter(|s| !s.is_noop()) {
+        passes.push(Box::new(sp));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     if let Some(s) = build.chess {

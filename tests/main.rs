@@ -15,5 +15,6 @@ mod lift;
 mod ops;
 mod quality;
 mod sparsity;
+mod structured;
 mod tokenizer;
 mod tp;
