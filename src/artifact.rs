@@ -36,6 +36,8 @@ pub struct Build {
     pub chess_exact: bool,
     /// With `chess`: which activations are thresholded (MLP gate, attention-projection inputs, or both).
     pub chess_scope: kiln_passes::chess::ChessScope,
+    /// Structured pruning (`structured-prune` pass): MLP neurons and attention query heads removed.
+    pub structured: Option<kiln_passes::structured_prune::StructuredPrune>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -106,6 +108,10 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
     }
     if build.skip.count > 0 {
         passes.push(Box::new(build.skip));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(sp) = build.structured.filter(|s| !s.is_noop()) {
+        passes.push(Box::new(sp));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     if let Some(s) = build.chess {

@@ -425,6 +425,7 @@ fn run(mut a: RunArgs) -> Result<()> {
             || a.skip.chess_sparsity.is_some()
             || a.skip.prune_sparsity.is_some()
             || a.skip.flex_prefill.is_some()
+            || a.skip.structured_prune.is_some()
         {
             bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
         }

@@ -11,6 +11,7 @@ use kiln::frontend::tokenizer::Tokenizer;
 use kiln::frontend::Model;
 use kiln::passes::calibration::{Calibration, CalibrationText, CALIBRATION_FORMAT, CALIBRATION_VERSION};
 use kiln::passes::skip_layers::{SkipLayers, SkipMethod};
+use kiln::passes::structured_prune::StructuredPrune;
 use kiln::runtime::{Backend, CompiledBackend, InterpreterBackend};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -164,6 +165,11 @@ pub struct SkipArgs {
     /// break-even densities `kiln bench --kernels` measured on this machine. In [0, 1).
     #[arg(long, value_name = "S")]
     pub prune_sparsity: Option<f64>,
+    /// Structured pruning (lossy): `neurons=S,heads=N` removes the share S of every block's MLP neurons
+    /// and N query heads from every KV group, by calibrated importance (needs --calibration); the
+    /// weights shrink physically. E.g. `--structured-prune neurons=0.25,heads=1`.
+    #[arg(long, value_name = "neurons=S,heads=N")]
+    pub structured_prune: Option<String>,
     /// How --prune-sparsity ranks blocks: weight magnitude, or Wanda (|W|·activation, needs --calibration).
     #[arg(long, value_enum, default_value = "magnitude", requires = "prune_sparsity")]
     pub prune_method: PruneMethodArg,
@@ -203,6 +209,7 @@ impl SkipArgs {
             || self.chess_sparsity.is_some()
             || self.prune_sparsity.is_some()
             || self.flex_prefill.is_some()
+            || self.structured_prune.is_some()
     }
 
     /// The `--flex-prefill` settings, checked (errors name the flag).
@@ -214,6 +221,23 @@ impl SkipArgs {
                     .map_err(|e| anyhow::anyhow!("--flex-prefill {s:?}: {e}"))
             })
             .transpose()
+    }
+
+    /// The parsed `--structured-prune`, checked against the model's head layout.
+    pub fn structured(&self, model: &Model) -> Result<Option<StructuredPrune>> {
+        let Some(spec) = &self.structured_prune else { return Ok(None) };
+        let sp = StructuredPrune::parse(spec).map_err(anyhow::Error::msg).context("--structured-prune")?;
+        let c = &model.config;
+        let group = c.n_heads / c.n_kv_heads.max(1);
+        if sp.heads >= group {
+            bail!(
+                "--structured-prune heads={} must be less than the {group} query heads per KV group ({} query heads over {} KV heads)",
+                sp.heads,
+                c.n_heads,
+                c.n_kv_heads
+            );
+        }
+        Ok(Some(sp))
     }
 
     /// The build for `opts` with these options; checks them against the model.
@@ -231,6 +255,10 @@ impl SkipArgs {
         };
         if self.skip_method == SkipMethodArg::Influence && self.skip_layers > 0 && calibration.is_none() {
             bail!("--skip-method influence needs --calibration FILE (make one with `kiln calibrate`)");
+        }
+        let structured = self.structured(model)?;
+        if structured.is_some_and(|s| !s.is_noop()) && calibration.is_none() {
+            bail!("--structured-prune needs --calibration FILE (make one with `kiln calibrate`)");
         }
         let n = model.config.n_layers;
         if self.skip_layers >= n {
@@ -255,6 +283,7 @@ impl SkipArgs {
         let build = Build {
             opts,
             skip: self.skip(),
+            structured,
             chess: self.chess_sparsity,
             chess_scope: self.chess_scope(),
             prune,
@@ -263,15 +292,20 @@ impl SkipArgs {
             ..Default::default()
         };
         // Resolve the choice now, so errors name the option.
-        let what = if self.prune_sparsity.is_some() {
-            "--prune-sparsity"
-        } else if self.chess_sparsity.is_some() {
-            "--chess-sparsity"
-        } else if self.flex_prefill.is_some() {
-            "--flex-prefill"
-        } else {
-            "--skip-layers"
-        };
+        let what =
+            if self.structured_prune.is_some() && (self.prune_sparsity.is_some() || self.chess_sparsity.is_some()) {
+                "--structured-prune with --chess-sparsity/--prune-sparsity"
+            } else if self.prune_sparsity.is_some() {
+                "--prune-sparsity"
+            } else if self.chess_sparsity.is_some() {
+                "--chess-sparsity"
+            } else if self.structured_prune.is_some() {
+                "--structured-prune"
+            } else if self.flex_prefill.is_some() {
+                "--flex-prefill"
+            } else {
+                "--skip-layers"
+            };
         kiln::artifact::build_graph(model, &build).context(what)?;
         Ok(build)
     }
@@ -518,7 +552,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         if a.skip.is_set() {
             bail!(
-                "--skip-layers/--chess-sparsity apply when compiling a model; {} is compiled already",
+                "--skip-layers/--chess-sparsity/--prune-sparsity/--structured-prune apply when compiling a model; {} is compiled already",
                 path.display()
             );
         }
@@ -562,6 +596,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "skip_method": a.skip.skip().method.name(),
             "chess_sparsity": a.skip.chess_sparsity,
             "chess_scope": a.skip.chess_sparsity.map(|_| a.skip.chess_scope().name()),
+            "prune_sparsity": a.skip.prune_sparsity,
+            "structured_prune": a.skip.structured_prune,
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);

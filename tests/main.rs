@@ -16,5 +16,6 @@ mod lift;
 mod ops;
 mod quality;
 mod sparsity;
+mod structured;
 mod tokenizer;
 mod tp;

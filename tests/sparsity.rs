@@ -16,12 +16,12 @@ use kiln::runtime::{Backend, CompiledBackend, InterpreterBackend};
 use std::path::Path;
 use std::sync::Arc;
 
-fn all_logits() -> CompileOptions {
+pub(crate) fn all_logits() -> CompileOptions {
     CompileOptions { all_logits: true, ..CompileOptions::default() }
 }
 
 /// Calibrates `m` on `tokens` with `backend` (chunks of `chunk`).
-fn calibrate(m: &Model, backend: &mut dyn Backend, tokens: &[u32], chunk: usize) -> Arc<Calibration> {
+pub(crate) fn calibrate(m: &Model, backend: &mut dyn Backend, tokens: &[u32], chunk: usize) -> Arc<Calibration> {
     let measured = kiln::calibrate::measure(backend, tokens, chunk, m.config.n_layers, |_| {}).unwrap();
     Arc::new(Calibration {
         format: CALIBRATION_FORMAT.into(),
@@ -44,7 +44,7 @@ fn chess_build(cal: &Arc<Calibration>, s: f64) -> Build {
 }
 
 /// Logits of a prefill of `tokens[..split]` then one decode step per remaining token, concatenated.
-fn steps(b: &mut dyn Backend, tokens: &[u32], split: usize) -> Vec<f32> {
+pub(crate) fn steps(b: &mut dyn Backend, tokens: &[u32], split: usize) -> Vec<f32> {
     b.reset();
     let mut out = b.forward(&tokens[..split]).unwrap().data;
     for &t in &tokens[split..] {

@@ -40,6 +40,8 @@ fn blk_weight(g: &Graph, mut v: ValueId, suffix: &str) -> Option<usize> {
     let Op::Weight { name } = &g.node(v).op else { return None };
     let rest = name.strip_prefix("blk.")?;
     let (layer, s) = rest.split_once('.')?;
+    // A derived weight (`blk.L.<suffix>#<what>`, e.g. structurally pruned) plays the same role.
+    let s = s.split_once('#').map_or(s, |(base, _)| base);
     (s == suffix).then(|| layer.parse().ok()).flatten()
 }
 

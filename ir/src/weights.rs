@@ -133,6 +133,22 @@ impl TensorData {
         Ok(TensorData { dtype: self.dtype, shape: vec![r, range.len()], bytes: Bytes::from(out) })
     }
 
+    /// The column ranges of every row, concatenated in the order given, in the stored dtype (every bound
+    /// a multiple of the block size): e.g. the columns of some attention heads.
+    pub fn gather_col_ranges(&self, ranges: &[Range<usize>]) -> Result<TensorData, DeriveError> {
+        let (r, _, _) = self.dims2("gather_col_ranges")?;
+        let parts = ranges.iter().map(|g| self.slice_cols(g.clone())).collect::<Result<Vec<_>, _>>()?;
+        let cols: usize = parts.iter().map(|p| p.shape[1]).sum();
+        let mut out = Vec::with_capacity(parts.iter().map(|p| p.bytes.len()).sum());
+        for i in 0..r {
+            for p in &parts {
+                let rb = p.bytes.len() / r.max(1);
+                out.extend_from_slice(&p.bytes[i * rb..(i + 1) * rb]);
+            }
+        }
+        Ok(TensorData { dtype: self.dtype, shape: vec![r, cols], bytes: Bytes::from(out) })
+    }
+
     /// The listed columns of every row, in the order given, dequantized to f32.
     pub fn gather_cols(&self, cols: &[usize]) -> Result<TensorData, DeriveError> {
         let (r, c, _) = self.dims2("gather_cols")?;
@@ -223,6 +239,13 @@ mod tests {
         let gc = t.gather_cols(&[95, 3, 40]).unwrap();
         assert_eq!(gc.dtype, DType::F32);
         assert_eq!(gc.to_f32().unwrap(), (0..5).flat_map(|r| [95, 3, 40].map(|c| at(r, c))).collect::<Vec<_>>());
+        let gr = t.gather_col_ranges(&[64..96, 0..32]).unwrap();
+        assert_eq!((gr.dtype, gr.shape.clone()), (DType::Q4_1, vec![5, 64]));
+        assert_eq!(
+            gr.to_f32().unwrap(),
+            (0..5).flat_map(|r| (64..96).chain(0..32).map(move |c| (r, c))).map(|(r, c)| at(r, c)).collect::<Vec<_>>()
+        );
+        assert!(matches!(t.gather_col_ranges(&[0..16]), Err(DeriveError::Unaligned { .. })));
     }
 
     #[test]

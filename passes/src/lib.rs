@@ -17,6 +17,7 @@ pub mod prune;
 pub mod rules;
 pub mod shard;
 pub mod skip_layers;
+pub mod structured_prune;
 
 use kiln_ir::{Graph, GraphError, WeightStore};
 use std::cell::RefCell;

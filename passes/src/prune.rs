@@ -115,7 +115,8 @@ pub struct Prune {
 
 fn layer_and_suffix(name: &str) -> Option<(usize, &str)> {
     let (l, s) = name.strip_prefix("blk.")?.split_once('.')?;
-    Some((l.parse().ok()?, s))
+    // A derived weight (`blk.L.<suffix>#<what>`, e.g. structurally pruned) has its base's role.
+    Some((l.parse().ok()?, s.split_once('#').map_or(s, |(base, _)| base)))
 }
 
 fn i32_tensor(v: &[u32]) -> TensorData {

@@ -1,0 +1,217 @@
+//! Structured pruning (the `structured-prune` pass): compiled against the interpreter on the same pruned
+//! graph, "pruning nothing" against the dense model, neurons and heads that contribute exactly nothing
+//! (by construction) pruned without changing the outputs, grouped-query shapes, and bad options.
+
+use crate::common::{max_abs_diff, random_weights, run_kiln, tiny_config};
+use crate::sparsity::{all_logits, calibrate, steps};
+use kiln::artifact::{build_graph, compile_build, Build};
+use kiln::frontend::export::write_hf;
+use kiln::frontend::{Arch, Model};
+use kiln::ir::{DType, Op, TensorData, WeightStore};
+use kiln::passes::calibration::Calibration;
+use kiln::passes::structured_prune::StructuredPrune;
+use kiln::runtime::{CompiledBackend, InterpreterBackend};
+use std::sync::Arc;
+
+fn sp(neurons: f64, heads: usize) -> Option<StructuredPrune> {
+    Some(StructuredPrune { neurons, heads })
+}
+
+fn build(cal: &Arc<Calibration>, s: Option<StructuredPrune>) -> Build {
+    Build { opts: all_logits(), structured: s, calibration: Some(cal.clone()), ..Default::default() }
+}
+
+/// A tiny Llama (hidden 32, MLP 64, `heads` query heads over `kv` KV heads of 8) with `weights`
+/// edited by `edit`, loaded back, and a calibration of it measured by the interpreter.
+fn tiny(
+    heads: usize,
+    kv: usize,
+    seed: u64,
+    edit: impl FnOnce(&mut WeightStore),
+) -> (tempfile::TempDir, Model, Arc<Calibration>) {
+    let src = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) = (3, heads, kv);
+    let mut w = random_weights(&cfg, DType::F32, seed);
+    edit(&mut w);
+    write_hf(src.path(), &cfg, &w, 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
+    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
+    (src, m, cal)
+}
+
+const TOKENS: [u32; 8] = [5, 9, 33, 2, 71, 40, 18, 90];
+
+fn interp(m: &Model, b: &Build) -> Vec<f32> {
+    let built = build_graph(m, b).unwrap();
+    let mut ib = InterpreterBackend::new(built.graph, &built.weights, 64).unwrap();
+    steps(&mut ib, &TOKENS, 5)
+}
+
+#[test]
+fn structured_pruning_matches_the_interpreter_and_pruning_nothing_is_dense() {
+    let (_src, m, cal) = tiny(4, 2, 31, |_| {});
+    let want = interp(&m, &Build::new(all_logits()));
+    // A share too small to drop a neuron (round(0.001 · 64) = 0) runs the whole pass: every weight is
+    // gathered (all rows/columns, in order) and the graph rebuilt, and the model is the dense one exactly.
+    let b = build_graph(&m, &build(&cal, sp(0.001, 0))).unwrap();
+    assert!(b.weights.iter().any(|(n, _)| n.contains("#sprune")), "the pass ran");
+    assert_eq!(interp(&m, &build(&cal, sp(0.001, 0))), want, "pruning nothing is the dense model, bit for bit");
+    assert_eq!(interp(&m, &build(&cal, sp(0.0, 0))), want);
+
+    for (neurons, heads) in [(0.25, 0), (0.0, 1), (0.5, 1), (0.9, 1)] {
+        let b = build(&cal, sp(neurons, heads));
+        let built = build_graph(&m, &b).unwrap();
+        let kept = 64 - (neurons * 64.0f64).round() as usize;
+        for l in 0..3 {
+            // The weights the graph reads are physically smaller.
+            let used = |s: &str| -> Vec<usize> {
+                let (name, _) = built.graph.weights().find(|(n, _)| n.starts_with(&format!("blk.{l}.{s}"))).unwrap();
+                built.weights.get(name).unwrap().shape.clone()
+            };
+            assert_eq!(used("ffn_gate.weight"), vec![kept, 32]);
+            assert_eq!(used("ffn_up.weight"), vec![kept, 32]);
+            assert_eq!(used("ffn_down.weight"), vec![32, kept]);
+            let q_heads = 4 - 2 * heads;
+            assert_eq!(used("attn_q.weight"), vec![q_heads * 8, 32]);
+            assert_eq!(used("attn_output.weight"), vec![32, q_heads * 8]);
+            assert_eq!(used("attn_k.weight"), vec![2 * 8, 32], "KV heads are kept");
+        }
+        let reference = interp(&m, &b);
+        assert!(max_abs_diff(&reference, &want) > 1e-4, "{neurons}/{heads} changes the model");
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &b, art.path()).unwrap();
+        for threads in [1, 2] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &reference);
+            assert!(d < 1e-4, "neurons {neurons}, heads {heads}, {threads} threads: compiled vs interpreter {d}");
+        }
+        let rec = manifest.records.iter().find(|r| r["pass"] == "structured-prune").expect("recorded");
+        assert_eq!(rec["detail"]["neurons"], serde_json::json!(neurons));
+        assert_eq!(rec["detail"]["heads_per_kv_group"], serde_json::json!(heads));
+        assert_eq!(rec["detail"]["layers"].as_array().unwrap().len(), 3);
+        assert!(built.explanations.iter().any(|(p, _)| p == "structured-prune"));
+    }
+}
+
+/// Zeroes columns of an `[rows, cols]` f32 weight.
+fn zero_cols(t: &mut TensorData, cols: &[usize]) {
+    let (r, c) = (t.shape[0], t.shape[1]);
+    let mut v = t.to_f32().unwrap();
+    for i in 0..r {
+        for &j in cols {
+            v[i * c + j] = 0.0;
+        }
+    }
+    *t = TensorData::from_f32(vec![r, c], &v);
+}
+
+/// Neurons whose down-projection column is zero and query heads whose output-projection columns are
+/// zero contribute exactly 0 to the residual stream (a·0 = 0), so their importance is 0 and pruning
+/// exactly them leaves every output as it was.
+#[test]
+fn pruning_zero_contribution_neurons_and_heads_keeps_the_outputs() {
+    let dead_neurons: Vec<usize> = (0..64).filter(|j| j % 4 == 1).collect(); // 16 of 64 = 25%
+                                                                             // Six query heads over two KV groups (heads 0-2 read KV head 0, 3-5 KV head 1): one dead per group.
+    let dead_heads = [1usize, 5];
+    let (_src, m, cal) = tiny(6, 2, 41, |w| {
+        for l in 0..3 {
+            let mut t = w.get(&format!("blk.{l}.ffn_down.weight")).unwrap().clone();
+            zero_cols(&mut t, &dead_neurons);
+            w.insert(format!("blk.{l}.ffn_down.weight"), t);
+            let mut t = w.get(&format!("blk.{l}.attn_output.weight")).unwrap().clone();
+            let cols: Vec<usize> = dead_heads.iter().flat_map(|&h| h * 8..(h + 1) * 8).collect();
+            zero_cols(&mut t, &cols);
+            w.insert(format!("blk.{l}.attn_output.weight"), t);
+        }
+    });
+    let want = interp(&m, &Build::new(all_logits()));
+    let b = build(&cal, sp(0.25, 1));
+    let built = build_graph(&m, &b).unwrap();
+    // Exactly the dead neurons and heads went: the kept gate rows are the live ones, in order.
+    let live: Vec<usize> = (0..64).filter(|j| !dead_neurons.contains(j)).collect();
+    for l in 0..3 {
+        let (name, _) =
+            built.graph.weights().find(|(n, _)| n.starts_with(&format!("blk.{l}.ffn_gate.weight#"))).unwrap();
+        let got = built.weights.get(name).unwrap().to_f32().unwrap();
+        let full = m.weights.get(&format!("blk.{l}.ffn_gate.weight")).unwrap().gather_rows(&live).unwrap();
+        assert_eq!(got, full.to_f32().unwrap(), "layer {l}: the dead neurons were dropped");
+        let rec = built.records.iter().find(|r| r["pass"] == "structured-prune").unwrap();
+        assert_eq!(rec["detail"]["layers"][l]["heads_kept"], serde_json::json!([0, 2, 3, 4]));
+    }
+    let got = interp(&m, &b);
+    let d = max_abs_diff(&got, &want);
+    assert!(d < 1e-5, "pruning zero-contribution neurons/heads vs dense: {d}");
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &b, art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &want);
+    assert!(d < 1e-4, "compiled pruned vs dense: {d}");
+}
+
+/// Grouped-query attention: 6 query heads over 2 KV heads; dropping 2 per group leaves 1 query head per
+/// KV head, the attention op's shapes stay consistent; dropping 3 (a whole group's) is refused.
+#[test]
+fn head_pruning_keeps_grouped_query_shapes_valid() {
+    let (_src, m, cal) = tiny(6, 2, 43, |_| {});
+    let built = build_graph(&m, &build(&cal, sp(0.0, 2))).unwrap();
+    built.graph.verify().unwrap();
+    let atts: Vec<_> = built.graph.nodes.iter().filter(|n| matches!(n.op, Op::Attention { .. })).collect();
+    assert_eq!(atts.len(), 3);
+    for a in atts {
+        let (q, k) = (built.graph.ty(a.inputs[0]), built.graph.ty(a.inputs[1]));
+        assert_eq!(q.shape[2].as_fixed(), Some(2), "{q}");
+        assert_eq!(k.shape[2].as_fixed(), Some(2), "{k}");
+        assert_eq!(q.shape[3].as_fixed(), Some(8));
+    }
+    let reference = interp(&m, &build(&cal, sp(0.0, 2)));
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &build(&cal, sp(0.0, 2)), art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &reference);
+    assert!(d < 1e-4, "compiled vs interpreter: {d}");
+    let err = format!("{:#}", build_graph(&m, &build(&cal, sp(0.0, 3))).err().unwrap());
+    assert!(err.contains("heads 3") && err.contains("KV group"), "{err}");
+}
+
+#[test]
+fn structured_prune_options_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = tiny_config(Arch::Llama); // 4 query heads over 2 KV heads
+    write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 3), 1).unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "a b c d e f g h i j k l m n o p").unwrap();
+    // A calibration file of the model (the tiny model has no tokenizer: measured on token ids).
+    let m = Model::load(dir.path()).unwrap();
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let cal = calibrate(&m, &mut ib, &(0..40u32).map(|i| (i * 7 + 3) % 96).collect::<Vec<_>>(), 20);
+    let calib = dir.path().join("c.json");
+    std::fs::write(&calib, cal.to_json()).unwrap();
+    let (t, model) = (text.to_str().unwrap(), Some(dir.path()));
+    let c = calib.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["eval", "--text", t, "--structured-prune", "neurons=1.0", "--calibration", c], "outside [0, 1)"),
+        (vec!["eval", "--text", t, "--structured-prune", "neurons=-0.5", "--calibration", c], "outside [0, 1)"),
+        (vec!["eval", "--text", t, "--structured-prune", "heads=2", "--calibration", c], "heads=2"),
+        (vec!["eval", "--text", t, "--structured-prune", "rows=2", "--calibration", c], "no `rows`"),
+        (vec!["eval", "--text", t, "--structured-prune", "neurons=0.5"], "--calibration"),
+        (vec!["compile", "-o", "/tmp/never", "--structured-prune", "heads=1"], "--calibration"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = run_kiln(&args, model);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // A good one runs.
+    let (code, out, err) = run_kiln(
+        &["run", "--prompt-ids", "1,2,3", "-n", "2", "--structured-prune", "neurons=0.5,heads=1", "--calibration", c],
+        model,
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.is_empty(), "{out}");
+}
