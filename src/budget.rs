@@ -1,10 +1,11 @@
-//! `--quality-budget ppl+X%`: choose the most aggressive layer skipping whose perplexity, measured on the
-//! calibration text (never the evaluation text), stays within X% of the full model's.
+//! `--quality-budget ppl+X%`: choose a configuration whose perplexity, measured on the calibration text
+//! (never the evaluation text), stays within X% of the full model's.
 //!
-//! Candidates are (method, count) for every method available (`even`; `influence` when a calibration file
-//! is given). Per method, counts are tried upwards from 1 until one exceeds the budget (perplexity grows
-//! with the count in practice; the search stops at the first failure, so it measures few candidates). The
-//! winner has the most skipped blocks; among equals, the lower perplexity.
+//! [`search_joint`] (what `kiln compile` uses) searches layer skipping × CHESS × block pruning ×
+//! structured pruning greedily for the least estimated decode cost ([`decode_bytes`]); [`search`] is the
+//! layer-skipping-only search: candidates (method, count) for every method available, counts tried
+//! upwards until one exceeds the budget; the winner has the most skipped blocks (among equals, the lower
+//! perplexity).
 
 use kiln_passes::skip_layers::{SkipLayers, SkipMethod};
 use serde::Serialize;
@@ -96,6 +97,214 @@ pub fn search(
     })
 }
 
+/// A point of the joint space `--quality-budget` searches: layer skipping (influence) × CHESS activation
+/// sparsity × block pruning (magnitude) × structured pruning (neurons, heads per KV group).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Joint {
+    pub skip: usize,
+    pub chess: f64,
+    pub prune: f64,
+    pub neurons: f64,
+    pub heads: usize,
+}
+
+impl Joint {
+    /// CHESS thresholds are calibrated per channel of the dense MLP: it does not combine with removing
+    /// MLP neurons (the `chess` pass refuses the narrower MLP).
+    pub fn valid(&self) -> bool {
+        !(self.chess > 0.0 && self.neurons > 0.0)
+    }
+
+    /// Short description, e.g. `skip 1 + neurons 10%`; `dense` for nothing.
+    pub fn describe(&self) -> String {
+        let mut p = Vec::new();
+        if self.skip > 0 {
+            p.push(format!("skip {}", self.skip));
+        }
+        for (name, v) in [("chess", self.chess), ("prune", self.prune), ("neurons", self.neurons)] {
+            if v > 0.0 {
+                p.push(format!("{name} {}%", v * 100.0));
+            }
+        }
+        if self.heads > 0 {
+            p.push(format!("heads -{}/group", self.heads));
+        }
+        if p.is_empty() {
+            "dense".into()
+        } else {
+            p.join(" + ")
+        }
+    }
+}
+
+/// The levels each technique may take, increasing from 0 (off); an axis with one level is not searched.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Axes {
+    pub skip: Vec<usize>,
+    pub chess: Vec<f64>,
+    pub prune: Vec<f64>,
+    pub neurons: Vec<f64>,
+    pub heads: Vec<usize>,
+}
+
+pub const AXES: [&str; 5] = ["skip", "chess", "prune", "neurons", "heads"];
+
+impl Axes {
+    fn len(&self, a: usize) -> usize {
+        [self.skip.len(), self.chess.len(), self.prune.len(), self.neurons.len(), self.heads.len()][a]
+    }
+    fn at(&self, i: [usize; 5]) -> Joint {
+        Joint {
+            skip: self.skip[i[0]],
+            chess: self.chess[i[1]],
+            prune: self.prune[i[2]],
+            neurons: self.neurons[i[3]],
+            heads: self.heads[i[4]],
+        }
+    }
+}
+
+/// One measured point.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JointCandidate {
+    pub config: Joint,
+    pub perplexity: f64,
+    /// Estimated decode cost (the caller's unit; relative to the dense model in reports).
+    pub cost: f64,
+    pub within_budget: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct JointChoice {
+    pub budget: String,
+    pub baseline_perplexity: f64,
+    pub baseline_cost: f64,
+    pub limit: f64,
+    pub config: Joint,
+    pub description: String,
+    pub perplexity: f64,
+    pub cost: f64,
+    /// The greedy path from the dense model to the choice, one accepted step per entry.
+    pub path: Vec<Joint>,
+    /// Per technique alone (every other axis off): its cheapest configuration within the budget.
+    pub best_single: Vec<JointCandidate>,
+    /// Every point measured, in order.
+    pub candidates: Vec<JointCandidate>,
+}
+
+/// Greedy coordinate search of the joint space: from the dense model, each round measures one step up
+/// every open axis (perplexity on the calibration text via `measure`, estimated decode cost via `cost`);
+/// a step over the budget closes its axis (perplexity grows along an axis in practice), as does one that
+/// saves nothing; the step saving the most cost per unit of perplexity added is taken. It stops when no
+/// axis is open. Each technique is also walked alone, for the best single-technique comparison.
+pub fn search_joint(
+    budget: QualityBudget,
+    axes: &Axes,
+    mut cost: impl FnMut(&Joint) -> anyhow::Result<f64>,
+    mut measure: impl FnMut(&Joint) -> anyhow::Result<f64>,
+) -> anyhow::Result<JointChoice> {
+    let mut memo: Vec<([usize; 5], JointCandidate)> = Vec::new();
+    let mut eval = |i: [usize; 5], limit: f64| -> anyhow::Result<JointCandidate> {
+        if let Some((_, c)) = memo.iter().find(|(k, _)| *k == i) {
+            return Ok(c.clone());
+        }
+        let config = axes.at(i);
+        let perplexity = measure(&config)?;
+        let c = JointCandidate { config, perplexity, cost: cost(&config)?, within_budget: perplexity <= limit };
+        memo.push((i, c.clone()));
+        Ok(c)
+    };
+    let base = eval([0; 5], f64::INFINITY)?;
+    let limit = budget.limit(base.perplexity);
+    let (mut cur_i, mut cur) = ([0usize; 5], base.clone());
+    let mut open: Vec<bool> = (0..5).map(|a| axes.len(a) > 1).collect();
+    let mut path = Vec::new();
+    loop {
+        let mut best: Option<(f64, [usize; 5], JointCandidate)> = None;
+        for a in 0..5 {
+            if !open[a] {
+                continue;
+            }
+            if cur_i[a] + 1 >= axes.len(a) {
+                open[a] = false;
+                continue;
+            }
+            let mut next = cur_i;
+            next[a] += 1;
+            if !axes.at(next).valid() {
+                open[a] = false;
+                continue;
+            }
+            let c = eval(next, limit)?;
+            if c.perplexity > limit || c.cost >= cur.cost {
+                open[a] = false;
+                continue;
+            }
+            let score = (cur.cost - c.cost) / (c.perplexity - cur.perplexity).max(1e-9 * base.perplexity);
+            if best.as_ref().is_none_or(|(s, _, b)| score > *s || (score == *s && c.cost < b.cost)) {
+                best = Some((score, next, c));
+            }
+        }
+        let Some((_, i, c)) = best else { break };
+        path.push(c.config);
+        (cur_i, cur) = (i, c);
+    }
+    let mut best_single = Vec::new();
+    for a in 0..5 {
+        let mut top: Option<JointCandidate> = None;
+        for level in 1..axes.len(a) {
+            let mut i = [0; 5];
+            i[a] = level;
+            let c = eval(i, limit)?;
+            if c.perplexity > limit {
+                break;
+            }
+            if top.as_ref().is_none_or(|t| c.cost < t.cost) {
+                top = Some(c);
+            }
+        }
+        best_single.extend(top);
+    }
+    let mut candidates: Vec<JointCandidate> = memo.into_iter().map(|(_, c)| c).collect();
+    for c in &mut candidates {
+        c.within_budget = c.perplexity <= limit;
+    }
+    Ok(JointChoice {
+        budget: format!("ppl+{}%", budget.percent),
+        baseline_perplexity: base.perplexity,
+        baseline_cost: base.cost,
+        limit,
+        config: cur.config,
+        description: cur.config.describe(),
+        perplexity: cur.perplexity,
+        cost: cur.cost,
+        path,
+        best_single,
+        candidates,
+    })
+}
+
+/// Estimated bytes of weights one decode step reads (decode is memory-bound): every linear's weight;
+/// CHESS's masked/active linears a share `1 − chess` of theirs; a pruned linear its block-sparse layout
+/// when the decode kernel choice is sparse, else its dense matrix. The embedding (one row) is not counted.
+pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64) -> f64 {
+    use kiln_ir::Op;
+    let bytes = |v: &kiln_ir::ValueId| match &g.node(*v).op {
+        Op::Weight { name } => w.get(name).map_or(0.0, |t| t.bytes.len() as f64),
+        _ => 0.0,
+    };
+    g.nodes
+        .iter()
+        .map(|n| match &n.op {
+            Op::Linear => bytes(&n.inputs[1]),
+            Op::MaskedLinear | Op::ActiveLinear => bytes(&n.inputs[1]) * (1.0 - chess),
+            Op::SparseLinear { decode: 1, .. } => n.inputs[2..].iter().map(bytes).sum(),
+            Op::SparseLinear { .. } => bytes(&n.inputs[1]),
+            _ => 0.0,
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,5 +336,50 @@ mod tests {
         assert_eq!((c.count, c.perplexity), (0, 100.0));
         let c = search(QualityBudget { percent: 1000.0 }, &[SkipMethod::Even], 5, |s| Ok(ppl(s))).unwrap();
         assert_eq!((c.method, c.count), ("even", 5));
+    }
+
+    fn axes() -> Axes {
+        Axes {
+            skip: vec![0, 1, 2],
+            chess: vec![0.0, 0.5],
+            prune: vec![0.0, 0.25, 0.5],
+            neurons: vec![0.0, 0.25, 0.5],
+            heads: vec![0, 1],
+        }
+    }
+
+    /// Made-up model: perplexity adds per technique, cost is the share of weight bytes left.
+    fn ppl(j: &Joint) -> f64 {
+        100.0 + 20.0 * j.skip as f64 + 40.0 * j.chess + 8.0 * j.prune + 16.0 * j.neurons + 3.0 * j.heads as f64
+    }
+    fn cost(j: &Joint) -> f64 {
+        1.0 - 0.03 * j.skip as f64 - 0.2 * j.chess - 0.2 * j.prune - 0.3 * j.neurons - 0.05 * j.heads as f64
+    }
+
+    #[test]
+    fn joint_search_combines_techniques_greedily() {
+        let c = search_joint(QualityBudget { percent: 10.0 }, &axes(), |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
+        // Cost saved per unit of perplexity added, per step: prune 0.05/2 = 0.025, neurons 0.075/4 =
+        // 0.019, heads 0.05/3 = 0.017, chess 0.1/20, skip 0.03/20. Round 1 takes prune 25% (ppl 102),
+        // round 2 prune 50% (104, the axis ends), round 3 neurons 25% (108); then neurons 50% (112) and
+        // heads (111) are over 110, skip and chess (124) too: stop at cost 1 − 0.1 − 0.075 = 0.825.
+        let p50 = Joint { prune: 0.5, ..Default::default() };
+        assert_eq!(c.path, vec![Joint { prune: 0.25, ..Default::default() }, p50, Joint { neurons: 0.25, ..p50 }]);
+        assert_eq!(c.config, Joint { neurons: 0.25, ..p50 });
+        assert!(c.perplexity == 108.0 && (c.limit - 110.0).abs() < 1e-9);
+        assert!((c.cost - 0.825).abs() < 1e-12);
+        // Every open step from the choice is over the budget or saves nothing.
+        for cand in &c.candidates {
+            assert_eq!(cand.within_budget, cand.perplexity <= c.limit);
+        }
+        // Alone, the cheapest within 10% is neurons 50% (ppl 108, cost 0.85): the joint choice is cheaper.
+        let single = c.best_single.iter().min_by(|a, b| a.cost.total_cmp(&b.cost)).unwrap();
+        assert_eq!(single.config, Joint { neurons: 0.5, ..Default::default() });
+        assert!(c.cost < single.cost);
+        // Chess never combines with neuron pruning.
+        assert!(c.candidates.iter().all(|x| x.config.valid()));
+        // A budget nothing fits leaves the model dense.
+        let c = search_joint(QualityBudget { percent: 0.5 }, &axes(), |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
+        assert_eq!((c.config, c.description.as_str()), (Joint::default(), "dense"));
     }
 }

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln::artifact::Build;
-use kiln::budget::{BudgetChoice, QualityBudget};
+use kiln::budget::{Axes, Joint, JointChoice, QualityBudget};
 use kiln::codegen::CompileOptions;
 use kiln::frontend::tokenizer::Tokenizer;
 use kiln::frontend::Model;
@@ -723,8 +723,10 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 /// `--quality-budget` for `kiln compile`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BudgetArgs {
-    /// Choose the most aggressive layer skipping whose perplexity on the calibration text stays within
-    /// the budget, e.g. ppl+10% (needs --calibration; the choice and the numbers go into the manifest).
+    /// Search layer skipping × CHESS × block pruning (with a kernel table) × structured pruning for the
+    /// configuration with the least estimated decode bytes whose perplexity on the calibration text stays
+    /// within the budget, e.g. ppl+10% (greedy steps; needs --calibration; the choice, the path and every
+    /// measurement go into the manifest).
     #[arg(long, value_name = "ppl+X%", conflicts_with = "skip_layers")]
     pub quality_budget: Option<String>,
     /// Text to measure the budget on (default: the text the calibration file was measured on).
@@ -742,7 +744,7 @@ pub fn compile_build(
     opts: CompileOptions,
     m: &Model,
     path: &Path,
-) -> Result<(Build, Option<BudgetChoice>)> {
+) -> Result<(Build, Option<JointChoice>)> {
     let Some(spec) = &budget.quality_budget else { return Ok((skip.build(opts, m, path)?, None)) };
     let qb = QualityBudget::parse(spec).map_err(anyhow::Error::msg).context("--quality-budget")?;
     let cpath =
@@ -756,39 +758,74 @@ pub fn compile_build(
     let tokens = tokenize(m.tokenizer.as_ref(), &text, &text_path)?;
     let text_hash = blake3::hash(text.as_bytes()).to_hex().to_string();
     let chunk = calib.chunk.max(2);
-    let methods = [SkipMethod::Even, SkipMethod::Influence, SkipMethod::Top];
-    let max = m.config.n_layers.saturating_sub(2);
-    let choice = kiln::budget::search(qb, &methods, max, |s| {
-        let b = Build {
-            opts: CompileOptions { all_logits: true, ..opts.clone() },
-            skip: s,
-            calibration: Some(calib.clone()),
-            ..Default::default()
-        };
-        // Measurements are remembered by artifact and text, so budgets share them.
-        let (dir, _) = kiln::artifact::cached_build(path, m, &b)?;
-        let key = format!("{}-{}-{chunk}", dir.file_name().unwrap_or_default().to_string_lossy(), &text_hash[..32]);
-        let memo = kiln::cache_dir().join("measurements").join(format!("{key}.txt"));
-        let ppl = match std::fs::read_to_string(&memo).ok().and_then(|t| t.trim().parse::<f64>().ok()) {
-            Some(ppl) => ppl,
-            None => {
-                let mut backend = compiled(path, m, &b, budget.budget_threads, chunk)?;
-                let r = kiln::eval::evaluate(&mut backend, &tokens, chunk, chunk, |_| {})?;
-                if let Some(d) = memo.parent() {
-                    let _ =
-                        std::fs::create_dir_all(d).and_then(|_| std::fs::write(&memo, format!("{}\n", r.perplexity)));
+    let c = &m.config;
+    // Block pruning needs this machine's kernel table; without one that axis is not searched.
+    let table = load_kernel_table().ok();
+    let axes = Axes {
+        skip: (0..=c.n_layers.saturating_sub(2)).collect(),
+        chess: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+        prune: if table.is_some() { vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5] } else { vec![0.0] },
+        neurons: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+        heads: (0..c.n_heads / c.n_kv_heads.max(1)).collect(),
+    };
+    let joint_build = |j: &Joint, opts: CompileOptions| Build {
+        opts,
+        skip: SkipLayers { count: j.skip, method: SkipMethod::Influence },
+        chess: (j.chess > 0.0).then_some(j.chess),
+        prune: (j.prune > 0.0).then(|| kiln::passes::prune::Prune {
+            method: kiln::passes::prune::PruneMethod::Magnitude,
+            sparsity: j.prune,
+            table: table.clone(),
+        }),
+        structured: (j.neurons > 0.0 || j.heads > 0).then_some(StructuredPrune { neurons: j.neurons, heads: j.heads }),
+        calibration: Some(calib.clone()),
+        ..Default::default()
+    };
+    let all = CompileOptions { all_logits: true, ..opts.clone() };
+    let choice = kiln::budget::search_joint(
+        qb,
+        &axes,
+        |j| {
+            let built = kiln::artifact::build_graph(m, &joint_build(j, all.clone()))?;
+            Ok(kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess))
+        },
+        |j| {
+            let b = joint_build(j, all.clone());
+            // Measurements are remembered by artifact and text, so budgets share them.
+            let (dir, _) = kiln::artifact::cached_build(path, m, &b)?;
+            let key = format!("{}-{}-{chunk}", dir.file_name().unwrap_or_default().to_string_lossy(), &text_hash[..32]);
+            let memo = kiln::cache_dir().join("measurements").join(format!("{key}.txt"));
+            let ppl = match std::fs::read_to_string(&memo).ok().and_then(|t| t.trim().parse::<f64>().ok()) {
+                Some(ppl) => ppl,
+                None => {
+                    let mut backend = compiled(path, m, &b, budget.budget_threads, chunk)?;
+                    let r = kiln::eval::evaluate(&mut backend, &tokens, chunk, chunk, |_| {})?;
+                    if let Some(d) = memo.parent() {
+                        let _ = std::fs::create_dir_all(d)
+                            .and_then(|_| std::fs::write(&memo, format!("{}\n", r.perplexity)));
+                    }
+                    r.perplexity
                 }
-                r.perplexity
-            }
-        };
-        eprintln!("[budget: skip {} ({}) → perplexity {:.4}]", s.count, s.method.name(), ppl);
-        Ok(ppl)
-    })?;
+            };
+            eprintln!("[budget: {} → perplexity {ppl:.4}]", j.describe());
+            Ok(ppl)
+        },
+    )?;
+    eprintln!(
+        "[budget {}: {} (calibration perplexity {:.4} ≤ {:.4}; estimated decode bytes {:.0}% of dense)]",
+        choice.budget,
+        choice.description,
+        choice.perplexity,
+        choice.limit,
+        100.0 * choice.cost / choice.baseline_cost
+    );
     let record = serde_json::json!({
         "quality_budget": choice,
+        "search": "greedy coordinate steps over skip-layers (influence) × chess × prune (magnitude) × structured-prune, \
+                   most estimated decode bytes saved per unit of calibration perplexity added",
+        "kernel_table": table.is_some(),
         "measured_on": {"file": text_path, "tokens": tokens.len(), "window": chunk, "stride": chunk},
     });
-    let build =
-        Build { opts, skip: choice.skip(), calibration: Some(calib), records: vec![record], ..Default::default() };
+    let build = Build { records: vec![record], ..joint_build(&choice.config, opts) };
     Ok((build, Some(choice)))
 }

@@ -215,3 +215,70 @@ fn structured_prune_options_are_checked() {
     assert_eq!(code, 0, "{err}");
     assert!(!out.is_empty(), "{out}");
 }
+
+/// `--quality-budget`'s joint search on a tiny model, with perplexities the interpreter measures: the
+/// choice is within the budget (re-measured here), every step of its path saves estimated decode bytes,
+/// and from the choice every further step of any technique is over the budget or saves nothing (the
+/// search's stopping rule, checked against fresh measurements).
+#[test]
+fn joint_budget_search_on_a_tiny_model() {
+    use kiln::budget::{decode_bytes, search_joint, Axes, Joint, QualityBudget};
+    use kiln::passes::skip_layers::{SkipLayers, SkipMethod};
+    let (_src, m, cal) = tiny(4, 2, 47, |_| {});
+    let text: Vec<u32> = (0..48u32).map(|i| (i * 53 + 7) % 96).collect();
+    let joint = |j: &Joint| Build {
+        opts: all_logits(),
+        skip: SkipLayers { count: j.skip, method: SkipMethod::Influence },
+        chess: (j.chess > 0.0).then_some(j.chess),
+        structured: sp(j.neurons, j.heads),
+        calibration: Some(cal.clone()),
+        ..Default::default()
+    };
+    let ppl = |j: &Joint| -> anyhow::Result<f64> {
+        let b = build_graph(&m, &joint(j))?;
+        let mut ib = InterpreterBackend::new(b.graph, &b.weights, 64)?;
+        Ok(kiln::eval::evaluate(&mut ib, &text, 16, 16, |_| {})?.perplexity)
+    };
+    let cost = |j: &Joint| -> anyhow::Result<f64> {
+        let b = build_graph(&m, &joint(j))?;
+        Ok(decode_bytes(&b.graph, &b.weights, j.chess))
+    };
+    let axes = Axes {
+        skip: vec![0, 1],
+        chess: vec![0.0, 0.3],
+        prune: vec![0.0],
+        neurons: vec![0.0, 0.25, 0.5],
+        heads: vec![0, 1],
+    };
+    let budget = QualityBudget { percent: 3.0 };
+    let c = search_joint(budget, &axes, cost, ppl).unwrap();
+    let dense = ppl(&Joint::default()).unwrap();
+    assert_eq!(c.baseline_perplexity, dense);
+    assert!((ppl(&c.config).unwrap() - c.perplexity).abs() < 1e-9);
+    assert!(c.perplexity <= budget.limit(dense), "{c:?}");
+    let mut prev = c.baseline_cost;
+    for j in &c.path {
+        let now = cost(j).unwrap();
+        assert!(now < prev, "each step saves decode bytes: {j:?}");
+        prev = now;
+    }
+    assert_eq!(c.path.last().copied().unwrap_or_default(), c.config);
+    // Stopping rule: no single further step is both within the budget and cheaper.
+    let base = c.config;
+    let steps = [
+        Joint { skip: 1, ..base },
+        Joint { chess: 0.3, ..base },
+        Joint { neurons: if base.neurons == 0.0 { 0.25 } else { 0.5 }, ..base },
+        Joint { heads: 1, ..base },
+    ];
+    for s in steps.into_iter().filter(|s| *s != base && s.valid()) {
+        let (p, k) = (ppl(&s).unwrap(), cost(&s).unwrap());
+        assert!(p > c.limit || k >= c.cost, "{s:?} (ppl {p}, cost {k}) would improve on {c:?}");
+    }
+    // The single-technique bests are within the budget.
+    assert!(c.best_single.iter().all(|b| b.perplexity <= c.limit));
+    eprintln!(
+        "tiny joint budget: {} ppl {:.3} cost {:.0} (dense {:.3}, {:.0})",
+        c.description, c.perplexity, c.cost, dense, c.baseline_cost
+    );
+}
