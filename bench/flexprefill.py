@@ -41,6 +41,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--flex", default="gamma=0.9,tau=0.1,block=64,min-len=1024")
+    ap.add_argument("--build", default="release", help="which kiln build measured (for the table's text)")
     ap.add_argument("--doc", default=os.path.join(ROOT, "docs/quality.md"))
     a = ap.parse_args()
     lengths = [int(x) for x in a.lengths.split(",")]
@@ -74,7 +75,7 @@ def main():
         rows.append(row)
     lines = [
         f"FlexPrefill `--flex-prefill {a.flex}` vs dense attention, SmolLM2-135M Q4_1, {a.threads} threads, "
-        f"release build, prompts of data/eval.txt tokens repeated; median of {a.rounds} alternating run(s). "
+        f"{a.build} build of kiln (the kernels are LLVM -O3 either way), prompts of data/eval.txt tokens repeated; median of {a.rounds} alternating run(s). "
         "Logit difference: the last prompt position's logits; greedy: the following tokens (same prefix / same "
         "positions of all).",
         "",
