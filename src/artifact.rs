@@ -33,6 +33,8 @@ pub struct Build {
     pub chess_exact: bool,
     /// With `chess`: which activations are thresholded (MLP gate, attention-projection inputs, or both).
     pub chess_scope: kiln_passes::chess::ChessScope,
+    /// With `chess` on the attention projections: R-Sparse's rank of the low-rank compensation.
+    pub rsparse_rank: Option<usize>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// The calibration file lossy passes read (needed by `skip.method = influence`).
@@ -106,6 +108,7 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
         passes.push(Box::new(kiln_passes::chess::Chess {
             exact: build.chess_exact,
             scope: build.chess_scope,
+            rsparse_rank: build.rsparse_rank,
             ..chess
         }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
