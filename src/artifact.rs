@@ -38,6 +38,8 @@ pub struct Build {
     pub chess_scope: kiln_passes::chess::ChessScope,
     /// Structured pruning (`structured-prune` pass): MLP neurons and attention query heads removed.
     pub structured: Option<kiln_passes::structured_prune::StructuredPrune>,
+    /// With `chess` on the attention projections: R-Sparse's rank of the low-rank compensation.
+    pub rsparse_rank: Option<usize>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -119,6 +121,7 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
         passes.push(Box::new(kiln_passes::chess::Chess {
             exact: build.chess_exact,
             scope: build.chess_scope,
+            rsparse_rank: build.rsparse_rank,
             ..chess
         }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));

@@ -160,6 +160,10 @@ pub struct SkipArgs {
     /// projections (`attn`: Q/K/V's normed input and the output projection's input), or both (`all`).
     #[arg(long, value_enum, value_name = "SCOPE", default_value = "mlp", requires = "chess_sparsity")]
     pub chess_scope: ChessScopeArg,
+    /// R-Sparse: add to each thresholded attention projection the dropped channels' contribution through
+    /// a rank-R truncated SVD of its weight (needs --chess-scope attn or all).
+    #[arg(long, value_name = "R", requires = "chess_sparsity")]
+    pub rsparse_rank: Option<usize>,
     /// Block-sparse weight pruning (lossy): drop this share of the 32-element blocks of every row of the
     /// blocks' linear weights; the dense or block-sparse kernel is chosen per layer and phase from the
     /// break-even densities `kiln bench --kernels` measured on this machine. In [0, 1).
@@ -286,6 +290,7 @@ impl SkipArgs {
             structured,
             chess: self.chess_sparsity,
             chess_scope: self.chess_scope(),
+            rsparse_rank: self.rsparse_rank,
             prune,
             flex,
             calibration,

@@ -1,5 +1,5 @@
-//! `chess`: activation sparsity in the MLP (CHESS: channel-wise thresholds on the gate activation;
-//! lossy).
+//! `chess`: activation sparsity in the MLP and the attention projections (CHESS: channel-wise thresholds
+//! on activations; lossy).
 //!
 //! Per decoder block the SwiGLU MLP `down(silu(gate(x)) · up(x))` becomes
 //! ```text
@@ -13,6 +13,12 @@
 //! exactly; quantized formats are re-quantized along the hidden axis as Q8_0 (1.7× the bytes of Q4_1,
 //! but re-rounding into Q4_1 cost +7% perplexity at sparsity 0; see `docs/quality.md`). A threshold of
 //! 0 (sparsity 0) drops only exact zeros, which contribute nothing.
+//!
+//! With `scope` = `Attn` or `All` ([`ChessScope`]), the inputs of the attention projections are
+//! thresholded the same way (per channel, `attn_in_abs_quantiles` / `attn_out_in_abs_quantiles`): Q/K/V
+//! read `threshold(rms_norm(x_in), t_in)` (one threshold for the three) and the output projection
+//! `threshold(attention, t_out)`, each as `active_linear` on its transposed weight (`blk.L.attn_q.weight#t`,
+//! …; widths that are not a multiple of 32 keep the dense linear of the thresholded input).
 //!
 //! Runs after `skip-layers` (it finds blocks by their down projection, which it replaces).
 
@@ -69,6 +75,10 @@ pub struct Chess {
     pub exact: bool,
     /// Which activations are thresholded.
     pub scope: ChessScope,
+    /// R-Sparse: add to each attention projection the dropped channels' contribution through a rank-`r`
+    /// truncated SVD of its weight (`W·x ≈ W·x_kept + A·(B·x_dropped)`, `A = U_r·Σ_r`, `B = V_rᵀ`, f32
+    /// derived weights). `None`: plain CHESS.
+    pub rsparse_rank: Option<usize>,
 }
 
 impl Chess {
@@ -76,7 +86,7 @@ impl Chess {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(format!("chess sparsity {sparsity} is outside [0, 1)"));
         }
-        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp })
+        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp, rsparse_rank: None })
     }
 }
 
@@ -201,7 +211,38 @@ enum Action {
     Down(usize),
     /// A projection reading thresholded input `t` (index into the attention inputs): active-channel on
     /// the transposed weight when it has one, else the dense linear of the thresholded input.
-    Proj { t: usize, wt: Option<(String, TensorType)> },
+    Proj { t: usize, wt: Option<(String, TensorType)>, low_rank: Option<LowRank> },
+}
+
+/// R-Sparse's compensation of one projection: the names and types of `A [n, r]` and `B [r, k]`.
+struct LowRank {
+    a: (String, TensorType),
+    b: (String, TensorType),
+}
+
+/// The rank-`r` truncated SVD of the `[n, k]` matrix `w` as (`A = U_r·Σ_r` `[n, r]`, `B = V_rᵀ` `[r, k]`),
+/// row-major f32, singular values in decreasing order (`r` ≤ min(n, k)).
+pub fn low_rank_factors(w: &[f32], n: usize, k: usize, r: usize) -> Result<(Vec<f32>, Vec<f32>), String> {
+    if w.len() != n * k || r > n.min(k) {
+        return Err(format!("rank {r} factors of a [{n}, {k}] matrix of {} values", w.len()));
+    }
+    let m = nalgebra::DMatrix::from_row_iterator(n, k, w.iter().map(|&v| v as f64));
+    let svd = m.svd(true, true);
+    let (u, vt) = (svd.u.ok_or("SVD gave no U")?, svd.v_t.ok_or("SVD gave no Vᵀ")?);
+    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
+    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
+    let mut a = vec![0f32; n * r];
+    let mut b = vec![0f32; r * k];
+    for (c, &i) in order.iter().take(r).enumerate() {
+        let sv = svd.singular_values[i];
+        for row in 0..n {
+            a[row * r + c] = (u[(row, i)] * sv) as f32;
+        }
+        for col in 0..k {
+            b[c * k + col] = vt[(i, col)] as f32;
+        }
+    }
+    Ok((a, b))
 }
 
 fn median(t: &[f32]) -> f32 {
@@ -218,6 +259,9 @@ impl Pass for Chess {
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "chess", msg };
         Chess::new(self.sparsity).map_err(fail)?;
+        if self.rsparse_rank.is_some() && !self.scope.attn() {
+            return Err(fail("R-Sparse compensates the attention projections: it needs scope attn or all".into()));
+        }
         let cal = cx
             .calibration
             .as_ref()
@@ -321,7 +365,23 @@ impl Pass for Chess {
                     projs.push(format!("{w} dense ({n} outputs, not a multiple of 32)"));
                     None
                 };
-                actions.insert(*node, Action::Proj { t: ti, wt });
+                let low_rank = match self.rsparse_rank {
+                    Some(r) if r > 0 => {
+                        let src = weights.get(w).expect("read above");
+                        let [n, k] = src.shape[..] else { return Err(fail(format!("{w} is not a matrix"))) };
+                        let r = r.min(n).min(k);
+                        let vals = src.to_f32().map_err(|e| fail(format!("{w}: {e}")))?;
+                        let (a, b) = low_rank_factors(&vals, n, k, r).map_err(|e| fail(format!("{w}: {e}")))?;
+                        let (an, bn) = (format!("{w}#rsparse{r}a"), format!("{w}#rsparse{r}b"));
+                        weights.insert(an.clone(), TensorData::from_f32(vec![n, r], &a));
+                        weights.insert(bn.clone(), TensorData::from_f32(vec![r, k], &b));
+                        projs.push(format!("+ rank-{r} compensation ({an} [{n}, {r}], {bn} [{r}, {k}], f32)"));
+                        let ty = |d0: usize, d1: usize| TensorType::new(DType::F32, vec![Dim::from(d0), Dim::from(d1)]);
+                        Some(LowRank { a: (an, ty(n, r)), b: (bn, ty(r, k)) })
+                    }
+                    _ => None,
+                };
+                actions.insert(*node, Action::Proj { t: ti, wt, low_rank });
             }
             cx.explain(
                 "chess",
@@ -345,6 +405,7 @@ impl Pass for Chess {
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
         let mut thresholded: HashMap<usize, ValueId> = HashMap::new();
+        let mut dropped: HashMap<usize, ValueId> = HashMap::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for (i, n) in g.nodes.iter().enumerate() {
             let new = match actions.get(&i) {
@@ -364,7 +425,8 @@ impl Pass for Chess {
                     let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
                     out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
                 }
-                Some(Action::Proj { t, wt }) => {
+                Some(Action::Proj { t, wt, low_rank }) => {
+                    let x = map[n.inputs[0].index()];
                     let xs = match thresholded.get(t) {
                         Some(&v) => v,
                         None => {
@@ -372,17 +434,36 @@ impl Pass for Chess {
                             let tv = out
                                 .weight(t_name, TensorType::new(DType::F32, vec![Dim::from(*width)]))
                                 .map_err(err)?;
-                            let v = out.add(Op::Threshold, &[map[n.inputs[0].index()], tv]).map_err(err)?;
+                            let v = out.add(Op::Threshold, &[x, tv]).map_err(err)?;
                             thresholded.insert(*t, v);
                             v
                         }
                     };
-                    match wt {
+                    let y = match wt {
                         Some((wt_name, wt_ty)) => {
                             let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
                             out.add(Op::ActiveLinear, &[xs, wt]).map_err(err)?
                         }
                         None => out.add(Op::Linear, &[xs, map[n.inputs[1].index()]]).map_err(err)?,
+                    };
+                    match low_rank {
+                        // y + A·(B·(x − x_kept)): the dropped channels through the rank-r factors.
+                        Some(lr) => {
+                            let xd = match dropped.get(t) {
+                                Some(&v) => v,
+                                None => {
+                                    let v = out.add(Op::Sub, &[x, xs]).map_err(err)?;
+                                    dropped.insert(*t, v);
+                                    v
+                                }
+                            };
+                            let b = out.weight(&lr.b.0, lr.b.1.clone()).map_err(err)?;
+                            let a = out.weight(&lr.a.0, lr.a.1.clone()).map_err(err)?;
+                            let z = out.add(Op::Linear, &[xd, b]).map_err(err)?;
+                            let c = out.add(Op::Linear, &[z, a]).map_err(err)?;
+                            out.add(Op::Add, &[y, c]).map_err(err)?
+                        }
+                        None => y,
                     }
                 }
                 None => {
@@ -400,6 +481,7 @@ impl Pass for Chess {
             serde_json::json!({
                 "sparsity": self.sparsity,
                 "scope": self.scope.name(),
+                "rsparse_rank": self.rsparse_rank,
                 "thresholds": "per channel of each thresholded activation: the calibrated |activation| quantile at the sparsity",
                 "calibration_text": cal.text.file,
                 "layers": layer_records,
@@ -415,5 +497,53 @@ fn weight_of_gate(g: &Graph, gate: ValueId) -> Result<ValueId, String> {
     match n.op {
         Op::Linear if weight_name(g, n.inputs[1]).is_some() => Ok(n.inputs[1]),
         _ => Err(format!("{gate} (the gate) is not a linear of a weight")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `A·B` of the rank-r factors, `[n, k]`.
+    fn product(a: &[f32], b: &[f32], n: usize, k: usize, r: usize) -> Vec<f64> {
+        let mut out = vec![0f64; n * k];
+        for i in 0..n {
+            for j in 0..k {
+                out[i * k + j] = (0..r).map(|c| a[i * r + c] as f64 * b[c * k + j] as f64).sum();
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn low_rank_factors_by_hand() {
+        // W = 3·e0·f0ᵀ + 2·e1·f1ᵀ + 1·e2·f2ᵀ with orthonormal f (a rotation in the first two columns):
+        // singular values 3, 2, 1 by construction.
+        let (n, k) = (3, 4);
+        let (c, s) = (0.6f32, 0.8f32);
+        let f = [[c, s, 0.0, 0.0], [-s, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]];
+        let sv = [3.0f32, 2.0, 1.0];
+        let mut w = vec![0f32; n * k];
+        for i in 0..n {
+            for j in 0..k {
+                w[i * k + j] = sv[i] * f[i][j];
+            }
+        }
+        // Full rank reconstructs W.
+        let (a, b) = low_rank_factors(&w, n, k, 3).unwrap();
+        let p = product(&a, &b, n, k, 3);
+        assert!(p.iter().zip(&w).all(|(x, &y)| (x - y as f64).abs() < 1e-5), "{p:?} vs {w:?}");
+        // Rank 1 keeps the largest term, 3·e0·f0ᵀ (up to the factors' joint sign); the error is what
+        // Eckart–Young says: sqrt(2² + 1²).
+        let (a, b) = low_rank_factors(&w, n, k, 1).unwrap();
+        let p = product(&a, &b, n, k, 1);
+        for j in 0..k {
+            assert!((p[j] - (3.0 * f[0][j]) as f64).abs() < 1e-5, "{p:?}");
+            assert!(p[k + j].abs() < 1e-5 && p[2 * k + j].abs() < 1e-5, "{p:?}");
+        }
+        let err: f64 = p.iter().zip(&w).map(|(x, &y)| (x - y as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((err - 5f64.sqrt()).abs() < 1e-5, "{err}");
+        assert!(low_rank_factors(&w, n, k, 4).is_err(), "rank above min(n, k)");
+        assert!(low_rank_factors(&w[..5], n, k, 1).is_err(), "wrong size");
     }
 }
