@@ -419,6 +419,37 @@ impl Cx<'_> {
     }
 }
 
+/// The operands and sizes of an attention node.
+struct Attn {
+    q: usize,
+    k: usize,
+    v: usize,
+    hq: usize,
+    hkv: usize,
+    hd: usize,
+    seq: Dim,
+    past: Dim,
+}
+
+impl Cx<'_> {
+    /// Checks an attention node's operands (keys and values from the KV cache, constant head counts and
+    /// head dim) and returns them with the step's query and past lengths.
+    fn attention(&self, i: usize) -> Result<Attn, CodegenError> {
+        let n = &self.g.nodes[i];
+        let (q, k, v) = (self.operand(i, 0), self.operand(i, 1), self.operand(i, 2));
+        if !self.is_state(k) || !self.is_state(v) {
+            return Err(self.unsupported(i, "keys and values must come from the KV cache"));
+        }
+        let (qt, kt) = (self.g.ty(n.inputs[0]), self.g.ty(n.inputs[1]));
+        let (Some(hq), Some(hkv), Some(hd)) = (fixed(&qt.shape[2]), fixed(&kt.shape[2]), fixed(&qt.shape[3])) else {
+            return Err(self.unsupported(i, "symbolic heads"));
+        };
+        let seq = qt.shape[1].clone();
+        let past = kt.shape[1].sub(&seq);
+        Ok(Attn { q, k, v, hq, hkv, hd, seq, past })
+    }
+}
+
 fn fixed(d: &Dim) -> Option<usize> {
     d.as_fixed().and_then(|v| usize::try_from(v).ok())
 }
@@ -654,17 +685,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 state
             }
             Op::Attention { scale } => {
-                let (q, k, v) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
-                if !cx.is_state(k) || !cx.is_state(v) {
-                    return Err(cx.unsupported(i, "keys and values must come from the KV cache"));
-                }
-                let (qt, kt) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
-                let (hq, hkv, hd) = match (fixed(&qt.shape[2]), fixed(&kt.shape[2]), fixed(&qt.shape[3])) {
-                    (Some(a), Some(b), Some(c)) => (a, b, c),
-                    _ => return Err(cx.unsupported(i, "symbolic heads")),
-                };
-                let seq = qt.shape[1].clone();
-                let past = kt.shape[1].sub(&seq);
+                let Attn { q, k, v, hq, hkv, hd, seq, past } = cx.attention(i)?;
                 let spec = OpKernel::Attention { q_heads: hq, kv_heads: hkv, head_dim: hd, scale: *scale };
                 let out = cx.temp(i);
                 let items = vec![seq.clone(), Dim::from(hq)];
@@ -672,23 +693,13 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 out
             }
             Op::FlexAttention { scale, block, gamma, tau, min_len } => {
-                let (q, k, v) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
-                if !cx.is_state(k) || !cx.is_state(v) {
-                    return Err(cx.unsupported(i, "keys and values must come from the KV cache"));
-                }
-                let (qt, kt) = (g.ty(n.inputs[0]), g.ty(n.inputs[1]));
-                let (hq, hkv, hd) = match (fixed(&qt.shape[2]), fixed(&kt.shape[2]), fixed(&qt.shape[3])) {
-                    (Some(a), Some(b), Some(c)) => (a, b, c),
-                    _ => return Err(cx.unsupported(i, "symbolic heads")),
-                };
-                let seq = qt.shape[1].clone();
-                let past = kt.shape[1].sub(&seq);
+                let Attn { q, k, v, hq, hkv, hd, seq, past } = cx.attention(i)?;
                 let (block, min_len) = (*block as usize, *min_len as usize);
                 // Per head: [query_aware, vert[nkb], slash[nkb], pooled_k[nkb][hd]], nkb ≤ past+seq.
                 let scratch = cx.buffer(
                     BufferKind::Temp,
                     DType::F32,
-                    vec![kt.shape[1].add(&Dim::from(1usize)), Dim::from(hq * (hd + 2))],
+                    vec![g.ty(n.inputs[1]).shape[1].add(&Dim::from(1usize)), Dim::from(hq * (hd + 2))],
                 );
                 let dims = vec![vec![seq.clone()], vec![past]];
                 let pat = OpKernel::FlexPattern {

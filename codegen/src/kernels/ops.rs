@@ -94,13 +94,7 @@ impl OpKernel {
                         let v = e.load_f32(x, e.add(base, j)?)?;
                         e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
                     })?;
-                    let mean = e.fdiv(e.get(ss)?, e.f32c(d as f32))?;
-                    let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
-                    e.for_range(e.i64c(0), dc, |j| {
-                        let i = e.add(base, j)?;
-                        let v = e.fmul(e.fmul(e.load_f32(x, i)?, inv)?, e.load_f32(w, j)?)?;
-                        e.store_f32(y, i, v)
-                    })
+                    normalize_row(&e, [x, w, y], base, d, eps, e.get(ss)?)
                 })?;
             }
             OpKernel::AddRmsNorm { d, eps } => {
@@ -115,13 +109,7 @@ impl OpKernel {
                         e.store_f32(s, i, v)?;
                         e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
                     })?;
-                    let mean = e.fdiv(e.get(ss)?, e.f32c(d as f32))?;
-                    let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
-                    e.for_range(e.i64c(0), dc, |j| {
-                        let i = e.add(base, j)?;
-                        let v = e.fmul(e.fmul(e.load_f32(s, i)?, inv)?, e.load_f32(w, j)?)?;
-                        e.store_f32(y, i, v)
-                    })
+                    normalize_row(&e, [s, w, y], base, d, eps, e.get(ss)?)
                 })?;
             }
             OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => {
@@ -326,4 +314,23 @@ impl<'ctx> Attend<'ctx> {
             e.store_f32(out, e.add(qbase, c)?, e.fmul(e.load_f32(self.acc, c)?, inv)?)
         })
     }
+}
+
+/// `y[base..base+d] = x[base..base+d] / sqrt(sum_sq / d + eps) * w[..d]`: the second half of an RMSNorm
+/// row, once the row's sum of squares is known.
+fn normalize_row<'ctx>(
+    e: &Emitter<'_, 'ctx>,
+    [x, w, y]: [PointerValue<'ctx>; 3],
+    base: IntValue<'ctx>,
+    d: usize,
+    eps: f32,
+    sum_sq: FloatValue<'ctx>,
+) -> R<()> {
+    let mean = e.fdiv(sum_sq, e.f32c(d as f32))?;
+    let inv = e.fdiv(e.f32c(1.0), e.sqrt(e.fadd(mean, e.f32c(eps))?)?)?;
+    e.for_range(e.i64c(0), e.i64c(d as i64), |j| {
+        let i = e.add(base, j)?;
+        let v = e.fmul(e.fmul(e.load_f32(x, i)?, inv)?, e.load_f32(w, j)?)?;
+        e.store_f32(y, i, v)
+    })
 }
