@@ -419,6 +419,16 @@ impl Cx<'_> {
     }
 }
 
+/// The weight operand (operand 1) of a matrix op and the sizes around it.
+struct MatrixOperands {
+    w: usize,
+    dtype: DType,
+    /// The weight's two dims, as stored.
+    dims: [usize; 2],
+    /// The leading dims of x (operand 0): the rows of the product.
+    m: Vec<Dim>,
+}
+
 /// The operands and sizes of an attention node.
 struct Attn {
     q: usize,
@@ -432,6 +442,21 @@ struct Attn {
 }
 
 impl Cx<'_> {
+    /// Checks that a matrix op's operand 1 is a weight of constant shape; returns it with x's rows.
+    fn matrix_operands(&self, i: usize) -> Result<MatrixOperands, CodegenError> {
+        let n = &self.g.nodes[i];
+        let w = self.operand(i, 1);
+        if !self.is_weight(w) {
+            return Err(self.unsupported(i, format!("{} weight must be a weight", n.op.name())));
+        }
+        let wty = self.g.ty(n.inputs[1]);
+        let (Some(d0), Some(d1)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
+            return Err(self.unsupported(i, "symbolic weight shape"));
+        };
+        let xs = &self.g.ty(n.inputs[0]).shape;
+        Ok(MatrixOperands { w, dtype: wty.dtype, dims: [d0, d1], m: xs[..xs.len() - 1].to_vec() })
+    }
+
     /// Checks an attention node's operands (keys and values from the KV cache, constant head counts and
     /// head dim) and returns them with the step's query and past lengths.
     fn attention(&self, i: usize) -> Result<Attn, CodegenError> {
@@ -546,34 +571,17 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 out
             }
             Op::Linear => {
-                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
-                if !cx.is_weight(w) {
-                    return Err(cx.unsupported(i, "linear weight must be a weight"));
-                }
-                let wty = g.ty(n.inputs[1]);
-                let (nn, k) = match (fixed(&wty.shape[0]), fixed(&wty.shape[1])) {
-                    (Some(a), Some(b)) => (a, b),
-                    _ => return Err(cx.unsupported(i, "symbolic weight shape")),
-                };
-                let xs = &g.ty(n.inputs[0]).shape;
-                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let x = cx.operand(i, 0);
+                let MatrixOperands { w, dtype, dims: [nn, k], m } = cx.matrix_operands(i)?;
                 let out = cx.temp(i);
-                cx.linear(i, wty.dtype, k, x, w, out, m, nn);
+                cx.linear(i, dtype, k, x, w, out, m, nn);
                 out
             }
             Op::MaskedLinear => {
-                let (x, w, mask) = (cx.operand(i, 0), cx.operand(i, 1), cx.operand(i, 2));
-                if !cx.is_weight(w) {
-                    return Err(cx.unsupported(i, "masked_linear weight must be a weight"));
-                }
-                let wty = g.ty(n.inputs[1]);
-                let (Some(nn), Some(k)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
-                    return Err(cx.unsupported(i, "symbolic weight shape"));
-                };
-                let xs = &g.ty(n.inputs[0]).shape;
-                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
+                let (x, mask) = (cx.operand(i, 0), cx.operand(i, 2));
+                let MatrixOperands { w, dtype, dims: [nn, k], m } = cx.matrix_operands(i)?;
                 let out = cx.temp(i);
-                let spec = KernelSpec::MaskedLinear { dtype: wty.dtype, k };
+                let spec = KernelSpec::MaskedLinear { dtype, k };
                 cx.launch(i, spec, vec![x, w, mask, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
@@ -582,43 +590,30 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 if !bufs[1..].iter().all(|&b| cx.is_weight(b)) {
                     return Err(cx.unsupported(i, "sparse_linear weights must be weights"));
                 }
-                let wty = g.ty(n.inputs[1]);
-                let (Some(nn), Some(k)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
-                    return Err(cx.unsupported(i, "symbolic weight shape"));
-                };
+                let MatrixOperands { dtype, dims: [nn, k], m, .. } = cx.matrix_operands(i)?;
                 let (decode, prefill) = (*decode != 0, *prefill != 0);
                 if decode || prefill {
-                    crate::kernels::sparse::SparseLinearKernelSpec::new(wty.dtype, k)
+                    crate::kernels::sparse::SparseLinearKernelSpec::new(dtype, k)
                         .validate()
                         .map_err(|e| cx.unsupported(i, e.to_string()))?;
                 }
-                let xs = &g.ty(n.inputs[0]).shape;
-                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
                 let mut bufs = bufs;
                 bufs.push(out);
-                let spec = KernelSpec::SparseLinear { dtype: wty.dtype, k, decode, prefill };
+                let spec = KernelSpec::SparseLinear { dtype, k, decode, prefill };
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
             Op::ActiveLinear => {
-                let (x, wt) = (cx.operand(i, 0), cx.operand(i, 1));
-                if !cx.is_weight(wt) {
-                    return Err(cx.unsupported(i, "active_linear weight must be a weight"));
-                }
-                let wty = g.ty(n.inputs[1]);
-                let (Some(k), Some(nn)) = (fixed(&wty.shape[0]), fixed(&wty.shape[1])) else {
-                    return Err(cx.unsupported(i, "symbolic weight shape"));
-                };
-                let spec = crate::kernels::sparse::ActiveLinearKernelSpec::new(wty.dtype, nn);
+                let x = cx.operand(i, 0);
+                let MatrixOperands { w: wt, dtype, dims: [k, nn], m } = cx.matrix_operands(i)?;
+                let spec = crate::kernels::sparse::ActiveLinearKernelSpec::new(dtype, nn);
                 spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
                 if k > crate::kernels::abi::ACTIVE_MAX_K {
                     return Err(cx.unsupported(i, format!("k = {k} > {}", crate::kernels::abi::ACTIVE_MAX_K)));
                 }
-                let xs = &g.ty(n.inputs[0]).shape;
-                let m: Vec<Dim> = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
-                let spec = KernelSpec::ActiveLinear { dtype: wty.dtype, k, n: nn };
+                let spec = KernelSpec::ActiveLinear { dtype, k, n: nn };
                 cx.launch(i, spec, vec![x, wt, out], vec![m], vec![Dim::from(nn / 32)], true);
                 out
             }
