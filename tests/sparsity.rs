@@ -39,6 +39,32 @@ pub(crate) fn calibrate(m: &Model, backend: &mut dyn Backend, tokens: &[u32], ch
     })
 }
 
+/// A tiny f32 model written to a temp dir (kept alive by `_src`), its calibration on `calib_tokens`, the
+/// tokens the tests step through (prefill of 5, then decode) and the dense model's logits on them.
+struct ChessCase {
+    _src: tempfile::TempDir,
+    m: Model,
+    cal: Arc<Calibration>,
+    calib_tokens: Vec<u32>,
+    tokens: Vec<u32>,
+    want: Vec<f32>,
+}
+
+fn chess_case(cfg: &kiln::frontend::LlamaConfig, seed: u64) -> ChessCase {
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), cfg, &random_weights(cfg, DType::F32, seed), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 5);
+    ChessCase { _src: src, m, cal, calib_tokens, tokens, want }
+}
+
 fn chess_build(cal: &Arc<Calibration>, s: f64) -> Build {
     Build { opts: all_logits(), chess: Some(s), calibration: Some(cal.clone()), ..Default::default() }
 }
@@ -93,23 +119,12 @@ fn dropped_share(g: &Graph, w: &kiln::ir::WeightStore, tokens: &[u32], count: us
 
 #[test]
 fn chess_on_a_tiny_model_matches_the_interpreter_and_is_exact_at_sparsity_0() {
-    let src = tempfile::tempdir().unwrap();
     let cfg = {
         let mut c = tiny_config(Arch::Llama);
         c.n_layers = 3;
         c
     };
-    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 21), 1).unwrap();
-    let m = Model::load(src.path()).unwrap();
-    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
-    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
-    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
-    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
-    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
-
-    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
-    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
-    let want = steps(&mut di, &tokens, 5);
+    let ChessCase { _src, m, cal, calib_tokens, tokens, want } = chess_case(&cfg, 21);
 
     // Sparsity 0: thresholds 0 drop only exact zeros, and f32 weights transpose exactly.
     let b0 = build_graph(&m, &chess_build(&cal, 0.0)).unwrap();
@@ -228,22 +243,12 @@ fn chess_on_smollm2_matches_the_interpreter() {
 #[test]
 fn chess_on_attention_inputs_matches_the_interpreter_and_is_exact_at_sparsity_0() {
     use kiln::passes::chess::ChessScope;
-    let src = tempfile::tempdir().unwrap();
     let cfg = {
         let mut c = tiny_config(Arch::Llama);
         (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
         c
     };
-    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 23), 1).unwrap();
-    let m = Model::load(src.path()).unwrap();
-    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
-    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
-    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
-    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
-    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
-    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
-    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
-    let want = steps(&mut di, &tokens, 5);
+    let ChessCase { _src, m, cal, calib_tokens, tokens, want } = chess_case(&cfg, 23);
     let build = |s: f64, scope| Build { chess_scope: scope, ..chess_build(&cal, s) };
 
     // Sparsity 0, exact transposed weights: the dense model (compiled and interpreted).
@@ -485,22 +490,12 @@ fn bench_kernels_writes_a_well_formed_table() {
 #[test]
 fn rsparse_restores_the_dropped_channels_through_low_rank_factors() {
     use kiln::passes::chess::ChessScope;
-    let src = tempfile::tempdir().unwrap();
     let cfg = {
         let mut c = tiny_config(Arch::Llama);
         (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
         c
     };
-    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 31), 1).unwrap();
-    let m = Model::load(src.path()).unwrap();
-    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
-    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
-    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
-    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
-    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90];
-    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
-    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
-    let want = steps(&mut di, &tokens, 5);
+    let ChessCase { _src, m, cal, tokens, want, .. } = chess_case(&cfg, 31);
     let build =
         |rank| Build { chess_scope: ChessScope::Attn, chess_exact: true, rsparse_rank: rank, ..chess_build(&cal, 0.5) };
     let interp = |b: &Build| {
