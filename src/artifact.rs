@@ -44,6 +44,8 @@ pub struct Build {
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
     pub flex: Option<kiln_passes::flexprefill::FlexPrefill>,
+    /// CoreInfer (`coreinfer` pass): the MLP decodes on the prompt's core neurons.
+    pub coreinfer: Option<kiln_passes::coreinfer::CoreInfer>,
     /// The calibration file lossy passes read (needed by `skip.method = influence`).
     pub calibration: Option<Arc<Calibration>>,
     /// Expose each block's activations as extra outputs (`calib.L.*`) for `kiln calibrate`.
@@ -124,6 +126,10 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
             rsparse_rank: build.rsparse_rank,
             ..chess
         }));
+        passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
+    }
+    if let Some(c) = build.coreinfer {
+        passes.push(Box::new(c));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));
     }
     if let Some(p) = &build.prune {

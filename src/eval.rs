@@ -24,20 +24,34 @@ impl Window {
 
 /// The windows that score targets `1..n` of an `n`-token text, each exactly once.
 pub fn window_plan(n: usize, window: usize, stride: usize) -> Result<Vec<Window>, String> {
+    window_plan_prompted(n, window, stride, 0)
+}
+
+/// Like [`window_plan`], but each window's first `prompt` fed tokens are a prompt that is not scored:
+/// a window scores only targets `j ≥ start + prompt + 1` (predicted after the prompt), so targets
+/// `1..=prompt` of the text are never scored and the rest exactly once. Needs `prompt < window` and
+/// `stride ≤ window − prompt` (no gaps).
+pub fn window_plan_prompted(n: usize, window: usize, stride: usize, prompt: usize) -> Result<Vec<Window>, String> {
     if window == 0 || stride == 0 || stride > window {
         return Err(format!("need 1 <= stride <= window (window {window}, stride {stride})"));
     }
+    if prompt >= window || stride > window - prompt {
+        return Err(format!(
+            "need prompt < window and stride <= window - prompt (window {window}, stride {stride}, prompt {prompt})"
+        ));
+    }
     let mut plan = Vec::new();
-    if n < 2 {
+    if n < prompt + 2 {
         return Ok(plan);
     }
-    let (mut next, mut start) = (1usize, 0usize);
+    let (mut next, mut start) = (prompt + 1, 0usize);
     loop {
         let fed_end = (start + window).min(n - 1);
         let t_end = fed_end + 1;
-        if next < t_end {
-            debug_assert!(next > start, "stride <= window leaves no gap");
-            plan.push(Window { start, targets: next..t_end });
+        let first = next.max(start + prompt + 1);
+        if first < t_end {
+            debug_assert!(next >= start + prompt + 1, "stride <= window - prompt leaves no gap");
+            plan.push(Window { start, targets: first..t_end });
             next = t_end;
         }
         if t_end == n {
@@ -45,6 +59,10 @@ pub fn window_plan(n: usize, window: usize, stride: usize) -> Result<Vec<Window>
         }
         start += stride;
     }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// −log softmax(row)[target], in f64.
@@ -64,6 +82,9 @@ pub struct EvalReport {
     pub perplexity: f64,
     pub window: usize,
     pub stride: usize,
+    /// Unscored prompt tokens at the start of each window (`evaluate_prompted`); 0: none.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub prompt: usize,
     pub windows: usize,
     /// Tokens fed through the model (overlapping windows feed some twice).
     pub tokens_fed: usize,
@@ -74,7 +95,7 @@ pub struct EvalReport {
 pub enum EvalError {
     #[error("{0}")]
     Plan(String),
-    #[error("the text has {0} token(s); at least 2 are needed to score one")]
+    #[error("the text has {0} token(s); at least 2 (and 2 more than the prompt length) are needed to score one")]
     TooShort(usize),
     #[error("the backend returned {got} logits rows for {fed} tokens: it computes the last position only (compile with --all-logits)")]
     LastOnly { got: usize, fed: usize },
@@ -91,12 +112,26 @@ pub fn evaluate(
     tokens: &[u32],
     window: usize,
     stride: usize,
+    progress: impl FnMut(usize),
+) -> Result<EvalReport, EvalError> {
+    evaluate_prompted(backend, tokens, window, stride, 0, progress)
+}
+
+/// [`evaluate`] where each window first runs its first `prompt` tokens as a step of their own (a
+/// prompt: for CoreInfer, the prefill that chooses the core set) and scores only the targets predicted
+/// by the second step ([`window_plan_prompted`]). `prompt` 0 is [`evaluate`].
+pub fn evaluate_prompted(
+    backend: &mut dyn Backend,
+    tokens: &[u32],
+    window: usize,
+    stride: usize,
+    prompt: usize,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport, EvalError> {
-    if tokens.len() < 2 {
+    if tokens.len() < prompt + 2 {
         return Err(EvalError::TooShort(tokens.len()));
     }
-    let plan = window_plan(tokens.len(), window, stride).map_err(EvalError::Plan)?;
+    let plan = window_plan_prompted(tokens.len(), window, stride, prompt).map_err(EvalError::Plan)?;
     let longest = plan.iter().map(|w| w.fed().len()).max().unwrap_or(0);
     if longest > backend.context_length() {
         return Err(EvalError::Context { window: longest, context: backend.context_length() });
@@ -106,12 +141,16 @@ pub fn evaluate(
     for w in &plan {
         backend.reset();
         let fed = w.fed();
-        let logits = backend.forward(&tokens[fed.clone()])?;
-        if logits.rows != fed.len() {
-            return Err(EvalError::LastOnly { got: logits.rows, fed: fed.len() });
+        if prompt > 0 {
+            backend.forward(&tokens[w.start..w.start + prompt])?;
+        }
+        let scored_fed = w.start + prompt..fed.end;
+        let logits = backend.forward(&tokens[scored_fed.clone()])?;
+        if logits.rows != scored_fed.len() {
+            return Err(EvalError::LastOnly { got: logits.rows, fed: scored_fed.len() });
         }
         for j in w.targets.clone() {
-            sum += token_nll(logits.row(j - 1 - w.start), tokens[j]);
+            sum += token_nll(logits.row(j - 1 - w.start - prompt), tokens[j]);
         }
         scored += w.targets.len();
         fed_total += fed.len();
@@ -126,6 +165,7 @@ pub fn evaluate(
         perplexity: mean_nll.exp(),
         window,
         stride,
+        prompt,
         windows: plan.len(),
         tokens_fed: fed_total,
         seconds: t0.elapsed().as_secs_f64(),
@@ -170,6 +210,7 @@ pub fn evaluate_stepwise(
         perplexity: mean_nll.exp(),
         window: n - 1,
         stride: n - 1,
+        prompt: 0,
         windows: 1,
         tokens_fed: n - 1,
         seconds: t0.elapsed().as_secs_f64(),
@@ -207,6 +248,49 @@ mod tests {
         let p = window_plan(10, 4, 2).unwrap();
         let got: Vec<(usize, Range<usize>)> = p.iter().map(|w| (w.start, w.targets.clone())).collect();
         assert_eq!(got, vec![(0, 1..5), (2, 5..7), (4, 7..9), (6, 9..10)]);
+    }
+
+    #[test]
+    fn prompted_plan_scores_every_target_after_the_prompt_once() {
+        for n in 0..40 {
+            for window in 2..10 {
+                for prompt in 0..window {
+                    for stride in 1..=window - prompt {
+                        let plan = window_plan_prompted(n, window, stride, prompt).unwrap();
+                        let mut count = vec![0; n];
+                        for w in &plan {
+                            assert!(w.fed().len() <= window && !w.targets.is_empty());
+                            for j in w.targets.clone() {
+                                count[j] += 1;
+                                // Predicted by the second step: at least prompt + 1 tokens of context.
+                                assert!(j - w.start > prompt && j - w.start <= window, "n {n} w {window} p {prompt}");
+                            }
+                        }
+                        let want: Vec<usize> = (0..n).map(|j| usize::from(j > prompt)).collect();
+                        assert_eq!(count, want, "n {n} window {window} stride {stride} prompt {prompt}");
+                    }
+                }
+            }
+        }
+        assert!(window_plan_prompted(10, 4, 2, 3).is_err(), "stride > window - prompt leaves gaps");
+        assert!(window_plan_prompted(10, 4, 1, 4).is_err(), "prompt must be shorter than the window");
+        // Hand-checked: 10 tokens, window 5, stride 3, prompt 2.
+        let p = window_plan_prompted(10, 5, 3, 2).unwrap();
+        let got: Vec<(usize, Range<usize>)> = p.iter().map(|w| (w.start, w.targets.clone())).collect();
+        assert_eq!(got, vec![(0, 3..6), (3, 6..9), (6, 9..10)]);
+    }
+
+    #[test]
+    fn prompted_evaluation_feeds_the_prompt_as_its_own_step() {
+        let tokens = [0u32, 1, 2, 3, 0, 2];
+        let mut b = Counting { past: 0, calls: Vec::new() };
+        // window 4, stride 2, prompt 2: windows (0, targets 3..5) and (2, targets 5..6).
+        let r = evaluate_prompted(&mut b, &tokens, 4, 2, 2, |_| {}).unwrap();
+        assert_eq!(b.calls, vec![2, 2, 2, 1]);
+        // Targets 3, 4 (p = 1/2) and 5 (0 → 2, p = 1/6).
+        let want = (2.0 * 2f64.ln() + 6f64.ln()) / 3.0;
+        assert!((r.mean_nll - want).abs() < 1e-6 && r.scored == 3 && r.prompt == 2, "{r:?}");
+        assert!(matches!(evaluate_prompted(&mut b, &tokens[..3], 4, 2, 2, |_| {}), Err(EvalError::TooShort(3))));
     }
 
     #[test]

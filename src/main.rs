@@ -421,12 +421,7 @@ fn run(mut a: RunArgs) -> Result<()> {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
         }
-        if a.skip.skip_layers > 0
-            || a.skip.chess_sparsity.is_some()
-            || a.skip.prune_sparsity.is_some()
-            || a.skip.flex_prefill.is_some()
-            || a.skip.structured_prune.is_some()
-        {
+        if a.skip.is_set() {
             bail!("--skip-layers applies when compiling a model; {} is compiled already", path.display());
         }
         let compiled = kiln::runtime::CompiledBackend::load(&path, a.threads, None)?;

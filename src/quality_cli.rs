@@ -183,6 +183,13 @@ pub struct SkipArgs {
     /// dense. Quality numbers: docs/quality.md.
     #[arg(long, value_name = "SPEC", num_args = 0..=1, default_missing_value = "")]
     pub flex_prefill: Option<String>,
+    /// CoreInfer (lossy, per prompt, no calibration): `alpha=0.4,beta=0.2` (either may be left out;
+    /// bare `--coreinfer` takes these). The first step (prefill) runs the dense MLP and keeps, per block,
+    /// the neurons in a token's top α share of |silu(gate)·up| for at least a β share of the prompt's
+    /// tokens; later steps (decode) run the MLP on those neurons only. α in (0, 1], β in [0, 1].
+    /// `kiln eval --prompt-len P` scores it meaningfully. See docs/sparsity.md.
+    #[arg(long, value_name = "alpha=A,beta=B", num_args = 0..=1, default_missing_value = "")]
+    pub coreinfer: Option<String>,
     /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
     /// --quality-budget).
     #[arg(long, value_name = "FILE")]
@@ -208,12 +215,23 @@ impl SkipArgs {
         }
     }
 
-    fn is_set(&self) -> bool {
+    pub fn is_set(&self) -> bool {
         self.skip_layers > 0
             || self.chess_sparsity.is_some()
             || self.prune_sparsity.is_some()
             || self.flex_prefill.is_some()
             || self.structured_prune.is_some()
+            || self.coreinfer.is_some()
+    }
+
+    /// The `--coreinfer` settings, checked (errors name the flag).
+    pub fn coreinfer(&self) -> Result<Option<kiln::passes::coreinfer::CoreInfer>> {
+        self.coreinfer
+            .as_deref()
+            .map(|s| {
+                kiln::passes::coreinfer::CoreInfer::parse(s).map_err(|e| anyhow::anyhow!("--coreinfer {s:?}: {e}"))
+            })
+            .transpose()
     }
 
     /// The `--flex-prefill` settings, checked (errors name the flag).
@@ -253,6 +271,10 @@ impl SkipArgs {
             bail!("--prune-sparsity {s} is outside [0, 1)");
         }
         let flex = self.flex()?;
+        let coreinfer = self.coreinfer()?;
+        if coreinfer.is_some() && (self.chess_sparsity.is_some() || self.prune_sparsity.is_some()) {
+            bail!("--coreinfer cannot be combined with --chess-sparsity or --prune-sparsity (each rewrites the MLP's linears)");
+        }
         let calibration = match &self.calibration {
             Some(p) => Some(load_calibration(p, model, model_path)?),
             None => None,
@@ -293,6 +315,7 @@ impl SkipArgs {
             rsparse_rank: self.rsparse_rank,
             prune,
             flex,
+            coreinfer,
             calibration,
             ..Default::default()
         };
@@ -306,6 +329,8 @@ impl SkipArgs {
                 "--chess-sparsity"
             } else if self.structured_prune.is_some() {
                 "--structured-prune"
+            } else if self.coreinfer.is_some() {
+                "--coreinfer"
             } else if self.flex_prefill.is_some() {
                 "--flex-prefill"
             } else {
@@ -400,6 +425,13 @@ pub struct EvalArgs {
     /// window − stride + 1 tokens of context after the first window.
     #[arg(long)]
     stride: Option<usize>,
+    /// Each window's first P tokens are a prompt run as a step of their own and not scored; the rest
+    /// of the window is scored by a second step (with --coreinfer: the prompt chooses the core set, the
+    /// scored part decodes with it). Needs P < --window and --stride ≤ window − P (default stride:
+    /// min(window/2, window − P)). Targets 1..=P of the text are never scored: compare runs with the
+    /// same P.
+    #[arg(long, value_name = "P", default_value_t = 0)]
+    prompt_len: usize,
     /// Worker threads for the compiled backend (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -546,9 +578,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     let path = crate::model_path(a.model.clone())?;
     let text = read_text(&a.text)?;
-    let stride = a.stride.unwrap_or((a.window / 2).max(1));
+    if a.prompt_len >= a.window {
+        bail!("--prompt-len {} must be less than --window {}", a.prompt_len, a.window);
+    }
+    let stride = a.stride.unwrap_or((a.window / 2).min(a.window - a.prompt_len).max(1));
     if a.window == 0 || stride == 0 || stride > a.window {
         bail!("--stride {stride} must be between 1 and --window {}", a.window);
+    }
+    if stride > a.window - a.prompt_len {
+        bail!(
+            "--stride {stride} must be at most --window − --prompt-len = {} (else some tokens are never scored)",
+            a.window - a.prompt_len
+        );
     }
     let mut interp_model = None;
     let (name, tokenizer, mut compiled_backend, build) = if kiln::artifact::is_artifact(&path) {
@@ -557,7 +598,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
         if a.skip.is_set() {
             bail!(
-                "--skip-layers/--chess-sparsity/--prune-sparsity/--structured-prune apply when compiling a model; {} is compiled already",
+                "--skip-layers/--chess-sparsity/--prune-sparsity/--structured-prune/--coreinfer apply when compiling a model; {} is compiled already",
                 path.display()
             );
         }
@@ -589,8 +630,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         (None, None) => unreachable!("an artifact or a model is loaded"),
     };
     let pb = bar(tokens.len() - 1, "scoring");
-    let report = kiln::eval::evaluate(backend, &tokens, a.window, stride, |n| pb.set_position(n as u64))
-        .with_context(|| format!("evaluating {}", a.text.display()))?;
+    let report =
+        kiln::eval::evaluate_prompted(backend, &tokens, a.window, stride, a.prompt_len, |n| pb.set_position(n as u64))
+            .with_context(|| format!("evaluating {}", a.text.display()))?;
     pb.finish_and_clear();
     if a.json {
         let j = serde_json::json!({
@@ -603,17 +645,19 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "chess_scope": a.skip.chess_sparsity.map(|_| a.skip.chess_scope().name()),
             "prune_sparsity": a.skip.prune_sparsity,
             "structured_prune": a.skip.structured_prune,
+            "coreinfer": a.skip.coreinfer().ok().flatten().map(|c| c.spec()),
             "report": report,
         });
         println!("{}", serde_json::to_string_pretty(&j)?);
     } else {
         println!(
-            "perplexity {:.4}  (mean NLL {:.5} nats/token over {} tokens; window {}, stride {}, {} windows; {:.1}s, {})",
+            "perplexity {:.4}  (mean NLL {:.5} nats/token over {} tokens; window {}, stride {}{}, {} windows; {:.1}s, {})",
             report.perplexity,
             report.mean_nll,
             report.scored,
             report.window,
             report.stride,
+            if report.prompt > 0 { format!(", prompt {} unscored", report.prompt) } else { String::new() },
             report.windows,
             report.seconds,
             backend.name()

@@ -92,6 +92,8 @@ impl Target for CpuTarget {
                 | Op::Threshold
                 | Op::MaskedLinear
                 | Op::ActiveLinear
+                | Op::CoreKeep { .. }
+                | Op::CoreSelect { .. }
                 | Op::SparseLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }

@@ -515,6 +515,23 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             Op::Input { name } => {
                 if ty.dtype.is_int() {
                     cx.buffer(BufferKind::Input { name: name.clone() }, DType::I32, ty.shape.clone())
+                } else if g.output_named(name).is_some() && !ty.shape.iter().any(|d| d.as_sym() == Some("past")) {
+                    // Whole state (CoreInfer's core set): [batch, …] with constant trailing dims, overwritten
+                    // in place by the op that returns it.
+                    let row: Option<usize> = match ty.shape.as_slice() {
+                        [b, rest @ ..] if b.as_sym() == Some("batch") || b.as_fixed() == Some(1) => {
+                            rest.iter().map(fixed).try_fold(1usize, |a, d| Some(a * d?))
+                        }
+                        _ => None,
+                    };
+                    let row = row.ok_or_else(|| {
+                        cx.unsupported(i, format!("state `{name}` must be [batch, …] or [batch, past, …]"))
+                    })?;
+                    cx.buffer(
+                        BufferKind::State { name: name.clone(), row_elems: row as u64, whole: true },
+                        DType::F32,
+                        ty.shape.clone(),
+                    )
                 } else if g.output_named(name).is_some() {
                     // A KV cache: [batch, past, heads, head_dim] with constant trailing dims.
                     let row: Option<usize> = match ty.shape.as_slice() {
@@ -526,7 +543,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                     let row =
                         row.ok_or_else(|| cx.unsupported(i, format!("state `{name}` must be [batch, past, …]")))?;
                     cx.buffer(
-                        BufferKind::State { name: name.clone(), row_elems: row as u64 },
+                        BufferKind::State { name: name.clone(), row_elems: row as u64, whole: false },
                         DType::F32,
                         ty.shape.clone(),
                     )
@@ -617,6 +634,45 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, spec, vec![x, wt, out], vec![m], vec![Dim::from(nn / 32)], true);
                 out
             }
+            Op::CoreKeep { past } => {
+                let core = cx.operand(i, 1);
+                let c = fixed(&ty.shape[2]).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
+                let out = cx.temp(i);
+                let (dims, items) = (vec![vec![past.clone()], vec![ty.shape[1].clone()]], ty.shape[..2].to_vec());
+                cx.launch(i, KernelSpec::Op(OpKernel::CoreKeep { c }), vec![core, out], dims, items, true);
+                out
+            }
+            Op::CoreSelect { alpha, beta, past } => {
+                let (act, state) = (cx.operand(i, 0), cx.operand(i, 1));
+                let BufferKind::State { name, whole: true, .. } = cx.program.buffers[state].kind.clone() else {
+                    return Err(
+                        cx.unsupported(i, "the core set must be a whole state (a graph input returned as an output)")
+                    );
+                };
+                // Written in place: the result must be returned as the state, and only core_keep (which
+                // reads it when this does not write it: past > 0) may read the old value.
+                if g.output_named(&name) != Some(kiln_ir::ValueId(i as u32)) {
+                    return Err(cx.unsupported(i, format!("core set `{name}` is not returned as `{name}`")));
+                }
+                let others = cx.readers[n.inputs[1].index()]
+                    .iter()
+                    .any(|&r| r != i && !matches!(g.nodes[r].op, Op::CoreKeep { .. }));
+                if others || cx.uses[n.inputs[1].index()] != cx.readers[n.inputs[1].index()].len() {
+                    return Err(cx.unsupported(i, format!("core set `{name}` is read by more than core_keep")));
+                }
+                let at = g.ty(n.inputs[0]);
+                let c = fixed(&at.shape[2]).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
+                let scratch = cx.buffer(BufferKind::Temp, DType::F32, at.shape[..2].to_vec());
+                let k = kiln_ir::coreinfer::core_k(*alpha, c);
+                let rows = at.shape[..2].to_vec();
+                let spec = KernelSpec::Op(OpKernel::CoreThresholds { c, k });
+                cx.launch(i, spec, vec![act, scratch], vec![vec![past.clone()]], rows, true);
+                let spec = KernelSpec::Op(OpKernel::CoreSelect { c, beta: *beta });
+                let dims = vec![vec![past.clone()], vec![at.shape[1].clone()]];
+                let items = vec![at.shape[0].clone(), Dim::from(c)];
+                cx.launch(i, spec, vec![act, scratch, state], dims, items, true);
+                state
+            }
             Op::RmsNorm { eps } => {
                 let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
                 let d = fixed(ty.shape.last().unwrap()).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
@@ -663,8 +719,8 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             }
             Op::Concat { axis: 1 } if cx.is_state(cx.operand(i, 0)) => {
                 let (state, new) = (cx.operand(i, 0), cx.operand(i, 1));
-                let BufferKind::State { name, row_elems } = cx.program.buffers[state].kind.clone() else {
-                    unreachable!()
+                let BufferKind::State { name, row_elems, whole: false } = cx.program.buffers[state].kind.clone() else {
+                    return Err(cx.unsupported(i, "append to a whole (fixed-size) state"));
                 };
                 // The grown cache must be the graph's output of the same name, and nothing else may read
                 // the old cache: then appending in place is exactly the concat.

@@ -662,6 +662,32 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             *shape.last_mut().unwrap() = n;
             Ok(Tensor::f32(shape, out))
         }
+        Op::CoreKeep { past } => {
+            let core = f(args[1])?;
+            let [b, s, _] = args[0].shape[..] else { return Err("core_keep rows must have rank 3".into()) };
+            let c = args[1].shape[1];
+            let past = past.eval(env).ok_or_else(|| format!("cannot evaluate past = {past}"))?;
+            let mut out = vec![1f32; b * s * c];
+            if past != 0 {
+                for (r, row) in out.chunks_mut(c.max(1)).enumerate() {
+                    row.copy_from_slice(&core[(r / s.max(1)) * c..][..c]);
+                }
+            }
+            Ok(Tensor::f32(vec![b, s, c], out))
+        }
+        Op::CoreSelect { alpha, beta, past } => {
+            let (act, core) = (f(args[0])?, f(args[1])?);
+            let [b, s, c] = args[0].shape[..] else { return Err("core_select activation must have rank 3".into()) };
+            let past = past.eval(env).ok_or_else(|| format!("cannot evaluate past = {past}"))?;
+            if past != 0 {
+                return Ok(args[1].clone());
+            }
+            let mut out = Vec::with_capacity(core.len());
+            for bi in 0..b {
+                out.extend(crate::coreinfer::core_set(&act[bi * s * c..(bi + 1) * s * c], s, c, *alpha, *beta));
+            }
+            Ok(Tensor::f32(vec![b, c], out))
+        }
         Op::Reshape { .. } => Err("reshape needs the bound symbols; the interpreter evaluates it".into()),
         Op::Transpose { perm } => {
             let t = args[0];

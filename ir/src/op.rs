@@ -283,6 +283,14 @@ ops! {
     /// mass reaches `gamma`, block column 0 and the diagonal always. With fewer than `min_len` query
     /// rows it is exactly `attention` (see `kiln_ir::flex`).
     FlexAttention { scale: f32, block: i64, gamma: f32, tau: f32, min_len: i64 } = "flex_attention" / 3;
+    /// CoreInfer's MLP mask for this step: `x[B, S, _]`, `core[B, C]` → `[B, S, C]`, all ones when
+    /// `past` (a dim, e.g. the symbol `past`) is 0 — the prefill chunk runs the dense MLP — else every
+    /// row is the prompt's core set `core[b]` (see `kiln_ir::coreinfer`). `x` only gives the rows.
+    CoreKeep { past: Dim } = "core_keep" / 2;
+    /// CoreInfer's core-set state after this step: `act[B, S, C]`, `core[B, C]` → `[B, C]`. When `past`
+    /// is 0 the sentence-wise core set of `act` (top `alpha` share per token, kept by at least a `beta`
+    /// share of the tokens; `kiln_ir::coreinfer::core_set`), else `core` unchanged.
+    CoreSelect { alpha: f32, beta: f32, past: Dim } = "core_select" / 2;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -507,6 +515,25 @@ impl Op {
                 let mut shape = x.shape.clone();
                 *shape.last_mut().unwrap() = wt.shape[1].clone();
                 Ok(f32t(shape))
+            }
+            Op::CoreKeep { .. } => {
+                let (x, core) = (ins[0], ins[1]);
+                want_float(core, "core set")?;
+                want_rank(x, 3, "core_keep rows")?;
+                want_rank(core, 2, "core set")?;
+                same_dim(&x.shape[0], &core.shape[0], "core_keep batch")?;
+                Ok(f32t(vec![x.shape[0].clone(), x.shape[1].clone(), core.shape[1].clone()]))
+            }
+            Op::CoreSelect { alpha, beta, .. } => {
+                crate::coreinfer::validate(*alpha, *beta)?;
+                let (act, core) = (ins[0], ins[1]);
+                want_float(act, "core_select activation")?;
+                want_float(core, "core set")?;
+                want_rank(act, 3, "core_select activation")?;
+                want_rank(core, 2, "core set")?;
+                same_dim(&act.shape[0], &core.shape[0], "core_select batch")?;
+                same_dim(&act.shape[2], &core.shape[1], "core_select width")?;
+                Ok(core.clone())
             }
             Op::Reshape { shape } => {
                 let x = ins[0];

@@ -23,8 +23,15 @@ pub enum BufferKind {
     /// A per-step temporary.
     Temp,
     /// Persistent across steps: a KV cache of `capacity` rows (positions) of `row_elems` f32 each.
-    /// Launches append rows at position `past`; reads see rows `0..past+seq`.
-    State { name: String, row_elems: u64 },
+    /// Launches append rows at position `past`; reads see rows `0..past+seq`. With `whole`, one row of
+    /// `row_elems` f32 that launches overwrite in place (CoreInfer's core set, `core_set.L`): state of a
+    /// fixed size, not one row per position.
+    State {
+        name: String,
+        row_elems: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        whole: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -127,24 +127,24 @@ fn find_attn_inputs(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<At
 }
 
 /// What one block's MLP is made of.
-struct Mlp {
-    layer: usize,
-    swiglu: usize,
-    gate: ValueId,
-    ffn_in: ValueId,
-    up_w: ValueId,
-    down: usize,
-    down_w: String,
+pub(crate) struct Mlp {
+    pub(crate) layer: usize,
+    pub(crate) swiglu: usize,
+    pub(crate) gate: ValueId,
+    pub(crate) ffn_in: ValueId,
+    pub(crate) up_w: ValueId,
+    pub(crate) down: usize,
+    pub(crate) down_w: String,
 }
 
-fn weight_name(g: &Graph, v: ValueId) -> Option<&str> {
+pub(crate) fn weight_name(g: &Graph, v: ValueId) -> Option<&str> {
     match &g.node(v).op {
         Op::Weight { name } => Some(name),
         _ => None,
     }
 }
 
-fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<Mlp>, String> {
+pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<Mlp>, String> {
     let mut out = Vec::new();
     for b in blocks {
         let l = b.layer;
@@ -180,7 +180,7 @@ fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<Mlp>, Str
 
 /// `Wᵀ` of an `[n, k]` weight as `[k, n]`, quantized along `n` in `dtype` (or Q8_0 when the active-channel
 /// kernel does not read `dtype`; f32 stays f32).
-fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, String> {
+pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, String> {
     let [n, k] = t.shape[..] else { return Err(format!("weight of shape {:?} is not a matrix", t.shape)) };
     let w = t.to_f32().map_err(|e| e.to_string())?;
     let mut wt = vec![0f32; n * k];
@@ -492,7 +492,7 @@ impl Pass for Chess {
 }
 
 /// The gate projection's weight node.
-fn weight_of_gate(g: &Graph, gate: ValueId) -> Result<ValueId, String> {
+pub(crate) fn weight_of_gate(g: &Graph, gate: ValueId) -> Result<ValueId, String> {
     let n = g.node(gate);
     match n.op {
         Op::Linear if weight_name(g, n.inputs[1]).is_some() => Ok(n.inputs[1]),

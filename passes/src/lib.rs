@@ -6,6 +6,7 @@
 pub mod blocks;
 pub mod calibration;
 pub mod chess;
+pub mod coreinfer;
 pub mod cse;
 pub mod dce;
 pub mod decompose;

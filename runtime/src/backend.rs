@@ -103,6 +103,11 @@ impl<'w> InterpreterBackend<'w> {
     pub fn graph(&self) -> &Graph {
         &self.graph
     }
+
+    /// The current value of a state input (`k_cache.L`, CoreInfer's `core_set.L`), row-major.
+    pub fn state(&self, name: &str) -> Option<&[f32]> {
+        self.state.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
+    }
 }
 
 impl Backend for InterpreterBackend<'_> {

@@ -179,8 +179,8 @@ pub struct CompiledBackend {
     weights: memmap2::Mmap,
     kernels: Vec<KernelFn>,
     storage: Vec<Storage>,
-    /// The KV caches (state buffers), with the rows each has written so far: `past` for every cache
-    /// unless an early-exit schedule skipped blocks.
+    /// The KV caches (state buffers, not the whole ones: those are overwritten in place), with the rows
+    /// each has written so far: `past` for every cache unless an early-exit schedule skipped blocks.
     caches: Vec<Cache>,
     /// Per-position early exit: which blocks each position runs.
     exit: Option<(ExitMode, ExitSchedule)>,
@@ -262,6 +262,7 @@ impl CompiledBackend {
                 }
                 BufferKind::Input { .. } => Storage::Ints(Vec::new()),
                 BufferKind::Temp => Storage::Floats(Vec::new()),
+                BufferKind::State { row_elems, whole: true, .. } => Storage::Floats(vec![0.0; *row_elems as usize]),
                 BufferKind::State { row_elems, .. } => Storage::Floats(vec![0.0; capacity * *row_elems as usize]),
             });
             if !matches!(b.dtype, DType::F32 | DType::I32) && !matches!(b.kind, BufferKind::Weight { .. }) {
@@ -272,7 +273,7 @@ impl CompiledBackend {
         let pool = SpinPool::new(threads).map_err(|e| invalid(dir, format!("starting worker threads: {e}")))?;
         let regions = &manifest.program.regions;
         let caches = (manifest.program.buffers.iter().enumerate())
-            .filter(|(_, b)| matches!(b.kind, BufferKind::State { .. }))
+            .filter(|(_, b)| matches!(b.kind, BufferKind::State { whole: false, .. }))
             .map(|(buffer, _)| Cache {
                 buffer,
                 region: regions.iter().position(|r| r.states.contains(&buffer)),
@@ -320,6 +321,17 @@ impl CompiledBackend {
 
     pub fn threads(&self) -> usize {
         self.pool.threads()
+    }
+
+    /// The current value of a whole (fixed-size) state buffer, e.g. CoreInfer's `core_set.L`.
+    pub fn state(&self, name: &str) -> Option<&[f32]> {
+        let b = self.manifest.program.buffers.iter().position(
+            |b| matches!(&b.kind, kiln_ir::program::BufferKind::State { name: n, whole: true, .. } if n == name),
+        )?;
+        match &self.storage[b] {
+            Storage::Floats(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// Decoder blocks the program can skip per step ([`Self::step_blocks`]); 0 if it cannot.

@@ -10,6 +10,7 @@
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
+pub mod coreinfer;
 pub mod embedding;
 pub mod emit;
 pub mod flex;

@@ -49,6 +49,14 @@ pub enum OpKernel {
         gamma: f32,
         min_len: usize,
     },
+    /// CoreInfer's MLP mask (`core_keep`): bufs [core, out]; dims [past, seq]; items: rows of `c`.
+    CoreKeep { c: usize },
+    /// CoreInfer, per prefill token the k-th largest |activation| key: bufs [act, scratch(i32)]; dims
+    /// [past]; items: rows.
+    CoreThresholds { c: usize, k: usize },
+    /// CoreInfer's core set (`core_select`) from the thresholds: bufs [act, scratch, core]; dims [past,
+    /// seq]; items: batch · `c` channels, written in place into the state `core`.
+    CoreSelect { c: usize, beta: f32 },
 }
 
 impl OpKernel {
@@ -78,6 +86,9 @@ impl OpKernel {
                 f(*scale),
                 f(*gamma)
             ),
+            OpKernel::CoreKeep { c } => format!("kiln_core_keep_c{c}"),
+            OpKernel::CoreThresholds { c, k } => format!("kiln_core_thresholds_c{c}_k{k}"),
+            OpKernel::CoreSelect { c, beta } => format!("kiln_core_select_c{c}_b{}", f(*beta)),
         }
     }
 
@@ -195,6 +206,9 @@ impl OpKernel {
                 })?;
             }
             OpKernel::FlexPattern { .. } | OpKernel::FlexAttention { .. } => super::flex::emit(&e, self)?,
+            OpKernel::CoreKeep { .. } | OpKernel::CoreThresholds { .. } | OpKernel::CoreSelect { .. } => {
+                super::coreinfer::emit(&e, self)?
+            }
         }
         e.finish()
     }

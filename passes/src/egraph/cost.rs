@@ -87,6 +87,9 @@ impl CostModel {
             Op::ReduceSum { .. } | Op::ReduceMax { .. } | Op::ReduceMean { .. } => {
                 return self.launch_and_moves(out, ins) + self.coef.ns_per_flop * self.numel(ins[0]);
             }
+            // CoreInfer: a copy of the core set per row; the selection's per-token bisection (prefill only).
+            Op::CoreKeep { .. } => 1.0,
+            Op::CoreSelect { .. } => 32.0,
             Op::Softmax { .. } => 14.0,
             Op::RmsNorm { .. } => 4.0,
             Op::Rope { .. } => 24.0,
