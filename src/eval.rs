@@ -50,7 +50,7 @@ pub fn window_plan_prompted(n: usize, window: usize, stride: usize, prompt: usiz
         let t_end = fed_end + 1;
         let first = next.max(start + prompt + 1);
         if first < t_end {
-            debug_assert!(next >= start + prompt + 1, "stride <= window - prompt leaves no gap");
+            debug_assert!(next > start + prompt, "stride <= window - prompt leaves no gap");
             plan.push(Window { start, targets: first..t_end });
             next = t_end;
         }

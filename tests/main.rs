@@ -6,6 +6,7 @@
 mod bad_input;
 mod common;
 mod compiled;
+mod coreinfer;
 mod embed;
 mod flexprefill;
 mod fuzz;
