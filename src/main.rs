@@ -598,14 +598,21 @@ fn generate_and_print(
             "decode_tok_per_s": decode_tps,
             "peak_rss_mib": peak_rss_mib(),
         });
+        let mut report = report;
+        if let Some(s) = kiln::runtime::core_share(backend) {
+            report["core_share"] = serde_json::json!(s);
+        }
         return Ok(Some(report));
     } else if !quiet {
         if let Some(rest) = decoder.as_mut().and_then(|d| d.finish()) {
             write!(out, "{rest}")?;
         }
         writeln!(out)?;
+        let core = kiln::runtime::core_share(backend)
+            .map(|s| format!("; CoreInfer core set {:.1}% of MLP neurons", 100.0 * s))
+            .unwrap_or_default();
         eprintln!(
-            "[{} prompt tokens, {} generated, stop: {:?}; prefill {:.1} tok/s, decode {:.1} tok/s; backend {}]",
+            "[{} prompt tokens, {} generated, stop: {:?}; prefill {:.1} tok/s, decode {:.1} tok/s; backend {}{core}]",
             stats.prompt_tokens,
             stats.generated.len(),
             stats.stop,

@@ -167,6 +167,9 @@ impl Backend for Recorder<'_> {
     fn output(&self, name: &str) -> Option<&[f32]> {
         self.inner.output(name)
     }
+    fn state(&self, name: &str) -> Option<&[f32]> {
+        self.inner.state(name)
+    }
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
         let before = self.comm.as_ref().map(|c| c.stats()).unwrap_or_default();
         let l = self.inner.forward(tokens)?;

@@ -55,6 +55,20 @@ pub trait Backend {
         let _ = name;
         None
     }
+    /// The current value of a fixed-size state (CoreInfer's `core_set.L`), row-major; `None` if there
+    /// is none of that name.
+    fn state(&self, name: &str) -> Option<&[f32]> {
+        let _ = name;
+        None
+    }
+}
+
+/// CoreInfer: the share of MLP neurons in the current core sets (`core_set.L`, every layer), if the
+/// backend has them.
+pub fn core_share(b: &dyn Backend) -> Option<f64> {
+    let sets: Vec<&[f32]> = (0..).map_while(|l| b.state(&format!("core_set.{l}"))).collect();
+    let n: usize = sets.iter().map(|s| s.len()).sum();
+    (n > 0).then(|| sets.iter().flat_map(|s| s.iter()).filter(|&&x| x != 0.0).count() as f64 / n as f64)
 }
 
 /// Runs the graph on the reference interpreter. Every graph input whose name is also an output name
@@ -103,11 +117,6 @@ impl<'w> InterpreterBackend<'w> {
     pub fn graph(&self) -> &Graph {
         &self.graph
     }
-
-    /// The current value of a state input (`k_cache.L`, CoreInfer's `core_set.L`), row-major.
-    pub fn state(&self, name: &str) -> Option<&[f32]> {
-        self.state.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
-    }
 }
 
 impl Backend for InterpreterBackend<'_> {
@@ -126,6 +135,11 @@ impl Backend for InterpreterBackend<'_> {
 
     fn output(&self, name: &str) -> Option<&[f32]> {
         self.extra.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
+    }
+
+    /// Any state input (`k_cache.L` too), row-major.
+    fn state(&self, name: &str) -> Option<&[f32]> {
+        self.state.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
     }
 
     fn reset(&mut self) {

@@ -323,17 +323,6 @@ impl CompiledBackend {
         self.pool.threads()
     }
 
-    /// The current value of a whole (fixed-size) state buffer, e.g. CoreInfer's `core_set.L`.
-    pub fn state(&self, name: &str) -> Option<&[f32]> {
-        let b = self.manifest.program.buffers.iter().position(
-            |b| matches!(&b.kind, kiln_ir::program::BufferKind::State { name: n, whole: true, .. } if n == name),
-        )?;
-        match &self.storage[b] {
-            Storage::Floats(v) => Some(v),
-            _ => None,
-        }
-    }
-
     /// Decoder blocks the program can skip per step ([`Self::step_blocks`]); 0 if it cannot.
     pub fn blocks(&self) -> usize {
         self.manifest.program.regions.len()
@@ -366,6 +355,19 @@ impl Backend for CompiledBackend {
     fn output(&self, name: &str) -> Option<&[f32]> {
         let (_, b) = self.manifest.program.outputs.iter().find(|(n, _)| n == name)?;
         match &self.storage[*b] {
+            Storage::Floats(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// A whole (fixed-size) state buffer, e.g. CoreInfer's `core_set.L` (not the KV caches).
+    fn state(&self, name: &str) -> Option<&[f32]> {
+        let b = self
+            .manifest
+            .program
+            .buffers
+            .iter()
+            .position(|b| matches!(&b.kind, BufferKind::State { name: n, whole: true, .. } if n == name))?;
+        match &self.storage[b] {
             Storage::Floats(v) => Some(v),
             _ => None,
         }
