@@ -8,6 +8,7 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
   3. decode speed from `kiln run`, interleaved over rounds (CPU tok/s as in bench/quality.py).
 
 Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
+       python3 bench/sparsity.py --sparsities "" --coreinfer 'alpha=0.4,beta=0.2;…' --prompt-len 128 --marker coreinfer
 """
 import argparse
 import json
@@ -25,6 +26,9 @@ def main():
     ap.add_argument("--text", default="data/eval.txt", help="evaluation text")
     ap.add_argument("--prune", default="", help="magnitude-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
     ap.add_argument("--structured", default="", help="structured-pruning specs separated by ';', e.g. 'neurons=0.25;heads=1'")
+    ap.add_argument("--coreinfer", default="", help="CoreInfer specs separated by ';', e.g. 'alpha=0.4,beta=0.2;alpha=0.2'")
+    ap.add_argument("--prompt-len", type=int, default=0,
+                    help="kiln eval --prompt-len: each window's first P tokens are an unscored prompt (every configuration)")
     ap.add_argument("--marker", default="sparsity")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--stride", type=int, default=512)
@@ -40,13 +44,15 @@ def main():
     t0 = time.time()
     # v2 files without the attention-output quantiles cannot drive `--chess-scope attn/all`.
     calib = os.path.join(a.work, "calib-v2b.json")
-    if not os.path.exists(calib):
+    needs_calib = a.sparsities or a.structured or a.prune
+    if needs_calib and not os.path.exists(calib):
         kiln(["calibrate", "--text", "data/calibration.txt", "-o", calib])
     scopes = [sc for sc in a.scopes.split(",") if sc]
     configs = [("dense", None)] + [("chess" if sc == "mlp" else f"chess ({sc})", float(s))
                                    for sc in scopes for s in a.sparsities.split(",") if s]
     configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
     configs += [("structured", s) for s in a.structured.split(";") if s]
+    configs += [("coreinfer", s) for s in a.coreinfer.split(";") if s]
 
     def opts(c):
         tech, s = c
@@ -55,6 +61,8 @@ def main():
             return ["--chess-sparsity", str(s), "--chess-scope", scope, "--calibration", calib]
         if tech == "structured":
             return ["--structured-prune", s, "--calibration", calib]
+        if tech == "coreinfer":
+            return ["--coreinfer", s]
         if tech.startswith("prune"):
             return ["--prune-sparsity", str(s), "--prune-method", "magnitude"]
         return []
@@ -62,16 +70,23 @@ def main():
     ppl = {}
     for c in configs:
         out = json.loads(kiln(["eval", "--text", a.text, "--json", "--window", str(a.window), "--stride",
-                               str(a.stride), "--threads", str(a.eval_threads)] + opts(c)))
+                               str(a.stride), "--threads", str(a.eval_threads)]
+                              + (["--prompt-len", str(a.prompt_len)] if a.prompt_len else []) + opts(c)))
         ppl[c] = out["report"]
         print(f"eval {c}: ppl {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
 
     # Every configuration is compiled (one short run) before any timed run.
     cpu, best = decode_speeds({c: opts(c) for c in configs}, "The history of the bicycle begins", a.threads,
                               a.rounds, a.decode_tokens)
+    prompt = "The history of the bicycle begins"
+    # CoreInfer's core set depends on the prompt: its share of the MLP neurons after the decode prompt.
+    core = {c: json.loads(kiln(["run", "--prompt", prompt, "-n", "1", "--json"] + opts(c))).get("core_share")
+            for c in configs if c[0] == "coreinfer"}
     base = configs[0]
+    scored = (f"; each window's first {a.prompt_len} tokens are an unscored prompt (`--prompt-len`), "
+              f"{ppl[base]['scored']} tokens scored" if a.prompt_len else "")
     lines = [
-        f"Perplexity on `{a.text}` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride}); decode: "
+        f"Perplexity on `{a.text}` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride}{scored}); decode: "
         f"{a.decode_tokens} greedy tokens, {a.threads} thread(s), compiled backend, {a.rounds} interleaved rounds, "
         f"CPU tok/s and wall tok/s as above. Binary: `{os.path.relpath(KILN, ROOT)}`.",
         "",
@@ -82,6 +97,8 @@ def main():
     for c in configs:
         p = ppl[c]["perplexity"]
         target = "—" if c[1] is None else c[1] if isinstance(c[1], str) else f"{100 * c[1]:.0f}%"
+        if core.get(c) is not None:
+            target += f" (core set {100 * core[c]:.0f}%)"
         lines.append(f"| {c[0]} | {target} | {p:.3f} | {100 * (p / bp - 1):+.1f}% | "
                      f"{cpu[c]:.1f} | {cpu[c] / cpu[base]:.2f}× | {best[c]:.1f} | {best[c] / best[base]:.2f}× |")
     lines.append("")
