@@ -239,3 +239,31 @@ fn activation_sparsity_ops_by_hand() {
     let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 2]\n  %1 = weight {name = \"wt\"} : f32[3, 2]\n  %2 = active_linear(%0, %1) : f32[seq, 2]\n  output \"y\" = %2");
     assert!(parse(&bad).unwrap_err().to_string().contains("active_linear inner dimension"));
 }
+
+#[test]
+fn coreinfer_ops_by_hand() {
+    let w = WeightStore::new();
+    // `past` comes from the cache input's shape: 0 rows → prefill, 2 rows → decode.
+    let src = g1("  %0 = input {name = \"a\"} : f32[1, seq, 4]\n  %1 = input {name = \"core\"} : f32[1, 4]\n  %2 = input {name = \"cache\"} : f32[1, past, 1]\n  %3 = core_keep(%0, %1) {past = past} : f32[1, seq, 4]\n  %4 = core_select(%0, %1) {alpha = 0.5, beta = 0.5, past = past} : f32[1, 4]\n  output \"keep\" = %3\n  output \"core\" = %4\n  output \"cache\" = %2");
+    let g = parse(&src).unwrap();
+    assert_eq!(print(&g), src, "the text form round-trips");
+    // Token-wise top 2 of 4: {0, 1}, {1, 2}, {1, 3} → counts 1, 3, 1, 1; ≥ 1.5 of 3 tokens: only 1.
+    let a = Tensor::f32(vec![1, 3, 4], vec![3.0, -5.0, 1.0, 0.0, 0.5, 4.0, -4.0, 1.0, 0.0, 2.0, 1.0, -3.0]);
+    let core = Tensor::f32(vec![1, 4], vec![0.0, 0.0, 1.0, 1.0]);
+    let run = |past: usize| {
+        let cache = Tensor::f32(vec![1, past, 1], vec![0.0; past]);
+        let inputs = [("a", a.clone()), ("core", core.clone()), ("cache", cache)];
+        Interpreter::new(&w).run(&g, &inputs).unwrap()
+    };
+    let out = run(0);
+    assert_eq!(out[0].1.as_f32().unwrap(), &[1.0; 12], "prefill keeps every neuron");
+    assert_eq!(out[1].1.as_f32().unwrap(), &[0.0, 1.0, 0.0, 0.0], "the prompt's core set");
+    let out = run(2);
+    assert_eq!(out[0].1.as_f32().unwrap(), &[0.0, 0.0, 1.0, 1.0].repeat(3), "decode keeps the state's set");
+    assert_eq!(out[1].1.as_f32().unwrap(), &[0.0, 0.0, 1.0, 1.0], "the state is unchanged after prefill");
+    // Bad parameters and widths are type errors.
+    let bad = src.replace("alpha = 0.5", "alpha = 0.0");
+    assert!(parse(&bad).unwrap_err().to_string().contains("alpha 0 is outside (0, 1]"));
+    let bad = src.replace("%1 = input {name = \"core\"} : f32[1, 4]", "%1 = input {name = \"core\"} : f32[1, 5]");
+    assert!(parse(&bad).is_err());
+}
