@@ -573,6 +573,9 @@ fn eval_early_exit(a: &EvalArgs) -> Result<()> {
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if a.exit.early_exit.is_some() && a.prompt_len > 0 {
+        bail!("--prompt-len does not apply with --early-exit (which scores by teacher-forced decoding)");
+    }
     if a.exit.early_exit.is_some() {
         return eval_early_exit(&a);
     }

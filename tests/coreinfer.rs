@@ -226,7 +226,10 @@ fn decode_uses_the_prefill_core_set() {
     }
     // Compiled: the same.
     let art = tempfile::tempdir().unwrap();
-    compile_build(&m, "test", &b, art.path()).unwrap();
+    let manifest = compile_build(&m, "test", &b, art.path()).unwrap();
+    let rec = manifest.records.iter().find(|r| r["pass"] == "coreinfer").expect("recorded");
+    assert_eq!(rec["detail"]["beta"], serde_json::json!(0.6f32));
+    assert_eq!(rec["detail"]["layers"].as_array().unwrap().len(), LAYERS);
     let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
     cb.forward(prompt).unwrap();
     let cgot = cb.forward(next).unwrap().data;
