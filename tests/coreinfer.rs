@@ -311,3 +311,80 @@ fn coreinfer_options_are_checked() {
     assert_eq!(code, 0, "{err}");
     assert!(!out.is_empty(), "{out}");
 }
+
+/// The CoreInfer kernels alone on odd widths, with many exact ties (small integer activations, ±0):
+/// compiled `core_keep`/`core_select` = the interpreter, bit for bit, over a prefill and a second step,
+/// at random α/β and 1/2 threads.
+#[test]
+fn core_kernels_match_the_interpreter_on_odd_shapes() {
+    use kiln::codegen::{compile_to_dir, ArtifactInfo, CompileOptions};
+    use kiln::ir::{shape, Dim, Graph, TensorType};
+    use rand::{Rng, SeedableRng};
+    const VOCAB: usize = 13;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(71);
+    let mut partial = 0;
+    for trial in 0..24u64 {
+        let c = [1usize, 7, 33, 100][trial as usize % 4];
+        let alpha: f32 = if trial == 0 { 1.0 } else { rng.random_range(0.01..1.0) };
+        let beta: f32 = match trial % 6 {
+            0 => 0.0,
+            3 => 1.0,
+            _ => rng.random_range(0.1..0.9),
+        };
+        let mut store = WeightStore::new();
+        let vals: Vec<f32> =
+            (0..VOCAB * c).map(|i| if i % 5 == 0 { -0.0 } else { rng.random_range(-3..=3) as f32 }).collect();
+        store.insert("table", TensorData::from_f32(vec![VOCAB, c], &vals));
+        store.insert("col", TensorData::from_f32(vec![VOCAB, 1], &vec![0.5; VOCAB]));
+        let mut g = Graph::new("core");
+        let tokens = g.input("tokens", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
+        g.input("pos", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
+        let cache = g.input("cache", TensorType::new(DType::F32, shape!["batch", "past", 1i64])).unwrap();
+        let core = g.input("core", TensorType::new(DType::F32, vec![Dim::sym("batch"), Dim::from(c)])).unwrap();
+        let table = g.weight("table", TensorType::new(DType::F32, vec![Dim::from(VOCAB), Dim::from(c)])).unwrap();
+        let colw = g.weight("col", TensorType::new(DType::F32, vec![Dim::from(VOCAB), Dim::from(1usize)])).unwrap();
+        let act = g.add(Op::Embedding, &[table, tokens]).unwrap();
+        let col = g.add(Op::Embedding, &[colw, tokens]).unwrap();
+        let grown = g.add(Op::Concat { axis: 1 }, &[cache, col]).unwrap();
+        let keep = g.add(Op::CoreKeep { past: Dim::sym("past") }, &[act, core]).unwrap();
+        let sel = g.add(Op::CoreSelect { alpha, beta, past: Dim::sym("past") }, &[act, core]).unwrap();
+        g.output("keep", keep);
+        g.output("cache", grown);
+        g.output("core", sel);
+        let dir = tempfile::tempdir().unwrap();
+        let info = ArtifactInfo {
+            model_name: "core".into(),
+            source_hash: "core".into(),
+            context_length: 32,
+            vocab_size: VOCAB,
+            ..Default::default()
+        };
+        compile_to_dir(&g, &store, &CompileOptions::default(), &info, dir.path()).unwrap();
+        let mut cb = CompiledBackend::load(dir.path(), 1 + (trial % 2) as usize, None).unwrap();
+        let (mut cache_v, mut core_v, mut past) = (Vec::<f32>::new(), vec![0f32; c], 0usize);
+        for step in 0..2 {
+            let s = rng.random_range(1..=9usize);
+            let toks: Vec<u32> = (0..s).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+            cb.step(&toks).unwrap();
+            let ids: Vec<i64> = toks.iter().map(|&t| t as i64).collect();
+            let inputs = [
+                ("tokens", Tensor::i64(vec![1, s], ids)),
+                ("pos", Tensor::i64(vec![1, s], (past as i64..(past + s) as i64).collect())),
+                ("cache", Tensor::f32(vec![1, past, 1], cache_v.clone())),
+                ("core", Tensor::f32(vec![1, c], core_v.clone())),
+            ];
+            let out = Interpreter::new(&store).run(&g, &inputs).unwrap();
+            let get = |n: &str| out.iter().find(|(k, _)| k == n).unwrap().1.as_f32().unwrap().to_vec();
+            let what = format!("trial {trial}: C {c}, α {alpha}, β {beta}, step {step}, seq {s}");
+            assert_eq!(cb.output("keep").unwrap(), &get("keep")[..], "{what}: keep");
+            assert_eq!(cb.state("core").unwrap(), &get("core")[..], "{what}: core set");
+            if step == 0 && alpha == 1.0 {
+                assert_eq!(get("core"), vec![1.0; c], "{what}: α = 1 keeps every neuron");
+            }
+            let core_now = get("core");
+            partial += usize::from(core_now.contains(&0.0) && core_now.contains(&1.0));
+            (cache_v, core_v, past) = (get("cache"), core_now, past + s);
+        }
+    }
+    assert!(partial >= 12, "only {partial} steps had a core set that is neither empty nor everything");
+}
