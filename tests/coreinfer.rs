@@ -335,7 +335,7 @@ fn core_kernels_match_the_interpreter_on_odd_shapes() {
         let vals: Vec<f32> =
             (0..VOCAB * c).map(|i| if i % 5 == 0 { -0.0 } else { rng.random_range(-3..=3) as f32 }).collect();
         store.insert("table", TensorData::from_f32(vec![VOCAB, c], &vals));
-        store.insert("col", TensorData::from_f32(vec![VOCAB, 1], &vec![0.5; VOCAB]));
+        store.insert("col", TensorData::from_f32(vec![VOCAB, 1], &[0.5; VOCAB]));
         let mut g = Graph::new("core");
         let tokens = g.input("tokens", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
         g.input("pos", TensorType::new(DType::I32, shape!["batch", "seq"])).unwrap();
