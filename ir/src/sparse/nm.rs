@@ -485,7 +485,7 @@ mod tests {
         }
         // Row [1, 1, 0.1, 0.1]: magnitude 2:4 keeps columns 0, 1; with channels 2, 3 100x louder Wanda
         // keeps 2, 3.
-        let mut w = vec![0f32; 32];
+        let mut w = [0f32; 32];
         w[..4].copy_from_slice(&[1.0, 1.0, 0.1, 0.1]);
         let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
         let p = NmPattern::new(2, 4).unwrap();
@@ -511,7 +511,7 @@ mod tests {
         let pos_at = 2 + 8; // header, 16 nibbles
         type Mutation = Box<dyn Fn(&mut NmSparse)>;
         let cases: Vec<(&str, Mutation)> = vec![
-            ("data bytes", Box::new(|s| drop(s.data.pop()))),
+            ("data bytes", Box::new(|s| s.data.truncate(s.data.len() - 1))),
             ("data bytes", Box::new(|s| s.n = 3)),
             ("padding", Box::new(|s| s.data[15] = 1)),
             // Group 0's two positions equal (0, 0), then reversed (1, 0).
