@@ -42,6 +42,8 @@ pub enum SparseError {
     NmUnsupported(DType),
     #[error("{0}")]
     Pattern(String),
+    #[error("N:M-sparse {dtype} [{n}, {k}]: {what}")]
+    NmInconsistent { dtype: DType, n: usize, k: usize, what: String },
     #[error("density {0} is not in 0..=1")]
     Density(f64),
     #[error("{0}")]

@@ -186,7 +186,7 @@ impl NmSparse {
     /// rules make the form canonical, so that equal matrices have equal bytes.)
     pub fn validate(&self) -> Result<(), SparseError> {
         check(self.dtype, self.pattern, self.k)?;
-        let bad = |what: String| SparseError::Inconsistent { dtype: self.dtype, n: self.n, k: self.k, what };
+        let bad = |what: String| SparseError::NmInconsistent { dtype: self.dtype, n: self.n, k: self.k, what };
         let rb = self.row_bytes();
         let want = self.n.checked_mul(rb).filter(|&b| b <= i64::MAX as usize / 8);
         if want != Some(self.data.len()) {
@@ -237,7 +237,7 @@ impl NmSparse {
         mut keep: impl FnMut(usize, usize) -> bool,
     ) -> Result<NmSparse, SparseError> {
         check(dtype, pattern, k)?;
-        let bad = |what: String| SparseError::Inconsistent { dtype, n, k, what };
+        let bad = |what: String| SparseError::NmInconsistent { dtype, n, k, what };
         let dense_row = dtype.row_bytes(k).expect("k is a multiple of 32");
         if Some(bytes.len()) != n.checked_mul(dense_row) {
             return Err(bad(format!("{} dense bytes, want {n} rows of {dense_row}", bytes.len())));
@@ -353,7 +353,7 @@ pub fn prune_nm(
     check(dtype, pattern, k)?;
     if let Some(s) = scale {
         if s.len() != k {
-            return Err(SparseError::Inconsistent {
+            return Err(SparseError::NmInconsistent {
                 dtype,
                 n,
                 k,
