@@ -499,7 +499,8 @@ mod tests {
         let w = prune_nm(DType::Q4_1, p, 3, 64, &dense_w, None).unwrap();
         let x = vec![0f32; 2 * 64];
         let mut y = vec![0f32; 2 * 3];
-        let cases: Vec<(&str, Box<dyn Fn(&mut NmSparse)>, usize, Range<usize>)> = vec![
+        type Case = (&'static str, Box<dyn Fn(&mut NmSparse)>, usize, Range<usize>);
+        let cases: Vec<Case> = vec![
             ("data bytes", Box::new(|w| w.data.truncate(5)), 2, 0..3),
             ("data bytes", Box::new(|w| w.pattern = NmPattern::new(1, 4).unwrap()), 2, 0..3),
             ("x has", Box::new(|_| {}), 3, 0..3),
