@@ -424,6 +424,7 @@ fn run(mut a: RunArgs) -> Result<()> {
         if a.skip.skip_layers > 0
             || a.skip.chess_sparsity.is_some()
             || a.skip.prune_sparsity.is_some()
+            || a.skip.prune_pattern.is_some()
             || a.skip.flex_prefill.is_some()
             || a.skip.structured_prune.is_some()
         {

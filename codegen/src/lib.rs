@@ -93,6 +93,7 @@ impl Target for CpuTarget {
                 | Op::MaskedLinear
                 | Op::ActiveLinear
                 | Op::SparseLinear { .. }
+                | Op::NmLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

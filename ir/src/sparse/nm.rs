@@ -340,6 +340,46 @@ impl NmSparse {
     }
 }
 
+/// The pruned matrix of `w` in the dense layout of its own dtype, dropped elements exactly 0 (f32/f16
+/// 0.0, Q8_0 code 0, Q4_0 code 8, the block scale unchanged), or `None` for a dtype that cannot hold an
+/// exact 0 in every block (Q4_1: `q·d + m` is 0 only if `−m/d` happens to be a code).
+pub fn nm_dense_layout(w: &NmSparse) -> Result<Option<Vec<u8>>, SparseError> {
+    let mask = w.mask()?;
+    let (hdr, kept) = (nm_header_bytes(w.dtype), w.pattern.kept_per_block());
+    let dense_bb = NM_BLOCK / w.dtype.block_size() * w.dtype.type_size();
+    let (rb, bb) = (w.row_bytes(), nm_block_bytes(w.dtype, w.pattern));
+    let mut out = match w.dtype {
+        DType::F32 | DType::F16 => vec![0u8; w.n * w.k * w.dtype.type_size()],
+        DType::Q8_0 | DType::Q4_0 => vec![0u8; w.n * (w.k / NM_BLOCK) * dense_bb],
+        _ => return Ok(None),
+    };
+    for r in 0..w.n {
+        for b in 0..w.k / NM_BLOCK {
+            let src = &w.data[r * rb + b * bb..][..bb];
+            let dst = &mut out[(r * (w.k / NM_BLOCK) + b) * dense_bb..][..dense_bb];
+            dst[..hdr].copy_from_slice(&src[..hdr]);
+            if w.dtype == DType::Q4_0 {
+                dst[hdr..].fill(0x88);
+            }
+            let cols = (0..NM_BLOCK).filter(|&j| mask[r * w.k + b * NM_BLOCK + j]);
+            for (e, j) in (0..kept).zip(cols) {
+                match w.dtype {
+                    DType::Q4_0 => {
+                        let q = nibble(&src[hdr..], e);
+                        let (byte, shift) = if j < 16 { (j, 0) } else { (j - 16, 4) };
+                        dst[hdr + byte] = (dst[hdr + byte] & !(0x0F << shift)) | (q << shift);
+                    }
+                    _ => {
+                        let sz = nm_code_bits(w.dtype) / 8;
+                        dst[hdr + j * sz..hdr + (j + 1) * sz].copy_from_slice(&src[hdr + e * sz..hdr + (e + 1) * sz]);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
 /// Keeps in every group of `M` columns the `N` elements with the largest `|W_ij| · scale_j` (see the
 /// module docs). `scale` = `None`: magnitude; `Some(norms)`: Wanda with `k` activation norms.
 pub fn prune_nm(
@@ -499,6 +539,30 @@ mod tests {
         assert!(err.to_string().contains("activation norms"), "{err}");
         assert!(prune_nm(DType::Q4K, p, 1, 256, &[0; 144], None).is_err());
         assert!(prune_nm(DType::F32, p, 1, 48, &[0; 192], None).is_err());
+    }
+
+    /// The dense layout dequantizes to exactly the compact form's matrix; Q4_1 has none.
+    #[test]
+    fn dense_layout_equals_the_compact_form() {
+        let mut rng = StdRng::seed_from_u64(15);
+        for dtype in NM_DTYPES {
+            for p in patterns() {
+                let (n, k) = (3, 64);
+                let (bytes, _) = random(&mut rng, dtype, n, k);
+                let s = prune_nm(dtype, p, n, k, &bytes, None).unwrap();
+                let Some(dense) = nm_dense_layout(&s).unwrap() else {
+                    assert_eq!(dtype, DType::Q4_1);
+                    continue;
+                };
+                let mut got = vec![0f32; n * k];
+                quant::dequantize(dtype, &dense, &mut got).unwrap();
+                let want = s.dequantize().unwrap();
+                for i in 0..n * k {
+                    // Q4_0's exact zero may be -0.0.
+                    assert!(got[i] == want[i], "{dtype} {p} [{i}]: {} vs {}", got[i], want[i]);
+                }
+            }
+        }
     }
 
     #[test]
