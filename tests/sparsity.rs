@@ -521,6 +521,57 @@ fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
     }
 }
 
+/// N:M on quantized tiny models (GGUF, matrices Q4_1/Q4_0/Q8_0/F16): the compact form keeps every kept
+/// code and block scale, so compiled equals the interpreter; Q4_1 has no exact dense layout and always
+/// takes the N:M kernel, the others take the dense layout when the measurement says N:M is slower.
+#[test]
+fn prune_nm_pattern_on_quantized_weights_matches_the_interpreter() {
+    use kiln::ir::sparse::NmPattern;
+    use kiln::passes::prune::{KernelTable, NmMeasurement, Prune, PruneMethod, KERNEL_TABLE_FORMAT};
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16] {
+        let mut w = random_weights(&cfg, DType::F32, 3);
+        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            let t = w.get(&n).unwrap().clone();
+            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+        let m = Model::load(&path).unwrap();
+        for (pattern, ratio) in [(NmPattern::new(2, 4).unwrap(), 2.0), (NmPattern::new(3, 8).unwrap(), 0.5)] {
+            let nm = [1, 64].map(|mm| NmMeasurement { dtype, k: 64, n: 64, m: mm, pattern, ratio }).to_vec();
+            let table =
+                KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "t".into(), entries: vec![], nm };
+            let build = Build {
+                opts: all_logits(),
+                prune: Some(Prune {
+                    method: PruneMethod::Magnitude,
+                    sparsity: 1.0 - pattern.density(),
+                    table: Some(Arc::new(table)),
+                    pattern: Some(pattern),
+                }),
+                ..Default::default()
+            };
+            let b = build_graph(&m, &build).unwrap();
+            let nm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::NmLinear { .. })).count();
+            let want_nm = dtype == DType::Q4_1 || ratio <= 1.0;
+            assert_eq!(nm_ops, if want_nm { 2 * 7 } else { 0 }, "{dtype} {pattern}");
+            let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+            let reference = steps(&mut ib, &tokens, 9);
+            let art = tempfile::tempdir().unwrap();
+            compile_build(&m, "test", &build, art.path()).unwrap();
+            let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-3, "{dtype} {pattern}: compiled vs interpreter {d}");
+        }
+    }
+}
+
 /// `kiln bench --kernels` on a tiny model writes a well-formed table (into `KILN_CACHE_DIR`): this CPU,
 /// one entry per distinct (dtype, k, n) block linear shape at m = 1 and 64, break-evens among the measured
 /// densities (or 0), and `--prune-sparsity` then compiles with it. No timing is asserted.
