@@ -8,19 +8,23 @@
 //! `i < m` and `r` in `row_begin..row_end`, and nothing else.
 //!
 //! ```text
-//! expand(block):                                      // 32 weights as 4 <8 x float>, dropped ones 0
+//! expand(block) (prefill): 32 weights as 4 <8 x float>, dropped ones 0
 //!   vals[K] = dequant(kept codes)                     // one vector op per step, K = 32·N/M
 //!   pos[K]  = position fields
 //!   chunk c lane l (column j = 8c + l, group g = j / M):
 //!     w = 0; for s in 0..N: e = g·N + s; w = pos[e] == j mod M ? vals[e] : w    // shuffles + selects
-//! decode (m < 8):   for r: for each tile of ≤ 4 x rows: for each block b: w = expand(b); acc[t][c] += w[c]·x[t][32b + 8c..]
+//! decode (m < 8):   for r: for each tile of ≤ 4 x rows: for each block b: for each run of 8 kept weights v:
+//!                     xg = x[t][32b + base + pos] (M constant shuffles of the x span, merged by pos == j)
+//!                     acc[t] += v · xg                // N/M of the dense FMAs
 //! prefill (m ≥ 8):  for r: buf = expand(every block of row r) (k floats on the stack, once);
 //!                   for each tile of ≤ 8 x rows: acc[t][c] += buf[32b + 8c..]·x[t][32b + 8c..]
 //! ```
 //!
-//! x is read densely (the dropped weights are zeros in registers, not skipped): the saving is in weight
-//! bytes (N/M of the codes plus the positions) and, for prefill, nothing — the expanded row costs as
-//! many FMAs as the dense kernel, which shares x loads across 4 rows where this kernel cannot.
+//! Decode does N/M of the dense FMAs but pays M shuffles and M − 1 selects per 8 kept weights and x row
+//! to gather x; prefill's expanded row costs as many FMAs as the dense kernel, which shares x loads
+//! across 4 rows where this kernel cannot. The weight bytes read are the compact form's. (An earlier
+//! decode path expanded the weights in registers, as prefill does; on this machine neither was
+//! measurably faster than the other, both slower than dense: `docs/sparsity.md`.)
 //!
 //! The kernels stay in bounds for any bytes of the right length; [`run_nm_linear`] validates the
 //! weights and buffer sizes before a call.
@@ -165,6 +169,32 @@ fn splat_f16<'ctx>(kb: &Kb<'_, 'ctx>, p: PointerValue<'ctx>, len: usize) -> R<Ve
 /// The block at `blk` expanded to its 32 weights: 4 `<8 x float>` chunks, dropped weights 0.
 fn expand<'ctx>(kb: &Kb<'_, 'ctx>, spec: &NmLinearKernelSpec, blk: PointerValue<'ctx>) -> R<[VectorValue<'ctx>; 4]> {
     let p = spec.pattern;
+    let (vals, pos) = kept_values(kb, spec, blk)?;
+    let mut out = Vec::with_capacity(4);
+    for c in 0..NM_BLOCK / LANES as usize {
+        let cols: Vec<usize> = (0..LANES as usize).map(|l| c * LANES as usize + l).collect();
+        let want = i32_consts(kb, cols.iter().map(|j| j % p.group));
+        let mut w = kb.v8f32.const_zero();
+        for s in 0..p.keep {
+            let sel = i32_consts(kb, cols.iter().map(|j| j / p.group * p.keep + s));
+            let v = kb.b.build_shuffle_vector(vals, vals.get_type().get_poison(), sel, "v")?;
+            let i = kb.b.build_shuffle_vector(pos, pos.get_type().get_poison(), sel, "i")?;
+            let eq = kb.b.build_int_compare(IntPredicate::EQ, i, want, "at")?;
+            w = kb.b.build_select(eq, v, w, "w")?.into_vector_value();
+        }
+        out.push(w);
+    }
+    Ok(out.try_into().expect("4 chunks"))
+}
+
+/// The block's K kept weights (dequantized, `<K x float>`) and their positions in their groups
+/// (`<K x i32>`), kept element e being slot e mod N of group e div N.
+fn kept_values<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    spec: &NmLinearKernelSpec,
+    blk: PointerValue<'ctx>,
+) -> R<(VectorValue<'ctx>, VectorValue<'ctx>)> {
+    let p = spec.pattern;
     let kept = p.kept_per_block();
     let (hdr, cbits) = (nm_header_bytes(spec.dtype), nm_code_bits(spec.dtype));
     let vk = kb.f32t.vec_type(kept as u32);
@@ -196,21 +226,7 @@ fn expand<'ctx>(kb: &Kb<'_, 'ctx>, spec: &NmLinearKernelSpec, blk: PointerValue<
         other => return Err(CodegenError::UnsupportedDType { kernel: "N:M linear", dtype: other }),
     };
     let pos = fields(kb, kb.byte_gep(blk, hdr + kept * cbits / 8)?, kept, p.pos_bits())?;
-    let mut out = Vec::with_capacity(4);
-    for c in 0..NM_BLOCK / LANES as usize {
-        let cols: Vec<usize> = (0..LANES as usize).map(|l| c * LANES as usize + l).collect();
-        let want = i32_consts(kb, cols.iter().map(|j| j % p.group));
-        let mut w = kb.v8f32.const_zero();
-        for s in 0..p.keep {
-            let sel = i32_consts(kb, cols.iter().map(|j| j / p.group * p.keep + s));
-            let v = kb.b.build_shuffle_vector(vals, vals.get_type().get_poison(), sel, "v")?;
-            let i = kb.b.build_shuffle_vector(pos, pos.get_type().get_poison(), sel, "i")?;
-            let eq = kb.b.build_int_compare(IntPredicate::EQ, i, want, "at")?;
-            w = kb.b.build_select(eq, v, w, "w")?.into_vector_value();
-        }
-        out.push(w);
-    }
-    Ok(out.try_into().expect("4 chunks"))
+    Ok((vals, pos))
 }
 
 /// Row `r`'s compact bytes.
@@ -223,7 +239,11 @@ fn row_ptr<'ctx>(
     kb.gep(kb.i8t.into(), a.w, kb.b.build_int_nsw_mul(r, kb.i64c(spec.row_bytes() as i64), "roff")?)
 }
 
-/// Decode-sized m: each tile of x rows sweeps the row's blocks, expanding each once per tile.
+/// Decode-sized m: each tile of x rows sweeps the row's blocks; per block, the kept weights in runs of 8
+/// are multiplied with x gathered at their columns. x at column `base + j` of a run (base = the group's
+/// first column, j = 0..M) is a constant shuffle of the x span the run covers, and the M candidates are
+/// merged by comparing the positions with j (compares shared by the tile's rows): N/M of the FMAs of a
+/// dense row, M shuffles and M − 1 selects per 8 kept weights and x row.
 fn emit_direct<'ctx>(
     kb: &Kb<'_, 'ctx>,
     spec: &NmLinearKernelSpec,
@@ -231,13 +251,98 @@ fn emit_direct<'ctx>(
     (rb, re): (IntValue<'ctx>, IntValue<'ctx>),
 ) -> R<()> {
     let bb = nm_block_bytes(spec.dtype, spec.pattern) as i64;
+    let p = spec.pattern;
+    let kept = p.kept_per_block();
+    let lanes = LANES as usize;
+    let runs = kept.div_ceil(lanes);
+    let k = kb.i64c(spec.k as i64);
     kb.for_loop(rb, re, kb.i64c(1), "row", |r| {
         let wrow = row_ptr(kb, spec, a, r)?;
         emit_x_tiles(kb, TILE_M, kb.i64c(0), a.m, |i0, t| {
-            emit_tile(kb, spec, a, i0, t, r, &|b| {
+            let nacc = tail_accumulators(t).min(runs.max(1));
+            let mut xrows = Vec::with_capacity(t);
+            let mut youts = Vec::with_capacity(t);
+            for ti in 0..t {
+                let i = kb.b.build_int_nsw_add(i0, kb.i64c(ti as i64), "i")?;
+                xrows.push(kb.gep(kb.f32t.into(), a.x, kb.b.build_int_nsw_mul(i, k, "xoff")?)?);
+                let yoff = kb.b.build_int_nsw_add(kb.b.build_int_nsw_mul(i, a.n, "yoff")?, r, "yoff")?;
+                youts.push(kb.gep(kb.f32t.into(), a.y, yoff)?);
+            }
+            let slots: Vec<PointerValue<'ctx>> =
+                (0..t * nacc).map(|_| kb.entry_alloca(kb.v8f32.into())).collect::<R<_>>()?;
+            for s in &slots {
+                kb.store(*s, kb.v8f32.const_zero().into(), 32)?;
+            }
+            let load_accs = || -> R<Vec<VectorValue<'ctx>>> {
+                slots.iter().map(|s| Ok(kb.load(kb.v8f32.into(), *s, 32)?.into_vector_value())).collect()
+            };
+            let blocks = kb.i64c((spec.k / NM_BLOCK) as i64);
+            kb.for_loop(kb.i64c(0), blocks, kb.i64c(1), "blk", |b| {
                 let blk = kb.gep(kb.i8t.into(), wrow, kb.b.build_int_nsw_mul(b, kb.i64c(bb), "boff")?)?;
-                expand(kb, spec, blk)
-            })
+                let (vals, pos) = kept_values(kb, spec, blk)?;
+                let xoff = kb.b.build_int_nsw_mul(b, kb.i64c(NM_BLOCK as i64), "xblk")?;
+                let zeros = vals.get_type().const_zero();
+                let mut accs = load_accs()?;
+                for q in 0..runs {
+                    let es: Vec<Option<usize>> =
+                        (0..lanes).map(|l| Some(q * lanes + l).filter(|&e| e < kept)).collect();
+                    // The x span the run touches: whole chunks from the first group's to the last's.
+                    let first = es[0].expect("a run has a first element") / p.keep * p.group;
+                    let last = es.iter().flatten().max().expect("non-empty") / p.keep * p.group + p.group - 1;
+                    let (lo, hi) = (first / lanes * lanes, (last / lanes + 1) * lanes);
+                    let base: Vec<usize> = es.iter().map(|e| e.map_or(lo, |e| e / p.keep * p.group)).collect();
+                    let v = kb.b.build_shuffle_vector(
+                        vals,
+                        zeros,
+                        i32_consts(kb, es.iter().map(|e| e.unwrap_or(kept))),
+                        "v",
+                    )?;
+                    let pq = kb.b.build_shuffle_vector(
+                        pos,
+                        pos.get_type().get_poison(),
+                        i32_consts(kb, es.iter().map(|e| e.unwrap_or(0))),
+                        "pq",
+                    )?;
+                    let masks: Vec<_> = (0..p.group - 1)
+                        .map(|j| {
+                            kb.b.build_int_compare(
+                                IntPredicate::EQ,
+                                pq,
+                                i32_consts(kb, std::iter::repeat_n(j, lanes)),
+                                "isj",
+                            )
+                        })
+                        .collect::<Result<_, _>>()?;
+                    let span = kb.f32t.vec_type((hi - lo) as u32);
+                    for (ti, &xr) in xrows.iter().enumerate() {
+                        let xp = kb.gep(kb.f32t.into(), kb.gep(kb.f32t.into(), xr, xoff)?, kb.i64c(lo as i64))?;
+                        let xs = kb.load(span.into(), xp, 4)?.into_vector_value();
+                        let cand = |j: usize| {
+                            let m = i32_consts(kb, base.iter().map(|bs| bs + j - lo));
+                            kb.b.build_shuffle_vector(xs, span.get_poison(), m, "xj")
+                        };
+                        let mut xsel = cand(p.group - 1)?;
+                        for j in (0..p.group - 1).rev() {
+                            xsel = kb.b.build_select(masks[j], cand(j)?, xsel, "xsel")?.into_vector_value();
+                        }
+                        let s = ti * nacc + q % nacc;
+                        accs[s] = kb.fma(v, xsel, accs[s])?;
+                    }
+                }
+                for (s, v) in slots.iter().zip(&accs) {
+                    kb.store(*s, v.as_basic_value_enum(), 32)?;
+                }
+                Ok(())
+            })?;
+            let accs = load_accs()?;
+            for (ti, &yp) in youts.iter().enumerate() {
+                let mut v = accs[ti * nacc];
+                for s in 1..nacc {
+                    v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
+                }
+                kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
+            }
+            Ok(())
         })
     })
 }
@@ -517,5 +622,36 @@ mod tests {
         assert!(NmLinearKernelSpec::new(DType::Q5_0, p, 64).validate().is_err());
         assert!(NmLinearKernelSpec::new(DType::F32, p, 48).validate().is_err());
         assert!(NmLinearKernelSpec::new(DType::F32, NmPattern { keep: 3, group: 2 }, 64).validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+
+    /// `cargo test -p kiln-codegen bench_nm_linear -- --ignored --nocapture`: N:M / dense time on
+    /// SmolLM2's Q4_1 shapes (what `kiln bench --kernels` records), printed, not asserted.
+    #[test]
+    #[ignore]
+    fn bench_nm_linear() {
+        let shapes = [(DType::Q4_1, 576, 1536), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 576)];
+        let pats: Vec<NmPattern> =
+            [(1, 4), (2, 4), (3, 4), (2, 8)].iter().map(|&(n, m)| NmPattern::new(n, m).unwrap()).collect();
+        let rows =
+            crate::kernels::measure::measure_nm(&shapes, &pats, &[1, 64], 3, std::time::Duration::from_millis(40))
+                .unwrap();
+        for r in rows {
+            println!(
+                "{} {}→{} m={:<2} {} N:M/dense {:.2} ({:.1} → {:.1} µs)",
+                r.dtype,
+                r.k,
+                r.n,
+                r.m,
+                r.pattern,
+                r.ratio,
+                r.times.0 * 1e6,
+                r.times.1 * 1e6
+            );
+        }
     }
 }
