@@ -629,6 +629,30 @@ fn bench_kernels_writes_a_well_formed_table() {
         kiln(&["compile", m, "-o", dir.path().join("b").to_str().unwrap(), "--prune-sparsity", "0.5", "--explain"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(format!("{out}{err}").contains("break-even"), "{out}{err}");
+    // N:M: one ratio per (shape, pattern, m), positive and finite; `--prune-pattern 2:4` compiles with it
+    // and explains each choice with the measured ratios.
+    assert_eq!(table.nm.len(), want.len() / 2 * 6 * 2, "{:?}", table.nm);
+    assert!(table.nm.iter().all(|e| e.ratio.is_finite() && e.ratio > 0.0), "{:?}", table.nm);
+    let (code, out, err) =
+        kiln(&["compile", m, "-o", dir.path().join("c").to_str().unwrap(), "--prune-pattern", "2:4", "--explain"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(format!("{out}{err}").contains("2:4 kernel"), "{out}{err}");
+    // Bad patterns and combinations are errors naming the flag.
+    for (args, want_err) in [
+        (&["--prune-pattern", "2:3"][..], "--prune-pattern"),
+        (&["--prune-pattern", "x"][..], "--prune-pattern"),
+        (&["--prune-pattern", "2:4", "--prune-sparsity", "0.5"][..], "--prune-sparsity is for block32"),
+        (&["--prune-pattern", "block32"][..], "needs --prune-sparsity"),
+        (&["--prune-pattern", "2:4", "--prune-method", "wanda"][..], "calibration"),
+    ] {
+        let out_dir = dir.path().join("d");
+        let mut a = vec!["compile", m, "-o", out_dir.to_str().unwrap()];
+        a.extend_from_slice(args);
+        let (code, _, err) = kiln(&a);
+        assert_ne!(code, Some(0), "{args:?}");
+        assert!(err.contains(want_err), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 /// R-Sparse on the attention projections: with full-rank factors the dropped channels' contribution is
