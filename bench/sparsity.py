@@ -9,6 +9,7 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
 
 Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
        python3 bench/sparsity.py --sparsities "" --coreinfer 'alpha=0.4,beta=0.2;…' --prompt-len 128 --marker coreinfer
+       [--nm 2:4,3:4 --nm-methods magnitude,wanda]   (N:M weight pruning; needs `kiln bench --kernels`)
 """
 import argparse
 import json
@@ -25,6 +26,8 @@ def main():
     ap.add_argument("--scopes", default="mlp", help="chess scopes measured at each sparsity: mlp, attn, all (comma list)")
     ap.add_argument("--text", default="data/eval.txt", help="evaluation text")
     ap.add_argument("--prune", default="", help="magnitude-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
+    ap.add_argument("--nm", default="", help="N:M pruning patterns, e.g. 2:4,3:4,2:8 (needs `kiln bench --kernels`)")
+    ap.add_argument("--nm-methods", default="magnitude,wanda", help="ranking for --nm: magnitude, wanda (comma list)")
     ap.add_argument("--structured", default="", help="structured-pruning specs separated by ';', e.g. 'neurons=0.25;heads=1'")
     ap.add_argument("--coreinfer", default="", help="CoreInfer specs separated by ';', e.g. 'alpha=0.4,beta=0.2;alpha=0.2'")
     ap.add_argument("--prompt-len", type=int, default=0,
@@ -51,6 +54,7 @@ def main():
     configs = [("dense", None)] + [("chess" if sc == "mlp" else f"chess ({sc})", float(s))
                                    for sc in scopes for s in a.sparsities.split(",") if s]
     configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
+    configs += [(f"N:M ({meth})", pat) for pat in a.nm.split(",") if pat for meth in a.nm_methods.split(",") if meth]
     configs += [("structured", s) for s in a.structured.split(";") if s]
     configs += [("coreinfer", s) for s in a.coreinfer.split(";") if s]
 
@@ -63,6 +67,8 @@ def main():
             return ["--structured-prune", s, "--calibration", calib]
         if tech == "coreinfer":
             return ["--coreinfer", s]
+        if tech.startswith("N:M"):
+            return ["--prune-pattern", s, "--prune-method", tech[len("N:M ("):-1], "--calibration", calib]
         if tech.startswith("prune"):
             return ["--prune-sparsity", str(s), "--prune-method", "magnitude"]
         return []
@@ -99,6 +105,9 @@ def main():
         target = "—" if c[1] is None else c[1] if isinstance(c[1], str) else f"{100 * c[1]:.0f}%"
         if core.get(c) is not None:
             target += f" (core set {100 * core[c]:.0f}%)"
+        if c[0].startswith("N:M"):
+            n, m = map(int, c[1].split(":"))
+            target = f"{c[1]} = {100 * (1 - n / m):.0f}%"
         lines.append(f"| {c[0]} | {target} | {p:.3f} | {100 * (p / bp - 1):+.1f}% | "
                      f"{cpu[c]:.1f} | {cpu[c] / cpu[base]:.2f}× | {best[c]:.1f} | {best[c] / best[base]:.2f}× |")
     lines.append("")

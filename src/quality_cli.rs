@@ -68,6 +68,9 @@ pub fn load_kernel_table() -> Result<Arc<kiln::passes::prune::KernelTable>> {
     Ok(Arc::new(t))
 }
 
+/// The N:M patterns `kiln bench --kernels` measures (and `--prune-pattern` can use with a measurement).
+pub const NM_PATTERNS: [(usize, usize); 6] = [(1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8)];
+
 /// `kiln bench`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -91,7 +94,9 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     for (name, t) in m.weights.iter() {
         if let (Some(_), [n, k]) = (name.strip_prefix("blk."), &t.shape[..]) {
             let s = (t.dtype, *k, *n);
-            if kiln::ir::sparse::SPARSE_DTYPES.contains(&t.dtype) && k % 32 == 0 && !shapes.contains(&s) {
+            let ok =
+                kiln::ir::sparse::SPARSE_DTYPES.contains(&t.dtype) || kiln::ir::sparse::NM_DTYPES.contains(&t.dtype);
+            if ok && k % 32 == 0 && !shapes.contains(&s) {
                 shapes.push(s);
             }
         }
@@ -118,6 +123,29 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             ratios.join(" ")
         );
     }
+    let patterns: Vec<kiln::ir::sparse::NmPattern> =
+        NM_PATTERNS.iter().map(|&(n, m)| kiln::ir::sparse::NmPattern::new(n, m)).collect::<Result<_, _>>()?;
+    eprintln!("[measuring N:M kernels: {} patterns × m ∈ {{1, 64}}, one thread]", patterns.len());
+    let nm = kiln::codegen::kernels::measure::measure_nm(
+        &shapes,
+        &patterns,
+        &[1, 64],
+        3,
+        std::time::Duration::from_millis(a.ms),
+    )?;
+    for r in &nm {
+        println!(
+            "{} {}→{} m={:<2} {} N:M/dense {:.2}  ({:.1} µs dense, {:.1} µs N:M)",
+            r.dtype,
+            r.k,
+            r.n,
+            r.m,
+            r.pattern,
+            r.ratio,
+            r.times.0 * 1e6,
+            r.times.1 * 1e6
+        );
+    }
     let table = kiln::passes::prune::KernelTable {
         format: kiln::passes::prune::KERNEL_TABLE_FORMAT.into(),
         version: 1,
@@ -130,6 +158,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n: r.n,
                 m: r.m,
                 break_even: r.break_even,
+            })
+            .collect(),
+        nm: nm
+            .iter()
+            .map(|r| kiln::passes::prune::NmMeasurement {
+                dtype: r.dtype,
+                k: r.k,
+                n: r.n,
+                m: r.m,
+                pattern: r.pattern,
+                ratio: r.ratio,
             })
             .collect(),
     };
@@ -174,9 +213,16 @@ pub struct SkipArgs {
     /// weights shrink physically. E.g. `--structured-prune neurons=0.25,heads=1`.
     #[arg(long, value_name = "neurons=S,heads=N")]
     pub structured_prune: Option<String>,
-    /// How --prune-sparsity ranks blocks: weight magnitude, or Wanda (|W|·activation, needs --calibration).
-    #[arg(long, value_enum, default_value = "magnitude", requires = "prune_sparsity")]
+    /// How --prune-sparsity / --prune-pattern rank weights: magnitude, or Wanda (|W|·activation, needs
+    /// --calibration).
+    #[arg(long, value_enum, default_value = "magnitude")]
     pub prune_method: PruneMethodArg,
+    /// Weight pruning pattern (lossy): `block32` (the default; the share is --prune-sparsity) or `N:M`
+    /// with M = 4 or 8 (`2:4` keeps 2 of every 4 consecutive weights of a row: 50%), into the compact
+    /// N:M form with its generated kernels; per layer the N:M kernel or the dense layout is chosen from
+    /// `kiln bench --kernels`' measurements. E.g. `--prune-pattern 2:4`.
+    #[arg(long, value_name = "block32|N:M")]
+    pub prune_pattern: Option<String>,
     /// FlexPrefill sparse attention for long prompts (lossy): `gamma=0.9,tau=0.1,block=64,min-len=1024`
     /// (any subset; bare `--flex-prefill` takes these defaults). Prefill steps of at least min-len tokens
     /// attend per head to the key blocks holding γ of the attention mass; shorter steps and decode are
@@ -219,6 +265,7 @@ impl SkipArgs {
         self.skip_layers > 0
             || self.chess_sparsity.is_some()
             || self.prune_sparsity.is_some()
+            || self.prune_pattern.is_some()
             || self.flex_prefill.is_some()
             || self.structured_prune.is_some()
             || self.coreinfer.is_some()
@@ -232,6 +279,16 @@ impl SkipArgs {
                 kiln::passes::coreinfer::CoreInfer::parse(s).map_err(|e| anyhow::anyhow!("--coreinfer {s:?}: {e}"))
             })
             .transpose()
+    }
+
+    /// The N:M pattern of `--prune-pattern` (`None` for none or `block32`).
+    pub fn nm_pattern(&self) -> Result<Option<kiln::ir::sparse::NmPattern>> {
+        match self.prune_pattern.as_deref().map(str::trim) {
+            None | Some("block32") => Ok(None),
+            Some(s) => kiln::ir::sparse::NmPattern::parse(s)
+                .map(Some)
+                .map_err(|e| anyhow::anyhow!("--prune-pattern {s:?}: {e} (or `block32`)")),
+        }
     }
 
     /// The `--flex-prefill` settings, checked (errors name the flag).
@@ -272,8 +329,10 @@ impl SkipArgs {
         }
         let flex = self.flex()?;
         let coreinfer = self.coreinfer()?;
-        if coreinfer.is_some() && (self.chess_sparsity.is_some() || self.prune_sparsity.is_some()) {
-            bail!("--coreinfer cannot be combined with --chess-sparsity or --prune-sparsity (each rewrites the MLP's linears)");
+        if coreinfer.is_some()
+            && (self.chess_sparsity.is_some() || self.prune_sparsity.is_some() || self.prune_pattern.is_some())
+        {
+            bail!("--coreinfer cannot be combined with --chess-sparsity, --prune-sparsity or --prune-pattern (each rewrites the MLP's linears)");
         }
         let calibration = match &self.calibration {
             Some(p) => Some(load_calibration(p, model, model_path)?),
@@ -293,17 +352,28 @@ impl SkipArgs {
         if self.chess_sparsity.is_some() && calibration.is_none() {
             bail!("--chess-sparsity needs --calibration FILE (make one with `kiln calibrate`)");
         }
-        let prune = match self.prune_sparsity {
-            None => None,
-            Some(sparsity) => {
-                let method = match self.prune_method {
-                    PruneMethodArg::Magnitude => kiln::passes::prune::PruneMethod::Magnitude,
-                    PruneMethodArg::Wanda => kiln::passes::prune::PruneMethod::Wanda,
-                };
+        let pattern = self.nm_pattern()?;
+        if pattern.is_some() && self.prune_sparsity.is_some() {
+            bail!("--prune-sparsity is for block32 pruning; an N:M --prune-pattern fixes the sparsity itself");
+        }
+        if self.prune_pattern.as_deref().map(str::trim) == Some("block32") && self.prune_sparsity.is_none() {
+            bail!("--prune-pattern block32 needs --prune-sparsity S");
+        }
+        let method = match self.prune_method {
+            PruneMethodArg::Magnitude => kiln::passes::prune::PruneMethod::Magnitude,
+            PruneMethodArg::Wanda => kiln::passes::prune::PruneMethod::Wanda,
+        };
+        if self.prune_method != PruneMethodArg::Magnitude && pattern.is_none() && self.prune_sparsity.is_none() {
+            bail!("--prune-method needs --prune-sparsity S or --prune-pattern N:M");
+        }
+        let prune = match (self.prune_sparsity, pattern) {
+            (None, None) => None,
+            (sparsity, pattern) => {
                 if method == kiln::passes::prune::PruneMethod::Wanda && calibration.is_none() {
                     bail!("--prune-method wanda needs --calibration FILE (make one with `kiln calibrate`)");
                 }
-                Some(kiln::passes::prune::Prune { method, sparsity, table: Some(load_kernel_table()?) })
+                let sparsity = pattern.map_or(sparsity.unwrap_or(0.0), |p| 1.0 - p.density());
+                Some(kiln::passes::prune::Prune { method, sparsity, table: Some(load_kernel_table()?), pattern })
             }
         };
         let build = Build {
@@ -325,6 +395,8 @@ impl SkipArgs {
                 "--structured-prune with --chess-sparsity/--prune-sparsity"
             } else if self.prune_sparsity.is_some() {
                 "--prune-sparsity"
+            } else if self.prune_pattern.is_some() {
+                "--prune-pattern"
             } else if self.chess_sparsity.is_some() {
                 "--chess-sparsity"
             } else if self.structured_prune.is_some() {
@@ -828,6 +900,7 @@ pub fn compile_build(
             method: kiln::passes::prune::PruneMethod::Magnitude,
             sparsity: j.prune,
             table: table.clone(),
+            pattern: None,
         }),
         structured: (j.neurons > 0.0 || j.heads > 0).then_some(StructuredPrune { neurons: j.neurons, heads: j.heads }),
         calibration: Some(calib.clone()),

@@ -359,6 +359,7 @@ fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::Kernel
         version: 1,
         cpu: "test".into(),
         entries: vec![e(1, decode), e(64, prefill)],
+        nm: vec![],
     })
 }
 
@@ -381,7 +382,7 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     let want = steps(&mut di, &tokens, 9);
     let prune = |s: f64, method, table| Build {
         opts: all_logits(),
-        prune: Some(Prune { method, sparsity: s, table: Some(table) }),
+        prune: Some(Prune { method, sparsity: s, table: Some(table), pattern: None }),
         ..Default::default()
     };
     // Decode breaks even at 0.9, prefill at 0.3: at density 0.5 decode is sparse, prefill dense.
@@ -419,10 +420,156 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     assert!(format!("{err:#}").contains("calibration"), "{err:#}");
     let no_table = Build {
         opts: all_logits(),
-        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None }),
+        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None, pattern: None }),
         ..Default::default()
     };
     assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
+}
+
+fn synthetic_nm_table(ratio: f64, patterns: &[(usize, usize)]) -> Arc<kiln::passes::prune::KernelTable> {
+    use kiln::passes::prune::{KernelTable, NmMeasurement, KERNEL_TABLE_FORMAT};
+    let mut nm = Vec::new();
+    for &(keep, group) in patterns {
+        let pattern = kiln::ir::sparse::NmPattern::new(keep, group).unwrap();
+        for m in [1, 64] {
+            nm.push(NmMeasurement { dtype: DType::F32, k: 64, n: 64, m, pattern, ratio });
+        }
+    }
+    Arc::new(KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "test".into(), entries: vec![], nm })
+}
+
+/// `prune` with an N:M pattern on a tiny model: every block linear becomes `nm_linear` (N:M kernel
+/// measured faster) or a plain linear on the pruned matrix (measured slower; f32 holds exact zeros);
+/// compiled equals the interpreter at 1 and 2 threads, N = M is the dense model bit for bit in the
+/// interpreter, and exactly N of every M weights of a row survive.
+#[test]
+fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
+    use kiln::ir::sparse::NmPattern;
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 160);
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 8), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 9);
+    let all = [(2, 4), (1, 8), (4, 4)];
+    for ((keep, group), ratio, want_nm) in
+        [((2, 4), 0.5, true), ((1, 8), 0.9, true), ((4, 4), 0.7, true), ((2, 4), 1.5, false)]
+    {
+        let pattern = NmPattern::new(keep, group).unwrap();
+        let build = Build {
+            opts: all_logits(),
+            prune: Some(Prune {
+                method: PruneMethod::Magnitude,
+                sparsity: 1.0 - pattern.density(),
+                table: Some(synthetic_nm_table(ratio, &all)),
+                pattern: Some(pattern),
+            }),
+            ..Default::default()
+        };
+        let b = build_graph(&m, &build).unwrap();
+        let why = if want_nm { "N:M kernel no slower" } else { "dense layout (zeros stored)" };
+        assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains(why)), "{:?}", b.explanations);
+        let nm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::NmLinear { .. })).count();
+        assert_eq!(nm_ops, if want_nm { 2 * 7 } else { 0 }, "{pattern}");
+        // Every pruned weight (either layout) keeps exactly N of every M elements of a row, or fewer
+        // non-zeros where a kept weight is 0 (the random weights have none).
+        for (name, t) in b.weights.iter().filter(|(n, _)| n.contains("#prune-")) {
+            let vals: Vec<f32> = if t.dtype == DType::F32 {
+                t.to_f32().unwrap()
+            } else {
+                let rows = t.shape[0];
+                let w = kiln::ir::sparse::NmSparse {
+                    dtype: DType::F32,
+                    pattern,
+                    n: rows,
+                    // Whole blocks per row; the row padding is under one block.
+                    k: t.shape[1] * 4 / kiln::ir::sparse::nm::nm_block_bytes(DType::F32, pattern) * 32,
+                    data: t.bytes.to_vec(),
+                };
+                w.dequantize().unwrap()
+            };
+            for g in vals.chunks(group) {
+                assert_eq!(g.iter().filter(|v| **v != 0.0).count(), keep, "{name}");
+            }
+        }
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 9);
+        if keep == group {
+            assert_eq!(reference, want, "N = M keeps every weight: the dense model, bit for bit");
+        } else {
+            assert!(max_abs_diff(&reference, &want) > 1e-3, "pruning changes the model");
+        }
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &build, art.path()).unwrap();
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        let nm_launches = kernels.iter().filter(|k| k.starts_with("kiln_nm_linear_")).count();
+        assert_eq!(nm_launches, if want_nm { 2 * 7 } else { 0 }, "{kernels:?}");
+        for threads in [1, 2] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-4, "{pattern} (ratio {ratio}), {threads} threads: compiled vs interpreter {d}");
+        }
+        let rec = manifest.records.iter().find(|r| r["pass"] == "prune").expect("prune record");
+        assert!(rec.to_string().contains(&format!("\"pattern\":\"{pattern}\"")), "{rec}");
+    }
+}
+
+/// N:M on quantized tiny models (GGUF, matrices Q4_1/Q4_0/Q8_0/F16): the compact form keeps every kept
+/// code and block scale, so compiled equals the interpreter; Q4_1 has no exact dense layout and always
+/// takes the N:M kernel, the others take the dense layout when the measurement says N:M is slower.
+#[test]
+fn prune_nm_pattern_on_quantized_weights_matches_the_interpreter() {
+    use kiln::ir::sparse::NmPattern;
+    use kiln::passes::prune::{KernelTable, NmMeasurement, Prune, PruneMethod, KERNEL_TABLE_FORMAT};
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16] {
+        let mut w = random_weights(&cfg, DType::F32, 3);
+        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            let t = w.get(&n).unwrap().clone();
+            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+        let m = Model::load(&path).unwrap();
+        for (pattern, ratio) in [(NmPattern::new(2, 4).unwrap(), 2.0), (NmPattern::new(3, 8).unwrap(), 0.5)] {
+            let nm = [1, 64].map(|mm| NmMeasurement { dtype, k: 64, n: 64, m: mm, pattern, ratio }).to_vec();
+            let table =
+                KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "t".into(), entries: vec![], nm };
+            let build = Build {
+                opts: all_logits(),
+                prune: Some(Prune {
+                    method: PruneMethod::Magnitude,
+                    sparsity: 1.0 - pattern.density(),
+                    table: Some(Arc::new(table)),
+                    pattern: Some(pattern),
+                }),
+                ..Default::default()
+            };
+            let b = build_graph(&m, &build).unwrap();
+            let nm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::NmLinear { .. })).count();
+            let want_nm = dtype == DType::Q4_1 || ratio <= 1.0;
+            assert_eq!(nm_ops, if want_nm { 2 * 7 } else { 0 }, "{dtype} {pattern}");
+            let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+            let reference = steps(&mut ib, &tokens, 9);
+            let art = tempfile::tempdir().unwrap();
+            compile_build(&m, "test", &build, art.path()).unwrap();
+            let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-3, "{dtype} {pattern}: compiled vs interpreter {d}");
+        }
+    }
 }
 
 /// `kiln bench --kernels` on a tiny model writes a well-formed table (into `KILN_CACHE_DIR`): this CPU,
@@ -482,6 +629,30 @@ fn bench_kernels_writes_a_well_formed_table() {
         kiln(&["compile", m, "-o", dir.path().join("b").to_str().unwrap(), "--prune-sparsity", "0.5", "--explain"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(format!("{out}{err}").contains("break-even"), "{out}{err}");
+    // N:M: one ratio per (shape, pattern, m), positive and finite; `--prune-pattern 2:4` compiles with it
+    // and explains each choice with the measured ratios.
+    assert_eq!(table.nm.len(), want.len() / 2 * 6 * 2, "{:?}", table.nm);
+    assert!(table.nm.iter().all(|e| e.ratio.is_finite() && e.ratio > 0.0), "{:?}", table.nm);
+    let (code, out, err) =
+        kiln(&["compile", m, "-o", dir.path().join("c").to_str().unwrap(), "--prune-pattern", "2:4", "--explain"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(format!("{out}{err}").contains("2:4 kernel"), "{out}{err}");
+    // Bad patterns and combinations are errors naming the flag.
+    for (args, want_err) in [
+        (&["--prune-pattern", "2:3"][..], "--prune-pattern"),
+        (&["--prune-pattern", "x"][..], "--prune-pattern"),
+        (&["--prune-pattern", "2:4", "--prune-sparsity", "0.5"][..], "--prune-sparsity is for block32"),
+        (&["--prune-pattern", "block32"][..], "needs --prune-sparsity"),
+        (&["--prune-pattern", "2:4", "--prune-method", "wanda"][..], "calibration"),
+    ] {
+        let out_dir = dir.path().join("d");
+        let mut a = vec!["compile", m, "-o", out_dir.to_str().unwrap()];
+        a.extend_from_slice(args);
+        let (code, _, err) = kiln(&a);
+        assert_ne!(code, Some(0), "{args:?}");
+        assert!(err.contains(want_err), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
 }
 
 /// R-Sparse on the attention projections: with full-rank factors the dropped channels' contribution is

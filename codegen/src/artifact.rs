@@ -118,6 +118,11 @@ pub(crate) fn emit_kernels<'ctx>(
                 };
                 kernels::abi::wrap_sparse_linear(ctx, module, dense, sparse, (*decode, *prefill), &spec.symbol())?;
             }
+            KernelSpec::NmLinear { dtype, keep, group, k } => {
+                let nm = kernels::nm::NmLinearKernelSpec::new(*dtype, crate::lower::nm_pattern(*keep, *group), *k);
+                let inner = kernels::nm::emit_nm_linear(ctx, module, &nm)?;
+                kernels::abi::wrap_linear(ctx, module, inner, 1, &spec.symbol())?;
+            }
             KernelSpec::ActiveLinear { dtype, k, n } => {
                 let act = kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n);
                 let inner = kernels::sparse::emit_active_linear(ctx, module, &act)?;

@@ -95,6 +95,7 @@ impl Target for CpuTarget {
                 | Op::CoreKeep { .. }
                 | Op::CoreSelect { .. }
                 | Op::SparseLinear { .. }
+                | Op::NmLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

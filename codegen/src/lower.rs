@@ -49,6 +49,14 @@ pub enum KernelSpec {
         decode: bool,
         prefill: bool,
     },
+    /// `nm_linear`: bufs [x, packed, y]; dims [m, n]; items: n output rows (the dense linear's layout,
+    /// one linear per launch); the N:M kernel (`kernels::nm`) in both phases.
+    NmLinear {
+        dtype: DType,
+        keep: usize,
+        group: usize,
+        k: usize,
+    },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -73,11 +81,22 @@ impl KernelSpec {
             KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
                 format!("kiln_pruned_linear_{}_k{k}_d{}p{}", dtype.name(), *decode as u8, *prefill as u8)
             }
+            KernelSpec::NmLinear { dtype, keep, group, k } => {
+                format!(
+                    "{}_x1",
+                    crate::kernels::nm::NmLinearKernelSpec::new(*dtype, nm_pattern(*keep, *group), *k).symbol()
+                )
+            }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
             KernelSpec::Fused(f) => f.symbol(),
         }
     }
+}
+
+/// The pattern of an `nm_linear` spec (checked when the op was lowered).
+pub(crate) fn nm_pattern(keep: usize, group: usize) -> kiln_ir::sparse::NmPattern {
+    kiln_ir::sparse::NmPattern { keep, group }
 }
 
 /// A lowered graph: the program, its kernels (deduplicated, in first-use order), and the weight data the
@@ -619,6 +638,25 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 bufs.push(out);
                 let spec = KernelSpec::SparseLinear { dtype, k, decode, prefill };
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::NmLinear { dtype, keep, group } => {
+                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
+                if !cx.is_weight(w) {
+                    return Err(cx.unsupported(i, "nm_linear packed weights must be a weight"));
+                }
+                let xs = &g.ty(n.inputs[0]).shape;
+                let k = fixed(xs.last().expect("typed")).ok_or_else(|| cx.unsupported(i, "symbolic k"))?;
+                let nn = fixed(&g.ty(n.inputs[1]).shape[0]).ok_or_else(|| cx.unsupported(i, "symbolic rows"))?;
+                let pattern = kiln_ir::sparse::NmPattern::new(*keep as usize, *group as usize)
+                    .map_err(|e| cx.unsupported(i, e.to_string()))?;
+                crate::kernels::nm::NmLinearKernelSpec::new(*dtype, pattern, k)
+                    .validate()
+                    .map_err(|e| cx.unsupported(i, e.to_string()))?;
+                let m = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let spec = KernelSpec::NmLinear { dtype: *dtype, keep: pattern.keep, group: pattern.group, k };
+                cx.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
             Op::ActiveLinear => {

@@ -103,7 +103,12 @@ impl<'w> Interpreter<'w> {
         if declared.dtype != data.dtype || want.as_deref() != Some(&data.shape[..]) {
             return Err(werr(format!("graph declares {declared} but the store holds {}{:?}", data.dtype, data.shape)));
         }
-        let t = if data.dtype.is_int() {
+        let t = if data.dtype == crate::DType::I32 {
+            // Straight from the bytes: through f32 (below) an i32 above 2^24 would be rounded, and
+            // `nm_linear` keeps packed bytes in i32 words.
+            let vals = data.bytes.chunks_exact(4).map(|c| i64::from(i32::from_le_bytes([c[0], c[1], c[2], c[3]])));
+            Tensor::i64(data.shape.clone(), vals.collect())
+        } else if data.dtype.is_int() {
             let vals = data.to_f32().map_err(|e| werr(e.to_string()))?;
             Tensor::i64(data.shape.clone(), vals.into_iter().map(|x| x as i64).collect())
         } else {
@@ -640,6 +645,21 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
         // Both layouts hold the same values; the dense one is the reference (a wrong CSR shows up as a
         // compiled result that differs from this).
         Op::SparseLinear { .. } => eval(&Op::Linear, &args[..2], env),
+        // The compact form decoded to the dense pruned matrix (validated first), then a plain linear.
+        Op::NmLinear { dtype, keep, group } => {
+            let words = ints(args[1])?;
+            let data: Vec<u8> = words.iter().flat_map(|&w| (w as i32).to_le_bytes()).collect();
+            let w = crate::sparse::NmSparse {
+                dtype: *dtype,
+                pattern: crate::sparse::NmPattern { keep: *keep as usize, group: *group as usize },
+                n: args[1].shape[0],
+                k: *args[0].shape.last().ok_or("nm_linear input must have rank ≥ 1")?,
+                data,
+            };
+            let wf = w.dequantize().map_err(|e| format!("nm_linear: {e}"))?;
+            let wt = Tensor::f32(vec![w.n, w.k], wf);
+            eval(&Op::Linear, &[args[0], &wt], env)
+        }
         Op::ActiveLinear => {
             let (x, wt) = (f(args[0])?, f(args[1])?);
             let (k, n) = (args[1].shape[0], args[1].shape[1]);

@@ -291,6 +291,10 @@ ops! {
     /// is 0 the sentence-wise core set of `act` (top `alpha` share per token, kept by at least a `beta`
     /// share of the tokens; `kiln_ir::coreinfer::core_set`), else `core` unchanged.
     CoreSelect { alpha: f32, beta: f32, past: Dim } = "core_select" / 2;
+    /// A linear on N:M-pruned weights in the compact form (`kiln_ir::sparse::nm`): `x[..., K] · Wᵀ`
+    /// with `W[N_out, K]` of `dtype` held as `packed` (`i32[N_out, row_bytes / 4]`, the rows' bytes),
+    /// `keep` of every `group` consecutive elements of a row kept.
+    NmLinear { dtype: DType, keep: i64, group: i64 } = "nm_linear" / 2;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -502,6 +506,28 @@ impl Op {
                 }
                 same_dim(&row_ptr.shape[0], &w.shape[0].add(&Dim::fixed(1)), "sparse_linear row_ptr length")?;
                 Ok(y)
+            }
+            Op::NmLinear { dtype, keep, group } => {
+                let (x, packed) = (ins[0], ins[1]);
+                want_float(x, "nm_linear input")?;
+                if packed.dtype != DType::I32 || packed.rank() != 2 {
+                    return Err(format!("nm_linear packed weights must be i32[_, _], found {packed}"));
+                }
+                let p = crate::sparse::NmPattern::new(*keep as usize, *group as usize).map_err(|e| e.to_string())?;
+                if !crate::sparse::NM_DTYPES.contains(dtype) {
+                    return Err(format!("nm_linear weights of {dtype} are not supported"));
+                }
+                let k = x.shape.last().ok_or("nm_linear input must have rank ≥ 1")?;
+                if let Some(k) = k.as_fixed() {
+                    if k <= 0 || k % 32 != 0 {
+                        return Err(format!("nm_linear: k = {k} is not a positive multiple of 32"));
+                    }
+                    let words = crate::sparse::nm::nm_row_bytes(*dtype, p, k as usize) / 4;
+                    same_dim(&packed.shape[1], &Dim::fixed(words as i64), "nm_linear packed row words")?;
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = packed.shape[0].clone();
+                Ok(f32t(shape))
             }
             Op::ActiveLinear => {
                 let (x, wt) = (ins[0], ins[1]);

@@ -20,6 +20,9 @@
 use crate::quant::{self, QuantError};
 use crate::DType;
 
+pub mod nm;
+pub use nm::{prune_nm, NmPattern, NmSparse, NM_DTYPES};
+
 /// Elements per sparse block (along `k`).
 pub const SPARSE_BLOCK: usize = 32;
 
@@ -35,6 +38,12 @@ pub enum SparseError {
     PartialBlock { dtype: DType, k: usize },
     #[error("block-sparse {dtype} [{n}, {k}]: {what}")]
     Inconsistent { dtype: DType, n: usize, k: usize, what: String },
+    #[error("N:M-sparse weights of dtype {0} are not supported (only {NM_DTYPES:?})")]
+    NmUnsupported(DType),
+    #[error("{0}")]
+    Pattern(String),
+    #[error("N:M-sparse {dtype} [{n}, {k}]: {what}")]
+    NmInconsistent { dtype: DType, n: usize, k: usize, what: String },
     #[error("density {0} is not in 0..=1")]
     Density(f64),
     #[error("{0}")]

@@ -233,6 +233,20 @@ fn activation_sparsity_ops_by_hand() {
     let y = run1(&src, &[("x", x)], &w);
     close(y.as_f32().unwrap(), &[4.0, 0.0, -1.0, 2.0], 1e-6);
 
+    // nm_linear, 2:4 on f32 by hand: one row of k = 32 keeping columns 1 and 3 of every group g with
+    // values g + 1 and -(g + 1); with x[j] = j, y = Σ_g (g + 1)·((4g + 1) − (4g + 3)) = −2 · 36 = −72.
+    let mut bytes: Vec<u8> =
+        (0..8).flat_map(|g| [(g + 1) as f32, -((g + 1) as f32)]).flat_map(|v| v.to_le_bytes()).collect();
+    bytes.extend([0xDD; 4]); // positions 1, 3, 1, 3 per byte (2 bits each, low first)
+    w.insert("nm", TensorData { dtype: kiln_ir::DType::I32, shape: vec![1, 17], bytes: bytes.into() });
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"nm\"} : i32[1, 17]\n  %2 = nm_linear(%0, %1) {dtype = f32, keep = 2, group = 4} : f32[seq, 1]\n  output \"y\" = %2");
+    let x = Tensor::f32(vec![1, 32], (0..32).map(|j| j as f32).collect());
+    let y = run1(&src, &[("x", x)], &w);
+    close(y.as_f32().unwrap(), &[-72.0], 1e-6);
+    // A packed row of the wrong length for the pattern is a type error.
+    let bad = src.replace("i32[1, 17]", "i32[1, 16]");
+    assert!(parse(&bad).unwrap_err().to_string().contains("nm_linear packed row words"));
+
     // Type rules: mismatched widths are errors naming the dimension.
     let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = weight {name = \"t\"} : f32[3]\n  %2 = threshold(%0, %1) : f32[seq, 4]\n  output \"y\" = %2");
     assert!(parse(&bad).unwrap_err().to_string().contains("threshold width"));

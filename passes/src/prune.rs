@@ -13,7 +13,8 @@
 //! zeroed matrix; the choice goes into the op's attributes, the manifest and `--explain`.
 
 use crate::{Pass, PassCx, PassError};
-use kiln_ir::sparse::{prune_magnitude, prune_wanda, SPARSE_DTYPES};
+use kiln_ir::sparse::nm::{nm_dense_layout, NM_DTYPES};
+use kiln_ir::sparse::{prune_magnitude, prune_nm, prune_wanda, NmPattern, SPARSE_DTYPES};
 use kiln_ir::{DType, Dim, Graph, Node, Op, TensorData, TensorType, ValueId};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -45,6 +46,18 @@ pub struct KernelMeasurement {
     pub break_even: f64,
 }
 
+/// One measured N:M kernel: its time over the dense kernel's on the unpruned weights (same dtype,
+/// `[n, k]`, `m` x rows); below 1 the N:M kernel is faster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NmMeasurement {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub pattern: NmPattern,
+    pub ratio: f64,
+}
+
 /// The cached table `kiln bench --kernels` writes (`format` = `kiln-kernel-table`, version 1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelTable {
@@ -53,6 +66,9 @@ pub struct KernelTable {
     /// The CPU it was measured on (as LLVM names it); a table from another CPU is not used.
     pub cpu: String,
     pub entries: Vec<KernelMeasurement>,
+    /// N:M kernels (absent in tables written before they existed).
+    #[serde(default)]
+    pub nm: Vec<NmMeasurement>,
 }
 
 pub const KERNEL_TABLE_FORMAT: &str = "kiln-kernel-table";
@@ -80,6 +96,26 @@ impl Phase {
 }
 
 impl KernelTable {
+    /// The measured N:M/dense time ratio for a `[n, k]` weight of `dtype` in `phase` (the exact shape,
+    /// else the nearest `k·n` of the same dtype and pattern), with a description.
+    pub fn nm_ratio(
+        &self,
+        dtype: DType,
+        k: usize,
+        n: usize,
+        pattern: NmPattern,
+        phase: Phase,
+    ) -> Option<(f64, String)> {
+        let m = phase.measured_m();
+        let e = self
+            .nm
+            .iter()
+            .filter(|e| e.dtype == dtype && e.m == m && e.pattern == pattern)
+            .min_by_key(|e| (e.k * e.n).abs_diff(k * n) + usize::from(e.k != k || e.n != n))?;
+        let shape = if e.k == k && e.n == n { String::new() } else { format!(" (nearest measured {}→{})", e.k, e.n) };
+        Some((e.ratio, format!("{}: {pattern} kernel {:.2}× dense time at m={m}{shape}", phase.name(), e.ratio)))
+    }
+
     /// Sparse or dense for a `[n, k]` weight of `dtype` at `density`, with the reason. Uses the exact
     /// shape's measurement, else the same dtype's with the nearest `k·n`; with none, dense.
     pub fn choose(&self, dtype: DType, k: usize, n: usize, density: f64, phase: Phase) -> (bool, String) {
@@ -111,6 +147,8 @@ pub struct Prune {
     /// Share of each row's blocks dropped, in [0, 1).
     pub sparsity: f64,
     pub table: Option<Arc<KernelTable>>,
+    /// N:M pruning instead of 32-element blocks (`sparsity` is then ignored: the pattern fixes it).
+    pub pattern: Option<NmPattern>,
 }
 
 fn layer_and_suffix(name: &str) -> Option<(usize, &str)> {
@@ -131,6 +169,9 @@ impl Pass for Prune {
 
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "prune", msg };
+        if let Some(p) = self.pattern {
+            return self.run_nm(g, cx, p);
+        }
         if !(0.0..1.0).contains(&self.sparsity) {
             return Err(fail(format!("sparsity {} is outside [0, 1)", self.sparsity)));
         }
@@ -237,13 +278,133 @@ impl Pass for Prune {
     }
 }
 
+/// The calibration's per-channel mean |x| of the input of the linear `suffix` of `layer` (`k` entries).
+fn act_norms<'c>(
+    cal: &'c crate::calibration::Calibration,
+    name: &str,
+    layer: usize,
+    suffix: &str,
+    k: usize,
+) -> Result<&'c [f32], String> {
+    let st = cal.layers.get(layer).ok_or_else(|| format!("no calibration for layer {layer}"))?;
+    let norms = match suffix {
+        "attn_q.weight" | "attn_k.weight" | "attn_v.weight" => &st.attn_in_mean_abs,
+        "attn_output.weight" => &st.attn_out_in_mean_abs,
+        "ffn_gate.weight" | "ffn_up.weight" => &st.ffn_in_mean_abs,
+        "ffn_down.weight" => &st.ffn_act_mean_abs,
+        _ => return Err(format!("{name}: no calibrated activations for its input")),
+    };
+    if norms.len() != k {
+        return Err(format!("{name}: calibration has {} input channels, weight {k}", norms.len()));
+    }
+    Ok(norms)
+}
+
+impl Prune {
+    /// N:M pruning: every eligible linear becomes `nm_linear` on the compact form, or, where the
+    /// measured N:M kernel is slower than dense at decode and the dtype holds an exact 0 (f32, f16,
+    /// Q4_0, Q8_0), a plain `linear` on the pruned matrix in its own dtype.
+    fn run_nm(&self, g: &mut Graph, cx: &PassCx, p: NmPattern) -> Result<bool, PassError> {
+        let fail = |msg: String| PassError::Failed { pass: "prune", msg };
+        let table = self.table.as_ref().ok_or_else(|| {
+            fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
+        })?;
+        let cal = cx.calibration.as_ref();
+        if self.method == PruneMethod::Wanda && cal.is_none() {
+            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)".into()));
+        }
+        let tag = format!("prune-{}{}of{}", self.method.name(), p.keep, p.group);
+        let mut out = Graph::new(g.name.clone());
+        let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
+        let mut records = Vec::new();
+        let err = |e: kiln_ir::GraphError| fail(e.to_string());
+        for n in &g.nodes {
+            let copy = |out: &mut Graph, map: &[ValueId]| {
+                let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
+                out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
+                ValueId(out.nodes.len() as u32 - 1)
+            };
+            let target = match (&n.op, n.inputs.get(1).map(|w| &g.node(*w).op)) {
+                (Op::Linear, Some(Op::Weight { name })) => layer_and_suffix(name).map(|(l, s)| (name.clone(), l, s)),
+                _ => None,
+            };
+            let Some((name, layer, suffix)) = target else {
+                map.push(copy(&mut out, &map));
+                continue;
+            };
+            let w = cx.weights.borrow().get(&name).cloned().ok_or_else(|| fail(format!("weight `{name}` missing")))?;
+            let [rows, k] = w.shape[..] else { return Err(fail(format!("`{name}` is not a matrix"))) };
+            if !NM_DTYPES.contains(&w.dtype) || !k.is_multiple_of(32) {
+                cx.explain("prune", format!("{name}: {} [{rows}, {k}] has no N:M kernel: kept dense", w.dtype));
+                map.push(copy(&mut out, &map));
+                continue;
+            }
+            let norms = match self.method {
+                PruneMethod::Magnitude => None,
+                PruneMethod::Wanda => Some(act_norms(cal.expect("checked"), &name, layer, suffix, k).map_err(fail)?),
+            };
+            let nm = prune_nm(w.dtype, p, rows, k, &w.bytes, norms).map_err(|e| fail(format!("{name}: {e}")))?;
+            nm.validate().map_err(|e| fail(format!("{name}: {e}")))?;
+            let dec = table.nm_ratio(w.dtype, k, rows, p, Phase::Decode);
+            let pre = table.nm_ratio(w.dtype, k, rows, p, Phase::Prefill);
+            let dense = nm_dense_layout(&nm).map_err(|e| fail(format!("{name}: {e}")))?;
+            let (use_nm, why) = match (&dec, &dense) {
+                (_, None) => (true, format!("{} has no exact dense layout of the pruned matrix: N:M kernel", w.dtype)),
+                (None, Some(_)) => (false, format!("no N:M measurement for {} {p}: dense layout", w.dtype)),
+                (Some((r, _)), Some(_)) if *r <= 1.0 => (true, "N:M kernel no slower than dense at decode: N:M".into()),
+                (Some(_), Some(_)) => {
+                    (false, "N:M kernel slower than dense at decode: dense layout (zeros stored)".into())
+                }
+            };
+            let measured: Vec<&str> = [&dec, &pre].iter().filter_map(|m| m.as_ref().map(|(_, s)| s.as_str())).collect();
+            cx.explain("prune", format!("{name}: {p}; {}; {why}", measured.join("; ")));
+            records.push(serde_json::json!({
+                "weight": name,
+                "density": p.density(),
+                "layout": if use_nm { "nm" } else { "dense" },
+                "decode_ratio": dec.as_ref().map(|d| d.0),
+                "prefill_ratio": pre.as_ref().map(|d| d.0),
+            }));
+            let base = format!("{name}#{tag}");
+            let x = map[n.inputs[0].index()];
+            let (dname, t, op) = if use_nm {
+                let shape = vec![rows, nm.row_bytes() / 4];
+                let t = TensorData { dtype: DType::I32, shape, bytes: nm.data.clone().into() };
+                let op = Op::NmLinear { dtype: w.dtype, keep: p.keep as i64, group: p.group as i64 };
+                (format!("{base}.nm"), t, op)
+            } else {
+                let t = TensorData { dtype: w.dtype, shape: w.shape.clone(), bytes: dense.expect("checked").into() };
+                (base, t, Op::Linear)
+            };
+            let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+            let wid = out.weight(&dname, ty).map_err(err)?;
+            cx.weights.borrow_mut().insert(dname, t);
+            map.push(out.add(op, &[x, wid]).map_err(err)?);
+        }
+        out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), map[v.index()])).collect();
+        let changed = !records.is_empty();
+        *g = out;
+        cx.record(
+            "prune",
+            serde_json::json!({"method": self.method.name(), "pattern": p.to_string(), "kernel_table_cpu": table.cpu, "linears": records}),
+        );
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn table(break_even: f64) -> KernelTable {
         let e = |m| KernelMeasurement { dtype: DType::Q4_1, k: 576, n: 1536, m, break_even };
-        KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "test".into(), entries: vec![e(1), e(64)] }
+        KernelTable {
+            format: KERNEL_TABLE_FORMAT.into(),
+            version: 1,
+            cpu: "test".into(),
+            entries: vec![e(1), e(64)],
+            nm: vec![],
+        }
     }
 
     #[test]

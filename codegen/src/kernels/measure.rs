@@ -119,3 +119,84 @@ pub fn measure_break_even(
     }
     Ok(out)
 }
+
+/// One measured N:M kernel: its time over the dense kernel's on the unpruned weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NmRatio {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub pattern: kiln_ir::sparse::NmPattern,
+    /// N:M time / dense time (below 1: the N:M kernel is faster).
+    pub ratio: f64,
+    /// Seconds per call: (dense, N:M).
+    pub times: (f64, f64),
+}
+
+/// Times the N:M kernel of every `(dtype, k, n)` (of the dtypes it supports) and pattern against the
+/// dense kernel on the unpruned weights, at every `m` (one thread, random weights pruned by
+/// magnitude; paired timings as in [`measure_break_even`]).
+pub fn measure_nm(
+    shapes: &[(DType, usize, usize)],
+    patterns: &[kiln_ir::sparse::NmPattern],
+    ms: &[usize],
+    repeats: usize,
+    budget: Duration,
+) -> Result<Vec<NmRatio>, CodegenError> {
+    use super::nm::{emit_nm_linear, NmLinearKernelSpec};
+    let shapes: Vec<_> = shapes.iter().filter(|s| kiln_ir::sparse::NM_DTYPES.contains(&s.0)).copied().collect();
+    let ctx = Context::create();
+    let module = llvm::create_module(&ctx, "kiln_measure_nm");
+    for &(dtype, k, _) in &shapes {
+        for &p in patterns {
+            emit_nm_linear(&ctx, &module, &NmLinearKernelSpec::new(dtype, p, k))?;
+        }
+        if module.get_function(&LinearKernelSpec::new(dtype, k).symbol()).is_none() {
+            emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, k))?;
+        }
+    }
+    let tm = llvm::host_target_machine()?;
+    llvm::optimize(&module, &tm)?;
+    let ee = module
+        .create_jit_execution_engine(OptimizationLevel::Aggressive)
+        .map_err(|e| CodegenError::Llvm(format!("JIT: {e}")))?;
+    let addr = |s: &str| ee.get_function_address(s).map_err(|e| CodegenError::Llvm(format!("JIT {s}: {e}")));
+    let mut state = 0x2545f4914f6cdd1du64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let mut out = Vec::new();
+    for &(dtype, k, n) in &shapes {
+        // SAFETY: the symbol was generated with exactly this signature.
+        let dense: LinearKernelFn = unsafe { std::mem::transmute(addr(&LinearKernelSpec::new(dtype, k).symbol())?) };
+        let vals: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+        let dense_w = kiln_ir::quant::quantize(dtype, &vals).map_err(|e| CodegenError::InvalidSpec(e.to_string()))?;
+        for &m in ms {
+            let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let mut y = vec![0f32; m * n];
+            for &p in patterns {
+                let spec = NmLinearKernelSpec::new(dtype, p, k);
+                // SAFETY: as above.
+                let nm: LinearKernelFn = unsafe { std::mem::transmute(addr(&spec.symbol())?) };
+                let w = kiln_ir::sparse::prune_nm(dtype, p, n, k, &dense_w, None)
+                    .map_err(|e| CodegenError::InvalidSpec(e.to_string()))?;
+                w.validate().map_err(|e| CodegenError::InvalidSpec(e.to_string()))?;
+                let (mi, ni) = (m as i64, n as i64);
+                // SAFETY: `w` is valid (n rows of the spec's row bytes); x and y are m · k and m · n.
+                let ts = best_time(repeats, budget, || unsafe {
+                    nm(w.data.as_ptr(), x.as_ptr(), y.as_mut_ptr(), mi, ni, 0, ni)
+                });
+                // SAFETY: as above.
+                let td = best_time(repeats, budget, || unsafe {
+                    dense(dense_w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), mi, ni, 0, ni)
+                });
+                out.push(NmRatio { dtype, k, n, m, pattern: p, ratio: ts / td, times: (td, ts) });
+            }
+        }
+    }
+    Ok(out)
+}

@@ -4,6 +4,7 @@
 //! - [`linear`]: quantized matrix × activations, weights dequantized in registers;
 //! - [`sparse`]: the same on block-sparse weights (CSR over 32-element blocks), walking only kept blocks,
 //!   and input-sparse (active-channel) GEMV on transposed weights;
+//! - [`nm`]: the same on N:M-sparse weights (kept codes and their positions per 32-element block);
 //! - [`ops`]: normalisation, rotary embedding, KV append, attention;
 //! - [`fused`]: chains of elementwise ops, generated as MLIR (`linalg.generic`) and lowered by [`crate::mlir`];
 //! - [`embedding`]: row gathers from (quantized) tables;
@@ -17,6 +18,7 @@ pub mod flex;
 pub mod fused;
 pub mod linear;
 pub mod measure;
+pub mod nm;
 pub mod ops;
 pub mod sparse;
 

@@ -72,7 +72,12 @@ impl CostModel {
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => return 0.0,
             // Sparse variants are costed as the dense product (an upper bound: the lift rules never
             // choose between them; the prune pass selects kernels from measured break-evens).
-            Op::Linear | Op::MatMul | Op::MaskedLinear | Op::ActiveLinear | Op::SparseLinear { .. } => {
+            Op::Linear
+            | Op::MatMul
+            | Op::MaskedLinear
+            | Op::ActiveLinear
+            | Op::SparseLinear { .. }
+            | Op::NmLinear { .. } => {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
