@@ -8,6 +8,9 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
   3. decode speed from `kiln run`, interleaved over rounds (CPU tok/s as in bench/quality.py).
 
 Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
+  [--mlp-forms gate,act,input,io] [--thresholds channel,layer]   CHESS variants (scope mlp; docs/sparsity.md)
+  [--rsparse attn:64,mlp:64 --rsparse-sparsities 0.25,0.5,0.7]  R-Sparse rows (scope:rank)
+  [--no-decode]                                                  perplexity only
 """
 import argparse
 import json
@@ -22,6 +25,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0,0.25,0.5,0.7,0.9", help="chess target sparsities ('' for none)")
     ap.add_argument("--scopes", default="mlp", help="chess scopes measured at each sparsity: mlp, attn, all (comma list)")
+    ap.add_argument("--mlp-forms", default="gate", help="--chess-mlp forms measured with scope mlp (comma list)")
+    ap.add_argument("--thresholds", default="channel", help="--chess-thresholds kinds measured (comma list)")
+    ap.add_argument("--rsparse", default="", help="R-Sparse rows: SCOPE:RANK comma list, e.g. attn:64,mlp:64")
+    ap.add_argument("--rsparse-sparsities", default="0.25,0.5,0.7")
+    ap.add_argument("--no-decode", action="store_true", help="measure perplexity only")
+    ap.add_argument("--calibration", default="", help="calibration file (default: made in --work)")
     ap.add_argument("--text", default="data/eval.txt", help="evaluation text")
     ap.add_argument("--prune", default="", help="magnitude-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
     ap.add_argument("--structured", default="", help="structured-pruning specs separated by ';', e.g. 'neurons=0.25;heads=1'")
@@ -39,20 +48,41 @@ def main():
     use_memo(os.path.join(a.work, "sparsity-evals.json"))
     t0 = time.time()
     # v2 files without the attention-output quantiles cannot drive `--chess-scope attn/all`.
-    calib = os.path.join(a.work, "calib-v2b.json")
+    # v2 files without the MLP input/down-input quantiles cannot drive `--chess-mlp act/input/io`.
+    calib = a.calibration or os.path.join(a.work, "calib-v2c.json")
     if not os.path.exists(calib):
         kiln(["calibrate", "--text", "data/calibration.txt", "-o", calib])
     scopes = [sc for sc in a.scopes.split(",") if sc]
-    configs = [("dense", None)] + [("chess" if sc == "mlp" else f"chess ({sc})", float(s))
-                                   for sc in scopes for s in a.sparsities.split(",") if s]
+    sparsities = [float(s) for s in a.sparsities.split(",") if s]
+    # A chess configuration: (label, sparsity) with its flags in `chess_flags`.
+    chess_flags = {}
+    configs = [("dense", None)]
+    for sc in scopes:
+        forms = a.mlp_forms.split(",") if sc != "attn" else ["gate"]
+        for form in forms:
+            for kind in a.thresholds.split(","):
+                label = "chess" if sc == "mlp" else f"chess ({sc})"
+                flags = ["--chess-scope", sc]
+                if form != "gate":
+                    label += f" {form}"
+                    flags += ["--chess-mlp", form]
+                if kind != "channel":
+                    label += f", per-{kind}"
+                    flags += ["--chess-thresholds", kind]
+                chess_flags[label] = flags
+                configs += [(label, s) for s in sparsities]
+    for spec in [x for x in a.rsparse.split(",") if x]:
+        sc, rank = spec.split(":")
+        label = f"r-sparse ({sc}, rank {rank})"
+        chess_flags[label] = ["--chess-scope", sc, "--rsparse-rank", rank]
+        configs += [(label, float(s)) for s in a.rsparse_sparsities.split(",") if s]
     configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
     configs += [("structured", s) for s in a.structured.split(";") if s]
 
     def opts(c):
         tech, s = c
-        if tech.startswith("chess"):
-            scope = tech[len("chess ("):-1] if tech != "chess" else "mlp"
-            return ["--chess-sparsity", str(s), "--chess-scope", scope, "--calibration", calib]
+        if tech in chess_flags:
+            return ["--chess-sparsity", str(s)] + chess_flags[tech] + ["--calibration", calib]
         if tech == "structured":
             return ["--structured-prune", s, "--calibration", calib]
         if tech.startswith("prune"):
@@ -66,24 +96,31 @@ def main():
         ppl[c] = out["report"]
         print(f"eval {c}: ppl {out['report']['perplexity']:.3f} ({time.time() - t0:.0f}s)", file=sys.stderr)
 
-    # Every configuration is compiled (one short run) before any timed run.
-    cpu, best = decode_speeds({c: opts(c) for c in configs}, "The history of the bicycle begins", a.threads,
-                              a.rounds, a.decode_tokens)
     base = configs[0]
-    lines = [
-        f"Perplexity on `{a.text}` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride}); decode: "
-        f"{a.decode_tokens} greedy tokens, {a.threads} thread(s), compiled backend, {a.rounds} interleaved rounds, "
-        f"CPU tok/s and wall tok/s as above. Binary: `{os.path.relpath(KILN, ROOT)}`.",
-        "",
-        "| technique | target sparsity | perplexity | vs dense | CPU tok/s | speedup | wall tok/s | speedup |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
     bp = ppl[base]["perplexity"]
+    head = (f"Perplexity on `{a.text}` ({ppl[base]['tokens']} tokens, window {a.window}, stride {a.stride})")
+    if a.no_decode:
+        cpu, best = {}, {}
+        lines = [f"{head}. Binary: `{os.path.relpath(KILN, ROOT)}`.", "",
+                 "| technique | target sparsity | perplexity | vs dense |", "|---|---:|---:|---:|"]
+    else:
+        # Every configuration is compiled (one short run) before any timed run.
+        cpu, best = decode_speeds({c: opts(c) for c in configs}, "The history of the bicycle begins", a.threads,
+                                  a.rounds, a.decode_tokens)
+        lines = [
+            f"{head}; decode: {a.decode_tokens} greedy tokens, {a.threads} thread(s), compiled backend, {a.rounds} "
+            f"interleaved rounds, CPU tok/s and wall tok/s as above. Binary: `{os.path.relpath(KILN, ROOT)}`.",
+            "",
+            "| technique | target sparsity | perplexity | vs dense | CPU tok/s | speedup | wall tok/s | speedup |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
     for c in configs:
         p = ppl[c]["perplexity"]
         target = "—" if c[1] is None else c[1] if isinstance(c[1], str) else f"{100 * c[1]:.0f}%"
-        lines.append(f"| {c[0]} | {target} | {p:.3f} | {100 * (p / bp - 1):+.1f}% | "
-                     f"{cpu[c]:.1f} | {cpu[c] / cpu[base]:.2f}× | {best[c]:.1f} | {best[c] / best[base]:.2f}× |")
+        row = f"| {c[0]} | {target} | {p:.3f} | {100 * (p / bp - 1):+.1f}% |"
+        if not a.no_decode:
+            row += f" {cpu[c]:.1f} | {cpu[c] / cpu[base]:.2f}× | {best[c]:.1f} | {best[c] / best[base]:.2f}× |"
+        lines.append(row)
     lines.append("")
     lines.append(f"Generated by `bench/sparsity.py` in {time.time() - t0:.0f}s.")
     table = "\n".join(lines)
