@@ -9,7 +9,7 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
 
 Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
   [--mlp-forms gate,act,input,io] [--thresholds channel,layer]   CHESS variants (scope mlp; docs/sparsity.md)
-  [--rsparse attn:64,mlp:64 --rsparse-sparsities 0.25,0.5,0.7]  R-Sparse rows (scope:rank)
+  [--rsparse attn:16,mlp:64:layer --rsparse-sparsities 0.25,0.5,0.7]  R-Sparse rows (scope:rank[:thresholds])
   [--no-decode]                                                  perplexity only
 """
 import argparse
@@ -27,7 +27,7 @@ def main():
     ap.add_argument("--scopes", default="mlp", help="chess scopes measured at each sparsity: mlp, attn, all (comma list)")
     ap.add_argument("--mlp-forms", default="gate", help="--chess-mlp forms measured with scope mlp (comma list)")
     ap.add_argument("--thresholds", default="channel", help="--chess-thresholds kinds measured (comma list)")
-    ap.add_argument("--rsparse", default="", help="R-Sparse rows: SCOPE:RANK comma list, e.g. attn:64,mlp:64")
+    ap.add_argument("--rsparse", default="", help="R-Sparse rows: SCOPE:RANK[:layer] comma list, e.g. attn:16,mlp:64:layer")
     ap.add_argument("--rsparse-sparsities", default="0.25,0.5,0.7")
     ap.add_argument("--no-decode", action="store_true", help="measure perplexity only")
     ap.add_argument("--calibration", default="", help="calibration file (default: made in --work)")
@@ -72,9 +72,11 @@ def main():
                 chess_flags[label] = flags
                 configs += [(label, s) for s in sparsities]
     for spec in [x for x in a.rsparse.split(",") if x]:
-        sc, rank = spec.split(":")
-        label = f"r-sparse ({sc}, rank {rank})"
+        sc, rank, *kind = spec.split(":")
+        label = f"r-sparse ({sc}, rank {rank}{', per-' + kind[0] if kind else ''})"
         chess_flags[label] = ["--chess-scope", sc, "--rsparse-rank", rank]
+        if kind:
+            chess_flags[label] += ["--chess-thresholds", kind[0]]
         configs += [(label, float(s)) for s in a.rsparse_sparsities.split(",") if s]
     configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
     configs += [("structured", s) for s in a.structured.split(";") if s]
