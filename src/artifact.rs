@@ -38,8 +38,12 @@ pub struct Build {
     pub chess_scope: kiln_passes::chess::ChessScope,
     /// Structured pruning (`structured-prune` pass): MLP neurons and attention query heads removed.
     pub structured: Option<kiln_passes::structured_prune::StructuredPrune>,
-    /// With `chess` on the attention projections: R-Sparse's rank of the low-rank compensation.
+    /// With `chess`: R-Sparse's rank of the low-rank compensation of each input-sparse projection.
     pub rsparse_rank: Option<usize>,
+    /// With `chess`: the MLP's form (`None`: gate, or io with `rsparse_rank`).
+    pub chess_mlp: Option<kiln_passes::chess::ChessMlp>,
+    /// With `chess`: one threshold per layer and activation instead of per channel.
+    pub chess_per_layer: bool,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -124,6 +128,8 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
             exact: build.chess_exact,
             scope: build.chess_scope,
             rsparse_rank: build.rsparse_rank,
+            mlp: build.chess_mlp,
+            per_layer: build.chess_per_layer,
             ..chess
         }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));

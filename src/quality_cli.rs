@@ -41,6 +41,22 @@ pub enum ChessScopeArg {
     All,
 }
 
+/// `--chess-mlp`: which MLP activation the thresholds apply to (`kiln::passes::chess::ChessMlp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChessMlpArg {
+    Gate,
+    Act,
+    Input,
+    Io,
+}
+
+/// `--chess-thresholds`: one threshold per channel (CHESS) or per layer (TEAL).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ChessThresholdsArg {
+    Channel,
+    Layer,
+}
+
 /// Where `kiln bench --kernels` caches its table.
 pub fn kernel_table_path() -> PathBuf {
     kiln::cache_dir().join("kernel-table.json")
@@ -199,8 +215,19 @@ pub struct SkipArgs {
     /// projections (`attn`: Q/K/V's normed input and the output projection's input), or both (`all`).
     #[arg(long, value_enum, value_name = "SCOPE", default_value = "mlp", requires = "chess_sparsity")]
     pub chess_scope: ChessScopeArg,
-    /// R-Sparse: add to each thresholded attention projection the dropped channels' contribution through
-    /// a rank-R truncated SVD of its weight (needs --chess-scope attn or all).
+    /// Which MLP activation --chess-sparsity thresholds: `gate` (CHESS: silu(gate); up masked, down
+    /// input-sparse), `act` (down's input silu(gate)·up), `input` (gate/up's input x), `io` (input and act).
+    /// Default: gate, or io with --rsparse-rank.
+    #[arg(long, value_enum, value_name = "FORM", requires = "chess_sparsity")]
+    pub chess_mlp: Option<ChessMlpArg>,
+    /// One calibrated threshold per channel (`channel`, CHESS) or per layer and activation (`layer`,
+    /// the quantile of all channels pooled, TEAL-style).
+    #[arg(long, value_enum, value_name = "KIND", default_value = "channel", requires = "chess_sparsity")]
+    pub chess_thresholds: ChessThresholdsArg,
+    /// R-Sparse: add to each projection reading a thresholded input the dropped channels' contribution
+    /// through a rank-R truncated SVD of its weight (attention projections; in the MLP with the `io`,
+    /// `act` or `input` form, which --rsparse-rank makes the default). R ≥ 1; above a weight's
+    /// min(rows, columns) it is that weight's full rank.
     #[arg(long, value_name = "R", requires = "chess_sparsity")]
     pub rsparse_rank: Option<usize>,
     /// Block-sparse weight pruning (lossy): drop this share of the 32-element blocks of every row of the
@@ -259,6 +286,16 @@ impl SkipArgs {
             ChessScopeArg::Attn => ChessScope::Attn,
             ChessScopeArg::All => ChessScope::All,
         }
+    }
+
+    pub fn chess_mlp(&self) -> Option<kiln::passes::chess::ChessMlp> {
+        use kiln::passes::chess::ChessMlp;
+        self.chess_mlp.map(|m| match m {
+            ChessMlpArg::Gate => ChessMlp::Gate,
+            ChessMlpArg::Act => ChessMlp::Act,
+            ChessMlpArg::Input => ChessMlp::Input,
+            ChessMlpArg::Io => ChessMlp::Io,
+        })
     }
 
     pub fn is_set(&self) -> bool {
@@ -324,6 +361,12 @@ impl SkipArgs {
         if let Some(s) = self.chess_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
             bail!("--chess-sparsity {s} is outside [0, 1)");
         }
+        if let Some(r) = self.rsparse_rank {
+            let max = model.config.hidden_size.max(model.config.intermediate_size);
+            if r == 0 || r > max {
+                bail!("--rsparse-rank {r} is outside [1, {max}] (the largest dimension of the model's weights)");
+            }
+        }
         if let Some(s) = self.prune_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
             bail!("--prune-sparsity {s} is outside [0, 1)");
         }
@@ -383,6 +426,8 @@ impl SkipArgs {
             chess: self.chess_sparsity,
             chess_scope: self.chess_scope(),
             rsparse_rank: self.rsparse_rank,
+            chess_mlp: self.chess_mlp(),
+            chess_per_layer: self.chess_thresholds == ChessThresholdsArg::Layer,
             prune,
             flex,
             coreinfer,
@@ -718,6 +763,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "skip_method": a.skip.skip().method.name(),
             "chess_sparsity": a.skip.chess_sparsity,
             "chess_scope": a.skip.chess_sparsity.map(|_| a.skip.chess_scope().name()),
+            "chess_mlp": a.skip.chess_mlp().map(|m| m.name()),
+            "chess_per_layer": a.skip.chess_sparsity.map(|_| a.skip.chess_thresholds == ChessThresholdsArg::Layer),
+            "rsparse_rank": a.skip.rsparse_rank,
             "prune_sparsity": a.skip.prune_sparsity,
             "structured_prune": a.skip.structured_prune,
             "coreinfer": a.skip.coreinfer().ok().flatten().map(|c| c.spec()),

@@ -12,6 +12,7 @@ use kiln::ir::{DType, Graph, Op};
 use kiln::passes::calibration::{
     quantile_levels, Calibration, CalibrationText, CALIBRATION_FORMAT, CALIBRATION_VERSION,
 };
+use kiln::passes::chess::ChessMlp;
 use kiln::runtime::{Backend, CompiledBackend, InterpreterBackend};
 use std::path::Path;
 use std::sync::Arc;
@@ -341,6 +342,20 @@ fn chess_options_are_checked() {
         (vec!["run", "--prompt-ids", "1,2", "--chess-sparsity", "0.5"], "--calibration"),
         (vec!["compile", "-o", "/tmp/never", "--chess-sparsity", "0.5"], "--calibration"),
         (vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--calibration", b], "version"),
+        (
+            vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--rsparse-rank", "0", "--calibration", b],
+            "--rsparse-rank 0",
+        ),
+        (
+            vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--rsparse-rank", "100000", "--calibration", b],
+            "outside [1,",
+        ),
+        (vec!["eval", "--text", t, "--chess-mlp", "io"], "--chess-sparsity"),
+        (vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--chess-mlp", "down", "--calibration", b], "down"),
+        (
+            vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--chess-thresholds", "token", "--calibration", b],
+            "token",
+        ),
     ];
     for (args, want) in cases {
         let (code, _, err) = run_kiln(&args, model);
@@ -695,6 +710,129 @@ fn rsparse_restores_the_dropped_channels_through_low_rank_factors() {
     let mut c = CompiledBackend::load(art.path(), 1, None).unwrap();
     let d = max_abs_diff(&steps(&mut c, &tokens, 5), &low);
     assert!(d < 1e-4, "rank 8: compiled vs interpreter {d}");
-    let err = build_graph(&m, &Build { chess_scope: ChessScope::Mlp, ..build(Some(8)) }).err().unwrap();
-    assert!(format!("{err:#}").contains("scope attn or all"), "{err:#}");
+    // The gate form of the MLP never computes the dropped up channels: nothing to compensate.
+    let gate = Build { chess_scope: ChessScope::All, chess_mlp: Some(ChessMlp::Gate), ..build(Some(8)) };
+    let err = build_graph(&m, &gate).err().unwrap();
+    assert!(format!("{err:#}").contains("input-sparse MLP form"), "{err:#}");
+}
+
+/// R-Sparse on the MLP (the `io` form: gate/up read the thresholded MLP input, down the thresholded
+/// silu(gate)·up, each with its low-rank factors): full rank is the dense model (interpreted and
+/// compiled), rank 8 lies strictly between plain input sparsity and dense and compiles to the
+/// interpreter's values.
+#[test]
+fn rsparse_on_the_mlp_restores_the_dropped_channels() {
+    use kiln::passes::chess::ChessScope;
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
+        c
+    };
+    let ChessCase { _src, m, cal, tokens, want, .. } = chess_case(&cfg, 37);
+    let build =
+        |rank, scope| Build { chess_scope: scope, chess_exact: true, rsparse_rank: rank, ..chess_build(&cal, 0.5) };
+    let interp = |b: &Build| {
+        let g = build_graph(&m, b).unwrap();
+        let mut i = InterpreterBackend::new(g.graph, &g.weights, 64).unwrap();
+        steps(&mut i, &tokens, 5)
+    };
+    let compiled = |b: &Build| {
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", b, art.path()).unwrap();
+        let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+        (steps(&mut c, &tokens, 5), manifest)
+    };
+    let sq = |a: &[f32]| a.iter().zip(&want).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>();
+    // Full rank (64 = min(n, k) of gate, up and down): dense again.
+    let full_b = build(Some(64), ChessScope::Mlp);
+    let g = build_graph(&m, &full_b).unwrap();
+    // Per block: gate, up, down are active-channel linears; no masked up, no gate threshold.
+    assert_eq!(g.graph.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count(), 3 * 2);
+    assert_eq!(g.graph.nodes.iter().filter(|n| n.op == Op::Threshold).count(), 2 * 2);
+    assert!(!g.graph.nodes.iter().any(|n| n.op == Op::MaskedLinear));
+    let full = interp(&full_b);
+    assert!(max_abs_diff(&full, &want) < 1e-4, "full rank vs dense: {}", max_abs_diff(&full, &want));
+    let (c, manifest) = compiled(&full_b);
+    let d = max_abs_diff(&c, &full);
+    assert!(d < 1e-4, "full rank: compiled vs interpreter {d}");
+    let rec = manifest.records.iter().find(|r| r["pass"] == "chess").unwrap();
+    assert_eq!(rec["detail"]["mlp"], serde_json::json!("io"), "--rsparse-rank makes io the MLP's default form");
+    // Rank 8: between the uncompensated io form and dense; compiled = interpreter.
+    let plain = interp(&Build { chess_mlp: Some(ChessMlp::Io), ..build(None, ChessScope::Mlp) });
+    assert!(max_abs_diff(&plain, &want) > 1e-3, "sparsity 0.5 changes the model");
+    for scope in [ChessScope::Mlp, ChessScope::All] {
+        let low_b = build(Some(8), scope);
+        let low = interp(&low_b);
+        if scope == ChessScope::Mlp {
+            assert!(sq(&low) < sq(&plain), "rank 8: {} vs plain {}", sq(&low), sq(&plain));
+        }
+        assert!(sq(&low) > 1e-6, "{scope:?}: rank 8 is not exact");
+        let d = max_abs_diff(&compiled(&low_b).0, &low);
+        assert!(d < 1e-4, "{scope:?} rank 8: compiled vs interpreter {d}");
+    }
+}
+
+/// The other MLP forms (`act`: down's input, `input`: gate/up's input, `io`: both) and per-layer
+/// thresholds: exact at sparsity 0, compiled = interpreter at 0.5, the dropped share on the calibration
+/// tokens at the target, and an older calibration file without their quantiles refused.
+#[test]
+fn chess_mlp_forms_and_per_layer_thresholds() {
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
+        c
+    };
+    let ChessCase { _src, m, cal, calib_tokens, tokens, want } = chess_case(&cfg, 41);
+    let build =
+        |s, form, per_layer| Build { chess_mlp: Some(form), chess_per_layer: per_layer, ..chess_build(&cal, s) };
+    for (form, thresholds, active) in [(ChessMlp::Act, 1, 1), (ChessMlp::Input, 1, 2), (ChessMlp::Io, 2, 3)] {
+        let exact = Build { chess_exact: true, ..build(0.0, form, false) };
+        let g = build_graph(&m, &exact).unwrap();
+        let mut i0 = InterpreterBackend::new(g.graph, &g.weights, 64).unwrap();
+        let d = max_abs_diff(&steps(&mut i0, &tokens, 5), &want);
+        assert!(d < 1e-5, "{form:?} sparsity 0 (interpreter) vs dense: {d}");
+        for per_layer in [false, true] {
+            let b = build(0.5, form, per_layer);
+            let g = build_graph(&m, &b).unwrap();
+            assert_eq!(g.graph.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count(), active * 2, "{form:?}");
+            let mut ib = InterpreterBackend::new(g.graph.clone(), &g.weights, 64).unwrap();
+            let reference = steps(&mut ib, &tokens, 5);
+            assert!(max_abs_diff(&reference, &want) > 1e-4, "{form:?} sparsity 0.5 changes the model");
+            let art = tempfile::tempdir().unwrap();
+            let manifest = compile_build(&m, "test", &b, art.path()).unwrap();
+            let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+            let d = max_abs_diff(&steps(&mut c, &tokens, 5), &reference);
+            assert!(d < 1e-4, "{form:?} per_layer {per_layer}: compiled vs interpreter {d}");
+            let rec = manifest.records.iter().find(|r| r["pass"] == "chess").unwrap();
+            assert_eq!(rec["detail"]["mlp"], serde_json::json!(form.name()));
+            let share = dropped_share(&g.graph, &g.weights, &calib_tokens[..20], thresholds * 2);
+            assert!((share - 0.5).abs() < 0.1, "{form:?} per_layer {per_layer}: dropped {share}");
+            if per_layer {
+                // One value per threshold vector.
+                let t = g.weights.get(&format!(
+                    "blk.0.{}#chess0.5-layer",
+                    if form == ChessMlp::Input { "ffn_in" } else { "ffn_act" }
+                ));
+                let t = t.expect("per-layer threshold weight").to_f32().unwrap();
+                assert!(t.iter().all(|&v| v == t[0]) && t[0] > 0.0, "{t:?}");
+            }
+        }
+    }
+    // Per-layer thresholds on the gate (CHESS's form) too.
+    let b = build(0.5, ChessMlp::Gate, true);
+    let g = build_graph(&m, &b).unwrap();
+    let share = dropped_share(&g.graph, &g.weights, &calib_tokens[..20], 2);
+    assert!((share - 0.5).abs() < 0.1, "gate per layer: dropped {share}");
+    // Older files: no MLP input / down input quantiles.
+    let mut old = (*cal).clone();
+    old.layers.iter_mut().for_each(|l| {
+        l.ffn_act_abs_quantiles.clear();
+        l.layer_abs_quantiles.clear();
+    });
+    let old = Arc::new(old);
+    for (form, per_layer) in [(ChessMlp::Act, false), (ChessMlp::Gate, true)] {
+        let b = Build { chess_mlp: Some(form), chess_per_layer: per_layer, ..chess_build(&old, 0.5) };
+        let err = build_graph(&m, &b).err().unwrap();
+        assert!(format!("{err:#}").contains("re-run `kiln calibrate`"), "{form:?}: {err:#}");
+    }
 }

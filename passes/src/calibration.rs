@@ -84,6 +84,47 @@ pub struct LayerStats {
     /// written before it was recorded (`chess` on the output projection then asks for a new calibration).
     #[serde(default)]
     pub attn_out_in_abs_quantiles: Vec<Vec<f32>>,
+    /// The same for the MLP input (the normed hidden state gate/up read, `hidden_size`). Empty in older
+    /// files.
+    #[serde(default)]
+    pub ffn_in_abs_quantiles: Vec<Vec<f32>>,
+    /// The same for the down projection's input silu(gate)·up (`intermediate_size`). Empty in older files.
+    #[serde(default)]
+    pub ffn_act_abs_quantiles: Vec<Vec<f32>>,
+    /// Per thresholdable activation ([`Activation::name`]), the quantiles of |value| over every channel
+    /// and token pooled (one curve per layer: per-layer thresholds). Empty in older files.
+    #[serde(default)]
+    pub layer_abs_quantiles: std::collections::BTreeMap<String, Vec<f32>>,
+}
+
+/// An activation whose channels `chess` can threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// silu(gate) (`intermediate_size`).
+    FfnGate,
+    /// The MLP input, read by gate and up (`hidden_size`).
+    FfnIn,
+    /// silu(gate)·up, read by down (`intermediate_size`).
+    FfnAct,
+    /// The normed block input, read by Q/K/V (`hidden_size`).
+    AttnIn,
+    /// The attention result, read by the output projection.
+    AttnOutIn,
+}
+
+impl Activation {
+    pub const ALL: [Activation; 5] =
+        [Activation::FfnGate, Activation::FfnIn, Activation::FfnAct, Activation::AttnIn, Activation::AttnOutIn];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::FfnGate => "ffn_gate",
+            Activation::FfnIn => "ffn_in",
+            Activation::FfnAct => "ffn_act",
+            Activation::AttnIn => "attn_in",
+            Activation::AttnOutIn => "attn_out_in",
+        }
+    }
 }
 
 impl LayerStats {
@@ -101,6 +142,40 @@ impl LayerStats {
     /// The same for the input of the attention output projection (empty when the file does not have it).
     pub fn attn_out_in_thresholds(&self, levels: &[f32], sparsity: f64) -> Vec<f32> {
         self.attn_out_in_abs_quantiles.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect()
+    }
+
+    /// The thresholds of `which` at `sparsity`, one per channel: each channel's own quantile, or with
+    /// `per_layer` the quantile of all channels pooled (the same value for every channel). Errors when
+    /// the file does not record that activation (older calibration files).
+    pub fn thresholds(
+        &self,
+        which: Activation,
+        levels: &[f32],
+        sparsity: f64,
+        per_layer: bool,
+    ) -> Result<Vec<f32>, String> {
+        let (per_channel, width) = match which {
+            Activation::FfnGate => (&self.ffn_gate_abs_quantiles, self.ffn_act_mean_abs.len()),
+            Activation::FfnIn => (&self.ffn_in_abs_quantiles, self.ffn_in_mean_abs.len()),
+            Activation::FfnAct => (&self.ffn_act_abs_quantiles, self.ffn_act_mean_abs.len()),
+            Activation::AttnIn => (&self.attn_in_abs_quantiles, self.attn_in_mean_abs.len()),
+            Activation::AttnOutIn => (&self.attn_out_in_abs_quantiles, self.attn_out_in_mean_abs.len()),
+        };
+        let missing = |what: &str| {
+            format!(
+                "the calibration file has no {what} quantiles of {} (layer {}); re-run `kiln calibrate`",
+                which.name(),
+                self.layer
+            )
+        };
+        if per_layer {
+            let q = self.layer_abs_quantiles.get(which.name()).ok_or_else(|| missing("per-layer"))?;
+            Ok(vec![interpolate_quantile(levels, q, sparsity); width])
+        } else if per_channel.is_empty() {
+            Err(missing("per-channel"))
+        } else {
+            Ok(per_channel.iter().map(|q| interpolate_quantile(levels, q, sparsity)).collect())
+        }
     }
 }
 
@@ -187,6 +262,17 @@ impl Calibration {
                     "layer {i}: attn_out_in_abs_quantiles must be {out_width} vectors (attn_out_in_mean_abs) of {q} levels"
                 ));
             }
+            for (name, v, width) in [
+                ("ffn_in", &l.ffn_in_abs_quantiles, self.hidden_size),
+                ("ffn_act", &l.ffn_act_abs_quantiles, self.intermediate_size),
+            ] {
+                if !v.is_empty() && (v.len() != width || v.iter().any(|c| c.len() != q)) {
+                    return Err(format!("layer {i}: {name}_abs_quantiles must be {width} vectors of {q} levels"));
+                }
+            }
+            if let Some((name, v)) = l.layer_abs_quantiles.iter().find(|(_, v)| v.len() != q) {
+                return Err(format!("layer {i}: layer_abs_quantiles.{name} must have {q} levels, not {}", v.len()));
+            }
             if l.ffn_act_mean_abs.len() != self.intermediate_size {
                 return Err(format!(
                     "layer {i}: ffn_act_mean_abs does not have intermediate_size = {}",
@@ -259,6 +345,8 @@ struct LayerAcc {
     gate_hist: AbsHistogram,
     attn_in_hist: AbsHistogram,
     attn_out_in_hist: AbsHistogram,
+    ffn_in_hist: AbsHistogram,
+    ffn_act_hist: AbsHistogram,
 }
 
 /// Per-channel histograms of |x| on a log scale: bin 0 holds |x| < 2^LOG_MIN (and 0), then
@@ -308,6 +396,18 @@ impl AbsHistogram {
                 levels.iter().map(|&q| quantile_of(h, self.total, q as f64)).collect()
             })
             .collect()
+    }
+
+    /// The quantiles of every channel's values pooled.
+    fn pooled_quantiles(&self, levels: &[f32]) -> Vec<f32> {
+        let mut h = vec![0u32; BINS];
+        for c in 0..self.channels {
+            for (p, &n) in h.iter_mut().zip(&self.counts[c * BINS..(c + 1) * BINS]) {
+                *p = p.saturating_add(n); // 2^32 values per bin: far beyond any calibration text
+            }
+        }
+        let total = self.total * self.channels as u64;
+        levels.iter().map(|&q| quantile_of(&h, total, q as f64)).collect()
     }
 }
 
@@ -392,6 +492,8 @@ impl StatsAccumulator {
         acc.gate_hist.add(a.ffn_gate_act, a.ffn_gate_act.len() / tokens);
         acc.attn_in_hist.add(a.attn_in, a.attn_in.len() / tokens);
         acc.attn_out_in_hist.add(a.attn_out_in, a.attn_out_in.len() / tokens);
+        acc.ffn_in_hist.add(a.ffn_in, a.ffn_in.len() / tokens);
+        acc.ffn_act_hist.add(a.ffn_act, a.ffn_act.len() / tokens);
         acc.tokens += tokens;
         Ok(())
     }
@@ -405,6 +507,16 @@ impl StatsAccumulator {
             .map(|(layer, a)| {
                 let n = a.tokens.max(1) as f64;
                 let mean = |v: Vec<f64>| v.into_iter().map(|s| (s / n) as f32).collect();
+                let layer_abs_quantiles = [
+                    (Activation::FfnGate, &a.gate_hist),
+                    (Activation::FfnIn, &a.ffn_in_hist),
+                    (Activation::FfnAct, &a.ffn_act_hist),
+                    (Activation::AttnIn, &a.attn_in_hist),
+                    (Activation::AttnOutIn, &a.attn_out_in_hist),
+                ]
+                .into_iter()
+                .map(|(w, h)| (w.name().to_string(), h.pooled_quantiles(&levels)))
+                .collect();
                 LayerStats {
                     layer,
                     block_influence: a.block / n,
@@ -418,6 +530,9 @@ impl StatsAccumulator {
                     ffn_gate_abs_quantiles: a.gate_hist.quantiles(&levels),
                     attn_in_abs_quantiles: a.attn_in_hist.quantiles(&levels),
                     attn_out_in_abs_quantiles: a.attn_out_in_hist.quantiles(&levels),
+                    ffn_in_abs_quantiles: a.ffn_in_hist.quantiles(&levels),
+                    ffn_act_abs_quantiles: a.ffn_act_hist.quantiles(&levels),
+                    layer_abs_quantiles,
                 }
             })
             .collect()
@@ -487,6 +602,48 @@ mod tests {
         assert_eq!(interpolate_quantile(&[0.5, 1.0], &[2.0, 4.0], 0.25), 1.0);
         assert_eq!(interpolate_quantile(&[0.5, 1.0], &[2.0, 4.0], 0.75), 3.0);
         assert_eq!(interpolate_quantile(&[0.5, 0.9], &[2.0, 4.0], 0.95), 4.0);
+    }
+
+    #[test]
+    fn pooled_quantiles_by_hand() {
+        // Channel 0 holds 1..=100, channel 1 holds 101..=200: per channel the medians are about 50 and
+        // 150, pooled about 100 (within a bin's 9%).
+        let mut h = AbsHistogram::default();
+        let rows: Vec<f32> = (1..=100).flat_map(|v| [v as f32, (v + 100) as f32]).collect();
+        h.add(&rows, 2);
+        let levels = quantile_levels();
+        let mid = levels.iter().position(|&l| l == 0.5).unwrap();
+        let per = h.quantiles(&levels);
+        assert!((per[0][mid] - 50.0).abs() < 5.0 && (per[1][mid] - 150.0).abs() < 14.0, "{per:?}");
+        let pooled = h.pooled_quantiles(&levels);
+        assert!((pooled[mid] - 100.0).abs() < 10.0, "{pooled:?}");
+        let l10 = levels.iter().position(|&l| (l - 0.1).abs() < 1e-6).unwrap();
+        assert!((pooled[l10] - 20.0).abs() < 2.0, "{pooled:?}");
+        // `thresholds` reads them: one value for every channel with `per_layer`, else each channel's own.
+        let mut stats = StatsAccumulator::new(1);
+        let rows_in = vec![0.0f32; 200];
+        let rows3: Vec<f32> = (1..=100).flat_map(|v| [v as f32, (v + 100) as f32, 0.0]).collect();
+        let a = BlockActivations {
+            x_in: &rows_in,
+            x_mid: &rows_in,
+            x_out: &rows_in,
+            attn_in: &rows,
+            attn_out_in: &rows,
+            ffn_in: &rows,
+            ffn_act: &rows3,
+            ffn_gate_act: &rows3,
+        };
+        stats.add(0, 100, &a).unwrap();
+        let s = &stats.finish()[0];
+        let t = s.thresholds(Activation::FfnAct, &levels, 0.5, true).unwrap();
+        assert_eq!(t.len(), 3);
+        // Pooled over three channels (one always 0): the median is the 150th of 300 values, about 50.
+        assert!(t.iter().all(|&v| v == t[0]) && (t[0] - 50.0).abs() < 6.0, "{t:?}");
+        let t = s.thresholds(Activation::FfnIn, &levels, 0.5, false).unwrap();
+        assert!((t[0] - 50.0).abs() < 5.0 && (t[1] - 150.0).abs() < 14.0, "{t:?}");
+        let mut old = s.clone();
+        old.ffn_in_abs_quantiles.clear();
+        assert!(old.thresholds(Activation::FfnIn, &levels, 0.5, false).unwrap_err().contains("re-run"));
     }
 
     #[test]

@@ -20,9 +20,21 @@
 //! `threshold(attention, t_out)`, each as `active_linear` on its transposed weight (`blk.L.attn_q.weight#t`,
 //! …; widths that are not a multiple of 32 keep the dense linear of the thresholded input).
 //!
+//! Other MLP forms ([`ChessMlp`], `--chess-mlp`) threshold projection inputs instead of the gate, the way
+//! the attention projections are: `act` thresholds down's input silu(gate)·up (`ffn_act_abs_quantiles`;
+//! gate and up stay dense), `input` thresholds the MLP input read by gate and up (`ffn_in_abs_quantiles`;
+//! down stays dense), `io` both. With `per_layer` every activation gets one threshold per layer (the
+//! quantile of all its channels pooled, `layer_abs_quantiles`) instead of one per channel.
+//!
+//! R-Sparse (`rsparse_rank`) adds to every projection that reads a thresholded input (attention, and the
+//! MLP in the `io`/`act`/`input` forms — `io` is the MLP's default form with a rank) the dropped channels'
+//! contribution through rank-r factors of its weight. The gate form cannot take it: the masked up never
+//! computes the dropped channels.
+//!
 //! Runs after `skip-layers` (it finds blocks by their down projection, which it replaces).
 
 use crate::blocks::find_blocks;
+use crate::calibration::Activation;
 use crate::{Pass, PassCx, PassError};
 use kiln_ir::sparse::SPARSE_DTYPES;
 use kiln_ir::{DType, Dim, Graph, Node, Op, TensorData, TensorType, ValueId};
@@ -66,6 +78,49 @@ impl ChessScope {
     }
 }
 
+/// How the MLP is sparsified (with scope `mlp` or `all`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ChessMlp {
+    /// CHESS: threshold silu(gate); up masked to the kept channels, down input-sparse.
+    #[default]
+    Gate,
+    /// Threshold the down projection's input silu(gate)·up (TEAL-style; gate and up stay dense).
+    Act,
+    /// Threshold the MLP input x read by gate and up (both input-sparse; down stays dense).
+    Input,
+    /// Both `input` and `act`: every MLP projection reads a thresholded input. This is the form R-Sparse
+    /// compensates (`rsparse_rank`): each projection adds the dropped channels through its low-rank factors.
+    Io,
+}
+
+impl ChessMlp {
+    pub const NAMES: [&'static str; 4] = ["gate", "act", "input", "io"];
+
+    pub fn parse(s: &str) -> Result<ChessMlp, String> {
+        match s {
+            "gate" => Ok(ChessMlp::Gate),
+            "act" => Ok(ChessMlp::Act),
+            "input" => Ok(ChessMlp::Input),
+            "io" => Ok(ChessMlp::Io),
+            _ => Err(format!("unknown chess MLP form `{s}` (expected one of gate, act, input, io)")),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    /// Thresholds the MLP input (gate/up input-sparse).
+    fn input(self) -> bool {
+        matches!(self, ChessMlp::Input | ChessMlp::Io)
+    }
+
+    /// Thresholds the down projection's input.
+    fn act(self) -> bool {
+        matches!(self, ChessMlp::Act | ChessMlp::Io)
+    }
+}
+
 /// The pass, configured with a target share of channels to drop per token, in `[0, 1)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Chess {
@@ -75,10 +130,16 @@ pub struct Chess {
     pub exact: bool,
     /// Which activations are thresholded.
     pub scope: ChessScope,
-    /// R-Sparse: add to each attention projection the dropped channels' contribution through a rank-`r`
-    /// truncated SVD of its weight (`W·x ≈ W·x_kept + A·(B·x_dropped)`, `A = U_r·Σ_r`, `B = V_rᵀ`, f32
-    /// derived weights). `None`: plain CHESS.
+    /// R-Sparse: add to each projection that reads a thresholded input the dropped channels'
+    /// contribution through a rank-`r` truncated SVD of its weight (`W·x ≈ W·x_kept + A·(B·x_dropped)`,
+    /// `A·B = U_r·Σ_r·V_rᵀ` from [`low_rank_factors`], f32 derived weights). `None`: plain CHESS.
     pub rsparse_rank: Option<usize>,
+    /// The MLP's form; `None`: [`ChessMlp::Gate`], or [`ChessMlp::Io`] with `rsparse_rank` (the gate form
+    /// never computes the dropped up channels, so it has nothing to compensate).
+    pub mlp: Option<ChessMlp>,
+    /// One threshold per layer and activation (the quantile of all its channels pooled, TEAL-style)
+    /// instead of one per channel (CHESS).
+    pub per_layer: bool,
 }
 
 impl Chess {
@@ -86,15 +147,20 @@ impl Chess {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(format!("chess sparsity {sparsity} is outside [0, 1)"));
         }
-        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp, rsparse_rank: None })
+        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp, rsparse_rank: None, mlp: None, per_layer: false })
+    }
+
+    /// The MLP form this configuration uses (see [`Chess::mlp`]).
+    pub fn mlp_form(&self) -> ChessMlp {
+        self.mlp.unwrap_or(if self.rsparse_rank.is_some() { ChessMlp::Io } else { ChessMlp::Gate })
     }
 }
 
-/// One thresholded attention-projection input of a block: the projections that read it.
+/// One thresholded projection input of a block: the projections that read it.
 struct AttnInput {
     layer: usize,
-    /// `attn_in` (Q/K/V) or `attn_out_in` (output projection).
-    what: &'static str,
+    /// `attn_in` (Q/K/V), `attn_out_in` (output projection), `ffn_in` (gate/up) or `ffn_act` (down).
+    what: Activation,
     value: ValueId,
     /// (linear node, weight name) of each projection reading `value`.
     linears: Vec<(usize, String)>,
@@ -105,8 +171,8 @@ fn find_attn_inputs(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<At
     for b in blocks {
         let l = b.layer;
         for (what, value, suffixes) in [
-            ("attn_in", b.attn_in, &["attn_q.weight", "attn_k.weight", "attn_v.weight"][..]),
-            ("attn_out_in", b.attn_out_in, &["attn_output.weight"][..]),
+            (Activation::AttnIn, b.attn_in, &["attn_q.weight", "attn_k.weight", "attn_v.weight"][..]),
+            (Activation::AttnOutIn, b.attn_out_in, &["attn_output.weight"][..]),
         ] {
             let mut linears = Vec::new();
             for sfx in suffixes {
@@ -117,7 +183,9 @@ fn find_attn_inputs(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<At
                     .position(|n| {
                         n.op == Op::Linear && n.inputs[0] == value && weight_name(g, n.inputs[1]) == Some(&want)
                     })
-                    .ok_or_else(|| format!("block {l}: no linear of weight `{want}` reads {value} ({what})"))?;
+                    .ok_or_else(|| {
+                        format!("block {l}: no linear of weight `{want}` reads {value} ({})", what.name())
+                    })?;
                 linears.push((i, want));
             }
             out.push(AttnInput { layer: l, what, value, linears });
@@ -126,11 +194,29 @@ fn find_attn_inputs(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Vec<At
     Ok(out)
 }
 
+/// The MLP inputs `form` thresholds (as [`AttnInput`]s): the input of gate and up, the input of down.
+fn mlp_inputs(g: &Graph, mlps: &[Mlp], form: ChessMlp) -> Vec<AttnInput> {
+    let name = |node: usize| weight_name(g, g.nodes[node].inputs[1]).expect("checked by find_mlps").to_string();
+    let mut out = Vec::new();
+    for m in mlps {
+        if form.input() {
+            let linears = vec![(m.gate.index(), name(m.gate.index())), (m.up.index(), name(m.up.index()))];
+            out.push(AttnInput { layer: m.layer, what: Activation::FfnIn, value: m.ffn_in, linears });
+        }
+        if form.act() {
+            let linears = vec![(m.down, m.down_w.clone())];
+            out.push(AttnInput { layer: m.layer, what: Activation::FfnAct, value: ValueId(m.swiglu as u32), linears });
+        }
+    }
+    out
+}
+
 /// What one block's MLP is made of.
 pub(crate) struct Mlp {
     pub(crate) layer: usize,
     pub(crate) swiglu: usize,
     pub(crate) gate: ValueId,
+    pub(crate) up: ValueId,
     pub(crate) ffn_in: ValueId,
     pub(crate) up_w: ValueId,
     pub(crate) down: usize,
@@ -157,6 +243,10 @@ pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Ve
         if upn.op != Op::Linear || weight_name(g, upn.inputs[1]).is_none() {
             return Err(format!("block {l}: the up projection is not a linear of a weight"));
         }
+        let gn = g.node(gate);
+        if gn.op != Op::Linear || weight_name(g, gn.inputs[1]).is_none() || gn.inputs[0] != upn.inputs[0] {
+            return Err(format!("block {l}: the gate projection is not a linear of a weight reading up's input"));
+        }
         let down = g
             .nodes
             .iter()
@@ -169,6 +259,7 @@ pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Ve
             layer: l,
             swiglu: b.ffn_act.index(),
             gate,
+            up,
             ffn_in: upn.inputs[0],
             up_w: upn.inputs[1],
             down,
@@ -214,35 +305,40 @@ enum Action {
     Proj { t: usize, wt: Option<(String, TensorType)>, low_rank: Option<LowRank> },
 }
 
-/// R-Sparse's compensation of one projection: the names and types of `A [n, r]` and `B [r, k]`.
+/// R-Sparse's compensation of one projection: the names and types of `A [n, r]` and `B [r, k]`
+/// ([`low_rank_factors`]).
 struct LowRank {
     a: (String, TensorType),
     b: (String, TensorType),
 }
 
-/// The rank-`r` truncated SVD of the `[n, k]` matrix `w` as (`A = U_r·Σ_r` `[n, r]`, `B = V_rᵀ` `[r, k]`),
-/// row-major f32, singular values in decreasing order (`r` ≤ min(n, k)).
+/// Rank-`r` factors of the `[n, k]` matrix `w` whose product `A·B` (`A [n, r]`, `B [r, k]`, row-major f32)
+/// is its rank-`r` truncated SVD `U_r·Σ_r·V_rᵀ` (`r` ≤ min(n, k); the best rank-`r` approximation,
+/// Eckart–Young). Computed through the eigenvectors of the smaller Gram matrix (`W·Wᵀ` when n ≤ k, giving
+/// `A = U_r`, `B = U_rᵀ·W`; else `Wᵀ·W`, giving `A = W·V_r`, `B = V_rᵀ`), in f64: one `min(n, k)`-square
+/// symmetric eigenproblem instead of a full SVD, which made compiling SmolLM2's 90 MLP weights take minutes.
 pub fn low_rank_factors(w: &[f32], n: usize, k: usize, r: usize) -> Result<(Vec<f32>, Vec<f32>), String> {
     if w.len() != n * k || r > n.min(k) {
         return Err(format!("rank {r} factors of a [{n}, {k}] matrix of {} values", w.len()));
     }
     let m = nalgebra::DMatrix::from_row_iterator(n, k, w.iter().map(|&v| v as f64));
-    let svd = m.svd(true, true);
-    let (u, vt) = (svd.u.ok_or("SVD gave no U")?, svd.v_t.ok_or("SVD gave no Vᵀ")?);
-    let mut order: Vec<usize> = (0..svd.singular_values.len()).collect();
-    order.sort_by(|&i, &j| svd.singular_values[j].total_cmp(&svd.singular_values[i]));
-    let mut a = vec![0f32; n * r];
-    let mut b = vec![0f32; r * k];
-    for (c, &i) in order.iter().take(r).enumerate() {
-        let sv = svd.singular_values[i];
-        for row in 0..n {
-            a[row * r + c] = (u[(row, i)] * sv) as f32;
-        }
-        for col in 0..k {
-            b[c * k + col] = vt[(i, col)] as f32;
-        }
-    }
-    Ok((a, b))
+    let wide = n <= k;
+    let gram = if wide { &m * m.transpose() } else { m.transpose() * &m };
+    let eig = gram.symmetric_eigen();
+    let mut order: Vec<usize> = (0..eig.eigenvalues.len()).collect();
+    order.sort_by(|&i, &j| eig.eigenvalues[j].total_cmp(&eig.eigenvalues[i]));
+    // The top-r eigenvectors as columns: U_r [n, r] (wide) or V_r [k, r].
+    let basis = nalgebra::DMatrix::from_fn(eig.eigenvectors.nrows(), r, |row, c| eig.eigenvectors[(row, order[c])]);
+    let (a, b) = if wide {
+        let b = basis.transpose() * &m;
+        (basis, b)
+    } else {
+        (&m * &basis, basis.transpose())
+    };
+    let row_major = |x: &nalgebra::DMatrix<f64>| {
+        (0..x.nrows()).flat_map(|i| (0..x.ncols()).map(move |j| x[(i, j)] as f32)).collect::<Vec<f32>>()
+    };
+    Ok((row_major(&a), row_major(&b)))
 }
 
 fn median(t: &[f32]) -> f32 {
@@ -259,22 +355,37 @@ impl Pass for Chess {
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "chess", msg };
         Chess::new(self.sparsity).map_err(fail)?;
-        if self.rsparse_rank.is_some() && !self.scope.attn() {
-            return Err(fail("R-Sparse compensates the attention projections: it needs scope attn or all".into()));
+        let form = self.mlp_form();
+        if self.rsparse_rank.is_some() && self.scope.mlp() && form == ChessMlp::Gate {
+            return Err(fail(
+                "R-Sparse on the MLP needs an input-sparse MLP form (io, act or input): the gate form never \
+                 computes the dropped up channels, so there is nothing to compensate"
+                    .into(),
+            ));
+        }
+        if self.rsparse_rank == Some(0) {
+            return Err(fail("R-Sparse rank 0 compensates nothing (use plain chess, or a rank ≥ 1)".into()));
         }
         let cal = cx
             .calibration
             .as_ref()
             .ok_or_else(|| fail("needs a calibration file (--calibration FILE, from `kiln calibrate`)".into()))?;
         let blocks = find_blocks(g).map_err(fail)?;
-        let mlps = if self.scope.mlp() { find_mlps(g, &blocks).map_err(fail)? } else { Vec::new() };
-        let attn = if self.scope.attn() { find_attn_inputs(g, &blocks).map_err(fail)? } else { Vec::new() };
+        let all_mlps = if self.scope.mlp() { find_mlps(g, &blocks).map_err(fail)? } else { Vec::new() };
+        let mut attn = if self.scope.attn() { find_attn_inputs(g, &blocks).map_err(fail)? } else { Vec::new() };
+        // The gate form rewrites the swiglu and down; the others threshold projection inputs like attention.
+        if form != ChessMlp::Gate {
+            attn.extend(mlp_inputs(g, &all_mlps, form));
+        }
+        let mlps = if form == ChessMlp::Gate { all_mlps } else { Vec::new() };
         let stats_of = |layer: usize| {
             cal.layers
                 .get(layer)
                 .ok_or_else(|| fail(format!("the calibration file has no layer {layer} ({} layers)", cal.layers.len())))
         };
         let wt_suffix = if self.exact { "#t-f32" } else { "#t" };
+        let t_kind = if self.per_layer { "-layer" } else { "" };
+        let t_desc = if self.per_layer { "the layer's pooled" } else { "their" };
         let mut weights = cx.weights.borrow_mut();
         let mut actions: HashMap<usize, Action> = HashMap::new();
         let mut derived = Vec::new();
@@ -289,9 +400,11 @@ impl Pass for Chess {
                     stats.ffn_gate_abs_quantiles.len()
                 )));
             }
-            let t = stats.ffn_gate_thresholds(&cal.quantile_levels, self.sparsity);
+            let t = stats
+                .thresholds(Activation::FfnGate, &cal.quantile_levels, self.sparsity, self.per_layer)
+                .map_err(fail)?;
             let gate_w = weight_of_gate(g, m.gate).map_err(fail)?;
-            let t_name = format!("{}#chess{}", weight_name(g, gate_w).expect("checked"), self.sparsity);
+            let t_name = format!("{}#chess{}{t_kind}", weight_name(g, gate_w).expect("checked"), self.sparsity);
             weights.insert(t_name.clone(), TensorData::from_f32(vec![t.len()], &t));
             let src =
                 weights.get(&m.down_w).ok_or_else(|| fail(format!("weight `{}` is not in the store", m.down_w)))?;
@@ -302,7 +415,7 @@ impl Pass for Chess {
             cx.explain(
                 "chess",
                 format!(
-                    "layer {}: {} gate channels thresholded at their {:.0}% |silu(gate)| quantile (median t = {median:.4}); \
+                    "layer {}: {} gate channels thresholded at {t_desc} {:.0}% |silu(gate)| quantile (median t = {median:.4}); \
                      up masked, down reads {wt_name} ({} [{}, {}])",
                     m.layer,
                     t.len(),
@@ -324,27 +437,17 @@ impl Pass for Chess {
         let mut attn_thresholds: Vec<(String, usize)> = Vec::new();
         for (ti, a) in attn.iter().enumerate() {
             let stats = stats_of(a.layer)?;
-            let t = if a.what == "attn_in" {
-                stats.attn_in_thresholds(&cal.quantile_levels, self.sparsity)
-            } else {
-                stats.attn_out_in_thresholds(&cal.quantile_levels, self.sparsity)
-            };
-            if t.is_empty() {
-                return Err(fail(format!(
-                    "the calibration file has no per-channel quantiles of {} (layer {}); re-run `kiln calibrate`",
-                    a.what, a.layer
-                )));
-            }
+            let t = stats.thresholds(a.what, &cal.quantile_levels, self.sparsity, self.per_layer).map_err(fail)?;
             let width = g.ty(a.value).shape.last().and_then(Dim::as_fixed).unwrap_or(-1);
             if width as usize != t.len() {
                 return Err(fail(format!(
                     "layer {}: the calibration file has {} {} channels, the graph {width}",
                     a.layer,
                     t.len(),
-                    a.what
+                    a.what.name()
                 )));
             }
-            let t_name = format!("blk.{}.{}#chess{}", a.layer, a.what, self.sparsity);
+            let t_name = format!("blk.{}.{}#chess{}{t_kind}", a.layer, a.what.name(), self.sparsity);
             let median = median(&t);
             weights.insert(t_name.clone(), TensorData::from_f32(vec![t.len()], &t));
             attn_thresholds.push((t_name, t.len()));
@@ -386,15 +489,16 @@ impl Pass for Chess {
             cx.explain(
                 "chess",
                 format!(
-                    "layer {}: {} {} channels thresholded at their {:.0}% |x| quantile (median t = {median:.4}); reads {}",
+                    "layer {}: {} {} channels thresholded at {t_desc} {:.0}% |x| quantile (median t = {median:.4}); reads {}",
                     a.layer,
                     t.len(),
-                    a.what,
+                    a.what.name(),
                     self.sparsity * 100.0,
                     projs.join(", ")
                 ),
             );
-            layer_records.push(serde_json::json!({"layer": a.layer, "input": a.what, "median_threshold": median,
+            layer_records
+                .push(serde_json::json!({"layer": a.layer, "input": a.what.name(), "median_threshold": median,
                 "projections": projs}));
         }
         drop(weights);
@@ -482,7 +586,12 @@ impl Pass for Chess {
                 "sparsity": self.sparsity,
                 "scope": self.scope.name(),
                 "rsparse_rank": self.rsparse_rank,
-                "thresholds": "per channel of each thresholded activation: the calibrated |activation| quantile at the sparsity",
+                "mlp": self.scope.mlp().then_some(form.name()),
+                "thresholds": if self.per_layer {
+                    "per layer of each thresholded activation: the calibrated |activation| quantile of all its channels pooled at the sparsity"
+                } else {
+                    "per channel of each thresholded activation: the calibrated |activation| quantile at the sparsity"
+                },
                 "calibration_text": cal.text.file,
                 "layers": layer_records,
             }),
@@ -543,6 +652,14 @@ mod tests {
         }
         let err: f64 = p.iter().zip(&w).map(|(x, &y)| (x - y as f64).powi(2)).sum::<f64>().sqrt();
         assert!((err - 5f64.sqrt()).abs() < 1e-5, "{err}");
+        // A tall matrix (Wᵀ, [4, 3]) goes through the other Gram matrix: the same errors.
+        let wt: Vec<f32> = (0..k).flat_map(|j| (0..n).map(move |i| (i, j))).map(|(i, j)| w[i * k + j]).collect();
+        for (r, want) in [(1, 5f64.sqrt()), (2, 1.0), (3, 0.0)] {
+            let (a, b) = low_rank_factors(&wt, k, n, r).unwrap();
+            let p = product(&a, &b, k, n, r);
+            let err: f64 = p.iter().zip(&wt).map(|(x, &y)| (x - y as f64).powi(2)).sum::<f64>().sqrt();
+            assert!((err - want).abs() < 1e-5, "tall rank {r}: {err} vs {want}");
+        }
         assert!(low_rank_factors(&w, n, k, 4).is_err(), "rank above min(n, k)");
         assert!(low_rank_factors(&w[..5], n, k, 1).is_err(), "wrong size");
     }
