@@ -4,12 +4,14 @@
 //! - [`linear`]: quantized matrix × activations, weights dequantized in registers;
 //! - [`sparse`]: the same on block-sparse weights (CSR over 32-element blocks), walking only kept blocks,
 //!   and input-sparse (active-channel) GEMV on transposed weights;
+//! - [`colactive`]: active-channel GEMV on the exact column-major 4/8-bit formats (`kiln_ir::column`);
 //! - [`ops`]: normalisation, rotary embedding, KV append, attention;
 //! - [`fused`]: chains of elementwise ops, generated as MLIR (`linalg.generic`) and lowered by [`crate::mlir`];
 //! - [`embedding`]: row gathers from (quantized) tables;
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
+pub mod colactive;
 pub mod embedding;
 pub mod emit;
 pub mod flex;
