@@ -447,3 +447,101 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod bench {
+    use super::super::linear::bench::time_per_call;
+    use super::super::linear::tests::random_weights;
+    use super::super::linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+    use super::super::sparse::{emit_active_linear, run_active_linear, ActiveLinearKernelFn, ActiveLinearKernelSpec};
+    use super::*;
+    use crate::llvm;
+    use inkwell::OptimizationLevel;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// Decode (m = 1) and prefill (m = 64) on SmolLM2's down shape (Q4_1, k 1536 → n 576) per active
+    /// share: the dense Q4_1 linear, the Q8_0-requantized active kernel (per row at m = 64, as before)
+    /// and the column kernels (q4_1c; groups of `PREFILL_GROUP` rows over the union at m = 64).
+    #[test]
+    #[ignore = "benchmark; run with -- --ignored --nocapture"]
+    fn bench_column_active() {
+        let (base, k, n) = (DType::Q4_1, 1536, 576);
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "col_bench");
+        let (aspec, dspec) = (ActiveLinearKernelSpec::new(base, n), LinearKernelSpec::new(base, k));
+        let (c1, cg) =
+            (ColActiveKernelSpec::new(DType::Q4_1C, n, 1), ColActiveKernelSpec::new(DType::Q4_1C, n, PREFILL_GROUP));
+        emit_active_linear(&ctx, &module, &aspec).unwrap();
+        emit_linear(&ctx, &module, &dspec).unwrap();
+        emit_col_active(&ctx, &module, &c1).unwrap();
+        emit_col_active(&ctx, &module, &cg).unwrap();
+        llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+        let addr = |s: &str| ee.get_function_address(s).unwrap();
+        // SAFETY: generated with exactly these signatures.
+        let (active, dense, col1, colg) = unsafe {
+            (
+                std::mem::transmute::<usize, ActiveLinearKernelFn>(addr(&aspec.symbol())),
+                std::mem::transmute::<usize, LinearKernelFn>(addr(&dspec.symbol())),
+                std::mem::transmute::<usize, ColActiveKernelFn>(addr(&c1.symbol())),
+                std::mem::transmute::<usize, ColActiveKernelFn>(addr(&cg.symbol())),
+            )
+        };
+        let mut rng = StdRng::seed_from_u64(3);
+        let w = random_weights(&mut rng, base, n, k);
+        let wq8 = kiln_ir::sparse::transpose_requantize(base, n, k, &w).unwrap();
+        let (_, wc) = kiln_ir::column::from_rows(base, n, k, &w).unwrap();
+        println!(
+            "{:>3} {:>6} | {:>8} {:>9} {:>9} | {:>6} {:>6}",
+            "m", "active", "dense µs", "q8_0 µs", "q4_1c µs", "q8/d", "col/d"
+        );
+        for m in [1usize, 64] {
+            for frac in [0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0] {
+                let act: Vec<Vec<u32>> =
+                    (0..m).map(|_| (0..k as u32).filter(|_| rng.random_bool(frac)).collect()).collect();
+                let mut x = vec![0f32; m * k];
+                for (i, a) in act.iter().enumerate() {
+                    for &j in a {
+                        x[i * k + j as usize] = rng.random_range(-1.0f32..1.0);
+                    }
+                }
+                let mut y = vec![0f32; m * n];
+                let td = time_per_call(|| unsafe {
+                    dense(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                });
+                let tq = time_per_call(|| {
+                    for (i, a) in act.iter().enumerate() {
+                        let (xi, yi) = (&x[i * k..(i + 1) * k], &mut y[i * n..(i + 1) * n]);
+                        run_active_linear(active, &aspec, &wq8, k, a, xi, yi, 0..n).unwrap();
+                    }
+                });
+                // Union lists per group, built outside the timed region (the wrapper builds them in
+                // generated code: one pass over the group's x).
+                let g = if m == 1 { 1 } else { PREFILL_GROUP };
+                let groups: Vec<Vec<u32>> = (0..m.div_ceil(g))
+                    .map(|gi| {
+                        let rows = gi * g..(gi * g + g).min(m);
+                        (0..k as u32).filter(|&j| rows.clone().any(|i| x[i * k + j as usize] != 0.0)).collect()
+                    })
+                    .collect();
+                let (f, spec) = if m == 1 { (col1, &c1) } else { (colg, &cg) };
+                let tc = time_per_call(|| {
+                    for (gi, u) in groups.iter().enumerate() {
+                        let rows = (gi * g + g).min(m) - gi * g;
+                        let (xi, yi) = (&x[gi * g * k..(gi * g + rows) * k], &mut y[gi * g * n..(gi * g + rows) * n]);
+                        run_col_active(f, spec, &wc, k, u, xi, yi, rows, 0..n).unwrap();
+                    }
+                });
+                println!(
+                    "{m:>3} {frac:>6.2} | {:>8.1} {:>9.1} {:>9.1} | {:>6.2} {:>6.2}",
+                    td * 1e6,
+                    tq * 1e6,
+                    tc * 1e6,
+                    tq / td,
+                    tc / td
+                );
+            }
+        }
+    }
+}
