@@ -59,6 +59,15 @@ pub fn table_offsets(dtype: DType, k: usize, n: usize) -> (usize, usize) {
     (d, d + (k / 32) * n * 2)
 }
 
+/// Expected share of a column tensor's bytes that one active-channel product reads when each channel
+/// is active with probability `active` independently: the codes of the active channels, and the
+/// scales of the 32-channel blocks with at least one active channel (`1 − (1 − active)^32`).
+pub fn read_share(dtype: DType, active: f64) -> f64 {
+    let active = active.clamp(0.0, 1.0);
+    let scales = (2 * scale_tables(dtype)) as f64 / dtype.type_size() as f64;
+    (1.0 - scales) * active + scales * (1.0 - (1.0 - active).powi(32))
+}
+
 fn check(dtype: DType, k: usize, n: usize, len: usize) -> Result<(), ColumnError> {
     let shape = |what: String| ColumnError::Shape { dtype, rows: k, cols: n, what };
     if k == 0 || n == 0 || !k.is_multiple_of(32) || !n.is_multiple_of(32) {
@@ -175,6 +184,21 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn read_share_counts_codes_and_active_blocks() {
+        // q4_1c: 16 code bytes and 4 scale bytes per 32 elements.
+        assert_eq!(read_share(DType::Q4_1C, 0.0), 0.0);
+        assert!((read_share(DType::Q4_1C, 1.0) - 1.0).abs() < 1e-12);
+        let half = 0.8 * 0.5 + 0.2 * (1.0 - 0.5f64.powi(32));
+        assert!((read_share(DType::Q4_1C, 0.5) - half).abs() < 1e-12);
+        assert!(
+            (read_share(DType::Q8_0C, 1.0 / 32.0)
+                - (32.0 / 34.0 / 32.0 + 2.0 / 34.0 * (1.0 - (31.0f64 / 32.0).powi(32))))
+            .abs()
+                < 1e-12
+        );
     }
 
     #[test]
