@@ -285,7 +285,8 @@ pub fn search_joint(
 }
 
 /// Estimated bytes of weights one decode step reads (decode is memory-bound): every linear's weight;
-/// CHESS's masked/active linears a share `1 − chess` of theirs; a pruned linear its block-sparse layout
+/// CHESS's masked/active linears a share `1 − chess` of theirs (on a column-major weight, the active
+/// channels' codes and the active blocks' scales: `kiln_ir::column::read_share`); a pruned linear its block-sparse layout
 /// when the decode kernel choice is sparse, else its dense matrix. The embedding (one row) is not counted.
 pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64) -> f64 {
     use kiln_ir::Op;
@@ -297,6 +298,9 @@ pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64) ->
         .iter()
         .map(|n| match &n.op {
             Op::Linear => bytes(&n.inputs[1]),
+            Op::ActiveLinear if g.ty(n.inputs[1]).dtype.is_column() => {
+                bytes(&n.inputs[1]) * kiln_ir::column::read_share(g.ty(n.inputs[1]).dtype, 1.0 - chess)
+            }
             Op::MaskedLinear | Op::ActiveLinear => bytes(&n.inputs[1]) * (1.0 - chess),
             Op::SparseLinear { decode: 1, .. } => n.inputs[2..].iter().map(bytes).sum(),
             Op::SparseLinear { .. } => bytes(&n.inputs[1]),

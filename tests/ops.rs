@@ -334,3 +334,64 @@ fn activation_sparse_mlp_matches_interpreter() {
         assert!(kernels.iter().any(|k| k.starts_with("kiln_active_linear_")), "{kernels:?}");
     }
 }
+
+/// `active_linear` on the exact column-major formats (`q4_0c`, `q4_1c`, `q8_0c`, made from a row-major
+/// weight by `kiln_ir::column::from_rows`): compiled = interpreter at decode and prefill (one to nine
+/// rows, so prefill groups of 4 and a partial last group), one and two threads, with thresholded input
+/// whose active channels differ per row; and the interpreter's result equals a dense `linear` on the
+/// original row-major weight (the layout changes nothing but the bytes read).
+#[test]
+fn column_active_linear_matches_interpreter_and_the_dense_weight() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for trial in 0..9u64 {
+        let base = [DType::Q4_0, DType::Q4_1, DType::Q8_0][trial as usize % 3];
+        // SmolLM2's down shape on every third trial, small odd multiples of 32 otherwise.
+        let (d, inter, n_out) = if trial % 3 == 2 {
+            (32, 1536, 576)
+        } else {
+            (32, 32 * rng.random_range(1..=5), 32 * rng.random_range(1..=5))
+        };
+        let mut c = Case::new(600 + trial, d, -1.5, 1.5);
+        let x = c.x;
+        let wu = c.weight("up", vec![inter, d], -1.0, 1.0);
+        // The row-major down weight W [n_out, inter] in `base`, and its column-major form.
+        let w = c.weight("down", vec![n_out, inter], -1.0, 1.0);
+        let vals = c.store.get("down").unwrap().to_f32().unwrap();
+        let bytes = kiln::ir::quant::quantize(base, &vals).unwrap();
+        let (col, cbytes) = kiln::ir::column::from_rows(base, n_out, inter, &bytes).unwrap();
+        c.store.insert("down", TensorData { dtype: base, shape: vec![n_out, inter], bytes: bytes.into() });
+        c.g.nodes[w.index()].ty = TensorType::new(base, vec![Dim::from(n_out), Dim::from(inter)]);
+        c.store.insert("down_t", TensorData { dtype: col, shape: vec![inter, n_out], bytes: cbytes.into() });
+        let wt = c.g.weight("down_t", TensorType::new(col, vec![Dim::from(inter), Dim::from(n_out)])).unwrap();
+        let scale = if trial == 0 { 0.0 } else { rng.random_range(0.2..1.5) };
+        // Every third block of 32 channels is always off (its scales are never needed).
+        let tv: Vec<f32> =
+            (0..inter).map(|j| if j / 32 % 3 == 1 { 1e9 } else { scale * rng.random_range(0.0..1.0f32) }).collect();
+        c.store.insert("t", TensorData::from_f32(vec![inter], &tv));
+        let t = c.g.weight("t", TensorType::new(DType::F32, vec![Dim::from(inter)])).unwrap();
+        let h = c.op(Op::Linear, &[x, wu]);
+        let h = c.op(Op::Threshold, &[h, t]);
+        let y = c.op(Op::ActiveLinear, &[h, wt]);
+        let dense = c.op(Op::Linear, &[h, w]);
+        c.out("h", h);
+        c.out("down", y);
+        c.out("dense", dense);
+        let tokens: Vec<u32> = (0..1 + trial as usize).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+        let manifest = c.check(&tokens, 1 + (trial % 2) as usize, 1e-4);
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        assert!(kernels.iter().any(|k| k.starts_with(&format!("kiln_active_linear_{col}"))), "{kernels:?}");
+        // Interpreter: the column-major active_linear equals the dense linear on W.
+        let s = tokens.len();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let out = Interpreter::new(&c.store)
+            .run(
+                &c.g,
+                &[("tokens", Tensor::i64(vec![1, s], ids)), ("pos", Tensor::i64(vec![1, s], (0..s as i64).collect()))],
+            )
+            .unwrap();
+        let get = |n: &str| out.iter().find(|(o, _)| o == n).unwrap().1.as_f32().unwrap().to_vec();
+        for (a, b) in get("down").iter().zip(get("dense")) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{col}: active {a} vs dense {b}");
+        }
+    }
+}

@@ -160,8 +160,9 @@ fn chess_on_a_tiny_model_matches_the_interpreter_and_is_exact_at_sparsity_0() {
     }
 }
 
-/// SmolLM2 with chess: compiled = interpreter (Q8_0 transposed down weights, sparsity 0 and 0.5), and
-/// with exact (f32) transposed weights sparsity 0 equals the dense model within float tolerance.
+/// SmolLM2 with chess: compiled = interpreter (exact column-major q4_1c down weights, sparsity 0 and
+/// 0.5, prefill groups and decode), sparsity 0 equals the dense model (the column layout holds the
+/// model's own codes), and with exact (f32) transposed weights sparsity 0 equals the dense model.
 #[test]
 fn chess_on_smollm2_matches_the_interpreter() {
     let m = smollm2();
@@ -181,12 +182,29 @@ fn chess_on_smollm2_matches_the_interpreter() {
     let vocab = m.config.vocab_size;
     for s in [0.0, 0.5] {
         let art = tempfile::tempdir().unwrap();
-        compile_build(m, "test", &chess_build(&cal, s), art.path()).unwrap();
+        let manifest = compile_build(m, "test", &chess_build(&cal, s), art.path()).unwrap();
+        if s > 0.0 {
+            let col = manifest.program.launches.iter().filter(|l| l.kernel.starts_with("kiln_active_linear_q4_1c"));
+            assert_eq!(col.count(), m.config.n_layers, "every Q4_1 down projection on the column layout");
+        }
         let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
-        let got = steps(&mut c, &tokens, 5);
+        // At 0.5 the first 3 tokens, as one (partial) prefill group and as 3 decode steps: at the 4th
+        // token of this prompt one layer-16 activation sits within float rounding of its threshold (the
+        // dense kernels' tiling for m = 4 vs 5 or the thread split, ~1e-6, decides it), and the flip grows
+        // to Δlogit ≈ 7-40 by the last layer, between two compiled runs as well as against the
+        // interpreter (a threshold is a discontinuity; see the scope test below). Full and partial
+        // prefill groups of 1 to 9 rows are checked against the interpreter in tests/ops.rs.
         let b = build_graph(m, &chess_build(&cal, s)).unwrap();
         let mut i = InterpreterBackend::new(b.graph, &b.weights, m.config.context_length).unwrap();
-        let reference = steps(&mut i, &tokens, 5);
+        let (got, reference) = if s > 0.0 {
+            let mut got = steps(&mut c, &tokens[..3], 3);
+            got.extend(steps(&mut c, &tokens[..3], 1));
+            let mut reference = steps(&mut i, &tokens[..3], 3);
+            reference.extend(steps(&mut i, &tokens[..3], 1));
+            (got, reference)
+        } else {
+            (steps(&mut c, &tokens, 5), steps(&mut i, &tokens, 5))
+        };
         let d = max_abs_diff(&got, &reference);
         assert!(d < 1e-3, "sparsity {s}: compiled vs interpreter {d}");
         let argmax = |v: &[f32]| -> Vec<usize> {
@@ -196,9 +214,10 @@ fn chess_on_smollm2_matches_the_interpreter() {
             let d = max_abs_diff(&got, &want);
             let same = argmax(&got).iter().zip(argmax(&want)).filter(|(a, b)| *a == b).count();
             eprintln!(
-                "Q8_0 sparsity 0 vs dense: max |Δlogit| = {d}, same greedy token at {same} of {} positions",
+                "q4_1c sparsity 0 vs dense: max |Δlogit| = {d}, same greedy token at {same} of {} positions",
                 tokens.len()
             );
+            assert!(d < 1e-3, "column-major chess at sparsity 0 vs the dense model: {d}");
         }
     }
     let exact = Build { chess_exact: true, ..chess_build(&cal, 0.0) };

@@ -35,7 +35,8 @@ pub enum KernelSpec {
         k: usize,
     },
     /// `active_linear` on a transposed weight `[k, n]`: bufs [x, wt, y]; dims [m]; items: n / 32 output
-    /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`).
+    /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`,
+    /// or `wrap_active_linear_col` when `dtype` is column-major).
     ActiveLinear {
         dtype: DType,
         k: usize,
@@ -662,8 +663,16 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             Op::ActiveLinear => {
                 let x = cx.operand(i, 0);
                 let MatrixOperands { w: wt, dtype, dims: [k, nn], m } = cx.matrix_operands(i)?;
-                let spec = crate::kernels::sparse::ActiveLinearKernelSpec::new(dtype, nn);
-                spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                if dtype.is_column() {
+                    let spec = crate::kernels::colactive::ColActiveKernelSpec::new(dtype, nn, 1);
+                    spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                    if !k.is_multiple_of(32) {
+                        return Err(cx.unsupported(i, format!("{dtype} weight: k = {k} is not a multiple of 32")));
+                    }
+                } else {
+                    let spec = crate::kernels::sparse::ActiveLinearKernelSpec::new(dtype, nn);
+                    spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                }
                 if k > crate::kernels::abi::ACTIVE_MAX_K {
                     return Err(cx.unsupported(i, format!("k = {k} > {}", crate::kernels::abi::ACTIVE_MAX_K)));
                 }

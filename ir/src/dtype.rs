@@ -26,6 +26,13 @@ pub enum DType {
     Q4K,
     Q5K,
     Q6K,
+    /// Column-major ("exact transposed") Q4_0 / Q4_1 / Q8_0: a `[K, N]` tensor holding `Wᵀ` of a
+    /// `[N, K]` weight in the block format, with the weight's own codes and scales (no requantization)
+    /// laid out so that an input channel `j` is one contiguous row of `N` codes. Derived weights of
+    /// `active_linear` only (not in GGUF, not read by any other op); see [`crate::column`].
+    Q4_0C,
+    Q4_1C,
+    Q8_0C,
 }
 
 impl DType {
@@ -61,6 +68,9 @@ impl DType {
             DType::Q4K => "q4_k",
             DType::Q5K => "q5_k",
             DType::Q6K => "q6_k",
+            DType::Q4_0C => "q4_0c",
+            DType::Q4_1C => "q4_1c",
+            DType::Q8_0C => "q8_0c",
         }
     }
 
@@ -80,6 +90,10 @@ impl DType {
             DType::I32 => 26,
             DType::I64 => 27,
             DType::BF16 => 30,
+            // Not ggml types: ids outside ggml's range, which `from_ggml_id` never returns.
+            DType::Q4_0C => 0x4b00_0002,
+            DType::Q4_1C => 0x4b00_0003,
+            DType::Q8_0C => 0x4b00_0008,
         }
     }
 
@@ -109,6 +123,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
+            DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => 32,
             DType::Q4K | DType::Q5K | DType::Q6K => QK_K,
         }
     }
@@ -127,6 +142,8 @@ impl DType {
             DType::Q4K => 2 + 2 + 12 + QK_K / 2,
             DType::Q5K => 2 + 2 + 12 + QK_K / 8 + QK_K / 2,
             DType::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
+            // The same bytes per 32 elements as the row-major format, split into codes and scales.
+            DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => self.column_base().expect("column").type_size(),
         }
     }
 
@@ -134,8 +151,32 @@ impl DType {
         self.block_size() > 1
     }
 
+    /// Element types an op may read as floats. The column-major formats are not among them: only
+    /// `active_linear` reads those (see [`DType::is_column`]).
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16) || self.is_quantized()
+        matches!(self, DType::F32 | DType::F16 | DType::BF16) || (self.is_quantized() && !self.is_column())
+    }
+
+    /// The column-major formats (`q4_0c`, `q4_1c`, `q8_0c`).
+    pub const COLUMN: [DType; 3] = [DType::Q4_0C, DType::Q4_1C, DType::Q8_0C];
+
+    pub fn is_column(self) -> bool {
+        self.column_base().is_some()
+    }
+
+    /// The row-major block format a column-major one stores (`q4_1c` → `q4_1`).
+    pub fn column_base(self) -> Option<DType> {
+        match self {
+            DType::Q4_0C => Some(DType::Q4_0),
+            DType::Q4_1C => Some(DType::Q4_1),
+            DType::Q8_0C => Some(DType::Q8_0),
+            _ => None,
+        }
+    }
+
+    /// The column-major format of a row-major block format, where there is one.
+    pub fn column_of(self) -> Option<DType> {
+        DType::COLUMN.into_iter().find(|c| c.column_base() == Some(self))
     }
 
     pub fn is_int(self) -> bool {
@@ -161,7 +202,11 @@ impl fmt::Display for DType {
 impl FromStr for DType {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        DType::ALL.into_iter().find(|d| d.name() == s).ok_or_else(|| format!("unknown dtype `{s}`"))
+        DType::ALL
+            .into_iter()
+            .chain(DType::COLUMN)
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("unknown dtype `{s}`"))
     }
 }
 
@@ -190,5 +235,18 @@ mod tests {
         assert_eq!(DType::Q6K.type_size(), 210);
         assert_eq!(DType::Q4_1.row_bytes(64), Some(40));
         assert_eq!(DType::Q4_1.row_bytes(33), None);
+    }
+
+    #[test]
+    fn column_formats_name_their_base() {
+        for c in DType::COLUMN {
+            assert_eq!(c.name().parse::<DType>().unwrap(), c);
+            let base = c.column_base().unwrap();
+            assert_eq!(base.column_of(), Some(c));
+            assert_eq!(c.type_size(), base.type_size());
+            assert!(c.is_quantized() && !c.is_float() && base.is_float());
+            assert_eq!(DType::from_ggml_id(c.ggml_id()), None, "{c} is not a GGUF type");
+        }
+        assert_eq!(DType::Q5_1.column_of(), None);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod blocks;
 pub mod collective;
+pub mod column;
 pub mod coreinfer;
 pub mod decompose;
 pub mod dot;

@@ -243,7 +243,8 @@ ops! {
     MaskedLinear = "masked_linear" / 3;
     /// Input-sparse linear on a transposed weight: `x[..., K] · wt[K, N] → [..., N]`, summing only over
     /// the channels where x ≠ 0 (so a kernel reads only those rows of `wt`; an inf/NaN weight row of a
-    /// zero channel does not poison the result).
+    /// zero channel does not poison the result). `wt` may be a column-major block format (`q4_1c`, …,
+    /// `kiln_ir::column`): the source weight's exact codes and scales, transposed.
     ActiveLinear = "active_linear" / 2;
     /// A pruned linear in two layouts with equal values: `w[N, K]` dense (pruned blocks zero) and the
     /// same matrix block-sparse (`blocks` = the kept 32-element blocks' bytes, in `w`'s dtype as a flat
@@ -533,7 +534,7 @@ impl Op {
                 let (x, wt) = (ins[0], ins[1]);
                 want_float(x, "active_linear input")?;
                 want_rank(wt, 2, "active_linear weight")?;
-                if !wt.dtype.is_float() {
+                if !wt.dtype.is_float() && !wt.dtype.is_column() {
                     return Err(format!("active_linear weight must be a float type, found {}", wt.dtype));
                 }
                 let k = x.shape.last().ok_or("active_linear input must have rank ≥ 1")?;

@@ -38,6 +38,14 @@ impl TensorData {
     /// Dequantizes (or converts) the whole tensor to f32.
     pub fn to_f32(&self) -> Result<Vec<f32>, quant::QuantError> {
         let mut out = vec![0f32; self.numel()];
+        if self.dtype.is_column() {
+            let [k, n] = self.shape[..] else {
+                return Err(quant::QuantError::Unsupported(format!("{} tensor of shape {:?}", self.dtype, self.shape)));
+            };
+            crate::column::dequantize(self.dtype, k, n, &self.bytes, &mut out)
+                .map_err(|e| quant::QuantError::Unsupported(e.to_string()))?;
+            return Ok(out);
+        }
         quant::dequantize(self.dtype, &self.bytes, &mut out)?;
         Ok(out)
     }

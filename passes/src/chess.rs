@@ -269,10 +269,15 @@ pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Ve
     Ok(out)
 }
 
-/// `Wᵀ` of an `[n, k]` weight as `[k, n]`, quantized along `n` in `dtype` (or Q8_0 when the active-channel
-/// kernel does not read `dtype`; f32 stays f32).
+/// `Wᵀ` of an `[n, k]` weight as `[k, n]`: for Q4_0/Q4_1/Q8_0 the exact column-major form (the same
+/// codes and scales, `kiln_ir::column`), else quantized along `n` in `dtype` (or Q8_0 when the
+/// active-channel kernel does not read `dtype`; f32 stays f32).
 pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, String> {
     let [n, k] = t.shape[..] else { return Err(format!("weight of shape {:?} is not a matrix", t.shape)) };
+    if !exact && t.dtype.column_of().is_some() && n.is_multiple_of(32) && k.is_multiple_of(32) {
+        let (dtype, bytes) = kiln_ir::column::from_rows(t.dtype, n, k, &t.bytes).map_err(|e| e.to_string())?;
+        return Ok(TensorData { dtype, shape: vec![k, n], bytes: bytes.into() });
+    }
     let w = t.to_f32().map_err(|e| e.to_string())?;
     let mut wt = vec![0f32; n * k];
     for r in 0..n {
@@ -280,8 +285,8 @@ pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, Stri
             wt[j * n + r] = w[r * k + j];
         }
     }
-    // Quantized weights go to Q8_0: re-rounding Q4_1 into Q4_1 along the other axis cost +7% perplexity
-    // on SmolLM2 at sparsity 0 (docs/quality.md); 8 bits keep that error small.
+    // Other quantized weights go to Q8_0: re-rounding Q4_1 into Q4_1 along the other axis cost +7%
+    // perplexity on SmolLM2 at sparsity 0 (docs/quality.md); 8 bits keep that error small.
     let dtype = match t.dtype {
         _ if exact => DType::F32,
         DType::F32 | DType::F16 | DType::BF16 if SPARSE_DTYPES.contains(&t.dtype) => t.dtype,

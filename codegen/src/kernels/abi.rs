@@ -3,7 +3,7 @@
 use super::emit::{Emitter, R};
 use inkwell::context::Context;
 use inkwell::module::Module;
-use inkwell::values::FunctionValue;
+use inkwell::values::{FunctionValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
 
 /// `symbol(bufs=[x, w0, y0, …, w{g-1}, y{g-1}], dims=[m, n0, …, n{g-1}], begin, end)`: rows `begin..end`
@@ -173,6 +173,100 @@ pub fn wrap_active_linear<'ctx>(
         let args = [wt.into(), idx.into(), xi.into(), yi.into(), c.into(), kc.into(), cb.into(), ce.into()];
         e.b.build_call(inner, &args, "")?;
         Ok(())
+    })?;
+    e.finish()
+}
+
+/// `symbol(bufs=[x, wt, y], dims=[m], begin, end)`: `active_linear(x, wt)` on a column-major weight
+/// (`kiln_ir::column`) for output groups `begin..end` (32 outputs each). The rows go in groups of
+/// `group` (the prefill kernel `prefill`; a lone row, as at decode, goes to `decode`): per group, the
+/// channels where some row's x ≠ 0 are listed (branch-free), with the 32-channel blocks that hold one,
+/// and the kernel (`kernels::colactive`) reads only those channels' codes and those blocks' scales.
+/// NaN counts as non-zero, as in the interpreter.
+#[allow(clippy::too_many_arguments)]
+pub fn wrap_active_linear_col<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    decode: FunctionValue<'ctx>,
+    prefill: FunctionValue<'ctx>,
+    group: usize,
+    k: usize,
+    n: usize,
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, wt, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+    let m = e.dim(0)?;
+    let (i32t, i64t) = (ctx.i32_type(), e.i64t());
+    let nblk = k / 32;
+    let (idx, bptr, blk) = {
+        let entry = e.func.get_first_basic_block().unwrap();
+        let tmp = ctx.create_builder();
+        match entry.get_first_instruction() {
+            Some(i) => tmp.position_before(&i),
+            None => tmp.position_at_end(entry),
+        }
+        (
+            tmp.build_alloca(i32t.array_type(k as u32), "idx")?,
+            tmp.build_alloca(i32t.array_type(nblk as u32 + 1), "bptr")?,
+            tmp.build_alloca(i32t.array_type(nblk as u32), "blk")?,
+        )
+    };
+    let (count, nb, any) = (e.var_i64(0)?, e.var_i64(0)?, e.var_i64(0)?);
+    let (kc, nc, blk32, gc) = (e.i64c(k as i64), e.i64c(n as i64), e.i64c(32), e.i64c(group as i64));
+    let (cb, ce) = (e.mul(e.begin, blk32)?, e.mul(e.end, blk32)?);
+    let groups = e.div(e.add(m, e.i64c(group as i64 - 1))?, gc)?;
+    let st32 = |arr: PointerValue<'ctx>, at: IntValue<'ctx>, v: IntValue<'ctx>| -> R<()> {
+        e.b.build_store(e.gep(i32t.into(), arr, at)?, e.b.build_int_truncate(v, i32t, "v32")?)?;
+        Ok(())
+    };
+    e.for_range(e.i64c(0), groups, |gi| {
+        let i0 = e.mul(gi, gc)?;
+        let rows = e.imin(gc, e.isub(m, i0)?)?;
+        let xi = e.gep(e.f32t().into(), x, e.mul(i0, kc)?)?;
+        let yi = e.gep(e.f32t().into(), y, e.mul(i0, nc)?)?;
+        e.set_i64(count, e.i64c(0))?;
+        e.set_i64(nb, e.i64c(0))?;
+        st32(bptr, e.i64c(0), e.i64c(0))?;
+        e.for_range(e.i64c(0), e.i64c(nblk as i64), |b| {
+            let start = e.get_i64(count)?;
+            e.for_range(e.mul(b, blk32)?, e.add(e.mul(b, blk32)?, blk32)?, |j| {
+                let c = e.get_i64(count)?;
+                st32(idx, c, j)?;
+                e.set_i64(any, e.i64c(0))?;
+                e.for_range(e.i64c(0), rows, |r| {
+                    let v = e.load_f32(xi, e.add(e.mul(r, kc)?, j)?)?;
+                    let nz = e.fcmp(FloatPredicate::UNE, v, e.f32c(0.0))?;
+                    let acc = e.get_i64(any)?;
+                    e.set_i64(any, e.b.build_or(acc, e.b.build_int_z_extend(nz, i64t, "nz")?, "any")?)
+                })?;
+                e.set_i64(count, e.add(c, e.get_i64(any)?)?)
+            })?;
+            let (c, q) = (e.get_i64(count)?, e.get_i64(nb)?);
+            st32(blk, q, b)?;
+            st32(bptr, e.add(q, e.i64c(1))?, c)?;
+            let used = e.icmp(IntPredicate::SGT, c, start)?;
+            e.set_i64(nb, e.add(q, e.b.build_int_z_extend(used, i64t, "used")?)?)
+        })?;
+        let lone = e.icmp(IntPredicate::EQ, rows, e.i64c(1))?;
+        let call = |f: FunctionValue<'ctx>| -> R<()> {
+            let args = [
+                wt.into(),
+                idx.into(),
+                bptr.into(),
+                blk.into(),
+                xi.into(),
+                yi.into(),
+                e.get_i64(nb)?.into(),
+                kc.into(),
+                rows.into(),
+                cb.into(),
+                ce.into(),
+            ];
+            e.b.build_call(f, &args, "")?;
+            Ok(())
+        };
+        e.if_else(lone, || call(decode), || call(prefill))
     })?;
     e.finish()
 }

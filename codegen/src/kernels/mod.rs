@@ -5,12 +5,14 @@
 //! - [`sparse`]: the same on block-sparse weights (CSR over 32-element blocks), walking only kept blocks,
 //!   and input-sparse (active-channel) GEMV on transposed weights;
 //! - [`nm`]: the same on N:M-sparse weights (kept codes and their positions per 32-element block);
+//! - [`colactive`]: active-channel GEMV on the exact column-major 4/8-bit formats (`kiln_ir::column`);
 //! - [`ops`]: normalisation, rotary embedding, KV append, attention;
 //! - [`fused`]: chains of elementwise ops, generated as MLIR (`linalg.generic`) and lowered by [`crate::mlir`];
 //! - [`embedding`]: row gathers from (quantized) tables;
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
+pub mod colactive;
 pub mod coreinfer;
 pub mod embedding;
 pub mod emit;
