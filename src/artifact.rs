@@ -44,6 +44,8 @@ pub struct Build {
     pub chess_mlp: Option<kiln_passes::chess::ChessMlp>,
     /// With `chess`: one threshold per layer and activation instead of per channel.
     pub chess_per_layer: bool,
+    /// With `chess_scope` all: the attention inputs' sparsity, when it differs from `chess` (the MLP's).
+    pub chess_attn: Option<f64>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -130,6 +132,7 @@ pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
             rsparse_rank: build.rsparse_rank,
             mlp: build.chess_mlp,
             per_layer: build.chess_per_layer,
+            attn_sparsity: build.chess_attn,
             ..chess
         }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));

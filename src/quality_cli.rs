@@ -936,23 +936,23 @@ pub fn compile_build(
     let axes = Axes {
         skip: (0..=c.n_layers.saturating_sub(2)).collect(),
         chess: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+        attn: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
         prune: if table.is_some() { vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5] } else { vec![0.0] },
         neurons: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
         heads: (0..c.n_heads / c.n_kv_heads.max(1)).collect(),
     };
-    let joint_build = |j: &Joint, opts: CompileOptions| Build {
-        opts,
-        skip: SkipLayers { count: j.skip, method: SkipMethod::Influence },
-        chess: (j.chess > 0.0).then_some(j.chess),
-        prune: (j.prune > 0.0).then(|| kiln::passes::prune::Prune {
-            method: kiln::passes::prune::PruneMethod::Magnitude,
-            sparsity: j.prune,
-            table: table.clone(),
-            pattern: None,
-        }),
-        structured: (j.neurons > 0.0 || j.heads > 0).then_some(StructuredPrune { neurons: j.neurons, heads: j.heads }),
-        calibration: Some(calib.clone()),
-        ..Default::default()
+    let joint_build = |j: &Joint, opts: CompileOptions| {
+        j.apply(Build {
+            opts,
+            prune: (j.prune > 0.0).then(|| kiln::passes::prune::Prune {
+                method: kiln::passes::prune::PruneMethod::Magnitude,
+                sparsity: j.prune,
+                table: table.clone(),
+                pattern: None,
+            }),
+            calibration: Some(calib.clone()),
+            ..Default::default()
+        })
     };
     let all = CompileOptions { all_logits: true, ..opts.clone() };
     let choice = kiln::budget::search_joint(
@@ -960,7 +960,7 @@ pub fn compile_build(
         &axes,
         |j| {
             let built = kiln::artifact::build_graph(m, &joint_build(j, all.clone()))?;
-            Ok(kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess))
+            Ok(kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess, j.attn))
         },
         |j| {
             let b = joint_build(j, all.clone());
@@ -994,7 +994,7 @@ pub fn compile_build(
     );
     let record = serde_json::json!({
         "quality_budget": choice,
-        "search": "greedy coordinate steps over skip-layers (influence) × chess × prune (magnitude) × structured-prune, \
+        "search": "greedy coordinate steps over skip-layers (influence) × chess (MLP) × chess (attention inputs), per-layer thresholds × prune (magnitude) × structured-prune, \
                    most estimated decode bytes saved per unit of calibration perplexity added",
         "kernel_table": table.is_some(),
         "measured_on": {"file": text_path, "tokens": tokens.len(), "window": chunk, "stride": chunk},

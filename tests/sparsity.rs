@@ -256,6 +256,55 @@ fn chess_on_smollm2_matches_the_interpreter() {
     assert!(d < 1e-3, "exact chess (all) at sparsity 0 vs the dense model: {d}");
 }
 
+/// Separate sparsities for the MLP and the attention inputs (`Build::chess_attn`, what the joint
+/// `--quality-budget` searches): each part's thresholds are exactly those the part gets alone at its own
+/// sparsity, and the compiled model equals the interpreter.
+#[test]
+fn chess_with_a_separate_attention_sparsity() {
+    use kiln::passes::chess::ChessScope;
+    use std::collections::BTreeMap;
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size, c.n_layers) = (64, 16, 96, 2);
+        c
+    };
+    let ChessCase { _src, m, cal, tokens, .. } = chess_case(&cfg, 29);
+    let build =
+        |scope, s, attn| Build { chess_scope: scope, chess_attn: attn, chess_per_layer: true, ..chess_build(&cal, s) };
+    // Threshold weights read by `threshold` nodes, by name, with their values.
+    let thresholds = |b: &Build| -> BTreeMap<String, Vec<f32>> {
+        let built = build_graph(&m, b).unwrap();
+        let g = &built.graph;
+        g.nodes
+            .iter()
+            .filter(|n| n.op == Op::Threshold)
+            .map(|n| match &g.node(n.inputs[1]).op {
+                Op::Weight { name } => (name.clone(), built.weights.get(name).unwrap().to_f32().unwrap()),
+                other => panic!("threshold reads {other:?}"),
+            })
+            .collect()
+    };
+    let mixed = build(ChessScope::All, 0.3, Some(0.6));
+    let got = thresholds(&mixed);
+    let mut want = thresholds(&build(ChessScope::Mlp, 0.3, None));
+    want.extend(thresholds(&build(ChessScope::Attn, 0.6, None)));
+    assert_eq!(got, want);
+    assert!(got.keys().any(|k| k.contains("attn_in#chess0.6")) && got.keys().any(|k| k.contains("#chess0.3")));
+    // And not simply the attention at the MLP's sparsity.
+    assert_ne!(got, thresholds(&build(ChessScope::All, 0.3, None)));
+
+    let b = build_graph(&m, &mixed).unwrap();
+    let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+    let reference = steps(&mut ib, &tokens, 5);
+    let art = tempfile::tempdir().unwrap();
+    let manifest = compile_build(&m, "test", &mixed, art.path()).unwrap();
+    let rec = manifest.records.iter().find(|r| r["pass"] == "chess").expect("chess recorded");
+    assert_eq!(rec["detail"]["attn_sparsity"], serde_json::json!(0.6));
+    let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut c, &tokens, 5), &reference);
+    assert!(d < 1e-4, "compiled vs interpreter {d}");
+}
+
 /// `chess` on the attention projections' inputs (and on everything): the compiled paths equal the
 /// interpreter, sparsity 0 with f32 transposed weights is the dense model, the dropped share follows the
 /// target, Q/K/V share one threshold, projections whose width the kernel cannot take stay dense, and a

@@ -223,17 +223,9 @@ fn structured_prune_options_are_checked() {
 #[test]
 fn joint_budget_search_on_a_tiny_model() {
     use kiln::budget::{decode_bytes, search_joint, Axes, Joint, QualityBudget};
-    use kiln::passes::skip_layers::{SkipLayers, SkipMethod};
     let (_src, m, cal) = tiny(4, 2, 47, |_| {});
     let text: Vec<u32> = (0..48u32).map(|i| (i * 53 + 7) % 96).collect();
-    let joint = |j: &Joint| Build {
-        opts: all_logits(),
-        skip: SkipLayers { count: j.skip, method: SkipMethod::Influence },
-        chess: (j.chess > 0.0).then_some(j.chess),
-        structured: sp(j.neurons, j.heads),
-        calibration: Some(cal.clone()),
-        ..Default::default()
-    };
+    let joint = |j: &Joint| j.apply(Build { opts: all_logits(), calibration: Some(cal.clone()), ..Default::default() });
     let ppl = |j: &Joint| -> anyhow::Result<f64> {
         let b = build_graph(&m, &joint(j))?;
         let mut ib = InterpreterBackend::new(b.graph, &b.weights, 64)?;
@@ -241,11 +233,12 @@ fn joint_budget_search_on_a_tiny_model() {
     };
     let cost = |j: &Joint| -> anyhow::Result<f64> {
         let b = build_graph(&m, &joint(j))?;
-        Ok(decode_bytes(&b.graph, &b.weights, j.chess))
+        Ok(decode_bytes(&b.graph, &b.weights, j.chess, j.attn))
     };
     let axes = Axes {
         skip: vec![0, 1],
         chess: vec![0.0, 0.3],
+        attn: vec![0.0, 0.3],
         prune: vec![0.0],
         neurons: vec![0.0, 0.25, 0.5],
         heads: vec![0, 1],
@@ -268,6 +261,7 @@ fn joint_budget_search_on_a_tiny_model() {
     let steps = [
         Joint { skip: 1, ..base },
         Joint { chess: 0.3, ..base },
+        Joint { attn: 0.3, ..base },
         Joint { neurons: if base.neurons == 0.0 { 0.25 } else { 0.5 }, ..base },
         Joint { heads: 1, ..base },
     ];

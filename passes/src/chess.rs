@@ -140,6 +140,9 @@ pub struct Chess {
     /// One threshold per layer and activation (the quantile of all its channels pooled, TEAL-style)
     /// instead of one per channel (CHESS).
     pub per_layer: bool,
+    /// With scope `all`: the attention projections' inputs at this sparsity instead of `sparsity`
+    /// (which then applies to the MLP only), so a search can set the two separately.
+    pub attn_sparsity: Option<f64>,
 }
 
 impl Chess {
@@ -147,7 +150,15 @@ impl Chess {
         if !(0.0..1.0).contains(&sparsity) {
             return Err(format!("chess sparsity {sparsity} is outside [0, 1)"));
         }
-        Ok(Chess { sparsity, exact: false, scope: ChessScope::Mlp, rsparse_rank: None, mlp: None, per_layer: false })
+        Ok(Chess {
+            sparsity,
+            exact: false,
+            scope: ChessScope::Mlp,
+            rsparse_rank: None,
+            mlp: None,
+            per_layer: false,
+            attn_sparsity: None,
+        })
     }
 
     /// The MLP form this configuration uses (see [`Chess::mlp`]).
@@ -360,6 +371,9 @@ impl Pass for Chess {
     fn run(&self, g: &mut Graph, cx: &PassCx) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "chess", msg };
         Chess::new(self.sparsity).map_err(fail)?;
+        if let Some(s) = self.attn_sparsity {
+            Chess::new(s).map_err(|e| fail(format!("attention inputs: {e}")))?;
+        }
         let form = self.mlp_form();
         if self.rsparse_rank.is_some() && self.scope.mlp() && form == ChessMlp::Gate {
             return Err(fail(
@@ -442,7 +456,11 @@ impl Pass for Chess {
         let mut attn_thresholds: Vec<(String, usize)> = Vec::new();
         for (ti, a) in attn.iter().enumerate() {
             let stats = stats_of(a.layer)?;
-            let t = stats.thresholds(a.what, &cal.quantile_levels, self.sparsity, self.per_layer).map_err(fail)?;
+            let sparsity = match a.what {
+                Activation::AttnIn | Activation::AttnOutIn => self.attn_sparsity.unwrap_or(self.sparsity),
+                _ => self.sparsity,
+            };
+            let t = stats.thresholds(a.what, &cal.quantile_levels, sparsity, self.per_layer).map_err(fail)?;
             let width = g.ty(a.value).shape.last().and_then(Dim::as_fixed).unwrap_or(-1);
             if width as usize != t.len() {
                 return Err(fail(format!(
@@ -452,7 +470,7 @@ impl Pass for Chess {
                     a.what.name()
                 )));
             }
-            let t_name = format!("blk.{}.{}#chess{}{t_kind}", a.layer, a.what.name(), self.sparsity);
+            let t_name = format!("blk.{}.{}#chess{}{t_kind}", a.layer, a.what.name(), sparsity);
             let median = median(&t);
             weights.insert(t_name.clone(), TensorData::from_f32(vec![t.len()], &t));
             attn_thresholds.push((t_name, t.len()));
@@ -498,7 +516,7 @@ impl Pass for Chess {
                     a.layer,
                     t.len(),
                     a.what.name(),
-                    self.sparsity * 100.0,
+                    sparsity * 100.0,
                     projs.join(", ")
                 ),
             );
@@ -589,6 +607,7 @@ impl Pass for Chess {
             "chess",
             serde_json::json!({
                 "sparsity": self.sparsity,
+                "attn_sparsity": self.scope.attn().then(|| self.attn_sparsity.unwrap_or(self.sparsity)),
                 "scope": self.scope.name(),
                 "rsparse_rank": self.rsparse_rank,
                 "mlp": self.scope.mlp().then_some(form.name()),
