@@ -224,6 +224,11 @@ pub struct SkipArgs {
     /// the quantile of all channels pooled, TEAL-style).
     #[arg(long, value_enum, value_name = "KIND", default_value = "channel", requires = "chess_sparsity")]
     pub chess_thresholds: ChessThresholdsArg,
+    /// With `--chess-scope all`: the target sparsity of the attention projections' inputs, when it
+    /// differs from `--chess-sparsity` (which then applies to the MLP). `--quality-budget` chooses the
+    /// two separately.
+    #[arg(long, value_name = "S", requires = "chess_sparsity")]
+    pub chess_attn_sparsity: Option<f64>,
     /// R-Sparse: add to each projection reading a thresholded input the dropped channels' contribution
     /// through a rank-R truncated SVD of its weight (attention projections; in the MLP with the `io`,
     /// `act` or `input` form, which --rsparse-rank makes the default). R ≥ 1; above a weight's
@@ -361,6 +366,14 @@ impl SkipArgs {
         if let Some(s) = self.chess_sparsity.filter(|s| !(0.0..1.0).contains(s)) {
             bail!("--chess-sparsity {s} is outside [0, 1)");
         }
+        if let Some(s) = self.chess_attn_sparsity {
+            if !(0.0..1.0).contains(&s) {
+                bail!("--chess-attn-sparsity {s} is outside [0, 1)");
+            }
+            if self.chess_scope() != kiln::passes::chess::ChessScope::All {
+                bail!("--chess-attn-sparsity needs --chess-scope all (with scope attn, --chess-sparsity is the attention's)");
+            }
+        }
         if let Some(r) = self.rsparse_rank {
             let max = model.config.hidden_size.max(model.config.intermediate_size);
             if r == 0 || r > max {
@@ -428,6 +441,7 @@ impl SkipArgs {
             rsparse_rank: self.rsparse_rank,
             chess_mlp: self.chess_mlp(),
             chess_per_layer: self.chess_thresholds == ChessThresholdsArg::Layer,
+            chess_attn: self.chess_attn_sparsity,
             prune,
             flex,
             coreinfer,
@@ -765,6 +779,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             "chess_scope": a.skip.chess_sparsity.map(|_| a.skip.chess_scope().name()),
             "chess_mlp": a.skip.chess_mlp().map(|m| m.name()),
             "chess_per_layer": a.skip.chess_sparsity.map(|_| a.skip.chess_thresholds == ChessThresholdsArg::Layer),
+            "chess_attn_sparsity": a.skip.chess_attn_sparsity,
             "rsparse_rank": a.skip.rsparse_rank,
             "prune_sparsity": a.skip.prune_sparsity,
             "structured_prune": a.skip.structured_prune,

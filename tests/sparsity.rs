@@ -424,6 +424,25 @@ fn chess_options_are_checked() {
             vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--chess-thresholds", "token", "--calibration", b],
             "token",
         ),
+        (vec!["eval", "--text", t, "--chess-attn-sparsity", "0.3"], "--chess-sparsity"),
+        (
+            vec!["eval", "--text", t, "--chess-sparsity", "0.5", "--chess-attn-sparsity", "0.3", "--calibration", b],
+            "--chess-scope all",
+        ),
+        (
+            vec![
+                "eval",
+                "--text",
+                t,
+                "--chess-sparsity",
+                "0.5",
+                "--chess-scope",
+                "all",
+                "--chess-attn-sparsity",
+                "1.5",
+            ],
+            "--chess-attn-sparsity 1.5 is outside [0, 1)",
+        ),
     ];
     for (args, want) in cases {
         let (code, _, err) = run_kiln(&args, model);
