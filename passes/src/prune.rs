@@ -151,6 +151,28 @@ pub struct Prune {
     pub pattern: Option<NmPattern>,
 }
 
+/// `n` copied into `out` with its inputs mapped.
+fn copy_node(out: &mut Graph, map: &[ValueId], n: &Node) -> ValueId {
+    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
+    out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
+    ValueId(out.nodes.len() as u32 - 1)
+}
+
+/// A `linear` of a decoder block's weight: (weight name, layer, role suffix such as `ffn_down.weight`).
+fn block_linear<'g>(g: &'g Graph, n: &Node) -> Option<(String, usize, &'g str)> {
+    match (&n.op, n.inputs.get(1).map(|w| &g.node(*w).op)) {
+        (Op::Linear, Some(Op::Weight { name })) => layer_and_suffix(name).map(|(l, s)| (name.clone(), l, s)),
+        _ => None,
+    }
+}
+
+/// The weight `name` and its shape as a matrix `[rows, k]`.
+fn weight_matrix(cx: &PassCx, name: &str) -> Result<(TensorData, usize, usize), String> {
+    let w = cx.weights.borrow().get(name).cloned().ok_or_else(|| format!("weight `{name}` missing"))?;
+    let [rows, k] = w.shape[..] else { return Err(format!("`{name}` is not a matrix")) };
+    Ok((w, rows, k))
+}
+
 fn layer_and_suffix(name: &str) -> Option<(usize, &str)> {
     let (l, s) = name.strip_prefix("blk.")?.split_once('.')?;
     // A derived weight (`blk.L.<suffix>#<what>`, e.g. structurally pruned) has its base's role.
@@ -189,21 +211,12 @@ impl Pass for Prune {
         let mut records = Vec::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for n in &g.nodes {
-            let copy = |out: &mut Graph, map: &[ValueId]| {
-                let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                ValueId(out.nodes.len() as u32 - 1)
-            };
-            let target = match (&n.op, n.inputs.get(1).map(|w| &g.node(*w).op)) {
-                (Op::Linear, Some(Op::Weight { name })) => layer_and_suffix(name).map(|(l, s)| (name.clone(), l, s)),
-                _ => None,
-            };
-            let Some((name, layer, suffix)) = target else {
+            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let Some((name, layer, suffix)) = block_linear(g, n) else {
                 map.push(copy(&mut out, &map));
                 continue;
             };
-            let w = cx.weights.borrow().get(&name).cloned().ok_or_else(|| fail(format!("weight `{name}` missing")))?;
-            let [rows, k] = w.shape[..] else { return Err(fail(format!("`{name}` is not a matrix"))) };
+            let (w, rows, k) = weight_matrix(cx, &name).map_err(fail)?;
             if !SPARSE_DTYPES.contains(&w.dtype) || !k.is_multiple_of(32) {
                 cx.explain(
                     "prune",
@@ -319,21 +332,12 @@ impl Prune {
         let mut records = Vec::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for n in &g.nodes {
-            let copy = |out: &mut Graph, map: &[ValueId]| {
-                let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                ValueId(out.nodes.len() as u32 - 1)
-            };
-            let target = match (&n.op, n.inputs.get(1).map(|w| &g.node(*w).op)) {
-                (Op::Linear, Some(Op::Weight { name })) => layer_and_suffix(name).map(|(l, s)| (name.clone(), l, s)),
-                _ => None,
-            };
-            let Some((name, layer, suffix)) = target else {
+            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let Some((name, layer, suffix)) = block_linear(g, n) else {
                 map.push(copy(&mut out, &map));
                 continue;
             };
-            let w = cx.weights.borrow().get(&name).cloned().ok_or_else(|| fail(format!("weight `{name}` missing")))?;
-            let [rows, k] = w.shape[..] else { return Err(fail(format!("`{name}` is not a matrix"))) };
+            let (w, rows, k) = weight_matrix(cx, &name).map_err(fail)?;
             if !NM_DTYPES.contains(&w.dtype) || !k.is_multiple_of(32) {
                 cx.explain("prune", format!("{name}: {} [{rows}, {k}] has no N:M kernel: kept dense", w.dtype));
                 map.push(copy(&mut out, &map));
