@@ -178,6 +178,23 @@ fn panel_tile_shape(t: usize) -> (usize, usize) {
 }
 
 /// Accumulators per output for the single-row remainder of a row range.
+/// Stores at `youts[t]` the sum of output t's `nacc` vector accumulators `accs[t·nacc..(t+1)·nacc]`.
+pub(crate) fn store_sums<'ctx>(
+    kb: &Kb<'_, 'ctx>,
+    accs: &[VectorValue<'ctx>],
+    nacc: usize,
+    youts: &[PointerValue<'ctx>],
+) -> R<()> {
+    for (ti, &yp) in youts.iter().enumerate() {
+        let mut v = accs[ti * nacc];
+        for s in 1..nacc {
+            v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
+        }
+        kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
+    }
+    Ok(())
+}
+
 pub(crate) fn tail_accumulators(t: usize) -> usize {
     (8 / t).clamp(1, 4)
 }

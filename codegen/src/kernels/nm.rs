@@ -29,7 +29,10 @@
 //! The kernels stay in bounds for any bytes of the right length; [`run_nm_linear`] validates the
 //! weights and buffer sizes before a call.
 
-use super::linear::{defined_kernel, emit_split_on_m, emit_x_tiles, tail_accumulators, Kb, LANES, R, TILE_M};
+use super::linear::{
+    defined_kernel, emit_split_on_m, emit_x_tiles, store_sums, tail_accumulators, Kb, LANES, R, TILE_M,
+};
+use super::sparse::check_linear_buffers;
 use crate::CodegenError;
 use inkwell::context::Context;
 use inkwell::module::Module;
@@ -335,13 +338,7 @@ fn emit_direct<'ctx>(
                 Ok(())
             })?;
             let accs = load_accs()?;
-            for (ti, &yp) in youts.iter().enumerate() {
-                let mut v = accs[ti * nacc];
-                for s in 1..nacc {
-                    v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
-                }
-                kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
-            }
+            store_sums(kb, &accs, nacc, &youts)?;
             Ok(())
         })
     })
@@ -430,13 +427,7 @@ fn emit_tile<'ctx>(
         Ok(())
     })?;
     let accs = load_accs()?;
-    for (ti, &yp) in youts.iter().enumerate() {
-        let mut v = accs[ti * nacc];
-        for s in 1..nacc {
-            v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
-        }
-        kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
-    }
+    store_sums(kb, &accs, nacc, &youts)?;
     Ok(())
 }
 
@@ -458,17 +449,8 @@ pub fn run_nm_linear(
     if (w.dtype, w.pattern, w.k) != (spec.dtype, spec.pattern, spec.k) {
         return bad(format!("weights are {} {} with k = {}", w.dtype, w.pattern, w.k));
     }
-    if Some(x.len()) != m.checked_mul(spec.k) {
-        return bad(format!("x has {} floats, want m · k = {m} · {}", x.len(), spec.k));
-    }
-    if Some(y.len()) != m.checked_mul(w.n) {
-        return bad(format!("y has {} floats, want m · n = {m} · {}", y.len(), w.n));
-    }
-    if rows.start > rows.end || rows.end > w.n {
-        return bad(format!("rows {rows:?} are not within 0..{}", w.n));
-    }
-    if y.len() > i64::MAX as usize / 4 || x.len() > i64::MAX as usize / 4 {
-        return bad("buffers too large".into());
+    if let Err(e) = check_linear_buffers(x, y, m, spec.k, w.n, &rows) {
+        return bad(e);
     }
     // SAFETY: `w` holds n rows of the spec's row bytes, x and y have the sizes the ABI reads and
     // writes, and rows are in 0..n.

@@ -33,7 +33,8 @@
 //! must run [`BlockSparse::validate`] on the weights once, when it loads them.
 
 use super::linear::{
-    defined_kernel, emit_split_on_m, emit_x_tiles, tail_accumulators, Format, Kb, Memo, Param, LANES, R, TILE_M,
+    defined_kernel, emit_split_on_m, emit_x_tiles, store_sums, tail_accumulators, Format, Kb, Memo, Param, LANES, R,
+    TILE_M,
 };
 use crate::CodegenError;
 use inkwell::context::Context;
@@ -270,12 +271,31 @@ fn emit_tile<'ctx>(
         Ok(())
     })?;
     let accs = load_accs()?;
-    for (ti, &yp) in youts.iter().enumerate() {
-        let mut v = accs[ti * nacc];
-        for s in 1..nacc {
-            v = kb.b.build_float_add(v, accs[ti * nacc + s], "accsum")?;
-        }
-        kb.store(yp, kb.reduce_add(v)?.into(), 4)?;
+    store_sums(kb, &accs, nacc, &youts)?;
+    Ok(())
+}
+
+/// The buffer checks of a checked linear entry point: `x` holds `m · k` floats, `y` `m · n`, `rows` lies
+/// in `0..n`, and both sizes fit the ABI's i64 element counts.
+pub(crate) fn check_linear_buffers(
+    x: &[f32],
+    y: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    rows: &Range<usize>,
+) -> Result<(), String> {
+    if Some(x.len()) != m.checked_mul(k) {
+        return Err(format!("x has {} floats, want m · k = {m} · {k}", x.len()));
+    }
+    if Some(y.len()) != m.checked_mul(n) {
+        return Err(format!("y has {} floats, want m · n = {m} · {n}", y.len()));
+    }
+    if rows.start > rows.end || rows.end > n {
+        return Err(format!("rows {rows:?} are not within 0..{n}"));
+    }
+    if y.len() > i64::MAX as usize / 4 || x.len() > i64::MAX as usize / 4 {
+        return Err("buffers too large".into());
     }
     Ok(())
 }
@@ -299,17 +319,8 @@ pub fn run_sparse_linear(
     if (w.dtype, w.k) != (spec.dtype, spec.k) {
         return bad(format!("weights are {} with k = {}", w.dtype, w.k));
     }
-    if Some(x.len()) != m.checked_mul(spec.k) {
-        return bad(format!("x has {} floats, want m · k = {m} · {}", x.len(), spec.k));
-    }
-    if Some(y.len()) != m.checked_mul(w.n) {
-        return bad(format!("y has {} floats, want m · n = {m} · {}", y.len(), w.n));
-    }
-    if rows.start > rows.end || rows.end > w.n {
-        return bad(format!("rows {rows:?} are not within 0..{}", w.n));
-    }
-    if y.len() > i64::MAX as usize / 4 || x.len() > i64::MAX as usize / 4 {
-        return bad("buffers too large".into());
+    if let Err(e) = check_linear_buffers(x, y, m, spec.k, w.n, &rows) {
+        return bad(e);
     }
     // SAFETY: `w` is valid (every row_ptr entry ≤ the kept blocks, every block index < k / 32, data
     // exactly the kept blocks), x and y have the sizes the ABI reads and writes, and rows are in 0..n.
