@@ -2,7 +2,9 @@
 //! (never the evaluation text), stays within X% of the full model's.
 //!
 //! [`search_joint`] (what `kiln compile` uses) searches layer skipping × CHESS (MLP) × CHESS (attention
-//! inputs) × block pruning × structured pruning greedily for the least estimated decode cost ([`decode_bytes`]); [`search`] is the
+//! inputs) × block pruning × structured pruning greedily for the least decode cost: measured on this
+//! machine by default ([`decode_seconds`], CPU time per decode step of each candidate's artifact), or the
+//! estimated weight bytes a step reads ([`decode_bytes`], `--budget-cost bytes`); [`search`] is the
 //! layer-skipping-only search: candidates (method, count) for every method available, counts tried
 //! upwards until one exceeds the budget; the winner has the most skipped blocks (among equals, the lower
 //! perplexity).
@@ -225,13 +227,15 @@ pub struct JointChoice {
 }
 
 /// Greedy coordinate search of the joint space: from the dense model, each round measures one step up
-/// every open axis (perplexity on the calibration text via `measure`, estimated decode cost via `cost`);
-/// a step over the budget closes its axis (perplexity grows along an axis in practice), as does one that
-/// saves nothing; the step saving the most cost per unit of perplexity added is taken. It stops when no
-/// axis is open. Each technique is also walked alone, for the best single-technique comparison.
+/// every open axis (perplexity on the calibration text via `measure`, decode cost via `cost`); a step
+/// over the budget closes its axis (perplexity grows along an axis in practice), as does one that saves
+/// less than `min_saving` (a share of the current cost: 0 for an exact estimate, a noise margin for a
+/// measured time); the step saving the most cost per unit of perplexity added is taken. It stops when
+/// no axis is open. Each technique is also walked alone, for the best single-technique comparison.
 pub fn search_joint(
     budget: QualityBudget,
     axes: &Axes,
+    min_saving: f64,
     mut cost: impl FnMut(&Joint) -> anyhow::Result<f64>,
     mut measure: impl FnMut(&Joint) -> anyhow::Result<f64>,
 ) -> anyhow::Result<JointChoice> {
@@ -268,7 +272,7 @@ pub fn search_joint(
                 continue;
             }
             let c = eval(next, limit)?;
-            if c.perplexity > limit || c.cost >= cur.cost {
+            if c.perplexity > limit || c.cost >= cur.cost * (1.0 - min_saving) {
                 open[a] = false;
                 continue;
             }
@@ -314,6 +318,42 @@ pub fn search_joint(
         best_single,
         candidates,
     })
+}
+
+/// Measured CPU seconds per decode step of `backend` (emptied first and after): a prefill of `prompt`,
+/// then `steps` single-token forwards feeding back the argmax, timed together; the best of `rounds`
+/// such runs. CPU time of this process, not wall time: time-sharing the cores with other work does not
+/// inflate it (on a busy machine wall times of candidates measured minutes apart are not comparable).
+/// With one worker thread it is the work itself; with T threads the workers spin between launches, so
+/// it is about T × the wall time (still comparable between candidates run with the same T).
+pub fn decode_seconds(
+    backend: &mut dyn kiln_runtime::Backend,
+    prompt: &[u32],
+    steps: usize,
+    rounds: usize,
+) -> anyhow::Result<f64> {
+    anyhow::ensure!(!prompt.is_empty() && steps > 0 && rounds > 0, "decode timing needs a prompt, steps and rounds");
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        backend.reset();
+        let mut next = kiln_runtime::sample::argmax(backend.forward(prompt)?.last());
+        let t = process_cpu_seconds()?;
+        for _ in 0..steps {
+            next = kiln_runtime::sample::argmax(backend.forward(&[next])?.last());
+        }
+        best = best.min((process_cpu_seconds()? - t) / steps as f64);
+    }
+    backend.reset();
+    Ok(best)
+}
+
+/// CPU seconds this process has used (every thread).
+fn process_cpu_seconds() -> anyhow::Result<f64> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid, writable timespec; CLOCK_PROCESS_CPUTIME_ID is supported on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    anyhow::ensure!(rc == 0, "cannot read the process CPU clock: {}", std::io::Error::last_os_error());
+    Ok(ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9)
 }
 
 /// Estimated bytes of weights one decode step reads (decode is memory-bound): every linear's weight;
@@ -401,7 +441,7 @@ mod tests {
 
     #[test]
     fn joint_search_combines_techniques_greedily() {
-        let c = search_joint(QualityBudget { percent: 10.0 }, &axes(), |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
+        let c = search_joint(QualityBudget { percent: 10.0 }, &axes(), 0.0, |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
         // Cost saved per unit of perplexity added, per step: prune 0.05/2 = 0.025, neurons 0.075/4 =
         // 0.019, heads 0.05/3 = 0.017, chess 0.1/20, skip 0.03/20. Round 1 takes prune 25% (ppl 102),
         // round 2 prune 50% (104, the axis ends), round 3 neurons 25% (108); then neurons 50% (112) and
@@ -422,7 +462,27 @@ mod tests {
         // Chess never combines with neuron pruning.
         assert!(c.candidates.iter().all(|x| x.config.valid()));
         // A budget nothing fits leaves the model dense.
-        let c = search_joint(QualityBudget { percent: 0.5 }, &axes(), |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
+        let c = search_joint(QualityBudget { percent: 0.5 }, &axes(), 0.0, |j| Ok(cost(j)), |j| Ok(ppl(j))).unwrap();
         assert_eq!((c.config, c.description.as_str()), (Joint::default(), "dense"));
+    }
+
+    #[test]
+    fn a_step_saving_less_than_the_margin_is_not_taken() {
+        // Prune saves 1% per step and neurons 5%: with a 2% margin only neurons moves.
+        let axes = Axes {
+            skip: vec![0],
+            chess: vec![0.0],
+            attn: vec![0.0],
+            prune: vec![0.0, 0.1, 0.2],
+            neurons: vec![0.0, 0.1],
+            heads: vec![0],
+        };
+        let cost = |j: &Joint| Ok(1.0 - 0.1 * j.prune - 0.5 * j.neurons);
+        let ppl = |j: &Joint| Ok(100.0 + j.prune + j.neurons);
+        let exact = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.0, cost, ppl).unwrap();
+        assert_eq!(exact.config, Joint { prune: 0.2, neurons: 0.1, ..Default::default() });
+        let margin = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.02, cost, ppl).unwrap();
+        assert_eq!(margin.config, Joint { neurons: 0.1, ..Default::default() });
+        assert_eq!(margin.path, vec![Joint { neurons: 0.1, ..Default::default() }]);
     }
 }

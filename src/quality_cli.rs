@@ -910,18 +910,36 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 /// `--quality-budget` for `kiln compile`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BudgetArgs {
-    /// Search layer skipping × CHESS × block pruning (with a kernel table) × structured pruning for the
-    /// configuration with the least estimated decode bytes whose perplexity on the calibration text stays
-    /// within the budget, e.g. ppl+10% (greedy steps; needs --calibration; the choice, the path and every
-    /// measurement go into the manifest).
+    /// Search layer skipping × CHESS (MLP, attention inputs) × block pruning (with a kernel table) ×
+    /// structured pruning for the configuration with the least decode cost (--budget-cost) whose
+    /// perplexity on the calibration text stays within the budget, e.g. ppl+10% (greedy steps; needs
+    /// --calibration; the choice, the path and every measurement go into the manifest).
     #[arg(long, value_name = "ppl+X%", conflicts_with = "skip_layers")]
     pub quality_budget: Option<String>,
+    /// What the budget search minimises: `measured` = CPU seconds per decode step of each candidate's
+    /// compiled artifact on this machine (best of 5 runs of 32 steps, with --budget-threads; CPU time, so
+    /// other work sharing the cores does not skew it; use --budget-threads 1 on a busy machine), `bytes` =
+    /// the weight bytes one decode step reads (an estimate: deterministic, but blind to kernel
+    /// efficiency and launch counts).
+    #[arg(long, value_enum, default_value_t = BudgetCost::Measured)]
+    pub budget_cost: BudgetCost,
+    /// A step must cut the cost by at least this share to be taken (default 0.02 for `measured`, a
+    /// margin over timing noise; 0 for `bytes`).
+    #[arg(long, value_name = "SHARE")]
+    pub budget_min_saving: Option<f64>,
     /// Text to measure the budget on (default: the text the calibration file was measured on).
     #[arg(long, value_name = "FILE")]
     pub budget_text: Option<PathBuf>,
     /// Worker threads while measuring candidates (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub budget_threads: usize,
+}
+
+/// The cost `--quality-budget` minimises.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BudgetCost {
+    Measured,
+    Bytes,
 }
 
 /// The build `kiln compile` makes: the skip options, or the configuration `--quality-budget` chooses.
@@ -934,6 +952,13 @@ pub fn compile_build(
 ) -> Result<(Build, Option<JointChoice>)> {
     let Some(spec) = &budget.quality_budget else { return Ok((skip.build(opts, m, path)?, None)) };
     let qb = QualityBudget::parse(spec).map_err(anyhow::Error::msg).context("--quality-budget")?;
+    let min_saving = budget.budget_min_saving.unwrap_or(match budget.budget_cost {
+        BudgetCost::Measured => 0.02,
+        BudgetCost::Bytes => 0.0,
+    });
+    if !(0.0..1.0).contains(&min_saving) {
+        bail!("--budget-min-saving must be in [0, 1), got {min_saving}");
+    }
     let cpath =
         skip.calibration.as_ref().context("--quality-budget needs --calibration FILE (from `kiln calibrate`)")?;
     let calib = load_calibration(cpath, m, path)?;
@@ -970,12 +995,27 @@ pub fn compile_build(
         })
     };
     let all = CompileOptions { all_logits: true, ..opts.clone() };
+    // Decode timing: a short prompt from the text, then 32 steps (the artifact is the one just measured).
+    let prompt = &tokens[..tokens.len().min(8)];
+    let mut bytes: Vec<(Joint, f64)> = Vec::new();
     let choice = kiln::budget::search_joint(
         qb,
         &axes,
+        min_saving,
         |j| {
-            let built = kiln::artifact::build_graph(m, &joint_build(j, all.clone()))?;
-            Ok(kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess, j.attn))
+            let b = joint_build(j, all.clone());
+            let built = kiln::artifact::build_graph(m, &b)?;
+            let est = kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess, j.attn);
+            bytes.push((*j, est));
+            match budget.budget_cost {
+                BudgetCost::Bytes => Ok(est),
+                BudgetCost::Measured => {
+                    let mut backend = compiled(path, m, &b, budget.budget_threads, prompt.len() + 40)?;
+                    let s = kiln::budget::decode_seconds(&mut backend, prompt, 32, 5)?;
+                    eprintln!("[budget: {} → {:.2} CPU ms per decode step]", j.describe(), s * 1e3);
+                    Ok(s)
+                }
+            }
         },
         |j| {
             let b = joint_build(j, all.clone());
@@ -1000,17 +1040,24 @@ pub fn compile_build(
         },
     )?;
     eprintln!(
-        "[budget {}: {} (calibration perplexity {:.4} ≤ {:.4}; estimated decode bytes {:.0}% of dense)]",
+        "[budget {}: {} (calibration perplexity {:.4} ≤ {:.4}; decode cost ({}) {:.0}% of dense)]",
         choice.budget,
         choice.description,
         choice.perplexity,
         choice.limit,
+        if budget.budget_cost == BudgetCost::Measured { "measured" } else { "estimated bytes" },
         100.0 * choice.cost / choice.baseline_cost
     );
     let record = serde_json::json!({
         "quality_budget": choice,
         "search": "greedy coordinate steps over skip-layers (influence) × chess (MLP) × chess (attention inputs), per-layer thresholds × prune (magnitude) × structured-prune, \
-                   most estimated decode bytes saved per unit of calibration perplexity added",
+                   most decode cost saved per unit of calibration perplexity added",
+        "cost": match budget.budget_cost {
+            BudgetCost::Measured => "measured CPU seconds per decode step (best of 5 runs of 32 steps)",
+            BudgetCost::Bytes => "estimated weight bytes per decode step",
+        },
+        "min_saving": min_saving,
+        "estimated_bytes": bytes.iter().map(|(j, b)| serde_json::json!({"config": j, "bytes": b})).collect::<Vec<_>>(),
         "kernel_table": table.is_some(),
         "measured_on": {"file": text_path, "tokens": tokens.len(), "window": chunk, "stride": chunk},
     });

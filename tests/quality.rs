@@ -356,6 +356,8 @@ fn bad_quality_input_is_refused_by_name() {
         (vec!["eval", "--text", t, "--window", "8", "--stride", "9"], "--stride"),
         (vec!["compile", "-o", "/tmp/x", "--quality-budget", "10%"], "ppl+X%"),
         (vec!["compile", "-o", "/tmp/x", "--quality-budget", "ppl+10%"], "--calibration"),
+        (vec!["compile", "-o", "/tmp/x", "--quality-budget", "ppl+10%", "--budget-min-saving", "1.5"], "[0, 1)"),
+        (vec!["compile", "-o", "/tmp/x", "--quality-budget", "ppl+10%", "--budget-cost", "flops"], "flops"),
         (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4:20,8:25"], "never written"),
         (vec!["eval", "--text", t, "--early-exit", "top", "--exit-schedule", "4-20"], "POS:DEPTH"),
         (vec!["run", "--prompt", "Hi", "-n", "2", "--early-exit", "lower", "--exit-schedule", "3:31"], "1..=30"),

@@ -244,7 +244,7 @@ fn joint_budget_search_on_a_tiny_model() {
         heads: vec![0, 1],
     };
     let budget = QualityBudget { percent: 3.0 };
-    let c = search_joint(budget, &axes, cost, ppl).unwrap();
+    let c = search_joint(budget, &axes, 0.0, cost, ppl).unwrap();
     let dense = ppl(&Joint::default()).unwrap();
     assert_eq!(c.baseline_perplexity, dense);
     assert!((ppl(&c.config).unwrap() - c.perplexity).abs() < 1e-9);
@@ -275,4 +275,20 @@ fn joint_budget_search_on_a_tiny_model() {
         "tiny joint budget: {} ppl {:.3} cost {:.0} (dense {:.3}, {:.0})",
         c.description, c.perplexity, c.cost, dense, c.baseline_cost
     );
+}
+
+/// `decode_seconds` (the budget's measured cost) times real decode steps and leaves the backend empty;
+/// it refuses an empty prompt or zero steps instead of dividing by zero.
+#[test]
+fn budget_decode_timing_runs_steps_and_resets() {
+    let (_src, m, _cal) = tiny(4, 2, 47, |_| {});
+    let b = build_graph(&m, &Build { opts: all_logits(), ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(b.graph, &b.weights, 64).unwrap();
+    let s = kiln::budget::decode_seconds(&mut ib, &[1, 2, 3], 4, 2).unwrap();
+    assert!(s.is_finite() && s > 0.0, "{s}");
+    assert_eq!(kiln::runtime::Backend::position(&ib), 0);
+    for (prompt, steps, rounds) in [(&[][..], 4, 2), (&[1u32][..], 0, 2), (&[1u32][..], 4, 0)] {
+        let e = kiln::budget::decode_seconds(&mut ib, prompt, steps, rounds).unwrap_err();
+        assert!(e.to_string().contains("decode timing needs"), "{e}");
+    }
 }
