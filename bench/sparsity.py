@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--calibration", default="", help="calibration file (default: made in --work)")
     ap.add_argument("--text", default="data/eval.txt", help="evaluation text")
     ap.add_argument("--prune", default="", help="magnitude-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
+    ap.add_argument("--prune-methods", default="magnitude", help="ranking for --prune: magnitude, wanda (comma list)")
     ap.add_argument("--nm", default="", help="N:M pruning patterns, e.g. 2:4,3:4,2:8 (needs `kiln bench --kernels`)")
     ap.add_argument("--nm-methods", default="magnitude,wanda", help="ranking for --nm: magnitude, wanda (comma list)")
     ap.add_argument("--structured", default="", help="structured-pruning specs separated by ';', e.g. 'neurons=0.25;heads=1'")
@@ -86,7 +87,8 @@ def main():
         if kind:
             chess_flags[label] += ["--chess-thresholds", kind[0]]
         configs += [(label, float(s)) for s in a.rsparse_sparsities.split(",") if s]
-    configs += [("prune (magnitude)", float(s)) for s in a.prune.split(",") if s]
+    configs += [(f"prune ({meth})", float(s)) for meth in a.prune_methods.split(",") if meth
+                for s in a.prune.split(",") if s]
     configs += [(f"N:M ({meth})", pat) for pat in a.nm.split(",") if pat for meth in a.nm_methods.split(",") if meth]
     configs += [("structured", s) for s in a.structured.split(";") if s]
     configs += [("coreinfer", s) for s in a.coreinfer.split(";") if s]
@@ -102,7 +104,8 @@ def main():
         if tech.startswith("N:M"):
             return ["--prune-pattern", s, "--prune-method", tech[len("N:M ("):-1], "--calibration", calib]
         if tech.startswith("prune"):
-            return ["--prune-sparsity", str(s), "--prune-method", "magnitude"]
+            meth = tech[len("prune ("):-1]
+            return ["--prune-sparsity", str(s), "--prune-method", meth] + (["--calibration", calib] if meth == "wanda" else [])
         return []
 
     ppl = {}

@@ -923,3 +923,53 @@ fn chess_mlp_forms_and_per_layer_thresholds() {
         assert!(format!("{err:#}").contains("re-run `kiln calibrate`"), "{form:?}: {err:#}");
     }
 }
+
+/// Early exit composes with CHESS: the blocks of a CHESS model (masked `up`, input-sparse `down`) are
+/// still found, so the compiled artifact has skippable regions, and a per-position exit schedule on it
+/// equals the interpreter running the CHESS graph with those blocks skipped (the oracle); the schedule
+/// really changes the result.
+#[test]
+fn early_exit_on_a_chess_model_matches_the_interpreter() {
+    use kiln::runtime::early_exit::{EarlyExitInterpreter, ExitMode, ExitSchedule};
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        c.n_layers = 4;
+        c
+    };
+    let ChessCase { _src, m, cal, tokens, .. } = chess_case(&cfg, 23);
+    let build = Build { opts: CompileOptions::default(), ..chess_build(&cal, 0.3) };
+    let g = build_graph(&m, &build).unwrap();
+    assert_eq!(kiln::ir::blocks::find_blocks(&g.graph).unwrap().len(), 4, "blocks found after chess");
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &build, art.path()).unwrap();
+    let run = |b: &mut dyn Backend| -> Vec<f32> {
+        b.reset();
+        let mut out = b.forward(&tokens[..4]).unwrap().data;
+        for t in &tokens[4..] {
+            out.extend(b.forward(&[*t]).unwrap().data);
+        }
+        out
+    };
+    let sched = || ExitSchedule::new(vec![(5, 3), (6, 2)], 4).unwrap();
+    for mode in [ExitMode::Top, ExitMode::Lower] {
+        let graphs: Vec<Graph> = (1..=4)
+            .map(|d| {
+                let active = mode.active(4, d);
+                let skipped: Vec<usize> = (0..4).filter(|l| !active.contains(l)).collect();
+                kiln::passes::skip_layers::skip_blocks(&g.graph, &skipped).unwrap()
+            })
+            .collect();
+        let want = run(&mut EarlyExitInterpreter::new(graphs, sched(), &g.weights, 64).unwrap());
+        let mut c = CompiledBackend::load(art.path(), 2, Some(64)).unwrap();
+        assert_eq!(c.blocks(), 4, "{mode:?}");
+        let full = run(&mut c);
+        c.set_early_exit(mode, sched()).unwrap();
+        let got = run(&mut c);
+        assert!(max_abs_diff(&got, &want) < 1e-4, "{mode:?}: {}", max_abs_diff(&got, &want));
+        assert!(max_abs_diff(&got, &full) > 1e-4, "{mode:?}: the schedule skipped nothing");
+    }
+    // Tensor parallelism splits dense linears only: a CHESS graph is refused by op, not mis-split.
+    let tp = kiln::artifact::TensorParallel { tp: 2, rank: 0, fuse: false };
+    let e = build_graph(&m, &Build { tp: Some(tp), ..build }).err().expect("refused").to_string();
+    assert!(e.contains("masked_linear") && e.contains("cannot be split"), "{e}");
+}

@@ -45,13 +45,11 @@ fn blk_weight(g: &Graph, mut v: ValueId, suffix: &str) -> Option<usize> {
     (s == suffix).then(|| layer.parse().ok()).flatten()
 }
 
-/// If `v` is `linear(x, blk.L.<suffix>)`, returns (L, x).
+/// If `v` is `linear(x, blk.L.<suffix>)` (or a sparse form of it: [`Op::is_weight_linear`], so blocks
+/// are still found after CHESS, CoreInfer or weight pruning), returns (L, x).
 fn linear_of(g: &Graph, v: ValueId, suffix: &str) -> Option<(usize, ValueId)> {
     let n = g.node(v);
-    match n.op {
-        Op::Linear => blk_weight(g, n.inputs[1], suffix).map(|l| (l, n.inputs[0])),
-        _ => None,
-    }
+    n.op.is_weight_linear().then(|| blk_weight(g, n.inputs[1], suffix).map(|l| (l, n.inputs[0]))).flatten()
 }
 
 /// If `v` is `add(r, linear(x, blk.L.<suffix>))` (either operand order), returns (L, r, x).
@@ -85,7 +83,7 @@ pub fn find_blocks(g: &Graph) -> Result<Vec<Block>, String> {
         let find_input = |suffix: &str| {
             g.nodes
                 .iter()
-                .find(|n| n.op == Op::Linear && blk_weight(g, n.inputs[1], suffix) == Some(layer))
+                .find(|n| n.op.is_weight_linear() && blk_weight(g, n.inputs[1], suffix) == Some(layer))
                 .map(|n| n.inputs[0])
                 .ok_or_else(|| format!("block {layer}: no linear reads blk.{layer}.{suffix}"))
         };

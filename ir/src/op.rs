@@ -352,6 +352,12 @@ fn same_dim(a: &Dim, b: &Dim, what: &str) -> Result<(), String> {
 }
 
 impl Op {
+    /// A linear map of `inputs[0]` by the weight `inputs[1]` (dense, masked-output, input-sparse,
+    /// block-sparse, N:M): the ops a pass may read as "the projection by this weight".
+    pub fn is_weight_linear(&self) -> bool {
+        matches!(self, Op::Linear | Op::MaskedLinear | Op::ActiveLinear | Op::SparseLinear { .. } | Op::NmLinear { .. })
+    }
+
     /// The type rule: the result type from operand types. Source ops (`input`, `weight`) declare their
     /// own type, which is passed as `declared`.
     pub fn infer(&self, ins: &[&TensorType], declared: Option<&TensorType>) -> Result<TensorType, String> {

@@ -157,6 +157,10 @@ impl Pass for Shard {
         if self.tp == 1 {
             return Ok(false);
         }
+        // Only dense linears are split (rows or columns + AllReduce); a sparse form would be copied whole.
+        if let Some(n) = g.nodes.iter().find(|n| n.op.is_weight_linear() && n.op != Op::Linear) {
+            return Err(err(format!("`{}` cannot be split across ranks yet (only dense linears)", n.op.name())));
+        }
         let blocks = find_blocks(g).map_err(err)?;
         if blocks.is_empty() {
             return Err(err("no decoder blocks found"));
