@@ -16,7 +16,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kilnbench import KILN, ROOT, decode_speeds, kiln, splice  # noqa: E402
+from kilnbench import KILN, ROOT, decode_speeds, kiln, splice, use_memo  # noqa: E402
 
 
 def flags(j):
@@ -55,6 +55,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/quality.md"))
     a = ap.parse_args()
     os.makedirs(a.work, exist_ok=True)
+    use_memo(os.path.join(a.work, "budget-evals.json"))
     t0 = time.time()
     calib = os.path.join(a.work, "calib.json")
     if not os.path.exists(calib):

@@ -218,7 +218,9 @@ pub struct JointChoice {
     pub description: String,
     pub perplexity: f64,
     pub cost: f64,
-    /// The greedy path from the dense model to the choice, one accepted step per entry.
+    /// Where the winning greedy walk started: dense, or a technique's best single configuration.
+    pub start: Joint,
+    /// The path from the dense model to the choice, one accepted step per entry (the start first).
     pub path: Vec<Joint>,
     /// Per technique alone (every other axis off): its cheapest configuration within the budget.
     pub best_single: Vec<JointCandidate>,
@@ -231,7 +233,9 @@ pub struct JointChoice {
 /// over the budget closes its axis (perplexity grows along an axis in practice), as does one that saves
 /// less than `min_saving` (a share of the current cost: 0 for an exact estimate, a noise margin for a
 /// measured time); the step saving the most cost per unit of perplexity added is taken. It stops when
-/// no axis is open. Each technique is also walked alone, for the best single-technique comparison.
+/// no axis is open. Each technique is also walked alone (its best single configuration); where one is
+/// cheaper than the walk's end, the walk is repeated from it, and the cheapest end is the choice — so
+/// the choice is never costlier than the best single technique.
 pub fn search_joint(
     budget: QualityBudget,
     axes: &Axes,
@@ -252,7 +256,75 @@ pub fn search_joint(
     };
     let base = eval([0; N_AXES], f64::INFINITY)?;
     let limit = budget.limit(base.perplexity);
-    let (mut cur_i, mut cur) = ([0usize; N_AXES], base.clone());
+    let (mut cur, mut path) = walk(axes, ([0; N_AXES], base.clone()), limit, min_saving, base.perplexity, &mut eval)?;
+    let mut best_single = Vec::new();
+    for a in 0..N_AXES {
+        let mut top: Option<([usize; N_AXES], JointCandidate)> = None;
+        for level in 1..axes.len(a) {
+            let mut i = [0; N_AXES];
+            i[a] = level;
+            let c = eval(i, limit)?;
+            if c.perplexity > limit {
+                break;
+            }
+            if top.as_ref().is_none_or(|t| c.cost < t.1.cost) {
+                top = Some((i, c));
+            }
+        }
+        best_single.extend(top);
+    }
+    // The walk from dense commits to its first step; a technique's best alone may beat where it ends
+    // (a step that adds no perplexity scores highest however little it saves). Walk on from each single
+    // best that is cheaper than the result, and keep the cheapest end.
+    let mut start = Joint::default();
+    let mut singles = best_single.clone();
+    singles.sort_by(|a, b| a.1.cost.total_cmp(&b.1.cost));
+    for (i, c) in singles {
+        if c.cost < cur.1.cost {
+            let (end, rest) = walk(axes, (i, c.clone()), limit, min_saving, base.perplexity, &mut eval)?;
+            if end.1.cost < cur.1.cost {
+                start = c.config;
+                path = std::iter::once(c.config).chain(rest).collect();
+                cur = end;
+            }
+        }
+    }
+    let cur = cur.1;
+    let best_single: Vec<JointCandidate> = best_single.into_iter().map(|(_, c)| c).collect();
+    let mut candidates: Vec<JointCandidate> = memo.into_iter().map(|(_, c)| c).collect();
+    for c in &mut candidates {
+        c.within_budget = c.perplexity <= limit;
+    }
+    Ok(JointChoice {
+        budget: format!("ppl+{}%", budget.percent),
+        baseline_perplexity: base.perplexity,
+        baseline_cost: base.cost,
+        limit,
+        config: cur.config,
+        description: cur.config.describe(),
+        perplexity: cur.perplexity,
+        cost: cur.cost,
+        start,
+        path,
+        best_single,
+        candidates,
+    })
+}
+
+type Point = ([usize; N_AXES], JointCandidate);
+
+/// One greedy walk from `from`: each round measures one step up every open axis; a step over the budget,
+/// or saving less than `min_saving` of the current cost, closes its axis; the step saving the most cost
+/// per unit of perplexity added is taken. Returns where it ends and the steps taken.
+fn walk(
+    axes: &Axes,
+    from: Point,
+    limit: f64,
+    min_saving: f64,
+    base_ppl: f64,
+    eval: &mut impl FnMut([usize; N_AXES], f64) -> anyhow::Result<JointCandidate>,
+) -> anyhow::Result<(Point, Vec<Joint>)> {
+    let (mut cur_i, mut cur) = from;
     let mut open: Vec<bool> = (0..N_AXES).map(|a| axes.len(a) > 1).collect();
     let mut path = Vec::new();
     loop {
@@ -276,7 +348,7 @@ pub fn search_joint(
                 open[a] = false;
                 continue;
             }
-            let score = (cur.cost - c.cost) / (c.perplexity - cur.perplexity).max(1e-9 * base.perplexity);
+            let score = (cur.cost - c.cost) / (c.perplexity - cur.perplexity).max(1e-9 * base_ppl);
             if best.as_ref().is_none_or(|(s, _, b)| score > *s || (score == *s && c.cost < b.cost)) {
                 best = Some((score, next, c));
             }
@@ -285,39 +357,7 @@ pub fn search_joint(
         path.push(c.config);
         (cur_i, cur) = (i, c);
     }
-    let mut best_single = Vec::new();
-    for a in 0..N_AXES {
-        let mut top: Option<JointCandidate> = None;
-        for level in 1..axes.len(a) {
-            let mut i = [0; N_AXES];
-            i[a] = level;
-            let c = eval(i, limit)?;
-            if c.perplexity > limit {
-                break;
-            }
-            if top.as_ref().is_none_or(|t| c.cost < t.cost) {
-                top = Some(c);
-            }
-        }
-        best_single.extend(top);
-    }
-    let mut candidates: Vec<JointCandidate> = memo.into_iter().map(|(_, c)| c).collect();
-    for c in &mut candidates {
-        c.within_budget = c.perplexity <= limit;
-    }
-    Ok(JointChoice {
-        budget: format!("ppl+{}%", budget.percent),
-        baseline_perplexity: base.perplexity,
-        baseline_cost: base.cost,
-        limit,
-        config: cur.config,
-        description: cur.config.describe(),
-        perplexity: cur.perplexity,
-        cost: cur.cost,
-        path,
-        best_single,
-        candidates,
-    })
+    Ok(((cur_i, cur), path))
 }
 
 /// Measured CPU seconds per decode step of `backend` (emptied first and after): a prefill of `prompt`,
@@ -484,5 +524,27 @@ mod tests {
         let margin = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.02, cost, ppl).unwrap();
         assert_eq!(margin.config, Joint { neurons: 0.1, ..Default::default() });
         assert_eq!(margin.path, vec![Joint { neurons: 0.1, ..Default::default() }]);
+    }
+
+    #[test]
+    fn a_single_technique_cheaper_than_the_walk_restarts_it() {
+        // Prune 10% adds no perplexity (the walk from dense takes it first) but saves 1%, and rules out
+        // neurons; neurons 20% alone saves 10%. The choice must be neurons 20%, reached from its single.
+        let axes = Axes {
+            skip: vec![0],
+            chess: vec![0.0],
+            attn: vec![0.0],
+            prune: vec![0.0, 0.1],
+            neurons: vec![0.0, 0.1, 0.2],
+            heads: vec![0],
+        };
+        let cost = |j: &Joint| Ok(1.0 - 0.1 * j.prune - 0.5 * j.neurons);
+        let ppl = |j: &Joint| Ok(100.0 + 40.0 * j.neurons + if j.prune > 0.0 && j.neurons > 0.0 { 20.0 } else { 0.0 });
+        let c = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.0, cost, ppl).unwrap();
+        let n20 = Joint { neurons: 0.2, ..Default::default() };
+        assert_eq!((c.config, c.start, c.path.clone()), (n20, n20, vec![n20]));
+        assert!((c.cost - 0.9).abs() < 1e-12 && (c.perplexity - 108.0).abs() < 1e-12);
+        let single = c.best_single.iter().map(|b| b.cost).fold(f64::INFINITY, f64::min);
+        assert!(c.cost <= single);
     }
 }
