@@ -122,17 +122,23 @@ pub fn neurons_kept(width: usize, share: f64, dtype: DType) -> usize {
     }
 }
 
-/// `W_down`'s kept columns: f32 exactly, f16/bf16 re-encoded (exact), block formats as Q8_0.
-fn down_columns(t: &TensorData, kept: &[usize]) -> Result<TensorData, String> {
+/// `W_down`'s (or `W_o`'s) kept columns: Q4_0/Q4_1/Q8_0 in their gathered column format (the kept
+/// channels' own codes and their blocks' scales, exact; read by `active_linear`, so `gathered` is true),
+/// f32 exactly, f16/bf16 re-encoded (exact), other block formats requantized as Q8_0.
+fn down_columns(t: &TensorData, kept: &[usize]) -> Result<(TensorData, bool), String> {
+    if let (Some(_), [n, k]) = (t.dtype.gathered_of(), &t.shape[..]) {
+        let (dtype, bytes) = kiln_ir::column::gather(t.dtype, *n, *k, &t.bytes, kept).map_err(|e| e.to_string())?;
+        return Ok((TensorData { dtype, shape: vec![kept.len(), *n], bytes: bytes.into() }, true));
+    }
     let g = t.gather_cols(kept).map_err(|e| e.to_string())?;
     let dtype = match t.dtype {
-        DType::F32 => return Ok(g),
+        DType::F32 => return Ok((g, false)),
         DType::F16 | DType::BF16 => t.dtype,
         _ => DType::Q8_0,
     };
     let vals = g.to_f32().map_err(|e| e.to_string())?;
     let bytes = kiln_ir::quant::quantize(dtype, &vals).map_err(|e| e.to_string())?;
-    Ok(TensorData { dtype, shape: g.shape, bytes: bytes.into() })
+    Ok((TensorData { dtype, shape: g.shape, bytes: bytes.into() }, false))
 }
 
 /// What the pass changes in one block's attention.
@@ -163,6 +169,8 @@ impl Pass for StructuredPrune {
         // Weight name → (derived name, data); reshape node → new op.
         let mut replace: HashMap<String, (String, TensorData)> = HashMap::new();
         let mut reshapes: HashMap<usize, Op> = HashMap::new();
+        // Linears whose weight became a gathered column tensor (`[k', n]`): rewritten to active_linear.
+        let mut active: std::collections::HashSet<usize> = std::collections::HashSet::new();
         let mut layers = Vec::new();
         let tag_n = format!("#sprune-n{}", self.neurons);
         let tag_h = format!("#sprune-h{}", self.heads);
@@ -206,7 +214,7 @@ impl Pass for StructuredPrune {
                 let kept = top_indices(&score, keep);
                 let gate_t = get(&gate_w)?.gather_rows(&kept).map_err(|e| fail(format!("{gate_w}: {e}")))?;
                 let up_t = get(&up_w)?.gather_rows(&kept).map_err(|e| fail(format!("{up_w}: {e}")))?;
-                let down_new = down_columns(down_t, &kept).map_err(|e| fail(format!("{down_w}: {e}")))?;
+                let (down_new, gathered) = down_columns(down_t, &kept).map_err(|e| fail(format!("{down_w}: {e}")))?;
                 let mut dropped: Vec<f64> =
                     (0..width).filter(|j| kept.binary_search(j).is_err()).map(|j| score[j]).collect();
                 dropped.sort_by(f64::total_cmp);
@@ -228,6 +236,9 @@ impl Pass for StructuredPrune {
                 rec["down_dtype"] = down_new.dtype.name().into();
                 replace.insert(gate_w.clone(), (format!("{gate_w}{tag_n}"), gate_t));
                 replace.insert(up_w.clone(), (format!("{up_w}{tag_n}"), up_t));
+                if gathered {
+                    active.insert(down);
+                }
                 replace.insert(down_w.clone(), (format!("{down_w}{tag_n}"), down_new));
             }
             if self.heads > 0 {
@@ -304,7 +315,16 @@ impl Pass for StructuredPrune {
                     Ok(t) => t,
                     Err(kiln_ir::weights::DeriveError::Unaligned { .. }) => {
                         let cols: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-                        down_columns(o_t, &cols).map_err(|m| fail(format!("{o_w}: {m}")))?
+                        let (t, gathered) = down_columns(o_t, &cols).map_err(|m| fail(format!("{o_w}: {m}")))?;
+                        if gathered {
+                            let o = g
+                                .nodes
+                                .iter()
+                                .position(|n| n.op == Op::Linear && n.inputs[0] == b.attn_out_in)
+                                .expect("found above");
+                            active.insert(o);
+                        }
+                        t
                     }
                     Err(m) => return Err(fail(format!("{o_w}: {m}"))),
                 };
@@ -359,6 +379,10 @@ impl Pass for StructuredPrune {
                 _ if n.inputs.is_empty() => {
                     out.nodes.push(Node { op: n.op.clone(), inputs: vec![], ty: n.ty.clone() });
                     ValueId(out.nodes.len() as u32 - 1)
+                }
+                _ if active.contains(&i) => {
+                    let inputs: Vec<ValueId> = n.inputs.iter().map(|v| map[v.index()]).collect();
+                    out.add(Op::ActiveLinear, &inputs).map_err(err)?
                 }
                 op => {
                     let op = reshapes.get(&i).cloned().unwrap_or_else(|| op.clone());
