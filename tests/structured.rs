@@ -135,7 +135,8 @@ fn quantized_pruning_gathers_exact_columns() {
         let b0 = build(&cal, sp(0.001, 0));
         let d = max_abs_diff(&interp(&m, &b0), &want);
         assert!(d < 1e-4, "{dtype}: keeping every neuron (gathered down) vs dense: {d}");
-        for (neurons, heads) in [(0.5, 1), (0.5, 0)] {
+        // 0.3 keeps 45 of 64: the gathered form takes any count.
+        for (neurons, heads) in [(0.5, 1), (0.3, 0)] {
             let b = build(&cal, sp(neurons, heads));
             let built = build_graph(&m, &b).unwrap();
             let weight = |l: usize, s: &str| {

@@ -7,16 +7,18 @@
 //!   (`LayerStats::ffn_act_mean_abs`, `a = silu(gate)·up`) times `‖W_down[:, j]‖₂`. The
 //!   `round(neurons · I)` least important are dropped: rows of `W_gate`/`W_up` (gathered in their stored
 //!   dtype, exactly) and the matching columns of `W_down`. Gathered columns of a block-quantized `W_down`
-//!   no longer line up with its blocks, so they are re-quantized as **Q8_0** (CHESS's choice for its
-//!   transposed down weights: re-rounding into Q4_1 cost +7% perplexity there) and the kept count is
-//!   rounded to a multiple of 32 (Q8_0's block); f32 stays f32 (exact), f16/bf16 are re-encoded exactly.
+//!   no longer line up with its blocks: for Q4_0/Q4_1/Q8_0 they are stored in the **gathered column
+//!   format** (`q4_1g`, …, `kiln_ir::column::gather`: the kept channels' own codes and the scales of
+//!   the blocks they came from, exact) and the down projection becomes `active_linear`, which reads it
+//!   with the column kernels; other block formats are re-quantized as Q8_0 (kept count a multiple of
+//!   32); f32 stays f32 (exact), f16/bf16 are re-encoded exactly.
 //! - **Heads.** Query head `h` contributes `o_h · W_o[:, h·d:(h+1)·d]`; its importance is
 //!   `Σ_c mean|o_c| · ‖W_o[:, c]‖₂` over its `d` channels (`attn_out_in_mean_abs`). Grouped-query
 //!   attention shares one KV head among `Hq/Hkv` query heads, so the same number (`heads`) of query
 //!   heads is dropped from **every** group: the group size stays uniform, the KV projections, the KV
 //!   cache and the rope are untouched. The kept heads' rows of `W_q` and columns of `W_o` are gathered
-//!   in their stored dtype (a head's columns are whole quantization blocks), exactly; the reshapes
-//!   around the attention get the new head count.
+//!   in their stored dtype when a head's columns are whole quantization blocks (else gathered like
+//!   `W_down`), exactly; the reshapes around the attention get the new head count.
 //!
 //! Runs after `skip-layers` and before `chess`/`prune`. Needs a calibration file.
 
@@ -111,11 +113,12 @@ fn top_indices(scores: &[f64], keep: usize) -> Vec<usize> {
     kept
 }
 
-/// Neurons kept out of `width` at `share` dropped, for a down weight of `dtype` (quantized: a multiple
-/// of 32, at least 32).
+/// Neurons kept out of `width` at `share` dropped, for a down weight of `dtype` (requantized to Q8_0,
+/// i.e. a block format without a gathered form: a multiple of 32, at least 32; f32/f16/bf16 and the
+/// gathered Q4_0/Q4_1/Q8_0: any count).
 pub fn neurons_kept(width: usize, share: f64, dtype: DType) -> usize {
     let keep = width - ((share * width as f64).round() as usize).min(width - 1);
-    if dtype.block_size() > 1 && width >= 32 {
+    if dtype.block_size() > 1 && dtype.gathered_of().is_none() && width >= 32 {
         (((keep + 16) / 32) * 32).clamp(32, width)
     } else {
         keep.max(1)
@@ -438,9 +441,13 @@ mod tests {
 
     #[test]
     fn kept_counts_round_to_quantization_blocks() {
-        assert_eq!(neurons_kept(1536, 0.25, DType::Q4_1), 1152);
-        assert_eq!(neurons_kept(1536, 0.0, DType::Q4_1), 1536);
-        assert_eq!(neurons_kept(1536, 0.99, DType::Q4_1), 32);
+        assert_eq!(neurons_kept(1536, 0.25, DType::Q5_1), 1152);
+        assert_eq!(neurons_kept(1536, 0.05, DType::Q5_1), 1472);
+        assert_eq!(neurons_kept(1536, 0.0, DType::Q5_1), 1536);
+        assert_eq!(neurons_kept(1536, 0.99, DType::Q5_1), 32);
+        // Gathered (exact, any count).
+        assert_eq!(neurons_kept(1536, 0.05, DType::Q4_1), 1459);
+        assert_eq!(neurons_kept(1536, 0.99, DType::Q4_1), 15);
         assert_eq!(neurons_kept(64, 0.25, DType::F32), 48);
         assert_eq!(neurons_kept(64, 0.999, DType::F32), 1);
         assert_eq!(top_indices(&[0.5, 3.0, 1.0, 3.0], 2), vec![1, 3]);
