@@ -205,6 +205,32 @@ fn quantized_pruning_gathers_exact_columns() {
     }
 }
 
+/// CoreInfer after structured pruning on a Q4_1 model: the down projection stays the gathered weight
+/// (read whole: the gathered kernels list every kept channel, a non-core one adds exactly 0), a core set
+/// per block; compiled = interpreter over a prompt and decode steps.
+#[test]
+fn coreinfer_runs_on_a_structured_pruned_quantized_model() {
+    use kiln::passes::coreinfer::CoreInfer;
+    let (_src, m, cal) = tiny_with(4, 2, 57, DType::Q4_1, |_| {});
+    let b = Build { coreinfer: Some(CoreInfer { alpha: 0.3, beta: 0.2, exact: false }), ..build(&cal, sp(0.25, 1)) };
+    let built = build_graph(&m, &b).unwrap();
+    let downs: Vec<_> = built
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == Op::ActiveLinear)
+        .map(|n| built.graph.ty(n.inputs[1]).dtype)
+        .collect();
+    assert_eq!(downs, vec![DType::Q4_1G; 6], "down and W_o of 3 blocks read gathered weights");
+    assert_eq!(built.graph.nodes.iter().filter(|n| matches!(n.op, Op::CoreSelect { .. })).count(), 3);
+    let reference = interp(&m, &b);
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &b, art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &reference);
+    assert!(d < 1e-4, "compiled vs interpreter: {d}");
+}
+
 /// Zeroes columns of an `[rows, cols]` f32 weight.
 fn zero_cols(t: &mut TensorData, cols: &[usize]) {
     let (r, c) = (t.shape[0], t.shape[1]);

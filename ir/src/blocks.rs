@@ -50,6 +50,10 @@ fn linear_of(g: &Graph, v: ValueId, suffix: &str) -> Option<(usize, ValueId)> {
     let n = g.node(v);
     match n.op {
         Op::Linear => blk_weight(g, n.inputs[1], suffix).map(|l| (l, n.inputs[0])),
+        // Structured pruning's gathered output projections: the same product, on kept channels.
+        Op::ActiveLinear if g.ty(n.inputs[1]).dtype.is_gathered() => {
+            blk_weight(g, n.inputs[1], suffix).map(|l| (l, n.inputs[0]))
+        }
         _ => None,
     }
 }
