@@ -627,6 +627,100 @@ mod bench {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
+    /// Structured pruning's down projection on SmolLM2's shape (Q4_1, 1536 → 576) per share of neurons
+    /// dropped: the dense Q4_1 linear on all 1536 channels, the old path (the kept columns requantized
+    /// to Q8_0, kept count rounded to 32, dense Q8_0 linear) and the gathered `q4_1g` kernels with every
+    /// kept channel listed (decode G = 1, prefill groups of `PREFILL_GROUP`); m = 1 and m = 64.
+    #[test]
+    #[ignore = "benchmark; run with -- --ignored --nocapture"]
+    fn bench_gathered_down() {
+        let (base, k, n) = (DType::Q4_1, 1536, 576);
+        let mut rng = StdRng::seed_from_u64(5);
+        let w = random_weights(&mut rng, base, n, k);
+        let mut wf = vec![0f32; n * k];
+        kiln_ir::quant::dequantize(base, &w, &mut wf).unwrap();
+        println!(
+            "{:>3} {:>5} | {:>8} {:>8} {:>8} | {:>6} {:>6} | {:>7} {:>7} {:>7}",
+            "m", "drop", "dense µs", "q8_0 µs", "q4_1g µs", "q8/d", "g/d", "dense B", "q8_0 B", "q4_1g B"
+        );
+        for m in [1usize, 64] {
+            for drop in [0.05, 0.1, 0.25, 0.5] {
+                let keep = k - (drop * k as f64).round() as usize;
+                let mut all: Vec<usize> = (0..k).collect();
+                for i in (1..k).rev() {
+                    all.swap(i, rng.random_range(0..=i));
+                }
+                let pick = |c: usize| {
+                    let mut v = all[..c].to_vec();
+                    v.sort_unstable();
+                    v
+                };
+                // The old path kept a multiple of 32 (nearest).
+                let (kept, k8) = (pick(keep), (keep + 16) / 32 * 32);
+                let kept8 = pick(k8);
+                let cols: Vec<f32> =
+                    (0..n).flat_map(|r| kept8.iter().map(move |&j| (r, j))).map(|(r, j)| wf[r * k + j]).collect();
+                let w8 = kiln_ir::quant::quantize(DType::Q8_0, &cols).unwrap();
+                let (gd, wg) = kiln_ir::column::gather(base, n, k, &w, &kept).unwrap();
+                let ctx = Context::create();
+                let module = llvm::create_module(&ctx, "gbench");
+                let (dspec, qspec) = (LinearKernelSpec::new(base, k), LinearKernelSpec::new(DType::Q8_0, k8));
+                let group =
+                    std::env::var("KILN_BENCH_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_GROUP);
+                let (g1, gg) = (ColActiveKernelSpec::new(gd, n, 1), ColActiveKernelSpec::new(gd, n, group));
+                emit_linear(&ctx, &module, &dspec).unwrap();
+                emit_linear(&ctx, &module, &qspec).unwrap();
+                emit_col_active(&ctx, &module, &g1).unwrap();
+                emit_col_active(&ctx, &module, &gg).unwrap();
+                llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
+                let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+                let addr = |s: &str| ee.get_function_address(s).unwrap();
+                // SAFETY: generated with exactly these signatures.
+                let (dense, q8, col1, colg) = unsafe {
+                    (
+                        std::mem::transmute::<usize, LinearKernelFn>(addr(&dspec.symbol())),
+                        std::mem::transmute::<usize, LinearKernelFn>(addr(&qspec.symbol())),
+                        std::mem::transmute::<usize, ColActiveKernelFn>(addr(&g1.symbol())),
+                        std::mem::transmute::<usize, ColActiveKernelFn>(addr(&gg.symbol())),
+                    )
+                };
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let xk: Vec<f32> = (0..m * keep).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let x8: Vec<f32> = (0..m * k8).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let mut y = vec![0f32; m * n];
+                let td = time_per_call(|| unsafe {
+                    dense(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                });
+                let tq = time_per_call(|| unsafe {
+                    q8(w8.as_ptr(), x8.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                });
+                let idx: Vec<u32> = (0..keep as u32).collect();
+                let group =
+                    std::env::var("KILN_BENCH_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_GROUP);
+                let (g, f, spec) = if m == 1 { (1, col1, &g1) } else { (group, colg, &gg) };
+                let tg = time_per_call(|| {
+                    for gi in 0..m.div_ceil(g) {
+                        let rows = (gi * g + g).min(m) - gi * g;
+                        let (xi, yi) =
+                            (&xk[gi * g * keep..(gi * g + rows) * keep], &mut y[gi * g * n..(gi * g + rows) * n]);
+                        run_col_active(f, spec, &wg, keep, &idx, xi, yi, rows, 0..n).unwrap();
+                    }
+                });
+                println!(
+                    "{m:>3} {drop:>5.2} | {:>8.1} {:>8.1} {:>8.1} | {:>6.2} {:>6.2} | {:>7} {:>7} {:>7}",
+                    td * 1e6,
+                    tq * 1e6,
+                    tg * 1e6,
+                    tq / td,
+                    tg / td,
+                    w.len(),
+                    w8.len(),
+                    wg.len()
+                );
+            }
+        }
+    }
+
     /// Decode (m = 1) and prefill (m = 64) on SmolLM2's down shape (Q4_1, k 1536 → n 576) per active
     /// share: the dense Q4_1 linear, the Q8_0-requantized active kernel (per row at m = 64, as before)
     /// and the column kernels (q4_1c; groups of `PREFILL_GROUP` rows over the union at m = 64).
