@@ -665,9 +665,7 @@ mod bench {
                 let ctx = Context::create();
                 let module = llvm::create_module(&ctx, "gbench");
                 let (dspec, qspec) = (LinearKernelSpec::new(base, k), LinearKernelSpec::new(DType::Q8_0, k8));
-                let group =
-                    std::env::var("KILN_BENCH_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_GROUP);
-                let (g1, gg) = (ColActiveKernelSpec::new(gd, n, 1), ColActiveKernelSpec::new(gd, n, group));
+                let (g1, gg) = (ColActiveKernelSpec::new(gd, n, 1), ColActiveKernelSpec::new(gd, n, PREFILL_GROUP));
                 emit_linear(&ctx, &module, &dspec).unwrap();
                 emit_linear(&ctx, &module, &qspec).unwrap();
                 emit_col_active(&ctx, &module, &g1).unwrap();
@@ -695,9 +693,7 @@ mod bench {
                     q8(w8.as_ptr(), x8.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
                 });
                 let idx: Vec<u32> = (0..keep as u32).collect();
-                let group =
-                    std::env::var("KILN_BENCH_GROUP").ok().and_then(|v| v.parse().ok()).unwrap_or(PREFILL_GROUP);
-                let (g, f, spec) = if m == 1 { (1, col1, &g1) } else { (group, colg, &gg) };
+                let (g, f, spec) = if m == 1 { (1, col1, &g1) } else { (PREFILL_GROUP, colg, &gg) };
                 let tg = time_per_call(|| {
                     for gi in 0..m.div_ceil(g) {
                         let rows = (gi * g + g).min(m) - gi * g;
