@@ -414,6 +414,8 @@ pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64, at
         .iter()
         .map(|n| match &n.op {
             Op::Linear => bytes(&n.inputs[1]),
+            // Structured pruning's gathered weights are read whole (every kept channel, its blocks' scales).
+            Op::ActiveLinear if g.ty(n.inputs[1]).dtype.is_gathered() => bytes(&n.inputs[1]),
             Op::ActiveLinear if g.ty(n.inputs[1]).dtype.is_column() => {
                 let keep = 1.0 - sparsity(&n.inputs[1]);
                 bytes(&n.inputs[1]) * kiln_ir::column::read_share(g.ty(n.inputs[1]).dtype, keep)

@@ -335,6 +335,60 @@ fn activation_sparse_mlp_matches_interpreter() {
     }
 }
 
+/// `active_linear` on a gathered column weight (structured pruning's down projection): SmolLM2's
+/// 1536 → 576 down with 5% and 25% of the channels dropped (and a small odd shape), Q4_0/Q4_1/Q8_0;
+/// compiled = interpreter for 1–6 rows (decode and prefill groups), 1–2 threads; and the interpreter's
+/// result equals a dense f32 `linear` on the ORIGINAL row-major weight's kept columns.
+#[test]
+fn gathered_active_linear_matches_interpreter_and_the_kept_columns() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for trial in 0..6u64 {
+        let base = [DType::Q4_0, DType::Q4_1, DType::Q8_0][trial as usize % 3];
+        let (d, inter, n_out, drop) = match trial {
+            0..=2 => (32, 1536, 576, [0.05, 0.25, 0.05][trial as usize]),
+            _ => (32, 96, 64, 0.4),
+        };
+        let kept: Vec<usize> = (0..inter).filter(|_| !rng.random_bool(drop)).collect();
+        let kk = kept.len();
+        let mut c = Case::new(700 + trial, d, -1.5, 1.5);
+        let x = c.x;
+        let wu = c.weight("up", vec![kk, d], -1.0, 1.0);
+        let vals: Vec<f32> = (0..n_out * inter).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let bytes = kiln::ir::quant::quantize(base, &vals).unwrap();
+        let mut wf = vec![0f32; n_out * inter];
+        kiln::ir::quant::dequantize(base, &bytes, &mut wf).unwrap();
+        let (gd, gbytes) = kiln::ir::column::gather(base, n_out, inter, &bytes, &kept).unwrap();
+        c.store.insert("down_g", TensorData { dtype: gd, shape: vec![kk, n_out], bytes: gbytes.into() });
+        let wg = c.g.weight("down_g", TensorType::new(gd, vec![Dim::from(kk), Dim::from(n_out)])).unwrap();
+        // The original weight's kept columns, dequantized, as a dense f32 [n_out, kk] weight.
+        let cols: Vec<f32> =
+            (0..n_out).flat_map(|r| kept.iter().map(move |&j| (r, j))).map(|(r, j)| wf[r * inter + j]).collect();
+        c.store.insert("down_kept", TensorData::from_f32(vec![n_out, kk], &cols));
+        let wk = c.g.weight("down_kept", TensorType::new(DType::F32, vec![Dim::from(n_out), Dim::from(kk)])).unwrap();
+        let h = c.op(Op::Linear, &[x, wu]);
+        let y = c.op(Op::ActiveLinear, &[h, wg]);
+        let dense = c.op(Op::Linear, &[h, wk]);
+        c.out("down", y);
+        c.out("dense", dense);
+        let tokens: Vec<u32> = (0..1 + trial as usize).map(|_| rng.random_range(0..VOCAB as u32)).collect();
+        let manifest = c.check(&tokens, 1 + (trial % 2) as usize, 1e-4);
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        assert!(kernels.iter().any(|k| k.starts_with(&format!("kiln_active_linear_{gd}"))), "{kernels:?}");
+        let s = tokens.len();
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let out = Interpreter::new(&c.store)
+            .run(
+                &c.g,
+                &[("tokens", Tensor::i64(vec![1, s], ids)), ("pos", Tensor::i64(vec![1, s], (0..s as i64).collect()))],
+            )
+            .unwrap();
+        let get = |n: &str| out.iter().find(|(o, _)| o == n).unwrap().1.as_f32().unwrap().to_vec();
+        for (a, b) in get("down").iter().zip(get("dense")) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{gd}: gathered {a} vs kept columns {b}");
+        }
+    }
+}
+
 /// `active_linear` on the exact column-major formats (`q4_0c`, `q4_1c`, `q8_0c`, made from a row-major
 /// weight by `kiln_ir::column::from_rows`): compiled = interpreter at decode and prefill (one to nine
 /// rows, so prefill groups of 4 and a partial last group), one and two threads, with thresholded input

@@ -29,13 +29,37 @@ fn tiny(
     seed: u64,
     edit: impl FnOnce(&mut WeightStore),
 ) -> (tempfile::TempDir, Model, Arc<Calibration>) {
+    tiny_with(heads, kv, seed, DType::F32, edit)
+}
+
+/// [`tiny`] with its weights stored in `dtype`.
+fn tiny_with(
+    heads: usize,
+    kv: usize,
+    seed: u64,
+    dtype: DType,
+    edit: impl FnOnce(&mut WeightStore),
+) -> (tempfile::TempDir, Model, Arc<Calibration>) {
     let src = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(Arch::Llama);
     (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) = (3, heads, kv);
     let mut w = random_weights(&cfg, DType::F32, seed);
     edit(&mut w);
-    write_hf(src.path(), &cfg, &w, 1).unwrap();
-    let m = Model::load(src.path()).unwrap();
+    let m = if dtype == DType::F32 {
+        write_hf(src.path(), &cfg, &w, 1).unwrap();
+        Model::load(src.path()).unwrap()
+    } else {
+        // The matrices in `dtype` (norms stay f32), through GGUF.
+        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            let t = w.get(&n).unwrap().clone();
+            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+            w.insert(n, TensorData { dtype, shape: t.shape, bytes: q.into() });
+        }
+        let path = src.path().join("q.gguf");
+        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+        Model::load(&path).unwrap()
+    };
     let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
     let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
     let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
@@ -95,6 +119,116 @@ fn structured_pruning_matches_the_interpreter_and_pruning_nothing_is_dense() {
         assert_eq!(rec["detail"]["layers"].as_array().unwrap().len(), 3);
         assert!(built.explanations.iter().any(|(p, _)| p == "structured-prune"));
     }
+}
+
+/// A block-quantized model (Q4_1, Q4_0, Q8_0): the pruned `W_down` and `W_o` (heads of 8 columns are
+/// not whole 32-blocks) become gathered column tensors read by `active_linear`, whose elements are the
+/// ORIGINAL weights' kept columns bit for bit (the kept set recovered from the exactly gathered gate /
+/// q rows); compiled = interpreter; nothing dropped (neurons 0.001 → all 64 kept) matches the dense
+/// model; and `decode_bytes` counts the gathered tensors' real bytes.
+#[test]
+fn quantized_pruning_gathers_exact_columns() {
+    for (dtype, seed) in [(DType::Q4_1, 51), (DType::Q4_0, 52), (DType::Q8_0, 53)] {
+        let gathered = dtype.gathered_of().unwrap();
+        let (_src, m, cal) = tiny_with(4, 2, seed, dtype, |_| {});
+        let want = interp(&m, &Build::new(all_logits()));
+        let b0 = build(&cal, sp(0.001, 0));
+        let d = max_abs_diff(&interp(&m, &b0), &want);
+        assert!(d < 1e-4, "{dtype}: keeping every neuron (gathered down) vs dense: {d}");
+        // 0.3 keeps 45 of 64: the gathered form takes any count.
+        for (neurons, heads) in [(0.5, 1), (0.3, 0)] {
+            let b = build(&cal, sp(neurons, heads));
+            let built = build_graph(&m, &b).unwrap();
+            let weight = |l: usize, s: &str| {
+                let (name, _) = built.graph.weights().find(|(n, _)| n.starts_with(&format!("blk.{l}.{s}"))).unwrap();
+                built.weights.get(name).unwrap().clone()
+            };
+            // Rows of the original `src` weight (gathered exactly) found in `got`, in order.
+            let kept_rows = |got: &TensorData, src: &str, width: usize| -> Vec<usize> {
+                let full = m.weights.get(src).unwrap().to_f32().unwrap();
+                let got = got.to_f32().unwrap();
+                got.chunks(width)
+                    .map(|row| full.chunks(width).position(|r| r == row).expect("a row of the original"))
+                    .collect()
+            };
+            for l in 0..3 {
+                let down = weight(l, "ffn_down.weight");
+                assert_eq!(down.dtype, gathered, "layer {l}");
+                let kept = kept_rows(&weight(l, "ffn_gate.weight"), &format!("blk.{l}.ffn_gate.weight"), 32);
+                assert_eq!(down.shape, vec![kept.len(), 32]);
+                let orig = m.weights.get(&format!("blk.{l}.ffn_down.weight")).unwrap().to_f32().unwrap();
+                let got = down.to_f32().unwrap();
+                for (jj, &j) in kept.iter().enumerate() {
+                    for r in 0..32 {
+                        assert_eq!(
+                            got[jj * 32 + r].to_bits(),
+                            orig[r * 64 + j].to_bits(),
+                            "{dtype} layer {l} [{r}, {j}]"
+                        );
+                    }
+                }
+                let o = weight(l, "attn_output.weight");
+                if heads > 0 {
+                    assert_eq!(o.dtype, gathered);
+                    let q = kept_rows(&weight(l, "attn_q.weight"), &format!("blk.{l}.attn_q.weight"), 32);
+                    let orig = m.weights.get(&format!("blk.{l}.attn_output.weight")).unwrap().to_f32().unwrap();
+                    let got = o.to_f32().unwrap();
+                    for (jj, &j) in q.iter().enumerate() {
+                        for r in 0..32 {
+                            assert_eq!(got[jj * 32 + r].to_bits(), orig[r * 32 + j].to_bits(), "W_o [{r}, {j}]");
+                        }
+                    }
+                } else {
+                    assert_eq!(o.dtype, dtype, "heads = 0 leaves W_o alone");
+                }
+            }
+            // decode_bytes reads the gathered weights whole: the bytes of every linear's weight.
+            let total: f64 = built
+                .graph
+                .nodes
+                .iter()
+                .filter(|n| matches!(n.op, Op::Linear | Op::ActiveLinear))
+                .map(|n| match &built.graph.node(n.inputs[1]).op {
+                    Op::Weight { name } => built.weights.get(name).unwrap().bytes.len() as f64,
+                    _ => 0.0,
+                })
+                .sum();
+            assert!(built.graph.nodes.iter().any(|n| n.op == Op::ActiveLinear));
+            assert_eq!(kiln::budget::decode_bytes(&built.graph, &built.weights, 0.0, 0.0), total);
+            let reference = interp(&m, &b);
+            let art = tempfile::tempdir().unwrap();
+            compile_build(&m, "test", &b, art.path()).unwrap();
+            let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &reference);
+            assert!(d < 1e-4, "{dtype} {neurons}/{heads}: compiled vs interpreter {d}");
+        }
+    }
+}
+
+/// CoreInfer after structured pruning on a Q4_1 model: the down projection stays the gathered weight
+/// (read whole: the gathered kernels list every kept channel, a non-core one adds exactly 0), a core set
+/// per block; compiled = interpreter over a prompt and decode steps.
+#[test]
+fn coreinfer_runs_on_a_structured_pruned_quantized_model() {
+    use kiln::passes::coreinfer::CoreInfer;
+    let (_src, m, cal) = tiny_with(4, 2, 57, DType::Q4_1, |_| {});
+    let b = Build { coreinfer: Some(CoreInfer { alpha: 0.3, beta: 0.2, exact: false }), ..build(&cal, sp(0.25, 1)) };
+    let built = build_graph(&m, &b).unwrap();
+    let downs: Vec<_> = built
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == Op::ActiveLinear)
+        .map(|n| built.graph.ty(n.inputs[1]).dtype)
+        .collect();
+    assert_eq!(downs, vec![DType::Q4_1G; 6], "down and W_o of 3 blocks read gathered weights");
+    assert_eq!(built.graph.nodes.iter().filter(|n| matches!(n.op, Op::CoreSelect { .. })).count(), 3);
+    let reference = interp(&m, &b);
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &b, art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut cb, &TOKENS, 5), &reference);
+    assert!(d < 1e-4, "compiled vs interpreter: {d}");
 }
 
 /// Zeroes columns of an `[rows, cols]` f32 weight.

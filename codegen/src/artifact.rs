@@ -123,6 +123,21 @@ pub(crate) fn emit_kernels<'ctx>(
                 let inner = kernels::nm::emit_nm_linear(ctx, module, &nm)?;
                 kernels::abi::wrap_linear(ctx, module, inner, 1, &spec.symbol())?;
             }
+            KernelSpec::ActiveLinear { dtype, k, n } if dtype.is_gathered() => {
+                use kernels::colactive::{emit_col_active, ColActiveKernelSpec, PREFILL_GROUP};
+                let decode = emit_col_active(ctx, module, &ColActiveKernelSpec::new(*dtype, *n, 1))?;
+                let prefill = emit_col_active(ctx, module, &ColActiveKernelSpec::new(*dtype, *n, PREFILL_GROUP))?;
+                kernels::abi::wrap_active_linear_gathered(
+                    ctx,
+                    module,
+                    decode,
+                    prefill,
+                    PREFILL_GROUP,
+                    *k,
+                    *n,
+                    &spec.symbol(),
+                )?;
+            }
             KernelSpec::ActiveLinear { dtype, k, n } if dtype.is_column() => {
                 use kernels::colactive::{emit_col_active, ColActiveKernelSpec, PREFILL_GROUP};
                 let decode = emit_col_active(ctx, module, &ColActiveKernelSpec::new(*dtype, *n, 1))?;

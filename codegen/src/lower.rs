@@ -36,7 +36,8 @@ pub enum KernelSpec {
     },
     /// `active_linear` on a transposed weight `[k, n]`: bufs [x, wt, y]; dims [m]; items: n / 32 output
     /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`,
-    /// or `wrap_active_linear_col` when `dtype` is column-major).
+    /// or `wrap_active_linear_col` when `dtype` is column-major; `wrap_active_linear_gathered`, every kept
+    /// channel, when it is gathered).
     ActiveLinear {
         dtype: DType,
         k: usize,
@@ -663,7 +664,10 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
             Op::ActiveLinear => {
                 let x = cx.operand(i, 0);
                 let MatrixOperands { w: wt, dtype, dims: [k, nn], m } = cx.matrix_operands(i)?;
-                if dtype.is_column() {
+                if dtype.is_gathered() {
+                    let spec = crate::kernels::colactive::ColActiveKernelSpec::new(dtype, nn, 1);
+                    spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
+                } else if dtype.is_column() {
                     let spec = crate::kernels::colactive::ColActiveKernelSpec::new(dtype, nn, 1);
                     spec.validate().map_err(|e| cx.unsupported(i, e.to_string()))?;
                     if !k.is_multiple_of(32) {

@@ -20,6 +20,23 @@
 //! 32, scales 2 or 4), so a `[k, n]` column tensor and the `[n, k]` weight it came from are the same size.
 //! The scale tables are `[k/32, n]` (block-major) so that a kernel loads the scales of 32 consecutive
 //! outputs of one active block contiguously.
+//!
+//! **Gathered** (`q4_0g`, `q4_1g`, `q8_0g`): some channels of a column tensor, for a weight whose input
+//! channels were pruned (structured pruning's `W_down` / `W_o`). Kept channels stay in ascending order,
+//! so the ones from one source block are one run; only the source blocks with a kept channel keep
+//! their scales. A `[k', n]` gathered tensor (any `k' ≥ 1`, `n` a multiple of 32) is
+//!
+//! ```text
+//! header  u32 nb, then u32 bptr[0..=nb]: kept channels bptr[q]..bptr[q+1] share source block run q
+//! codes   k' rows, row j' = the column format's code row of the j'-th kept channel
+//! scales  nb rows of (1 or 2)·n f16: row q = d[b_q, 0..n] of the run's source block b_q, then
+//!         (q4_1g) m[b_q, 0..n]
+//! ```
+//!
+//! so every element decodes with the same f32 operations as the source weight's element (exact), and
+//! the bytes are `4·(nb + 2) + k'·code_row + nb·(scale bytes per row)`: the kept channels' codes, plus
+//! the scales of the touched blocks. A block's `d` and `m` rows are adjacent so that the kernel reads
+//! one block's scales from one place (`codegen::kernels::colactive` with a gathered spec).
 
 use crate::quant::QuantError;
 use crate::DType;
@@ -157,6 +174,122 @@ pub fn dequantize(dtype: DType, k: usize, n: usize, bytes: &[u8], out: &mut [f32
     Ok(())
 }
 
+/// Bytes of a `[k', n]` gathered tensor of `dtype` whose kept channels come from `nb` source blocks.
+pub fn gathered_len(dtype: DType, k: usize, n: usize, nb: usize) -> Option<usize> {
+    let col = dtype.column_layout()?;
+    let codes = k.checked_mul(code_row_bytes(col, n))?;
+    let scales = nb.checked_mul(scale_tables(col) * n * 2)?;
+    4usize.checked_mul(nb.checked_add(2)?)?.checked_add(codes)?.checked_add(scales)
+}
+
+/// The parts of a gathered tensor: the run boundaries `bptr` (`nb + 1` entries) and the byte offsets
+/// of the codes and of the scale rows, after checking that the header is consistent with `k'`, `n`
+/// and the byte length.
+pub fn gathered_parts(dtype: DType, k: usize, n: usize, bytes: &[u8]) -> Result<(Vec<u32>, usize, usize), ColumnError> {
+    let shape = |what: String| ColumnError::Shape { dtype, rows: k, cols: n, what };
+    if !dtype.is_gathered() {
+        return Err(ColumnError::Unsupported(dtype));
+    }
+    if k == 0 || n == 0 || !n.is_multiple_of(32) {
+        return Err(shape("k' must be positive and n a positive multiple of 32".into()));
+    }
+    let u32_at =
+        |i: usize| -> Option<u32> { bytes.get(4 * i..4 * i + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])) };
+    let nb = u32_at(0).ok_or_else(|| shape(format!("{} bytes: no header", bytes.len())))? as usize;
+    if nb == 0 || nb > k {
+        return Err(shape(format!("{nb} source blocks for {k} kept channels")));
+    }
+    let want = gathered_len(dtype, k, n, nb).ok_or_else(|| shape("the byte size overflows".into()))?;
+    if bytes.len() != want {
+        return Err(shape(format!("{} bytes, want {want} for {nb} source blocks", bytes.len())));
+    }
+    let bptr: Vec<u32> = (0..=nb).map(|q| u32_at(1 + q).expect("length checked")).collect();
+    if bptr[0] != 0 || bptr[nb] as usize != k || bptr.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(shape(format!("block runs {bptr:?} do not split 0..{k} into non-empty runs")));
+    }
+    let codes = 4 * (nb + 2);
+    Ok((bptr, codes, codes + k * code_row_bytes(dtype.column_layout().expect("gathered"), n)))
+}
+
+/// The gathered form (`[kept.len(), n]`, format `base.gathered_of()`) of channels `kept` (strictly
+/// increasing, each `< k`) of the row-major `[n, k]` weight `bytes` of format `base`: the kept columns'
+/// own codes and the scales of the blocks they lie in, moved (nothing requantized).
+pub fn gather(base: DType, n: usize, k: usize, bytes: &[u8], kept: &[usize]) -> Result<(DType, Vec<u8>), ColumnError> {
+    let dtype = base.gathered_of().ok_or(ColumnError::Unsupported(base))?;
+    let shape = |what: String| ColumnError::Shape { dtype, rows: kept.len(), cols: n, what };
+    if kept.is_empty() || kept.windows(2).any(|w| w[0] >= w[1]) || kept.last().is_some_and(|&j| j >= k) {
+        return Err(shape(format!("kept channels must be non-empty, increasing and below {k}")));
+    }
+    let (col, full) = from_rows(base, n, k, bytes)?;
+    let crow = code_row_bytes(col, n);
+    let (d_at, m_at) = table_offsets(col, k, n);
+    let mut bptr = vec![0u32];
+    let mut blocks = Vec::new();
+    for (p, &j) in kept.iter().enumerate() {
+        if blocks.last() != Some(&(j / 32)) {
+            if p > 0 {
+                bptr.push(p as u32);
+            }
+            blocks.push(j / 32);
+        }
+    }
+    bptr.push(kept.len() as u32);
+    let nb = blocks.len();
+    let len = gathered_len(dtype, kept.len(), n, nb).ok_or_else(|| shape("the byte size overflows".into()))?;
+    let mut out = Vec::with_capacity(len);
+    out.extend_from_slice(&(nb as u32).to_le_bytes());
+    for p in &bptr {
+        out.extend_from_slice(&p.to_le_bytes());
+    }
+    for &j in kept {
+        out.extend_from_slice(&full[j * crow..(j + 1) * crow]);
+    }
+    for &b in &blocks {
+        out.extend_from_slice(&full[d_at + b * n * 2..d_at + (b + 1) * n * 2]);
+        if scale_tables(col) == 2 {
+            out.extend_from_slice(&full[m_at + b * n * 2..m_at + (b + 1) * n * 2]);
+        }
+    }
+    debug_assert_eq!(out.len(), len);
+    Ok((dtype, out))
+}
+
+/// Decodes a `[k', n]` gathered tensor into `out` (`k' · n` floats, row-major), with the source format's
+/// f32 operations: `out[j'·n + r]` equals element `[r, kept[j']]` of the source weight.
+pub fn dequantize_gathered(dtype: DType, k: usize, n: usize, bytes: &[u8], out: &mut [f32]) -> Result<(), ColumnError> {
+    let (bptr, codes, scales) = gathered_parts(dtype, k, n, bytes)?;
+    if out.len() != k * n {
+        return Err(ColumnError::Shape { dtype, rows: k, cols: n, what: format!("{} output floats", out.len()) });
+    }
+    let col = dtype.column_layout().expect("gathered");
+    let crow = code_row_bytes(col, n);
+    let srow = scale_tables(col) * n * 2;
+    let f16_at = |at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+    for (q, run) in bptr.windows(2).enumerate() {
+        let (d_at, m_at) = (scales + q * srow, scales + q * srow + n * 2);
+        for j in run[0] as usize..run[1] as usize {
+            let row = &bytes[codes + j * crow..codes + (j + 1) * crow];
+            for r in 0..n {
+                let d = f16_at(d_at + 2 * r);
+                let nib = |r: usize| {
+                    let byte = row[(r / 32) * 16 + (r % 32) % 16];
+                    if r % 32 < 16 {
+                        byte & 0x0F
+                    } else {
+                        byte >> 4
+                    }
+                };
+                out[j * n + r] = match col {
+                    DType::Q4_0C => (nib(r) as i32 - 8) as f32 * d,
+                    DType::Q4_1C => nib(r) as f32 * d + f16_at(m_at + 2 * r),
+                    _ => row[r] as i8 as f32 * d,
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +317,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The gathered form decodes to the ORIGINAL row-major weight's kept columns bit for bit, and holds
+    /// only the touched blocks' scales.
+    #[test]
+    fn gathered_form_dequantizes_to_the_kept_columns_exactly() {
+        let mut rng = StdRng::seed_from_u64(8);
+        for base in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            for (n, k) in [(32, 32), (96, 160)] {
+                let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+                let bytes = quant::quantize(base, &vals).unwrap();
+                let mut w = vec![0f32; n * k];
+                quant::dequantize(base, &bytes, &mut w).unwrap();
+                // Random subsets, one whole block dropped, and a single channel.
+                let mut sets: Vec<Vec<usize>> =
+                    (0..3).map(|_| (0..k).filter(|_| rng.random_bool(0.6)).collect()).collect();
+                sets.push((0..k).filter(|j| j / 32 != 0 || k == 32).collect());
+                sets.push(vec![k - 1]);
+                for kept in sets.into_iter().filter(|s| !s.is_empty()) {
+                    let (dtype, g) = gather(base, n, k, &bytes, &kept).unwrap();
+                    assert_eq!(dtype, base.gathered_of().unwrap());
+                    let mut blocks: Vec<usize> = kept.iter().map(|j| j / 32).collect();
+                    blocks.dedup();
+                    assert_eq!(g.len(), gathered_len(dtype, kept.len(), n, blocks.len()).unwrap());
+                    let mut t = vec![0f32; kept.len() * n];
+                    dequantize_gathered(dtype, kept.len(), n, &g, &mut t).unwrap();
+                    for (jj, &j) in kept.iter().enumerate() {
+                        for r in 0..n {
+                            assert_eq!(t[jj * n + r].to_bits(), w[r * k + j].to_bits(), "{base} [{r}, {j}]");
+                        }
+                    }
+                }
+            }
+        }
+        // Bad headers and sets are errors, not panics.
+        let bytes = quant::quantize(DType::Q4_1, &[0.5; 64 * 32]).unwrap();
+        assert!(gather(DType::Q4_1, 32, 64, &bytes, &[3, 3]).is_err());
+        assert!(gather(DType::Q4_1, 32, 64, &bytes, &[64]).is_err());
+        assert!(gather(DType::Q5_1, 32, 64, &bytes, &[1]).is_err());
+        let (dt, mut g) = gather(DType::Q4_1, 32, 64, &bytes, &[1, 40]).unwrap();
+        assert!(dequantize_gathered(dt, 2, 32, &g[1..], &mut [0.0; 64]).is_err());
+        g[4..8].copy_from_slice(&1u32.to_le_bytes());
+        let e = dequantize_gathered(dt, 2, 32, &g, &mut [0.0; 64]).unwrap_err().to_string();
+        assert!(e.contains("block runs"), "{e}");
     }
 
     #[test]

@@ -33,6 +33,13 @@ pub enum DType {
     Q4_0C,
     Q4_1C,
     Q8_0C,
+    /// Gathered column-major Q4_0 / Q4_1 / Q8_0: some channels (rows) of a column-major weight, with
+    /// only the scales of the 32-channel blocks they came from; a `[K', N]` tensor whose byte size
+    /// depends on how many source blocks the kept channels touch (structured pruning's `W_down`/`W_o`,
+    /// `active_linear` only); see [`crate::column`] (`gather`).
+    Q4_0G,
+    Q4_1G,
+    Q8_0G,
 }
 
 impl DType {
@@ -71,6 +78,9 @@ impl DType {
             DType::Q4_0C => "q4_0c",
             DType::Q4_1C => "q4_1c",
             DType::Q8_0C => "q8_0c",
+            DType::Q4_0G => "q4_0g",
+            DType::Q4_1G => "q4_1g",
+            DType::Q8_0G => "q8_0g",
         }
     }
 
@@ -94,6 +104,9 @@ impl DType {
             DType::Q4_0C => 0x4b00_0002,
             DType::Q4_1C => 0x4b00_0003,
             DType::Q8_0C => 0x4b00_0008,
+            DType::Q4_0G => 0x4b01_0002,
+            DType::Q4_1G => 0x4b01_0003,
+            DType::Q8_0G => 0x4b01_0008,
         }
     }
 
@@ -124,6 +137,7 @@ impl DType {
             DType::F32 | DType::F16 | DType::BF16 | DType::I32 | DType::I64 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 => 32,
             DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => 32,
+            DType::Q4_0G | DType::Q4_1G | DType::Q8_0G => 32,
             DType::Q4K | DType::Q5K | DType::Q6K => QK_K,
         }
     }
@@ -144,6 +158,9 @@ impl DType {
             DType::Q6K => QK_K / 2 + QK_K / 4 + QK_K / 16 + 2,
             // The same bytes per 32 elements as the row-major format, split into codes and scales.
             DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => self.column_base().expect("column").type_size(),
+            // Not exact for a gathered tensor (its scales depend on the source blocks kept: its byte
+            // size comes from its data, `column::gathered_len`); the codes and one scale set per 32.
+            DType::Q4_0G | DType::Q4_1G | DType::Q8_0G => self.column_layout().expect("gathered").type_size(),
         }
     }
 
@@ -154,7 +171,8 @@ impl DType {
     /// Element types an op may read as floats. The column-major formats are not among them: only
     /// `active_linear` reads those (see [`DType::is_column`]).
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::F16 | DType::BF16) || (self.is_quantized() && !self.is_column())
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
+            || (self.is_quantized() && !self.is_column() && !self.is_gathered())
     }
 
     /// The column-major formats (`q4_0c`, `q4_1c`, `q8_0c`).
@@ -177,6 +195,31 @@ impl DType {
     /// The column-major format of a row-major block format, where there is one.
     pub fn column_of(self) -> Option<DType> {
         DType::COLUMN.into_iter().find(|c| c.column_base() == Some(self))
+    }
+
+    /// The gathered column formats (`q4_0g`, `q4_1g`, `q8_0g`).
+    pub const GATHERED: [DType; 3] = [DType::Q4_0G, DType::Q4_1G, DType::Q8_0G];
+
+    pub fn is_gathered(self) -> bool {
+        DType::GATHERED.contains(&self)
+    }
+
+    /// The column-major format whose codes and scales a column or gathered format holds (`q4_1g` →
+    /// `q4_1c`, `q4_1c` → itself).
+    pub fn column_layout(self) -> Option<DType> {
+        match self {
+            DType::Q4_0G => Some(DType::Q4_0C),
+            DType::Q4_1G => Some(DType::Q4_1C),
+            DType::Q8_0G => Some(DType::Q8_0C),
+            c if c.is_column() => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The gathered format of a row-major block format (`q4_1` → `q4_1g`), where there is one.
+    pub fn gathered_of(self) -> Option<DType> {
+        let c = self.column_of()?;
+        DType::GATHERED.into_iter().find(|g| g.column_layout() == Some(c))
     }
 
     pub fn is_int(self) -> bool {
@@ -205,6 +248,7 @@ impl FromStr for DType {
         DType::ALL
             .into_iter()
             .chain(DType::COLUMN)
+            .chain(DType::GATHERED)
             .find(|d| d.name() == s)
             .ok_or_else(|| format!("unknown dtype `{s}`"))
     }
@@ -248,5 +292,13 @@ mod tests {
             assert_eq!(DType::from_ggml_id(c.ggml_id()), None, "{c} is not a GGUF type");
         }
         assert_eq!(DType::Q5_1.column_of(), None);
+        for (base, g) in [DType::Q4_0, DType::Q4_1, DType::Q8_0].into_iter().zip(DType::GATHERED) {
+            assert_eq!(g.name().parse::<DType>().unwrap(), g);
+            assert_eq!(base.gathered_of(), Some(g));
+            assert_eq!(g.column_layout(), base.column_of());
+            assert!(g.is_gathered() && !g.is_column() && !g.is_float());
+            assert_eq!(DType::from_ggml_id(g.ggml_id()), None, "{g} is not a GGUF type");
+        }
+        assert_eq!(DType::Q5_1.gathered_of(), None);
     }
 }

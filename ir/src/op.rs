@@ -244,7 +244,8 @@ ops! {
     /// Input-sparse linear on a transposed weight: `x[..., K] · wt[K, N] → [..., N]`, summing only over
     /// the channels where x ≠ 0 (so a kernel reads only those rows of `wt`; an inf/NaN weight row of a
     /// zero channel does not poison the result). `wt` may be a column-major block format (`q4_1c`, …,
-    /// `kiln_ir::column`): the source weight's exact codes and scales, transposed.
+    /// `kiln_ir::column`): the source weight's exact codes and scales, transposed; or a gathered one
+    /// (`q4_1g`, …): some input channels of such a weight (structured pruning), which kernels read whole.
     ActiveLinear = "active_linear" / 2;
     /// A pruned linear in two layouts with equal values: `w[N, K]` dense (pruned blocks zero) and the
     /// same matrix block-sparse (`blocks` = the kept 32-element blocks' bytes, in `w`'s dtype as a flat
@@ -540,7 +541,7 @@ impl Op {
                 let (x, wt) = (ins[0], ins[1]);
                 want_float(x, "active_linear input")?;
                 want_rank(wt, 2, "active_linear weight")?;
-                if !wt.dtype.is_float() && !wt.dtype.is_column() {
+                if !wt.dtype.is_float() && wt.dtype.column_layout().is_none() {
                     return Err(format!("active_linear weight must be a float type, found {}", wt.dtype));
                 }
                 let k = x.shape.last().ok_or("active_linear input must have rank ≥ 1")?;

@@ -62,7 +62,7 @@ pub fn dequantize(dtype: DType, bytes: &[u8], out: &mut [f32]) -> Result<(), Qua
         DType::Q4K => for_each_block(bytes, out, dequantize_q4_k),
         DType::Q5K => for_each_block(bytes, out, dequantize_q5_k),
         DType::Q6K => for_each_block(bytes, out, dequantize_q6_k),
-        DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => {
+        DType::Q4_0C | DType::Q4_1C | DType::Q8_0C | DType::Q4_0G | DType::Q4_1G | DType::Q8_0G => {
             return Err(QuantError::Unsupported(format!(
                 "{dtype} is column-major: decode it with its shape (kiln_ir::column::dequantize)"
             )))
@@ -97,7 +97,7 @@ pub fn quantize(dtype: DType, values: &[f32]) -> Result<Vec<u8>, QuantError> {
         DType::Q4K => quantize_blocks(values, &mut out, quantize_q4_k),
         DType::Q5K => quantize_blocks(values, &mut out, quantize_q5_k),
         DType::Q6K => quantize_blocks(values, &mut out, quantize_q6_k),
-        DType::Q4_0C | DType::Q4_1C | DType::Q8_0C => {
+        DType::Q4_0C | DType::Q4_1C | DType::Q8_0C | DType::Q4_0G | DType::Q4_1G | DType::Q8_0G => {
             return Err(QuantError::Unsupported(format!(
                 "quantize: {dtype} is column-major; make it from a row-major weight (kiln_ir::column::from_rows)"
             )))

@@ -46,6 +46,14 @@ impl TensorData {
                 .map_err(|e| quant::QuantError::Unsupported(e.to_string()))?;
             return Ok(out);
         }
+        if self.dtype.is_gathered() {
+            let [k, n] = self.shape[..] else {
+                return Err(quant::QuantError::Unsupported(format!("{} tensor of shape {:?}", self.dtype, self.shape)));
+            };
+            crate::column::dequantize_gathered(self.dtype, k, n, &self.bytes, &mut out)
+                .map_err(|e| quant::QuantError::Unsupported(e.to_string()))?;
+            return Ok(out);
+        }
         quant::dequantize(self.dtype, &self.bytes, &mut out)?;
         Ok(out)
     }

@@ -258,10 +258,14 @@ pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Ve
         if gn.op != Op::Linear || weight_name(g, gn.inputs[1]).is_none() || gn.inputs[0] != upn.inputs[0] {
             return Err(format!("block {l}: the gate projection is not a linear of a weight reading up's input"));
         }
+        // A linear, or (after structured pruning) an active_linear on a gathered column weight.
         let down = g
             .nodes
             .iter()
-            .position(|n| n.op == Op::Linear && n.inputs[0] == b.ffn_act)
+            .position(|n| {
+                n.inputs.first() == Some(&b.ffn_act)
+                    && (n.op == Op::Linear || (n.op == Op::ActiveLinear && g.ty(n.inputs[1]).dtype.is_gathered()))
+            })
             .ok_or_else(|| format!("block {l}: no linear reads the MLP activation"))?;
         let down_w = weight_name(g, g.nodes[down].inputs[1])
             .ok_or_else(|| format!("block {l}: the down projection's weight is not a weight node"))?
@@ -284,6 +288,14 @@ pub(crate) fn find_mlps(g: &Graph, blocks: &[crate::blocks::Block]) -> Result<Ve
 /// codes and scales, `kiln_ir::column`), else quantized along `n` in `dtype` (or Q8_0 when the
 /// active-channel kernel does not read `dtype`; f32 stays f32).
 pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, String> {
+    // Structured pruning's gathered down weight is already `[k', n]` in an exact column format.
+    if t.dtype.is_gathered() && !exact {
+        return Ok(t.clone());
+    }
+    if t.dtype.is_gathered() {
+        let [k, n] = t.shape[..] else { return Err(format!("weight of shape {:?} is not a matrix", t.shape)) };
+        return Ok(TensorData::from_f32(vec![k, n], &t.to_f32().map_err(|e| e.to_string())?));
+    }
     let [n, k] = t.shape[..] else { return Err(format!("weight of shape {:?} is not a matrix", t.shape)) };
     if !exact && t.dtype.column_of().is_some() && n.is_multiple_of(32) && k.is_multiple_of(32) {
         let (dtype, bytes) = kiln_ir::column::from_rows(t.dtype, n, k, &t.bytes).map_err(|e| e.to_string())?;

@@ -7,16 +7,18 @@
 //!   (`LayerStats::ffn_act_mean_abs`, `a = silu(gate)·up`) times `‖W_down[:, j]‖₂`. The
 //!   `round(neurons · I)` least important are dropped: rows of `W_gate`/`W_up` (gathered in their stored
 //!   dtype, exactly) and the matching columns of `W_down`. Gathered columns of a block-quantized `W_down`
-//!   no longer line up with its blocks, so they are re-quantized as **Q8_0** (CHESS's choice for its
-//!   transposed down weights: re-rounding into Q4_1 cost +7% perplexity there) and the kept count is
-//!   rounded to a multiple of 32 (Q8_0's block); f32 stays f32 (exact), f16/bf16 are re-encoded exactly.
+//!   no longer line up with its blocks: for Q4_0/Q4_1/Q8_0 they are stored in the **gathered column
+//!   format** (`q4_1g`, …, `kiln_ir::column::gather`: the kept channels' own codes and the scales of
+//!   the blocks they came from, exact) and the down projection becomes `active_linear`, which reads it
+//!   with the column kernels; other block formats are re-quantized as Q8_0 (kept count a multiple of
+//!   32); f32 stays f32 (exact), f16/bf16 are re-encoded exactly.
 //! - **Heads.** Query head `h` contributes `o_h · W_o[:, h·d:(h+1)·d]`; its importance is
 //!   `Σ_c mean|o_c| · ‖W_o[:, c]‖₂` over its `d` channels (`attn_out_in_mean_abs`). Grouped-query
 //!   attention shares one KV head among `Hq/Hkv` query heads, so the same number (`heads`) of query
 //!   heads is dropped from **every** group: the group size stays uniform, the KV projections, the KV
 //!   cache and the rope are untouched. The kept heads' rows of `W_q` and columns of `W_o` are gathered
-//!   in their stored dtype (a head's columns are whole quantization blocks), exactly; the reshapes
-//!   around the attention get the new head count.
+//!   in their stored dtype when a head's columns are whole quantization blocks (else gathered like
+//!   `W_down`), exactly; the reshapes around the attention get the new head count.
 //!
 //! Runs after `skip-layers` and before `chess`/`prune`. Needs a calibration file.
 
@@ -111,28 +113,35 @@ fn top_indices(scores: &[f64], keep: usize) -> Vec<usize> {
     kept
 }
 
-/// Neurons kept out of `width` at `share` dropped, for a down weight of `dtype` (quantized: a multiple
-/// of 32, at least 32).
+/// Neurons kept out of `width` at `share` dropped, for a down weight of `dtype` (requantized to Q8_0,
+/// i.e. a block format without a gathered form: a multiple of 32, at least 32; f32/f16/bf16 and the
+/// gathered Q4_0/Q4_1/Q8_0: any count).
 pub fn neurons_kept(width: usize, share: f64, dtype: DType) -> usize {
     let keep = width - ((share * width as f64).round() as usize).min(width - 1);
-    if dtype.block_size() > 1 && width >= 32 {
+    if dtype.block_size() > 1 && dtype.gathered_of().is_none() && width >= 32 {
         (((keep + 16) / 32) * 32).clamp(32, width)
     } else {
         keep.max(1)
     }
 }
 
-/// `W_down`'s kept columns: f32 exactly, f16/bf16 re-encoded (exact), block formats as Q8_0.
-fn down_columns(t: &TensorData, kept: &[usize]) -> Result<TensorData, String> {
+/// `W_down`'s (or `W_o`'s) kept columns: Q4_0/Q4_1/Q8_0 in their gathered column format (the kept
+/// channels' own codes and their blocks' scales, exact; read by `active_linear`, so `gathered` is true),
+/// f32 exactly, f16/bf16 re-encoded (exact), other block formats requantized as Q8_0.
+fn down_columns(t: &TensorData, kept: &[usize]) -> Result<(TensorData, bool), String> {
+    if let (Some(_), [n, k]) = (t.dtype.gathered_of(), &t.shape[..]) {
+        let (dtype, bytes) = kiln_ir::column::gather(t.dtype, *n, *k, &t.bytes, kept).map_err(|e| e.to_string())?;
+        return Ok((TensorData { dtype, shape: vec![kept.len(), *n], bytes: bytes.into() }, true));
+    }
     let g = t.gather_cols(kept).map_err(|e| e.to_string())?;
     let dtype = match t.dtype {
-        DType::F32 => return Ok(g),
+        DType::F32 => return Ok((g, false)),
         DType::F16 | DType::BF16 => t.dtype,
         _ => DType::Q8_0,
     };
     let vals = g.to_f32().map_err(|e| e.to_string())?;
     let bytes = kiln_ir::quant::quantize(dtype, &vals).map_err(|e| e.to_string())?;
-    Ok(TensorData { dtype, shape: g.shape, bytes: bytes.into() })
+    Ok((TensorData { dtype, shape: g.shape, bytes: bytes.into() }, false))
 }
 
 /// What the pass changes in one block's attention.
@@ -163,6 +172,8 @@ impl Pass for StructuredPrune {
         // Weight name → (derived name, data); reshape node → new op.
         let mut replace: HashMap<String, (String, TensorData)> = HashMap::new();
         let mut reshapes: HashMap<usize, Op> = HashMap::new();
+        // Linears whose weight became a gathered column tensor (`[k', n]`): rewritten to active_linear.
+        let mut active: std::collections::HashSet<usize> = std::collections::HashSet::new();
         let mut layers = Vec::new();
         let tag_n = format!("#sprune-n{}", self.neurons);
         let tag_h = format!("#sprune-h{}", self.heads);
@@ -206,7 +217,7 @@ impl Pass for StructuredPrune {
                 let kept = top_indices(&score, keep);
                 let gate_t = get(&gate_w)?.gather_rows(&kept).map_err(|e| fail(format!("{gate_w}: {e}")))?;
                 let up_t = get(&up_w)?.gather_rows(&kept).map_err(|e| fail(format!("{up_w}: {e}")))?;
-                let down_new = down_columns(down_t, &kept).map_err(|e| fail(format!("{down_w}: {e}")))?;
+                let (down_new, gathered) = down_columns(down_t, &kept).map_err(|e| fail(format!("{down_w}: {e}")))?;
                 let mut dropped: Vec<f64> =
                     (0..width).filter(|j| kept.binary_search(j).is_err()).map(|j| score[j]).collect();
                 dropped.sort_by(f64::total_cmp);
@@ -228,6 +239,9 @@ impl Pass for StructuredPrune {
                 rec["down_dtype"] = down_new.dtype.name().into();
                 replace.insert(gate_w.clone(), (format!("{gate_w}{tag_n}"), gate_t));
                 replace.insert(up_w.clone(), (format!("{up_w}{tag_n}"), up_t));
+                if gathered {
+                    active.insert(down);
+                }
                 replace.insert(down_w.clone(), (format!("{down_w}{tag_n}"), down_new));
             }
             if self.heads > 0 {
@@ -304,7 +318,16 @@ impl Pass for StructuredPrune {
                     Ok(t) => t,
                     Err(kiln_ir::weights::DeriveError::Unaligned { .. }) => {
                         let cols: Vec<usize> = ranges.iter().flat_map(|r| r.clone()).collect();
-                        down_columns(o_t, &cols).map_err(|m| fail(format!("{o_w}: {m}")))?
+                        let (t, gathered) = down_columns(o_t, &cols).map_err(|m| fail(format!("{o_w}: {m}")))?;
+                        if gathered {
+                            let o = g
+                                .nodes
+                                .iter()
+                                .position(|n| n.op == Op::Linear && n.inputs[0] == b.attn_out_in)
+                                .expect("found above");
+                            active.insert(o);
+                        }
+                        t
                     }
                     Err(m) => return Err(fail(format!("{o_w}: {m}"))),
                 };
@@ -360,6 +383,10 @@ impl Pass for StructuredPrune {
                     out.nodes.push(Node { op: n.op.clone(), inputs: vec![], ty: n.ty.clone() });
                     ValueId(out.nodes.len() as u32 - 1)
                 }
+                _ if active.contains(&i) => {
+                    let inputs: Vec<ValueId> = n.inputs.iter().map(|v| map[v.index()]).collect();
+                    out.add(Op::ActiveLinear, &inputs).map_err(err)?
+                }
                 op => {
                     let op = reshapes.get(&i).cloned().unwrap_or_else(|| op.clone());
                     let inputs: Vec<ValueId> = n.inputs.iter().map(|v| map[v.index()]).collect();
@@ -414,9 +441,13 @@ mod tests {
 
     #[test]
     fn kept_counts_round_to_quantization_blocks() {
-        assert_eq!(neurons_kept(1536, 0.25, DType::Q4_1), 1152);
-        assert_eq!(neurons_kept(1536, 0.0, DType::Q4_1), 1536);
-        assert_eq!(neurons_kept(1536, 0.99, DType::Q4_1), 32);
+        assert_eq!(neurons_kept(1536, 0.25, DType::Q5_1), 1152);
+        assert_eq!(neurons_kept(1536, 0.05, DType::Q5_1), 1472);
+        assert_eq!(neurons_kept(1536, 0.0, DType::Q5_1), 1536);
+        assert_eq!(neurons_kept(1536, 0.99, DType::Q5_1), 32);
+        // Gathered (exact, any count).
+        assert_eq!(neurons_kept(1536, 0.05, DType::Q4_1), 1459);
+        assert_eq!(neurons_kept(1536, 0.99, DType::Q4_1), 15);
         assert_eq!(neurons_kept(64, 0.25, DType::F32), 48);
         assert_eq!(neurons_kept(64, 0.999, DType::F32), 1);
         assert_eq!(top_indices(&[0.5, 3.0, 1.0, 3.0], 2), vec![1, 3]);

@@ -271,6 +271,71 @@ pub fn wrap_active_linear_col<'ctx>(
     e.finish()
 }
 
+/// `symbol(bufs=[x, wt, y], dims=[m], begin, end)`: `active_linear(x, wt)` on a gathered column weight
+/// (`q4_1g`, …: structured pruning's `W_down`/`W_o`, `kiln_ir::column`) for output groups `begin..end`.
+/// Every one of the `k` kept channels is listed (a pruned model's activations are dense: scanning
+/// them for zeros would cost more than it saves; a zero channel adds exactly 0 to the finite weights'
+/// sums), and every block run of the weight's header is a listed block, so the column kernels (the
+/// decode kernel for a lone row, `prefill` for groups of `group` rows) read the whole gathered weight.
+#[allow(clippy::too_many_arguments)]
+pub fn wrap_active_linear_gathered<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    decode: FunctionValue<'ctx>,
+    prefill: FunctionValue<'ctx>,
+    group: usize,
+    k: usize,
+    n: usize,
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, wt, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+    let m = e.dim(0)?;
+    let i32t = ctx.i32_type();
+    // 0, 1, …, k − 1: the listed channels, and (its first nb entries) the listed block runs.
+    let iota = {
+        let consts: Vec<_> = (0..k as u64).map(|v| i32t.const_int(v, false)).collect();
+        let g = module.add_global(i32t.array_type(k as u32), None, &format!("{symbol}_iota"));
+        g.set_initializer(&i32t.const_array(&consts));
+        g.set_constant(true);
+        g.set_linkage(inkwell::module::Linkage::Private);
+        g.as_pointer_value()
+    };
+    // Header: u32 nb, u32 bptr[nb + 1]; the codes follow, then the scale rows.
+    let nb = e.load_i32_as_i64(wt, e.i64c(0))?;
+    let bptr = e.gep(i32t.into(), wt, e.i64c(1))?;
+    let codes = e.gep(i32t.into(), wt, e.add(nb, e.i64c(2))?)?;
+    let (kc, nc, blk32, gc) = (e.i64c(k as i64), e.i64c(n as i64), e.i64c(32), e.i64c(group as i64));
+    let (cb, ce) = (e.mul(e.begin, blk32)?, e.mul(e.end, blk32)?);
+    let groups = e.div(e.add(m, e.i64c(group as i64 - 1))?, gc)?;
+    e.for_range(e.i64c(0), groups, |gi| {
+        let i0 = e.mul(gi, gc)?;
+        let rows = e.imin(gc, e.isub(m, i0)?)?;
+        let xi = e.gep(e.f32t().into(), x, e.mul(i0, kc)?)?;
+        let yi = e.gep(e.f32t().into(), y, e.mul(i0, nc)?)?;
+        let lone = e.icmp(IntPredicate::EQ, rows, e.i64c(1))?;
+        let call = |f: FunctionValue<'ctx>| -> R<()> {
+            let args = [
+                codes.into(),
+                iota.into(),
+                bptr.into(),
+                iota.into(),
+                xi.into(),
+                yi.into(),
+                nb.into(),
+                kc.into(),
+                rows.into(),
+                cb.into(),
+                ce.into(),
+            ];
+            e.b.build_call(f, &args, "")?;
+            Ok(())
+        };
+        e.if_else(lone, || call(decode), || call(prefill))
+    })?;
+    e.finish()
+}
+
 /// `symbol(bufs=[x, w, blocks, row_ptr, col_idx, y], dims=[m, n], begin, end)`: rows `begin..end` of a
 /// pruned linear, from the dense layout (`dense(w, x, y, m, n, lo, hi)`) or the block-sparse one
 /// (`sparse(blocks, row_ptr, col_idx, x, y, m, n, lo, hi)`), per the kernel selection for small (m < 8)

@@ -2,6 +2,11 @@
 //! `kiln_ir::column`): `y = Σ_{j ∈ S} x_j · W[:, j]` reading the weight's own 4/8-bit codes and scales,
 //! only those of the active channels (codes) and of the 32-channel blocks holding one (scales).
 //!
+//! The gathered formats (`q4_0g`, `q4_1g`, `q8_0g`: some channels of a column tensor and the scales of
+//! the blocks they came from, structured pruning's weights) use the same kernel: `wt` points at the
+//! codes, `blk[q]` names a block run (a scale row) instead of a 32-channel block, and that row holds the
+//! run's `d` then `m` (the only difference in the generated code).
+//!
 //! One kernel per (format, `n`, group size `G`), with the C ABI
 //! `fn(wt, idx: *const u32, bptr: *const u32, blk: *const u32, x, y, nb: i64, k: i64, rows: i64,
 //! col_begin: i64, col_end: i64)`: `blk[0..nb]` are the active 32-channel blocks (increasing) and
@@ -68,7 +73,7 @@ impl ColActiveKernelSpec {
     }
 
     pub fn validate(&self) -> Result<(), CodegenError> {
-        if !self.dtype.is_column() {
+        if self.dtype.column_layout().is_none() {
             return Err(CodegenError::UnsupportedDType { kernel: "column active-channel linear", dtype: self.dtype });
         }
         if self.n == 0 || !self.n.is_multiple_of(32) || self.n > 1 << 14 || !(1..=8).contains(&self.group) {
@@ -149,11 +154,15 @@ pub fn emit_col_active<'ctx>(
     let p = |i: u32| kb.func.get_nth_param(i).expect("11 params");
     let [wt, idx, bptr, blk, x, y] = [0, 1, 2, 3, 4, 5].map(|i| p(i).into_pointer_value());
     let [nb, k, rows, cb, ce] = [6, 7, 8, 9, 10].map(|i| p(i).into_int_value());
-    let (dtype, n, g) = (spec.dtype, spec.n, spec.group);
+    let (n, g) = (spec.n, spec.group);
+    // A gathered format reads its codes like its column format; only where a block's scales lie differs.
+    let dtype = spec.dtype.column_layout().expect("validated");
+    let gathered = spec.dtype.is_gathered();
     let b = &kb.b;
     let crow = kiln_ir::column::code_row_bytes(dtype, n) as i64;
     let with_min = dtype == DType::Q4_1C;
-    // d table at k·crow bytes, m table (q4_1c) n·k/32·2 bytes after it.
+    // d table at k·crow bytes, m table (q4_1c) n·k/32·2 bytes after it; gathered: scale rows at k·crow,
+    // row q = d then m of block run q.
     let d_tab = kb.gep(kb.i8t.into(), wt, b.build_int_nsw_mul(k, kb.i64c(crow), "dat")?)?;
     let m_tab = {
         let tab = b.build_int_nsw_mul(b.build_int_signed_div(k, kb.i64c(32), "kb")?, kb.i64c(2 * n as i64), "tab")?;
@@ -241,7 +250,8 @@ pub fn emit_col_active<'ctx>(
         })?;
         // acc += d[b, r]·t[r] (+ m[b, r]·s): scales of block blk[q], entry (b·n + r) of each table.
         let bi = ld_u32(blk, q)?;
-        let bn = b.build_int_nsw_mul(bi, kb.i64c(n as i64), "bn")?;
+        let row_len = if gathered { kiln_ir::column::scale_tables(dtype) * n } else { n };
+        let bn = b.build_int_nsw_mul(bi, kb.i64c(row_len as i64), "bn")?;
         let svs: Vec<Option<VectorValue<'ctx>>> = (0..g)
             .map(|gi| -> R<_> {
                 if with_min {
@@ -256,7 +266,14 @@ pub fn emit_col_active<'ctx>(
             for c in 0..4 {
                 let e = b.build_int_nsw_add(b.build_int_nsw_add(bn, c0, "sb")?, kb.i64c(8 * c as i64), "e")?;
                 let d = f16x8(kb, kb.gep(kb.i16t.into(), d_tab, e)?)?;
-                let m = if with_min { Some(f16x8(kb, kb.gep(kb.i16t.into(), m_tab, e)?)?) } else { None };
+                let m = match (with_min, gathered) {
+                    (false, _) => None,
+                    (true, false) => Some(f16x8(kb, kb.gep(kb.i16t.into(), m_tab, e)?)?),
+                    (true, true) => {
+                        let em = b.build_int_nsw_add(e, kb.i64c(n as i64), "em")?;
+                        Some(f16x8(kb, kb.gep(kb.i16t.into(), d_tab, em)?)?)
+                    }
+                };
                 for gi in 0..g {
                     let pa = vec_at(abuf, gi, c0, c)?;
                     let a = kb.load(kb.v8f32.into(), pa, 4)?.into_vector_value();
@@ -293,13 +310,19 @@ pub fn emit_col_active<'ctx>(
 /// The active-block lists of channels `idx` (increasing, each `< k`): `(bptr, blk)` as the kernel
 /// takes them.
 pub fn block_lists(idx: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    block_lists_by(idx, |j| j / 32)
+}
+
+/// [`block_lists`] with the block of channel `j` given by `block_of` (non-decreasing in `j`): for a
+/// gathered weight, the index of the block run holding kept channel `j`.
+pub fn block_lists_by(idx: &[u32], block_of: impl Fn(u32) -> u32) -> (Vec<u32>, Vec<u32>) {
     let (mut bptr, mut blk) = (vec![0u32], Vec::new());
     for (p, &j) in idx.iter().enumerate() {
-        if blk.last() != Some(&(j / 32)) {
+        if blk.last() != Some(&block_of(j)) {
             if !blk.is_empty() {
                 bptr.push(p as u32);
             }
-            blk.push(j / 32);
+            blk.push(block_of(j));
         }
     }
     if !blk.is_empty() {
@@ -308,9 +331,10 @@ pub fn block_lists(idx: &[u32]) -> (Vec<u32>, Vec<u32>) {
     (bptr, blk)
 }
 
-/// Calls a column kernel after checking what it trusts: `wt` is a `[k, n]` column tensor, `idx` is
-/// increasing and `< k`, `x` has `rows · k` floats, `y` `rows · n`, `rows` is `1..=G`, and `cols` is
-/// whole 32-output groups within `0..n`.
+/// Calls a column kernel after checking what it trusts: `wt` is a `[k, n]` column tensor (or a gathered
+/// one with a consistent header, `kiln_ir::column::gathered_parts`), `idx` is increasing and `< k`, `x`
+/// has `rows · k` floats, `y` `rows · n`, `rows` is `1..=G`, and `cols` is whole 32-output groups
+/// within `0..n`.
 #[allow(clippy::too_many_arguments)]
 pub fn run_col_active(
     kernel: ColActiveKernelFn,
@@ -325,10 +349,19 @@ pub fn run_col_active(
 ) -> Result<(), CodegenError> {
     spec.validate()?;
     let bad = |what: String| Err(CodegenError::InvalidSpec(format!("{}: {what}", spec.symbol())));
-    let want = k.checked_mul(spec.n).map(|e| e / 32 * spec.dtype.type_size());
-    if !k.is_multiple_of(32) || k == 0 || Some(wt.len()) != want || k > i32::MAX as usize {
-        return bad(format!("{} weight bytes for k = {k} (a positive multiple of 32)", wt.len()));
-    }
+    let (codes, runs) = if spec.dtype.is_gathered() {
+        match kiln_ir::column::gathered_parts(spec.dtype, k, spec.n, wt) {
+            Ok((runs, codes, _)) if k <= i32::MAX as usize => (codes, Some(runs)),
+            Ok(_) => return bad(format!("k = {k} is too large")),
+            Err(e) => return bad(format!("weight: {e}")),
+        }
+    } else {
+        let want = k.checked_mul(spec.n).map(|e| e / 32 * spec.dtype.type_size());
+        if !k.is_multiple_of(32) || k == 0 || Some(wt.len()) != want || k > i32::MAX as usize {
+            return bad(format!("{} weight bytes for k = {k} (a positive multiple of 32)", wt.len()));
+        }
+        (0, None)
+    };
     if idx.windows(2).any(|w| w[0] >= w[1]) || idx.last().is_some_and(|&j| j as usize >= k) {
         return bad(format!("channel list is not increasing within 0..{k}"));
     }
@@ -339,12 +372,16 @@ pub fn run_col_active(
     if cols.start > cols.end || cols.end > spec.n || !whole(cols.start) || !whole(cols.end) {
         return bad(format!("columns {cols:?} are not whole groups of 32 within 0..{}", spec.n));
     }
-    let (bptr, blk) = block_lists(idx);
+    let (bptr, blk) = match &runs {
+        // The run holding kept channel j: the last q with runs[q] ≤ j.
+        Some(runs) => block_lists_by(idx, |j| (runs.partition_point(|&p| p <= j) - 1) as u32),
+        None => block_lists(idx),
+    };
     // SAFETY: checked above: every listed channel is a row of `wt` and an entry of each x row, every
     // block's scales lie in the tables, and the written columns lie in every y row.
     unsafe {
         kernel(
-            wt.as_ptr(),
+            wt[codes..].as_ptr(),
             idx.as_ptr(),
             bptr.as_ptr(),
             blk.as_ptr(),
@@ -458,6 +495,87 @@ mod tests {
         }
     }
 
+    /// Gathered weights (structured pruning): the same kernels on some channels of a weight, against
+    /// the ORIGINAL row-major weight's kept columns (exact dequantization, f64 sums): every kept channel
+    /// listed (the dense-input case structured pruning uses) and random subsets, decode and prefill
+    /// groups, all columns and the last group.
+    #[test]
+    fn gathered_kernels_match_the_original_kept_columns() {
+        let mut rng = StdRng::seed_from_u64(33);
+        for base in [DType::Q4_0, DType::Q4_1, DType::Q8_0] {
+            let dtype = base.gathered_of().unwrap();
+            let ctx = Context::create();
+            let module = llvm::create_module(&ctx, "gth_test");
+            let specs: Vec<ColActiveKernelSpec> = [32usize, 96]
+                .iter()
+                .flat_map(|&n| [1, PREFILL_GROUP].map(|g| ColActiveKernelSpec::new(dtype, n, g)))
+                .collect();
+            for s in &specs {
+                emit_col_active(&ctx, &module, s).unwrap();
+            }
+            llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
+            let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+            for spec in &specs {
+                // SAFETY: generated with exactly this signature.
+                let f = unsafe {
+                    std::mem::transmute::<usize, ColActiveKernelFn>(ee.get_function_address(&spec.symbol()).unwrap())
+                };
+                let (n, k) = (spec.n, 160);
+                let w = random_weights(&mut rng, base, n, k);
+                let mut wf = vec![0f32; n * k];
+                kiln_ir::quant::dequantize(base, &w, &mut wf).unwrap();
+                for keep in [0.3, 0.75, 1.0] {
+                    let kept: Vec<usize> = (0..k).filter(|_| rng.random_bool(keep)).collect();
+                    let (_, wg) = kiln_ir::column::gather(base, n, k, &w, &kept).unwrap();
+                    let kk = kept.len();
+                    for share in [1.0, 0.4] {
+                        for rows in [1, spec.group] {
+                            let act: Vec<Vec<bool>> =
+                                (0..rows).map(|_| (0..kk).map(|_| rng.random_bool(share)).collect()).collect();
+                            let idx: Vec<u32> = (0..kk as u32).filter(|&j| act.iter().any(|a| a[j as usize])).collect();
+                            let x: Vec<f32> = (0..rows * kk)
+                                .map(|e| if act[e / kk][e % kk] { rng.random_range(-1.0f32..1.0) } else { 0.0 })
+                                .collect();
+                            for cols in [0..n, n - 32..n] {
+                                let mut y = vec![f32::from_bits(SENTINEL); rows * n];
+                                run_col_active(f, spec, &wg, kk, &idx, &x, &mut y, rows, cols.clone()).unwrap();
+                                for i in 0..rows {
+                                    for r in 0..n {
+                                        let got = y[i * n + r];
+                                        let what =
+                                            format!("{} keep {keep} share {share} row {i} y[{r}]", spec.symbol());
+                                        if !cols.contains(&r) {
+                                            assert_eq!(got.to_bits(), SENTINEL, "{what} written");
+                                            continue;
+                                        }
+                                        let (mut want, mut mag) = (0f64, 0f64);
+                                        for (jj, &j) in kept.iter().enumerate().filter(|(jj, _)| act[i][*jj]) {
+                                            let xv = f64::from(x[i * kk + jj]);
+                                            want += xv * f64::from(wf[r * k + j]);
+                                            let blk = &wf[r * k + j / 32 * 32..r * k + j / 32 * 32 + 32];
+                                            mag += xv.abs()
+                                                * 3.0
+                                                * f64::from(blk.iter().fold(0f32, |a, v| a.max(v.abs())));
+                                        }
+                                        assert!(
+                                            (f64::from(got) - want).abs() <= 1e-5 * mag + 1e-30,
+                                            "{what} = {got} vs {want}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                // A header that does not match the shape is refused before the kernel runs.
+                let (_, wg) = kiln_ir::column::gather(base, n, k, &w, &[0, 1, 40]).unwrap();
+                let mut y = vec![0f32; n];
+                let err = run_col_active(f, spec, &wg, 2, &[0], &[1.0; 2], &mut y[..], 1, 0..n).unwrap_err();
+                assert!(err.to_string().contains("weight"), "{err}");
+            }
+        }
+    }
+
     /// The entry point refuses what the kernel would read or write out of bounds.
     #[test]
     fn column_kernel_bad_inputs_are_errors() {
@@ -508,6 +626,96 @@ mod bench {
     use inkwell::OptimizationLevel;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// Structured pruning's down projection on SmolLM2's shape (Q4_1, 1536 → 576) per share of neurons
+    /// dropped: the dense Q4_1 linear on all 1536 channels, the old path (the kept columns requantized
+    /// to Q8_0, kept count rounded to 32, dense Q8_0 linear) and the gathered `q4_1g` kernels with every
+    /// kept channel listed (decode G = 1, prefill groups of `PREFILL_GROUP`); m = 1 and m = 64.
+    #[test]
+    #[ignore = "benchmark; run with -- --ignored --nocapture"]
+    fn bench_gathered_down() {
+        let (base, k, n) = (DType::Q4_1, 1536, 576);
+        let mut rng = StdRng::seed_from_u64(5);
+        let w = random_weights(&mut rng, base, n, k);
+        let mut wf = vec![0f32; n * k];
+        kiln_ir::quant::dequantize(base, &w, &mut wf).unwrap();
+        println!(
+            "{:>3} {:>5} | {:>8} {:>8} {:>8} | {:>6} {:>6} | {:>7} {:>7} {:>7}",
+            "m", "drop", "dense µs", "q8_0 µs", "q4_1g µs", "q8/d", "g/d", "dense B", "q8_0 B", "q4_1g B"
+        );
+        for m in [1usize, 64] {
+            for drop in [0.05, 0.1, 0.25, 0.5] {
+                let keep = k - (drop * k as f64).round() as usize;
+                let mut all: Vec<usize> = (0..k).collect();
+                for i in (1..k).rev() {
+                    all.swap(i, rng.random_range(0..=i));
+                }
+                let pick = |c: usize| {
+                    let mut v = all[..c].to_vec();
+                    v.sort_unstable();
+                    v
+                };
+                // The old path kept a multiple of 32 (nearest).
+                let (kept, k8) = (pick(keep), (keep + 16) / 32 * 32);
+                let kept8 = pick(k8);
+                let cols: Vec<f32> =
+                    (0..n).flat_map(|r| kept8.iter().map(move |&j| (r, j))).map(|(r, j)| wf[r * k + j]).collect();
+                let w8 = kiln_ir::quant::quantize(DType::Q8_0, &cols).unwrap();
+                let (gd, wg) = kiln_ir::column::gather(base, n, k, &w, &kept).unwrap();
+                let ctx = Context::create();
+                let module = llvm::create_module(&ctx, "gbench");
+                let (dspec, qspec) = (LinearKernelSpec::new(base, k), LinearKernelSpec::new(DType::Q8_0, k8));
+                let (g1, gg) = (ColActiveKernelSpec::new(gd, n, 1), ColActiveKernelSpec::new(gd, n, PREFILL_GROUP));
+                emit_linear(&ctx, &module, &dspec).unwrap();
+                emit_linear(&ctx, &module, &qspec).unwrap();
+                emit_col_active(&ctx, &module, &g1).unwrap();
+                emit_col_active(&ctx, &module, &gg).unwrap();
+                llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
+                let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+                let addr = |s: &str| ee.get_function_address(s).unwrap();
+                // SAFETY: generated with exactly these signatures.
+                let (dense, q8, col1, colg) = unsafe {
+                    (
+                        std::mem::transmute::<usize, LinearKernelFn>(addr(&dspec.symbol())),
+                        std::mem::transmute::<usize, LinearKernelFn>(addr(&qspec.symbol())),
+                        std::mem::transmute::<usize, ColActiveKernelFn>(addr(&g1.symbol())),
+                        std::mem::transmute::<usize, ColActiveKernelFn>(addr(&gg.symbol())),
+                    )
+                };
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let xk: Vec<f32> = (0..m * keep).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let x8: Vec<f32> = (0..m * k8).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let mut y = vec![0f32; m * n];
+                let td = time_per_call(|| unsafe {
+                    dense(w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                });
+                let tq = time_per_call(|| unsafe {
+                    q8(w8.as_ptr(), x8.as_ptr(), y.as_mut_ptr(), m as i64, n as i64, 0, n as i64)
+                });
+                let idx: Vec<u32> = (0..keep as u32).collect();
+                let (g, f, spec) = if m == 1 { (1, col1, &g1) } else { (PREFILL_GROUP, colg, &gg) };
+                let tg = time_per_call(|| {
+                    for gi in 0..m.div_ceil(g) {
+                        let rows = (gi * g + g).min(m) - gi * g;
+                        let (xi, yi) =
+                            (&xk[gi * g * keep..(gi * g + rows) * keep], &mut y[gi * g * n..(gi * g + rows) * n]);
+                        run_col_active(f, spec, &wg, keep, &idx, xi, yi, rows, 0..n).unwrap();
+                    }
+                });
+                println!(
+                    "{m:>3} {drop:>5.2} | {:>8.1} {:>8.1} {:>8.1} | {:>6.2} {:>6.2} | {:>7} {:>7} {:>7}",
+                    td * 1e6,
+                    tq * 1e6,
+                    tg * 1e6,
+                    tq / td,
+                    tg / td,
+                    w.len(),
+                    w8.len(),
+                    wg.len()
+                );
+            }
+        }
+    }
 
     /// Decode (m = 1) and prefill (m = 64) on SmolLM2's down shape (Q4_1, k 1536 → n 576) per active
     /// share: the dense Q4_1 linear, the Q8_0-requantized active kernel (per row at m = 64, as before)
