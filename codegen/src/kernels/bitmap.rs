@@ -212,14 +212,15 @@ fn expand<'ctx>(
         let byte32 = kb.b.build_int_truncate(byte, kb.i32t, "byte32")?;
         let keep = kb.b.build_and(kb.splat(byte32.into(), kb.v8i32)?, bits, "bits")?;
         let keep = kb.b.build_int_compare(IntPredicate::NE, keep, kb.v8i32.const_zero(), "keep")?;
-        let pfx = if spec.gran == 1 {
+        // Lane l's code position relative to e: the popcount prefix of the byte.
+        let pfx32 = if spec.gran == 1 {
             let tp = kb.gep(kb.i8t.into(), table, kb.b.build_int_nsw_mul(byte, kb.i64c(8), "toff")?)?;
             let t = kb.load(kb.v8i8.into(), tp, 1)?.into_vector_value();
-            kb.b.build_int_z_extend(t, v8i64, "pfx")?
+            kb.b.build_int_z_extend(t, kb.v8i32, "pfx")?
         } else {
-            let v: Vec<_> = (0..lanes as u64).map(c64).collect();
-            inkwell::types::VectorType::const_vector(&v)
+            i32_consts(kb, 0..lanes)
         };
+        let pfx = kb.b.build_int_z_extend(pfx32, v8i64, "pfx64")?;
         let window = |at: IntValue<'ctx>| -> R<VectorValue<'ctx>> {
             let wp = kb.gep(kb.i8t.into(), wrow, at)?;
             let w = kb.load(i64t.into(), wp, 1)?;
@@ -227,21 +228,23 @@ fn expand<'ctx>(
         };
         let vals = match spec.dtype {
             DType::Q4_0 | DType::Q4_1 => {
-                let win = window(kb.b.build_right_shift(e, kb.i64c(1), false, "ebyte")?)?;
-                let odd = kb.splat(kb.b.build_and(e, kb.i64c(1), "odd")?.into(), v8i64)?;
-                let nib = kb.b.build_int_add(pfx, odd, "nib")?;
-                let sh = kb.b.build_left_shift(nib, kb.splat(c64(2).into(), v8i64)?, "sh")?;
+                // The 8 nibbles from code e as one i32 (8 bytes loaded at e/2, shifted by the odd
+                // nibble), then per lane a 32-bit shift by 4 · pfx.
+                let wp = kb.gep(kb.i8t.into(), wrow, kb.b.build_right_shift(e, kb.i64c(1), false, "ebyte")?)?;
+                let w64 = kb.load(i64t.into(), wp, 1)?.into_int_value();
+                let odd = kb.b.build_left_shift(kb.b.build_and(e, kb.i64c(1), "odd")?, kb.i64c(2), "oddsh")?;
+                let w32 = kb.b.build_int_truncate(kb.b.build_right_shift(w64, odd, false, "w64")?, kb.i32t, "w32")?;
+                let win = kb.splat(w32.into(), kb.v8i32)?;
+                let sh = kb.b.build_left_shift(pfx32, kb.splat_i32(2), "sh")?;
                 let q = kb.b.build_right_shift(win, sh, false, "q")?;
-                let q = kb.b.build_and(q, kb.splat(c64(15).into(), v8i64)?, "q")?;
-                let q = kb.b.build_int_truncate(q, kb.v8i32, "q32")?;
+                let q = kb.b.build_and(q, kb.splat_i32(15), "q")?;
                 if spec.dtype == DType::Q4_0 {
-                    let q = kb.b.build_int_sub(q, i32_consts(kb, std::iter::repeat_n(8, lanes)), "q8")?;
+                    let q = kb.b.build_int_sub(q, kb.splat_i32(8), "q8")?;
                     let q = kb.b.build_signed_int_to_float(q, kb.v8f32, "qf")?;
                     kb.b.build_float_mul(q, d.expect("scale"), "w")?
                 } else {
-                    let q = kb.b.build_unsigned_int_to_float(q, kb.v8f32, "qf")?;
-                    let qd = kb.b.build_float_mul(q, d.expect("scale"), "qd")?;
-                    kb.b.build_float_add(qd, mn.expect("min"), "w")?
+                    let q = kb.b.build_signed_int_to_float(q, kb.v8f32, "qf")?;
+                    kb.fma(q, d.expect("scale"), mn.expect("min"))?
                 }
             }
             DType::Q8_0 => {
@@ -501,5 +504,40 @@ mod tests {
         assert!(BitmapLinearKernelSpec::new(DType::F32, 1, 32, 48).validate().is_err());
         assert!(BitmapLinearKernelSpec::new(DType::F32, 8, 12, 64).validate().is_err());
         assert!(BitmapLinearKernelSpec::new(DType::F32, 4, 32, 64).validate().is_err());
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    /// `cargo test -p kiln-codegen --release bench_bitmap_linear -- --ignored --nocapture`: bitmap /
+    /// dense time on SmolLM2's Q4_1 shapes (what `kiln bench --kernels` records), printed, not asserted.
+    #[test]
+    #[ignore]
+    fn bench_bitmap_linear() {
+        use kiln_ir::DType;
+        let shapes = [(DType::Q4_1, 576, 1536), (DType::Q4_1, 1536, 576), (DType::Q4_1, 576, 576)];
+        let rows = crate::kernels::measure::measure_bitmap(
+            &shapes,
+            &[1, 8],
+            &[0.3, 0.5, 0.75],
+            &[1, 64],
+            3,
+            std::time::Duration::from_millis(40),
+        )
+        .unwrap();
+        for r in rows {
+            println!(
+                "{} {}→{} m={:<2} g{} density {:.2} bitmap/dense {:.2} ({:.1} → {:.1} µs)",
+                r.dtype,
+                r.k,
+                r.n,
+                r.m,
+                r.gran,
+                r.density,
+                r.ratio,
+                r.times.0 * 1e6,
+                r.times.1 * 1e6
+            );
+        }
     }
 }
