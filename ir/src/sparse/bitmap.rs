@@ -279,6 +279,33 @@ impl BitmapSparse {
     }
 }
 
+/// The dense `[n, k]` matrix `bytes` of `dtype` with the elements `mask` drops set to exactly 0 in the
+/// dtype's own layout (f32/f16 0.0, Q8_0 code 0, Q4_0 code 8, scales unchanged), or `None` for a dtype
+/// that cannot hold an exact 0 in every block (Q4_1: `q·d + m` is 0 only if `−m/d` is a code).
+pub fn zero_dropped(dtype: DType, k: usize, bytes: &[u8], mask: &[bool]) -> Option<Vec<u8>> {
+    let mut out = bytes.to_vec();
+    let (hdr, dense_bb) = (nm_header_bytes(dtype), BITMAP_BLOCK / dtype.block_size() * dtype.type_size());
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| !m) {
+        let (r, c) = (i / k, i % k);
+        let blk = (r * (k / BITMAP_BLOCK) + c / BITMAP_BLOCK) * dense_bb;
+        let j = c % BITMAP_BLOCK;
+        match dtype {
+            DType::F32 | DType::F16 => {
+                let sz = dtype.type_size();
+                out[i * sz..(i + 1) * sz].fill(0);
+            }
+            DType::Q8_0 => out[blk + hdr + j] = 0,
+            DType::Q4_0 => {
+                let (byte, shift) = if j < 16 { (j, 0) } else { (j - 16, 4) };
+                let b = &mut out[blk + hdr + byte];
+                *b = (*b & !(0x0F << shift)) | (8 << shift);
+            }
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
 /// Elements kept per row at `density` with granularity `gran`: `gran · round(density · k / gran)`.
 pub fn bitmap_kept(gran: usize, k: usize, density: f64) -> usize {
     let units = k / gran.max(1);
@@ -433,6 +460,28 @@ mod tests {
         assert!(prune_bitmap(DType::F32, 1, 1, 32, &bytes, 1.5, None).is_err());
         assert!(prune_bitmap(DType::Q4K, 1, 1, 256, &[0; 144], 0.5, None).is_err());
         assert!(prune_bitmap(DType::F32, 4, 1, 32, &bytes, 0.5, None).unwrap_err().to_string().contains("granularity"));
+    }
+
+    /// The zeroed dense layout dequantizes to exactly the compact form's matrix; Q4_1 has none.
+    #[test]
+    fn zero_dropped_equals_the_compact_form() {
+        let mut rng = StdRng::seed_from_u64(35);
+        for dtype in NM_DTYPES {
+            let (n, k) = (3, 64);
+            let (bytes, _) = random(&mut rng, dtype, n, k);
+            let s = prune_bitmap(dtype, 1, n, k, &bytes, 0.4, None).unwrap();
+            let Some(dense) = zero_dropped(dtype, k, &bytes, &s.mask().unwrap()) else {
+                assert_eq!(dtype, DType::Q4_1);
+                continue;
+            };
+            let mut got = vec![0f32; n * k];
+            quant::dequantize(dtype, &dense, &mut got).unwrap();
+            let want = s.dequantize().unwrap();
+            for i in 0..n * k {
+                // Q4_0's exact zero may be -0.0.
+                assert!(got[i] == want[i], "{dtype} [{i}]: {} vs {}", got[i], want[i]);
+            }
+        }
     }
 
     #[test]
