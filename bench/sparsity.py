@@ -10,6 +10,8 @@ Writes the table between the `sparsity:begin`/`sparsity:end` markers of docs/qua
 Usage: scripts/quality.sh --sparsity [--rounds 3] [--sparsities 0,0.25,0.5,0.7,0.9] [--scopes mlp,attn,all]
        python3 bench/sparsity.py --sparsities "" --coreinfer 'alpha=0.4,beta=0.2;…' --prompt-len 128 --marker coreinfer
        [--nm 2:4,3:4 --nm-methods magnitude,wanda]   (N:M weight pruning; needs `kiln bench --kernels`)
+       [--unstructured 0.25,0.5,0.7 --unstructured-methods magnitude,wanda --unstructured-patterns unstructured,1x8]
+                                                     (per-element / 1×8 weight pruning into the bitmap form)
   [--mlp-forms gate,act,input,io] [--thresholds channel,layer]   CHESS variants (scope mlp; docs/sparsity.md)
   [--rsparse attn:16,mlp:64:layer --rsparse-sparsities 0.25,0.5,0.7]  R-Sparse rows (scope:rank[:thresholds])
   [--no-decode]                                                  perplexity only
@@ -38,6 +40,9 @@ def main():
     ap.add_argument("--prune-methods", default="magnitude", help="ranking for --prune: magnitude, wanda (comma list)")
     ap.add_argument("--nm", default="", help="N:M pruning patterns, e.g. 2:4,3:4,2:8 (needs `kiln bench --kernels`)")
     ap.add_argument("--nm-methods", default="magnitude,wanda", help="ranking for --nm: magnitude, wanda (comma list)")
+    ap.add_argument("--unstructured", default="", help="bitmap-pruning sparsities, e.g. 0.25,0.5,0.7 (needs `kiln bench --kernels`)")
+    ap.add_argument("--unstructured-methods", default="magnitude,wanda", help="ranking for --unstructured (comma list)")
+    ap.add_argument("--unstructured-patterns", default="unstructured", help="--prune-pattern for --unstructured: unstructured, 1x8")
     ap.add_argument("--structured", default="", help="structured-pruning specs separated by ';', e.g. 'neurons=0.25;heads=1'")
     ap.add_argument("--coreinfer", default="", help="CoreInfer specs separated by ';', e.g. 'alpha=0.4,beta=0.2;alpha=0.2'")
     ap.add_argument("--prompt-len", type=int, default=0,
@@ -58,7 +63,7 @@ def main():
     # v2 files without the attention-output quantiles cannot drive `--chess-scope attn/all`.
     # v2 files without the MLP input/down-input quantiles cannot drive `--chess-mlp act/input/io`.
     calib = a.calibration or os.path.join(a.work, "calib-v2c.json")
-    needs_calib = a.sparsities or a.structured or a.prune or a.nm or a.rsparse
+    needs_calib = a.sparsities or a.structured or a.prune or a.nm or a.rsparse or a.unstructured
     if needs_calib and not os.path.exists(calib):
         kiln(["calibrate", "--text", "data/calibration.txt", "-o", calib])
     scopes = [sc for sc in a.scopes.split(",") if sc]
@@ -90,6 +95,8 @@ def main():
     configs += [(f"prune ({meth})", float(s)) for meth in a.prune_methods.split(",") if meth
                 for s in a.prune.split(",") if s]
     configs += [(f"N:M ({meth})", pat) for pat in a.nm.split(",") if pat for meth in a.nm_methods.split(",") if meth]
+    configs += [(f"{pat} ({meth})", float(s)) for pat in a.unstructured_patterns.split(",") if pat
+                for meth in a.unstructured_methods.split(",") if meth for s in a.unstructured.split(",") if s]
     configs += [("structured", s) for s in a.structured.split(";") if s]
     configs += [("coreinfer", s) for s in a.coreinfer.split(";") if s]
 
@@ -103,6 +110,9 @@ def main():
             return ["--coreinfer", s]
         if tech.startswith("N:M"):
             return ["--prune-pattern", s, "--prune-method", tech[len("N:M ("):-1], "--calibration", calib]
+        if tech.startswith(("unstructured (", "1x8 (")):
+            pat, meth = tech[:-1].split(" (")
+            return ["--prune-pattern", pat, "--prune-sparsity", str(s), "--prune-method", meth, "--calibration", calib]
         if tech.startswith("prune"):
             meth = tech[len("prune ("):-1]
             return ["--prune-sparsity", str(s), "--prune-method", meth] + (["--calibration", calib] if meth == "wanda" else [])

@@ -423,7 +423,7 @@ pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64, at
             Op::MaskedLinear | Op::ActiveLinear => bytes(&n.inputs[1]) * (1.0 - sparsity(&n.inputs[1])),
             Op::SparseLinear { decode: 1, .. } => n.inputs[2..].iter().map(bytes).sum(),
             Op::SparseLinear { .. } => bytes(&n.inputs[1]),
-            Op::NmLinear { .. } => bytes(&n.inputs[1]),
+            Op::NmLinear { .. } | Op::BitmapLinear { .. } => bytes(&n.inputs[1]),
             _ => 0.0,
         })
         .sum()

@@ -87,6 +87,9 @@ pub fn load_kernel_table() -> Result<Arc<kiln::passes::prune::KernelTable>> {
 /// The N:M patterns `kiln bench --kernels` measures (and `--prune-pattern` can use with a measurement).
 pub const NM_PATTERNS: [(usize, usize); 6] = [(1, 4), (2, 4), (3, 4), (1, 8), (2, 8), (4, 8)];
 
+/// The sparsities `kiln bench --kernels` measures the bitmap (unstructured, 1×8) kernels at.
+pub const BITMAP_SPARSITIES: [f64; 3] = [0.25, 0.5, 0.7];
+
 /// `kiln bench`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -162,6 +165,32 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.times.1 * 1e6
         );
     }
+    let densities = BITMAP_SPARSITIES.map(|s| 1.0 - s);
+    eprintln!(
+        "[measuring bitmap kernels: unstructured and 1x8 × sparsity {BITMAP_SPARSITIES:?} × m ∈ {{1, 64}}, one thread]"
+    );
+    let bm = kiln::codegen::kernels::measure::measure_bitmap(
+        &shapes,
+        &[1, 8],
+        &densities,
+        &[1, 64],
+        3,
+        std::time::Duration::from_millis(a.ms),
+    )?;
+    for r in &bm {
+        println!(
+            "{} {}→{} m={:<2} {} density {:.2} bitmap/dense {:.2}  ({:.1} µs dense, {:.1} µs bitmap)",
+            r.dtype,
+            r.k,
+            r.n,
+            r.m,
+            if r.gran == 1 { "unstructured" } else { "1x8" },
+            r.density,
+            r.ratio,
+            r.times.0 * 1e6,
+            r.times.1 * 1e6
+        );
+    }
     let table = kiln::passes::prune::KernelTable {
         format: kiln::passes::prune::KERNEL_TABLE_FORMAT.into(),
         version: 1,
@@ -184,6 +213,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n: r.n,
                 m: r.m,
                 pattern: r.pattern,
+                ratio: r.ratio,
+            })
+            .collect(),
+        bitmap: bm
+            .iter()
+            .map(|r| kiln::passes::prune::BitmapMeasurement {
+                dtype: r.dtype,
+                k: r.k,
+                n: r.n,
+                m: r.m,
+                gran: r.gran,
+                density: r.density,
                 ratio: r.ratio,
             })
             .collect(),
@@ -252,8 +293,9 @@ pub struct SkipArgs {
     /// Weight pruning pattern (lossy): `block32` (the default; the share is --prune-sparsity) or `N:M`
     /// with M = 4 or 8 (`2:4` keeps 2 of every 4 consecutive weights of a row: 50%), into the compact
     /// N:M form with its generated kernels; per layer the N:M kernel or the dense layout is chosen from
-    /// `kiln bench --kernels`' measurements. E.g. `--prune-pattern 2:4`.
-    #[arg(long, value_name = "block32|N:M")]
+    /// `kiln bench --kernels`' measurements. E.g. `--prune-pattern 2:4`. `unstructured` (any elements)
+    /// or `1x8` (runs of 8 consecutive weights) drop --prune-sparsity of every row into the bitmap form.
+    #[arg(long, value_name = "block32|N:M|unstructured|1x8")]
     pub prune_pattern: Option<String>,
     /// FlexPrefill sparse attention for long prompts (lossy): `gamma=0.9,tau=0.1,block=64,min-len=1024`
     /// (any subset; bare `--flex-prefill` takes these defaults). Prefill steps of at least min-len tokens
@@ -323,13 +365,23 @@ impl SkipArgs {
             .transpose()
     }
 
-    /// The N:M pattern of `--prune-pattern` (`None` for none or `block32`).
+    /// The N:M pattern of `--prune-pattern` (`None` for none, `block32`, `unstructured` or `1x8`).
     pub fn nm_pattern(&self) -> Result<Option<kiln::ir::sparse::NmPattern>> {
         match self.prune_pattern.as_deref().map(str::trim) {
             None | Some("block32") => Ok(None),
+            _ if self.bitmap_gran().is_some() => Ok(None),
             Some(s) => kiln::ir::sparse::NmPattern::parse(s)
                 .map(Some)
-                .map_err(|e| anyhow::anyhow!("--prune-pattern {s:?}: {e} (or `block32`)")),
+                .map_err(|e| anyhow::anyhow!("--prune-pattern {s:?}: {e} (or `block32`, `unstructured`, `1x8`)")),
+        }
+    }
+
+    /// The bitmap granularity of `--prune-pattern unstructured` (1) or `1x8` (8).
+    pub fn bitmap_gran(&self) -> Option<usize> {
+        match self.prune_pattern.as_deref().map(str::trim) {
+            Some("unstructured") => Some(1),
+            Some("1x8") => Some(8),
+            _ => None,
         }
     }
 
@@ -412,8 +464,12 @@ impl SkipArgs {
         if pattern.is_some() && self.prune_sparsity.is_some() {
             bail!("--prune-sparsity is for block32 pruning; an N:M --prune-pattern fixes the sparsity itself");
         }
-        if self.prune_pattern.as_deref().map(str::trim) == Some("block32") && self.prune_sparsity.is_none() {
-            bail!("--prune-pattern block32 needs --prune-sparsity S");
+        if let Some(p) =
+            self.prune_pattern.as_deref().map(str::trim).filter(|p| ["block32", "unstructured", "1x8"].contains(p))
+        {
+            if self.prune_sparsity.is_none() {
+                bail!("--prune-pattern {p} needs --prune-sparsity S");
+            }
         }
         let method = match self.prune_method {
             PruneMethodArg::Magnitude => kiln::passes::prune::PruneMethod::Magnitude,
@@ -429,7 +485,8 @@ impl SkipArgs {
                     bail!("--prune-method wanda needs --calibration FILE (make one with `kiln calibrate`)");
                 }
                 let sparsity = pattern.map_or(sparsity.unwrap_or(0.0), |p| 1.0 - p.density());
-                Some(kiln::passes::prune::Prune { method, sparsity, table: Some(load_kernel_table()?), pattern })
+                let table = Some(load_kernel_table()?);
+                Some(kiln::passes::prune::Prune { method, sparsity, table, pattern, bitmap: self.bitmap_gran() })
             }
         };
         let build = Build {
@@ -989,6 +1046,7 @@ pub fn compile_build(
                 sparsity: j.prune,
                 table: table.clone(),
                 pattern: None,
+                bitmap: None,
             }),
             calibration: Some(calib.clone()),
             ..Default::default()

@@ -462,6 +462,7 @@ fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::Kernel
         cpu: "test".into(),
         entries: vec![e(1, decode), e(64, prefill)],
         nm: vec![],
+        bitmap: vec![],
     })
 }
 
@@ -484,7 +485,7 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     let want = steps(&mut di, &tokens, 9);
     let prune = |s: f64, method, table| Build {
         opts: all_logits(),
-        prune: Some(Prune { method, sparsity: s, table: Some(table), pattern: None }),
+        prune: Some(Prune { method, sparsity: s, table: Some(table), pattern: None, bitmap: None }),
         ..Default::default()
     };
     // Decode breaks even at 0.9, prefill at 0.3: at density 0.5 decode is sparse, prefill dense.
@@ -522,7 +523,7 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     assert!(format!("{err:#}").contains("calibration"), "{err:#}");
     let no_table = Build {
         opts: all_logits(),
-        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None, pattern: None }),
+        prune: Some(Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: None, pattern: None, bitmap: None }),
         ..Default::default()
     };
     assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
@@ -537,7 +538,15 @@ fn synthetic_nm_table(ratio: f64, patterns: &[(usize, usize)]) -> Arc<kiln::pass
             nm.push(NmMeasurement { dtype: DType::F32, k: 64, n: 64, m, pattern, ratio });
         }
     }
-    Arc::new(KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "test".into(), entries: vec![], nm })
+    let t = KernelTable {
+        format: KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: "test".into(),
+        entries: vec![],
+        nm,
+        bitmap: vec![],
+    };
+    Arc::new(t)
 }
 
 /// `prune` with an N:M pattern on a tiny model: every block linear becomes `nm_linear` (N:M kernel
@@ -572,6 +581,7 @@ fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
                 sparsity: 1.0 - pattern.density(),
                 table: Some(synthetic_nm_table(ratio, &all)),
                 pattern: Some(pattern),
+                bitmap: None,
             }),
             ..Default::default()
         };
@@ -647,8 +657,14 @@ fn prune_nm_pattern_on_quantized_weights_matches_the_interpreter() {
         let m = Model::load(&path).unwrap();
         for (pattern, ratio) in [(NmPattern::new(2, 4).unwrap(), 2.0), (NmPattern::new(3, 8).unwrap(), 0.5)] {
             let nm = [1, 64].map(|mm| NmMeasurement { dtype, k: 64, n: 64, m: mm, pattern, ratio }).to_vec();
-            let table =
-                KernelTable { format: KERNEL_TABLE_FORMAT.into(), version: 1, cpu: "t".into(), entries: vec![], nm };
+            let table = KernelTable {
+                format: KERNEL_TABLE_FORMAT.into(),
+                version: 1,
+                cpu: "t".into(),
+                entries: vec![],
+                nm,
+                bitmap: vec![],
+            };
             let build = Build {
                 opts: all_logits(),
                 prune: Some(Prune {
@@ -656,6 +672,7 @@ fn prune_nm_pattern_on_quantized_weights_matches_the_interpreter() {
                     sparsity: 1.0 - pattern.density(),
                     table: Some(Arc::new(table)),
                     pattern: Some(pattern),
+                    bitmap: None,
                 }),
                 ..Default::default()
             };
@@ -739,6 +756,18 @@ fn bench_kernels_writes_a_well_formed_table() {
         kiln(&["compile", m, "-o", dir.path().join("c").to_str().unwrap(), "--prune-pattern", "2:4", "--explain"]);
     assert_eq!(code, Some(0), "{err}");
     assert!(format!("{out}{err}").contains("2:4 kernel"), "{out}{err}");
+    // Bitmap: one ratio per (shape, granularity, sparsity, m); `--prune-pattern unstructured` and `1x8`
+    // compile with it and explain each choice with the measured ratios.
+    assert_eq!(table.bitmap.len(), want.len() / 2 * 2 * 3 * 2, "{:?}", table.bitmap);
+    assert!(table.bitmap.iter().all(|e| e.ratio.is_finite() && e.ratio > 0.0), "{:?}", table.bitmap);
+    for (pat, dir_name) in [("unstructured", "e"), ("1x8", "f")] {
+        let out_dir = dir.path().join(dir_name);
+        let args = ["compile", m, "-o", out_dir.to_str().unwrap(), "--prune-pattern", pat, "--prune-sparsity", "0.5"];
+        let (code, out, err) = kiln(&[&args[..], &["--explain"]].concat());
+        assert_eq!(code, Some(0), "{err}");
+        assert!(format!("{out}{err}").contains("bitmap kernel"), "{out}{err}");
+        assert!(format!("{out}{err}").contains(&format!("{pat} density 0.50")), "{out}{err}");
+    }
     // Bad patterns and combinations are errors naming the flag.
     for (args, want_err) in [
         (&["--prune-pattern", "2:3"][..], "--prune-pattern"),
@@ -746,6 +775,11 @@ fn bench_kernels_writes_a_well_formed_table() {
         (&["--prune-pattern", "2:4", "--prune-sparsity", "0.5"][..], "--prune-sparsity is for block32"),
         (&["--prune-pattern", "block32"][..], "needs --prune-sparsity"),
         (&["--prune-pattern", "2:4", "--prune-method", "wanda"][..], "calibration"),
+        (&["--prune-pattern", "unstructured"][..], "--prune-pattern unstructured needs --prune-sparsity"),
+        (&["--prune-pattern", "1x8"][..], "--prune-pattern 1x8 needs --prune-sparsity"),
+        (&["--prune-pattern", "1x4", "--prune-sparsity", "0.5"][..], "--prune-pattern"),
+        (&["--prune-pattern", "unstructured", "--prune-sparsity", "1.2"][..], "--prune-sparsity 1.2"),
+        (&["--prune-pattern", "unstructured", "--prune-sparsity", "0.5", "--prune-method", "wanda"][..], "calibration"),
     ] {
         let out_dir = dir.path().join("d");
         let mut a = vec!["compile", m, "-o", out_dir.to_str().unwrap()];
@@ -972,4 +1006,179 @@ fn early_exit_on_a_chess_model_matches_the_interpreter() {
     let tp = kiln::artifact::TensorParallel { tp: 2, rank: 0, fuse: false };
     let e = build_graph(&m, &Build { tp: Some(tp), ..build }).err().expect("refused").to_string();
     assert!(e.contains("masked_linear") && e.contains("cannot be split"), "{e}");
+}
+
+fn synthetic_bitmap_table(dtype: DType, ratio: f64) -> Arc<kiln::passes::prune::KernelTable> {
+    use kiln::passes::prune::{BitmapMeasurement, KernelTable, KERNEL_TABLE_FORMAT};
+    let mut bitmap = Vec::new();
+    for gran in [1, 8] {
+        for m in [1, 64] {
+            bitmap.push(BitmapMeasurement { dtype, k: 64, n: 64, m, gran, density: 0.5, ratio });
+        }
+    }
+    Arc::new(KernelTable {
+        format: KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: "test".into(),
+        entries: vec![],
+        nm: vec![],
+        bitmap,
+    })
+}
+
+/// `prune` unstructured and 1×8 (`--prune-pattern unstructured|1x8`) on a tiny f32 model: every block
+/// linear becomes `bitmap_linear` (kernel measured faster) or a plain linear on the pruned matrix
+/// (measured slower; f32 holds exact zeros); compiled equals the interpreter at 1 and 2 threads (decode
+/// and the 10-token prefill path), every row keeps exactly round((1 − s)·k) weights (whole runs of 8
+/// for 1×8), and sparsity 0 is the dense model bit for bit, compiled and interpreted.
+#[test]
+fn prune_bitmap_matches_the_interpreter_and_selects_by_measurement() {
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let src = tempfile::tempdir().unwrap();
+    let cfg = {
+        let mut c = tiny_config(Arch::Llama);
+        (c.hidden_size, c.head_dim, c.intermediate_size) = (64, 16, 160);
+        c
+    };
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 8), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    let dense = build_graph(&m, &Build::new(all_logits())).unwrap();
+    let mut di = InterpreterBackend::new(dense.graph, &dense.weights, 64).unwrap();
+    let want = steps(&mut di, &tokens, 9);
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &Build::new(all_logits()), art.path()).unwrap();
+    let want_compiled = steps(&mut CompiledBackend::load(art.path(), 1, None).unwrap(), &tokens, 9);
+    for (gran, s, ratio, want_bm) in
+        [(1, 0.5, 0.5, true), (8, 0.3, 0.9, true), (1, 0.7, 1.5, false), (1, 0.0, 0.5, false), (8, 0.0, 0.5, false)]
+    {
+        let build = Build {
+            opts: all_logits(),
+            prune: Some(Prune {
+                method: PruneMethod::Magnitude,
+                sparsity: s,
+                table: Some(synthetic_bitmap_table(DType::F32, ratio)),
+                pattern: None,
+                bitmap: Some(gran),
+            }),
+            ..Default::default()
+        };
+        let b = build_graph(&m, &build).unwrap();
+        let why = match (s == 0.0, want_bm) {
+            (true, _) => "drops nothing: dense",
+            (_, true) => "bitmap kernel no slower",
+            _ => "dense layout (zeros stored)",
+        };
+        assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains(why)), "{:?}", b.explanations);
+        let bm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::BitmapLinear { .. })).count();
+        assert_eq!(bm_ops, if want_bm { 2 * 7 } else { 0 }, "g{gran} s{s}");
+        // Every pruned weight (either layout) keeps round((1 − s)·k) non-zeros per row (the random
+        // weights have no zeros), in whole runs of 8 for 1×8.
+        for (name, t) in b.weights.iter().filter(|(n, _)| n.contains("#prune-")) {
+            let (vals, k) = if t.dtype == DType::F32 {
+                (t.to_f32().unwrap(), t.shape[1])
+            } else {
+                let Some(Op::BitmapLinear { kept, .. }) = b.graph.nodes.iter().find_map(|n| {
+                    let w = n.inputs.get(1).map(|w| &b.graph.node(*w).op);
+                    matches!(w, Some(Op::Weight { name: wn }) if wn == name).then_some(n.op.clone())
+                }) else {
+                    panic!("{name} has no bitmap_linear")
+                };
+                let k = [64, 160].into_iter().find(|&k| {
+                    k >= kept as usize
+                        && kiln::ir::sparse::bitmap::bitmap_row_bytes(DType::F32, gran, k, kept as usize)
+                            == t.shape[1] * 4
+                });
+                let w = kiln::ir::sparse::BitmapSparse {
+                    dtype: DType::F32,
+                    gran,
+                    n: t.shape[0],
+                    k: k.expect("a k of the model"),
+                    kept: kept as usize,
+                    data: t.bytes.to_vec(),
+                };
+                (w.dequantize().unwrap(), w.k)
+            };
+            let kept = kiln::ir::sparse::bitmap::bitmap_kept(gran, k, 1.0 - s);
+            for row in vals.chunks(k) {
+                assert_eq!(row.iter().filter(|v| **v != 0.0).count(), kept, "{name}");
+                for run in row.chunks(gran) {
+                    let nz = run.iter().filter(|v| **v != 0.0).count();
+                    assert!(nz == 0 || nz == gran, "{name}: a run of {gran} is split");
+                }
+            }
+        }
+        let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+        let reference = steps(&mut ib, &tokens, 9);
+        if s == 0.0 {
+            assert_eq!(reference, want, "sparsity 0 drops nothing: the dense model, bit for bit");
+        } else {
+            assert!(max_abs_diff(&reference, &want) > 1e-3, "pruning changes the model");
+        }
+        let art = tempfile::tempdir().unwrap();
+        let manifest = compile_build(&m, "test", &build, art.path()).unwrap();
+        let kernels: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+        let launches = kernels.iter().filter(|k| k.starts_with("kiln_bitmap_linear_")).count();
+        assert_eq!(launches, if want_bm { 2 * 7 } else { 0 }, "{kernels:?}");
+        for threads in [1, 2] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let got = steps(&mut cb, &tokens, 9);
+            if s == 0.0 {
+                assert_eq!(got, want_compiled, "sparsity 0: the dense compiled model, bit for bit");
+            }
+            let d = max_abs_diff(&got, &reference);
+            assert!(d < 1e-4, "g{gran} s{s} (ratio {ratio}), {threads} threads: compiled vs interpreter {d}");
+        }
+        let rec = manifest.records.iter().find(|r| r["pass"] == "prune").expect("prune record");
+        let what = if gran == 1 { "unstructured" } else { "1x8" };
+        assert!(rec.to_string().contains(&format!("\"pattern\":\"{what}\"")), "{rec}");
+    }
+}
+
+/// Unstructured and 1×8 on quantized tiny models (GGUF, matrices Q4_1/Q4_0/Q8_0/F16): the bitmap form
+/// keeps every kept code and block header, so compiled equals the interpreter; Q4_1 has no exact dense
+/// layout and always takes the bitmap kernel; Wanda with calibration-like norms differs from magnitude.
+#[test]
+fn prune_bitmap_on_quantized_weights_matches_the_interpreter() {
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16] {
+        let mut w = random_weights(&cfg, DType::F32, 3);
+        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+        for n in names {
+            let t = w.get(&n).unwrap().clone();
+            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.gguf");
+        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+        let m = Model::load(&path).unwrap();
+        for (gran, s, ratio) in [(1, 0.5, 2.0), (8, 0.25, 0.5), (1, 0.7, 0.5)] {
+            let build = Build {
+                opts: all_logits(),
+                prune: Some(Prune {
+                    method: PruneMethod::Magnitude,
+                    sparsity: s,
+                    table: Some(synthetic_bitmap_table(dtype, ratio)),
+                    pattern: None,
+                    bitmap: Some(gran),
+                }),
+                ..Default::default()
+            };
+            let b = build_graph(&m, &build).unwrap();
+            let bm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::BitmapLinear { .. })).count();
+            let want_bm = dtype == DType::Q4_1 || ratio <= 1.0;
+            assert_eq!(bm_ops, if want_bm { 2 * 7 } else { 0 }, "{dtype} g{gran} s{s}");
+            let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+            let reference = steps(&mut ib, &tokens, 9);
+            let art = tempfile::tempdir().unwrap();
+            compile_build(&m, "test", &build, art.path()).unwrap();
+            let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+            let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+            assert!(d < 1e-3, "{dtype} g{gran} s{s}: compiled vs interpreter {d}");
+        }
+    }
 }

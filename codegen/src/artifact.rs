@@ -138,6 +138,11 @@ pub(crate) fn emit_kernels<'ctx>(
                     &spec.symbol(),
                 )?;
             }
+            KernelSpec::BitmapLinear { dtype, gran, kept, k } => {
+                let bm = kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k);
+                let inner = kernels::bitmap::emit_bitmap_linear(ctx, module, &bm)?;
+                kernels::abi::wrap_linear(ctx, module, inner, 1, &spec.symbol())?;
+            }
             KernelSpec::ActiveLinear { dtype, k, n } if dtype.is_column() => {
                 use kernels::colactive::{emit_col_active, ColActiveKernelSpec, PREFILL_GROUP};
                 let decode = emit_col_active(ctx, module, &ColActiveKernelSpec::new(*dtype, *n, 1))?;

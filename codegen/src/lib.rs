@@ -96,6 +96,7 @@ impl Target for CpuTarget {
                 | Op::CoreSelect { .. }
                 | Op::SparseLinear { .. }
                 | Op::NmLinear { .. }
+                | Op::BitmapLinear { .. }
                 | Op::Reshape { .. }
                 | Op::Slice { .. }
                 | Op::Cast { .. }

@@ -59,6 +59,13 @@ pub enum KernelSpec {
         group: usize,
         k: usize,
     },
+    /// `bitmap_linear`: as `nm_linear`, the bitmap kernel (`kernels::bitmap`) in both phases.
+    BitmapLinear {
+        dtype: DType,
+        gran: usize,
+        kept: usize,
+        k: usize,
+    },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -88,6 +95,9 @@ impl KernelSpec {
                     "{}_x1",
                     crate::kernels::nm::NmLinearKernelSpec::new(*dtype, nm_pattern(*keep, *group), *k).symbol()
                 )
+            }
+            KernelSpec::BitmapLinear { dtype, gran, kept, k } => {
+                format!("{}_x1", crate::kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k).symbol())
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
@@ -658,6 +668,24 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let m = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
                 let spec = KernelSpec::NmLinear { dtype: *dtype, keep: pattern.keep, group: pattern.group, k };
+                cx.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                out
+            }
+            Op::BitmapLinear { dtype, gran, kept } => {
+                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
+                if !cx.is_weight(w) {
+                    return Err(cx.unsupported(i, "bitmap_linear packed weights must be a weight"));
+                }
+                let xs = &g.ty(n.inputs[0]).shape;
+                let k = fixed(xs.last().expect("typed")).ok_or_else(|| cx.unsupported(i, "symbolic k"))?;
+                let nn = fixed(&g.ty(n.inputs[1]).shape[0]).ok_or_else(|| cx.unsupported(i, "symbolic rows"))?;
+                let (gran, kept) = (*gran as usize, *kept as usize);
+                crate::kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, gran, kept, k)
+                    .validate()
+                    .map_err(|e| cx.unsupported(i, e.to_string()))?;
+                let m = xs[..xs.len() - 1].to_vec();
+                let out = cx.temp(i);
+                let spec = KernelSpec::BitmapLinear { dtype: *dtype, gran, kept, k };
                 cx.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }

@@ -660,6 +660,21 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             let wt = Tensor::f32(vec![w.n, w.k], wf);
             eval(&Op::Linear, &[args[0], &wt], env)
         }
+        // Decoded to the dense pruned matrix (validated first), then a plain linear.
+        Op::BitmapLinear { dtype, gran, kept } => {
+            let words = ints(args[1])?;
+            let w = crate::sparse::BitmapSparse {
+                dtype: *dtype,
+                gran: *gran as usize,
+                n: args[1].shape[0],
+                k: *args[0].shape.last().ok_or("bitmap_linear input must have rank ≥ 1")?,
+                kept: *kept as usize,
+                data: words.iter().flat_map(|&w| (w as i32).to_le_bytes()).collect(),
+            };
+            let wf = w.dequantize().map_err(|e| format!("bitmap_linear: {e}"))?;
+            let wt = Tensor::f32(vec![w.n, w.k], wf);
+            eval(&Op::Linear, &[args[0], &wt], env)
+        }
         Op::ActiveLinear => {
             let (x, wt) = (f(args[0])?, f(args[1])?);
             let (k, n) = (args[1].shape[0], args[1].shape[1]);

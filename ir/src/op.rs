@@ -297,6 +297,10 @@ ops! {
     /// with `W[N_out, K]` of `dtype` held as `packed` (`i32[N_out, row_bytes / 4]`, the rows' bytes),
     /// `keep` of every `group` consecutive elements of a row kept.
     NmLinear { dtype: DType, keep: i64, group: i64 } = "nm_linear" / 2;
+    /// A linear on unstructured (`gran` 1) or 1×8 (`gran` 8) pruned weights in the bitmap form
+    /// (`kiln_ir::sparse::bitmap`): `x[..., K] · Wᵀ` with `W[N_out, K]` of `dtype` held as `packed`
+    /// (`i32[N_out, row_bytes / 4]`), every row keeping `kept` elements.
+    BitmapLinear { dtype: DType, gran: i64, kept: i64 } = "bitmap_linear" / 2;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -354,9 +358,17 @@ fn same_dim(a: &Dim, b: &Dim, what: &str) -> Result<(), String> {
 
 impl Op {
     /// A linear map of `inputs[0]` by the weight `inputs[1]` (dense, masked-output, input-sparse,
-    /// block-sparse, N:M): the ops a pass may read as "the projection by this weight".
+    /// block-sparse, N:M, bitmap): the ops a pass may read as "the projection by this weight".
     pub fn is_weight_linear(&self) -> bool {
-        matches!(self, Op::Linear | Op::MaskedLinear | Op::ActiveLinear | Op::SparseLinear { .. } | Op::NmLinear { .. })
+        matches!(
+            self,
+            Op::Linear
+                | Op::MaskedLinear
+                | Op::ActiveLinear
+                | Op::SparseLinear { .. }
+                | Op::NmLinear { .. }
+                | Op::BitmapLinear { .. }
+        )
     }
 
     /// The type rule: the result type from operand types. Source ops (`input`, `weight`) declare their
@@ -532,6 +544,33 @@ impl Op {
                     }
                     let words = crate::sparse::nm::nm_row_bytes(*dtype, p, k as usize) / 4;
                     same_dim(&packed.shape[1], &Dim::fixed(words as i64), "nm_linear packed row words")?;
+                }
+                let mut shape = x.shape.clone();
+                *shape.last_mut().unwrap() = packed.shape[0].clone();
+                Ok(f32t(shape))
+            }
+            Op::BitmapLinear { dtype, gran, kept } => {
+                let (x, packed) = (ins[0], ins[1]);
+                want_float(x, "bitmap_linear input")?;
+                if packed.dtype != DType::I32 || packed.rank() != 2 {
+                    return Err(format!("bitmap_linear packed weights must be i32[_, _], found {packed}"));
+                }
+                if !crate::sparse::NM_DTYPES.contains(dtype) {
+                    return Err(format!("bitmap_linear weights of {dtype} are not supported"));
+                }
+                if !crate::sparse::bitmap::BITMAP_GRANS.contains(&(*gran as usize)) || *kept < 0 || kept % gran != 0 {
+                    return Err(format!("bitmap_linear: granularity {gran} with {kept} kept per row is not supported"));
+                }
+                let k = x.shape.last().ok_or("bitmap_linear input must have rank ≥ 1")?;
+                if let Some(k) = k.as_fixed() {
+                    if k <= 0 || k % 32 != 0 || *kept > k {
+                        return Err(format!(
+                            "bitmap_linear: k = {k} is not a positive multiple of 32 of at least {kept}"
+                        ));
+                    }
+                    let words =
+                        crate::sparse::bitmap::bitmap_row_bytes(*dtype, *gran as usize, k as usize, *kept as usize) / 4;
+                    same_dim(&packed.shape[1], &Dim::fixed(words as i64), "bitmap_linear packed row words")?;
                 }
                 let mut shape = x.shape.clone();
                 *shape.last_mut().unwrap() = packed.shape[0].clone();

@@ -20,7 +20,9 @@
 use crate::quant::{self, QuantError};
 use crate::DType;
 
+pub mod bitmap;
 pub mod nm;
+pub use bitmap::{prune_bitmap, BitmapSparse};
 pub use nm::{prune_nm, NmPattern, NmSparse, NM_DTYPES};
 
 /// Elements per sparse block (along `k`).
@@ -44,6 +46,8 @@ pub enum SparseError {
     Pattern(String),
     #[error("N:M-sparse {dtype} [{n}, {k}]: {what}")]
     NmInconsistent { dtype: DType, n: usize, k: usize, what: String },
+    #[error("bitmap-sparse {dtype} [{n}, {k}]: {what}")]
+    BitmapInconsistent { dtype: DType, n: usize, k: usize, what: String },
     #[error("density {0} is not in 0..=1")]
     Density(f64),
     #[error("{0}")]

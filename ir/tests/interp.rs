@@ -247,6 +247,21 @@ fn activation_sparsity_ops_by_hand() {
     let bad = src.replace("i32[1, 17]", "i32[1, 16]");
     assert!(parse(&bad).unwrap_err().to_string().contains("nm_linear packed row words"));
 
+    // bitmap_linear, unstructured f32 by hand: one row of k = 32 keeping columns 3 (2.0) and 30 (−1.0):
+    // codes, the block's u32 mask, 4 bytes of padding (8 past the codes). x[j] = j: y = 6 − 30 = −24.
+    let mut bytes: Vec<u8> = [2.0f32, -1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    bytes.extend(((1u32 << 3) | (1 << 30)).to_le_bytes());
+    bytes.extend([0; 4]);
+    w.insert("bm", TensorData { dtype: kiln_ir::DType::I32, shape: vec![1, 4], bytes: bytes.into() });
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"bm\"} : i32[1, 4]\n  %2 = bitmap_linear(%0, %1) {dtype = f32, gran = 1, kept = 2} : f32[seq, 1]\n  output \"y\" = %2");
+    let x = Tensor::f32(vec![1, 32], (0..32).map(|j| j as f32).collect());
+    let y = run1(&src, &[("x", x)], &w);
+    close(y.as_f32().unwrap(), &[-24.0], 1e-6);
+    let bad = src.replace("i32[1, 4]", "i32[1, 3]");
+    assert!(parse(&bad).unwrap_err().to_string().contains("bitmap_linear packed row words"));
+    let bad = src.replace("gran = 1", "gran = 4");
+    assert!(parse(&bad).unwrap_err().to_string().contains("granularity 4"));
+
     // Type rules: mismatched widths are errors naming the dimension.
     let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = weight {name = \"t\"} : f32[3]\n  %2 = threshold(%0, %1) : f32[seq, 4]\n  output \"y\" = %2");
     assert!(parse(&bad).unwrap_err().to_string().contains("threshold width"));

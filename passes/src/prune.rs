@@ -13,6 +13,7 @@
 //! zeroed matrix; the choice goes into the op's attributes, the manifest and `--explain`.
 
 use crate::{Pass, PassCx, PassError};
+use kiln_ir::sparse::bitmap::{prune_bitmap, zero_dropped};
 use kiln_ir::sparse::nm::{nm_dense_layout, NM_DTYPES};
 use kiln_ir::sparse::{prune_magnitude, prune_nm, prune_wanda, NmPattern, SPARSE_DTYPES};
 use kiln_ir::{DType, Dim, Graph, Node, Op, TensorData, TensorType, ValueId};
@@ -58,6 +59,19 @@ pub struct NmMeasurement {
     pub ratio: f64,
 }
 
+/// One measured bitmap-sparse kernel (unstructured or 1×8): its time over the dense kernel's on the
+/// unpruned weights at one kept share; below 1 it is faster.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BitmapMeasurement {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub gran: usize,
+    pub density: f64,
+    pub ratio: f64,
+}
+
 /// The cached table `kiln bench --kernels` writes (`format` = `kiln-kernel-table`, version 1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelTable {
@@ -69,6 +83,9 @@ pub struct KernelTable {
     /// N:M kernels (absent in tables written before they existed).
     #[serde(default)]
     pub nm: Vec<NmMeasurement>,
+    /// Bitmap kernels (absent in tables written before they existed).
+    #[serde(default)]
+    pub bitmap: Vec<BitmapMeasurement>,
 }
 
 pub const KERNEL_TABLE_FORMAT: &str = "kiln-kernel-table";
@@ -116,6 +133,35 @@ impl KernelTable {
         Some((e.ratio, format!("{}: {pattern} kernel {:.2}× dense time at m={m}{shape}", phase.name(), e.ratio)))
     }
 
+    /// The measured bitmap/dense time ratio for a `[n, k]` weight of `dtype`, granularity `gran`, kept
+    /// share `density`, in `phase` (the nearest measured shape, then the nearest measured density), with
+    /// a description.
+    pub fn bitmap_ratio(
+        &self,
+        dtype: DType,
+        k: usize,
+        n: usize,
+        gran: usize,
+        density: f64,
+        phase: Phase,
+    ) -> Option<(f64, String)> {
+        let m = phase.measured_m();
+        let e = self.bitmap.iter().filter(|e| e.dtype == dtype && e.m == m && e.gran == gran).min_by(|a, b| {
+            let key = |e: &BitmapMeasurement| (e.k * e.n).abs_diff(k * n) + usize::from(e.k != k || e.n != n);
+            key(a).cmp(&key(b)).then((a.density - density).abs().total_cmp(&(b.density - density).abs()))
+        })?;
+        let shape = if e.k == k && e.n == n { String::new() } else { format!(", nearest measured {}→{}", e.k, e.n) };
+        Some((
+            e.ratio,
+            format!(
+                "{}: bitmap kernel {:.2}× dense time at m={m} (measured at density {:.2}{shape})",
+                phase.name(),
+                e.ratio,
+                e.density
+            ),
+        ))
+    }
+
     /// Sparse or dense for a `[n, k]` weight of `dtype` at `density`, with the reason. Uses the exact
     /// shape's measurement, else the same dtype's with the nearest `k·n`; with none, dense.
     pub fn choose(&self, dtype: DType, k: usize, n: usize, density: f64, phase: Phase) -> (bool, String) {
@@ -149,6 +195,8 @@ pub struct Prune {
     pub table: Option<Arc<KernelTable>>,
     /// N:M pruning instead of 32-element blocks (`sparsity` is then ignored: the pattern fixes it).
     pub pattern: Option<NmPattern>,
+    /// Unstructured (1) or 1×8 (8) pruning instead of 32-element blocks, `sparsity` of every row.
+    pub bitmap: Option<usize>,
 }
 
 /// `n` copied into `out` with its inputs mapped.
@@ -196,6 +244,9 @@ impl Pass for Prune {
         }
         if !(0.0..1.0).contains(&self.sparsity) {
             return Err(fail(format!("sparsity {} is outside [0, 1)", self.sparsity)));
+        }
+        if let Some(gran) = self.bitmap {
+            return self.run_bitmap(g, cx, gran);
         }
         let table = self.table.as_ref().ok_or_else(|| {
             fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
@@ -396,6 +447,108 @@ impl Prune {
     }
 }
 
+impl Prune {
+    /// Unstructured / 1×8 pruning: every eligible linear keeps `round((1 − sparsity) · k)` elements per
+    /// row (runs of 8 for 1×8) and becomes `bitmap_linear` on the compact form, or, where the measured
+    /// bitmap kernel is slower than dense at decode and the dtype holds an exact 0 (f32, f16, Q4_0,
+    /// Q8_0), a plain `linear` on the pruned matrix in its own dtype. At sparsity 0 nothing is dropped
+    /// and the linear stays as it is.
+    fn run_bitmap(&self, g: &mut Graph, cx: &PassCx, gran: usize) -> Result<bool, PassError> {
+        let fail = |msg: String| PassError::Failed { pass: "prune", msg };
+        let table = self.table.as_ref().ok_or_else(|| {
+            fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
+        })?;
+        let cal = cx.calibration.as_ref();
+        if self.method == PruneMethod::Wanda && cal.is_none() {
+            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)".into()));
+        }
+        let what = if gran == 1 { "unstructured".to_string() } else { format!("1x{gran}") };
+        let tag = format!("prune-{}-{what}{}", self.method.name(), self.sparsity);
+        let density = 1.0 - self.sparsity;
+        let mut out = Graph::new(g.name.clone());
+        let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
+        let mut records = Vec::new();
+        let err = |e: kiln_ir::GraphError| fail(e.to_string());
+        for n in &g.nodes {
+            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let Some((name, layer, suffix)) = block_linear(g, n) else {
+                map.push(copy(&mut out, &map));
+                continue;
+            };
+            let (w, rows, k) = weight_matrix(cx, &name).map_err(fail)?;
+            if !NM_DTYPES.contains(&w.dtype) || !k.is_multiple_of(32) {
+                cx.explain("prune", format!("{name}: {} [{rows}, {k}] has no bitmap kernel: kept dense", w.dtype));
+                map.push(copy(&mut out, &map));
+                continue;
+            }
+            if self.sparsity == 0.0 {
+                cx.explain("prune", format!("{name}: {what} sparsity 0 drops nothing: dense"));
+                map.push(copy(&mut out, &map));
+                continue;
+            }
+            let norms = match self.method {
+                PruneMethod::Magnitude => None,
+                PruneMethod::Wanda => Some(act_norms(cal.expect("checked"), &name, layer, suffix, k).map_err(fail)?),
+            };
+            let bm = prune_bitmap(w.dtype, gran, rows, k, &w.bytes, density, norms)
+                .map_err(|e| fail(format!("{name}: {e}")))?;
+            bm.validate().map_err(|e| fail(format!("{name}: {e}")))?;
+            if bm.kept == 0 {
+                return Err(fail(format!("{name}: sparsity {} keeps nothing of {k} per row", self.sparsity)));
+            }
+            let kept = bm.density();
+            let dec = table.bitmap_ratio(w.dtype, k, rows, gran, kept, Phase::Decode);
+            let pre = table.bitmap_ratio(w.dtype, k, rows, gran, kept, Phase::Prefill);
+            let mask = bm.mask().map_err(|e| fail(format!("{name}: {e}")))?;
+            let dense = zero_dropped(w.dtype, k, &w.bytes, &mask);
+            let (use_bm, why) = match (&dec, &dense) {
+                (_, None) => {
+                    (true, format!("{} has no exact dense layout of the pruned matrix: bitmap kernel", w.dtype))
+                }
+                (None, Some(_)) => (false, format!("no bitmap measurement for {} {what}: dense layout", w.dtype)),
+                (Some((r, _)), Some(_)) if *r <= 1.0 => {
+                    (true, "bitmap kernel no slower than dense at decode: bitmap".into())
+                }
+                (Some(_), Some(_)) => {
+                    (false, "bitmap kernel slower than dense at decode: dense layout (zeros stored)".into())
+                }
+            };
+            let measured: Vec<&str> = [&dec, &pre].iter().filter_map(|m| m.as_ref().map(|(_, s)| s.as_str())).collect();
+            cx.explain("prune", format!("{name}: {what} density {kept:.2}; {}; {why}", measured.join("; ")));
+            records.push(serde_json::json!({
+                "weight": name,
+                "density": kept,
+                "layout": if use_bm { "bitmap" } else { "dense" },
+                "decode_ratio": dec.as_ref().map(|d| d.0),
+                "prefill_ratio": pre.as_ref().map(|d| d.0),
+            }));
+            let base = format!("{name}#{tag}");
+            let x = map[n.inputs[0].index()];
+            let (dname, t, op) = if use_bm {
+                let shape = vec![rows, bm.layout().row_bytes / 4];
+                let t = TensorData { dtype: DType::I32, shape, bytes: bm.data.clone().into() };
+                let op = Op::BitmapLinear { dtype: w.dtype, gran: gran as i64, kept: bm.kept as i64 };
+                (format!("{base}.bitmap"), t, op)
+            } else {
+                let t = TensorData { dtype: w.dtype, shape: w.shape.clone(), bytes: dense.expect("checked").into() };
+                (base, t, Op::Linear)
+            };
+            let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+            let wid = out.weight(&dname, ty).map_err(err)?;
+            cx.weights.borrow_mut().insert(dname, t);
+            map.push(out.add(op, &[x, wid]).map_err(err)?);
+        }
+        out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), map[v.index()])).collect();
+        let changed = !records.is_empty();
+        *g = out;
+        cx.record(
+            "prune",
+            serde_json::json!({"method": self.method.name(), "pattern": what, "sparsity": self.sparsity, "kernel_table_cpu": table.cpu, "linears": records}),
+        );
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,6 +561,7 @@ mod tests {
             cpu: "test".into(),
             entries: vec![e(1), e(64)],
             nm: vec![],
+            bitmap: vec![],
         }
     }
 

@@ -200,3 +200,103 @@ pub fn measure_nm(
     }
     Ok(out)
 }
+
+/// One measured bitmap-sparse kernel (`kernels::bitmap`): its time over the dense kernel's on the
+/// unpruned weights.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BitmapRatio {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    /// 1 (unstructured) or 8 (1×8).
+    pub gran: usize,
+    /// Kept share of each row.
+    pub density: f64,
+    /// Bitmap time / dense time (below 1: the bitmap kernel is faster).
+    pub ratio: f64,
+    /// Seconds per call: (dense, bitmap).
+    pub times: (f64, f64),
+}
+
+/// Times the bitmap kernel of every `(dtype, k, n)` (of the dtypes it supports), granularity and
+/// density against the dense kernel on the unpruned weights, at every `m` (one thread, random weights
+/// pruned by magnitude; paired timings as in [`measure_break_even`]).
+pub fn measure_bitmap(
+    shapes: &[(DType, usize, usize)],
+    grans: &[usize],
+    densities: &[f64],
+    ms: &[usize],
+    repeats: usize,
+    budget: Duration,
+) -> Result<Vec<BitmapRatio>, CodegenError> {
+    use super::bitmap::{emit_bitmap_linear, BitmapLinearKernelSpec};
+    use kiln_ir::sparse::bitmap::bitmap_kept;
+    let shapes: Vec<_> = shapes.iter().filter(|s| kiln_ir::sparse::NM_DTYPES.contains(&s.0)).copied().collect();
+    let ctx = Context::create();
+    let module = llvm::create_module(&ctx, "kiln_measure_bitmap");
+    for &(dtype, k, _) in &shapes {
+        for &g in grans {
+            for &d in densities {
+                emit_bitmap_linear(&ctx, &module, &BitmapLinearKernelSpec::new(dtype, g, bitmap_kept(g, k, d), k))?;
+            }
+        }
+        if module.get_function(&LinearKernelSpec::new(dtype, k).symbol()).is_none() {
+            emit_linear(&ctx, &module, &LinearKernelSpec::new(dtype, k))?;
+        }
+    }
+    let tm = llvm::host_target_machine()?;
+    llvm::optimize(&module, &tm)?;
+    let ee = module
+        .create_jit_execution_engine(OptimizationLevel::Aggressive)
+        .map_err(|e| CodegenError::Llvm(format!("JIT: {e}")))?;
+    let addr = |s: &str| ee.get_function_address(s).map_err(|e| CodegenError::Llvm(format!("JIT {s}: {e}")));
+    let mut state = 0x51_7cc1_b727_220au64;
+    let mut rnd = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let err = |e: kiln_ir::sparse::SparseError| CodegenError::InvalidSpec(e.to_string());
+    let mut out = Vec::new();
+    for &(dtype, k, n) in &shapes {
+        // SAFETY: the symbol was generated with exactly this signature.
+        let dense: LinearKernelFn = unsafe { std::mem::transmute(addr(&LinearKernelSpec::new(dtype, k).symbol())?) };
+        let vals: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+        let dense_w = kiln_ir::quant::quantize(dtype, &vals).map_err(|e| CodegenError::InvalidSpec(e.to_string()))?;
+        for &m in ms {
+            let x: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let mut y = vec![0f32; m * n];
+            for &g in grans {
+                for &d in densities {
+                    let w = kiln_ir::sparse::prune_bitmap(dtype, g, n, k, &dense_w, d, None).map_err(err)?;
+                    w.validate().map_err(err)?;
+                    let spec = BitmapLinearKernelSpec::new(dtype, g, w.kept, k);
+                    // SAFETY: as above.
+                    let bm: LinearKernelFn = unsafe { std::mem::transmute(addr(&spec.symbol())?) };
+                    let (mi, ni) = (m as i64, n as i64);
+                    // SAFETY: `w` is valid (n rows of the spec's layout); x and y are m · k and m · n.
+                    let ts = best_time(repeats, budget, || unsafe {
+                        bm(w.data.as_ptr(), x.as_ptr(), y.as_mut_ptr(), mi, ni, 0, ni)
+                    });
+                    // SAFETY: as above.
+                    let td = best_time(repeats, budget, || unsafe {
+                        dense(dense_w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), mi, ni, 0, ni)
+                    });
+                    out.push(BitmapRatio {
+                        dtype,
+                        k,
+                        n,
+                        m,
+                        gran: g,
+                        density: w.density(),
+                        ratio: ts / td,
+                        times: (td, ts),
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}

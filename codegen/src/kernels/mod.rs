@@ -12,6 +12,7 @@
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
+pub mod bitmap;
 pub mod colactive;
 pub mod coreinfer;
 pub mod embedding;

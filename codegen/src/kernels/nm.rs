@@ -125,17 +125,18 @@ pub fn emit_nm_linear<'ctx>(
     Ok(kb.func)
 }
 
+/// The linear ABI's buffers and sizes (shared with the bitmap kernels).
 #[derive(Clone, Copy)]
-struct Args<'ctx> {
-    w: PointerValue<'ctx>,
-    x: PointerValue<'ctx>,
-    y: PointerValue<'ctx>,
-    m: IntValue<'ctx>,
-    n: IntValue<'ctx>,
+pub(super) struct Args<'ctx> {
+    pub(super) w: PointerValue<'ctx>,
+    pub(super) x: PointerValue<'ctx>,
+    pub(super) y: PointerValue<'ctx>,
+    pub(super) m: IntValue<'ctx>,
+    pub(super) n: IntValue<'ctx>,
 }
 
 /// `<len x i32>` constant.
-fn i32_consts<'ctx>(kb: &Kb<'_, 'ctx>, v: impl IntoIterator<Item = usize>) -> VectorValue<'ctx> {
+pub(super) fn i32_consts<'ctx>(kb: &Kb<'_, 'ctx>, v: impl IntoIterator<Item = usize>) -> VectorValue<'ctx> {
     let vals: Vec<_> = v.into_iter().map(|x| kb.i32t.const_int(x as u64, false)).collect();
     inkwell::types::VectorType::const_vector(&vals)
 }
@@ -162,7 +163,7 @@ fn fields<'ctx>(kb: &Kb<'_, 'ctx>, p: PointerValue<'ctx>, len: usize, bits: usiz
 }
 
 /// The f16 at `p`, widened and broadcast to `<len x float>`.
-fn splat_f16<'ctx>(kb: &Kb<'_, 'ctx>, p: PointerValue<'ctx>, len: usize) -> R<VectorValue<'ctx>> {
+pub(super) fn splat_f16<'ctx>(kb: &Kb<'_, 'ctx>, p: PointerValue<'ctx>, len: usize) -> R<VectorValue<'ctx>> {
     let h = kb.load(kb.i16t.into(), p, 1)?;
     let h = kb.b.build_bit_cast(h, kb.ctx.f16_type(), "h")?.into_float_value();
     let f = kb.b.build_float_ext(h, kb.f32t, "scale")?;
@@ -366,7 +367,7 @@ fn emit_panel<'ctx>(
             Ok(())
         })?;
         emit_x_tiles(kb, PANEL_TILE_M, kb.i64c(0), a.m, |i0, t| {
-            emit_tile(kb, spec, a, i0, t, r, &|b| {
+            emit_tile(kb, spec.k, a, i0, t, r, &|b| {
                 let src = kb.gep(kb.f32t.into(), buf, kb.b.build_int_nsw_mul(b, kb.i64c(NM_BLOCK as i64), "bo")?)?;
                 let v8: BasicTypeEnum = kb.v8f32.into();
                 let chunk = |c: usize| -> R<VectorValue<'ctx>> {
@@ -379,11 +380,11 @@ fn emit_panel<'ctx>(
     })
 }
 
-/// Row `r` against the `t` x rows from `i0`, over all blocks; `weights(b)` gives block b's 4 chunks.
-#[allow(clippy::too_many_arguments)]
-fn emit_tile<'ctx>(
+/// Row `r` against the `t` x rows from `i0`, over all `k / 32` blocks; `weights(b)` gives block b's 4
+/// chunks (called once per block, in order).
+pub(super) fn emit_tile<'ctx>(
     kb: &Kb<'_, 'ctx>,
-    spec: &NmLinearKernelSpec,
+    k: usize,
     a: Args<'ctx>,
     i0: IntValue<'ctx>,
     t: usize,
@@ -391,7 +392,8 @@ fn emit_tile<'ctx>(
     weights: &dyn Fn(IntValue<'ctx>) -> R<[VectorValue<'ctx>; 4]>,
 ) -> R<()> {
     let nacc = tail_accumulators(t);
-    let k = kb.i64c(spec.k as i64);
+    let blocks = kb.i64c((k / NM_BLOCK) as i64);
+    let k = kb.i64c(k as i64);
     let mut xrows = Vec::with_capacity(t);
     let mut youts = Vec::with_capacity(t);
     for ti in 0..t {
@@ -407,7 +409,6 @@ fn emit_tile<'ctx>(
     let load_accs = || -> R<Vec<VectorValue<'ctx>>> {
         slots.iter().map(|s| Ok(kb.load(kb.v8f32.into(), *s, 32)?.into_vector_value())).collect()
     };
-    let blocks = kb.i64c((spec.k / NM_BLOCK) as i64);
     kb.for_loop(kb.i64c(0), blocks, kb.i64c(1), "blk", |b| {
         let xoff = kb.b.build_int_nsw_mul(b, kb.i64c(NM_BLOCK as i64), "xblk")?;
         let w = weights(b)?;

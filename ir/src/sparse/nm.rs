@@ -152,7 +152,7 @@ pub struct NmSparse {
 }
 
 /// Code `e` of a packed run of 4-bit fields.
-fn nibble(bytes: &[u8], e: usize) -> u8 {
+pub(crate) fn nibble(bytes: &[u8], e: usize) -> u8 {
     (bytes[e / 2] >> (4 * (e % 2))) & 0x0F
 }
 

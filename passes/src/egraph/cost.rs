@@ -77,7 +77,8 @@ impl CostModel {
             | Op::MaskedLinear
             | Op::ActiveLinear
             | Op::SparseLinear { .. }
-            | Op::NmLinear { .. } => {
+            | Op::NmLinear { .. }
+            | Op::BitmapLinear { .. } => {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
