@@ -387,6 +387,33 @@ pub fn decode_seconds(
     Ok(best)
 }
 
+/// The decode time of `candidate` over that of `reference`, measured in `rounds` adjacent pairs (the
+/// order alternating) of [`decode_seconds`] runs of `steps` steps; the median ratio. Pairing is what
+/// makes candidates measured minutes apart comparable on a shared machine: the load drifts between
+/// candidates, much less between two runs a second apart.
+pub fn paired_decode_ratio(
+    reference: &mut dyn kiln_runtime::Backend,
+    candidate: &mut dyn kiln_runtime::Backend,
+    prompt: &[u32],
+    steps: usize,
+    rounds: usize,
+) -> anyhow::Result<f64> {
+    anyhow::ensure!(rounds > 0, "decode timing needs a prompt, steps and rounds");
+    let mut ratios = Vec::with_capacity(rounds);
+    for r in 0..rounds {
+        let (c, d) = if r % 2 == 0 {
+            let d = decode_seconds(reference, prompt, steps, 1)?;
+            (decode_seconds(candidate, prompt, steps, 1)?, d)
+        } else {
+            let c = decode_seconds(candidate, prompt, steps, 1)?;
+            (c, decode_seconds(reference, prompt, steps, 1)?)
+        };
+        ratios.push(c / d.max(f64::MIN_POSITIVE));
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(ratios[ratios.len() / 2])
+}
+
 /// CPU seconds this process has used (every thread).
 fn process_cpu_seconds() -> anyhow::Result<f64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };

@@ -973,9 +973,9 @@ pub struct BudgetArgs {
     /// --calibration; the choice, the path and every measurement go into the manifest).
     #[arg(long, value_name = "ppl+X%", conflicts_with = "skip_layers")]
     pub quality_budget: Option<String>,
-    /// What the budget search minimises: `measured` = CPU seconds per decode step of each candidate's
-    /// compiled artifact on this machine (best of 5 runs of 32 steps, with --budget-threads; CPU time, so
-    /// other work sharing the cores does not skew it; use --budget-threads 1 on a busy machine), `bytes` =
+    /// What the budget search minimises: `measured` = each candidate's decode CPU time on this machine
+    /// over the dense model's, timed in 7 adjacent pairs of 32-step runs (median ratio; with
+    /// --budget-threads; use --budget-threads 1 on a busy machine), `bytes` =
     /// the weight bytes one decode step reads (an estimate: deterministic, but blind to kernel
     /// efficiency and launch counts).
     #[arg(long, value_enum, default_value_t = BudgetCost::Measured)]
@@ -1056,6 +1056,8 @@ pub fn compile_build(
     // Decode timing: a short prompt from the text, then 32 steps (the artifact is the one just measured).
     let prompt = &tokens[..tokens.len().min(8)];
     let mut bytes: Vec<(Joint, f64)> = Vec::new();
+    // The dense model's backend, loaded once: every candidate is timed in pairs against it.
+    let mut reference: Option<CompiledBackend> = None;
     let choice = kiln::budget::search_joint(
         qb,
         &axes,
@@ -1068,10 +1070,16 @@ pub fn compile_build(
             match budget.budget_cost {
                 BudgetCost::Bytes => Ok(est),
                 BudgetCost::Measured => {
-                    let mut backend = compiled(path, m, &b, budget.budget_threads, prompt.len() + 40)?;
-                    let s = kiln::budget::decode_seconds(&mut backend, prompt, 32, 5)?;
-                    eprintln!("[budget: {} → {:.2} CPU ms per decode step]", j.describe(), s * 1e3);
-                    Ok(s)
+                    let cap = prompt.len() + 40;
+                    if reference.is_none() {
+                        let dense = joint_build(&Joint::default(), all.clone());
+                        reference = Some(compiled(path, m, &dense, budget.budget_threads, cap)?);
+                    }
+                    let dense = reference.as_mut().expect("just loaded");
+                    let mut backend = compiled(path, m, &b, budget.budget_threads, cap)?;
+                    let r = kiln::budget::paired_decode_ratio(dense, &mut backend, prompt, 32, 7)?;
+                    eprintln!("[budget: {} → decode CPU time {:.3}× dense]", j.describe(), r);
+                    Ok(r)
                 }
             }
         },
@@ -1111,7 +1119,7 @@ pub fn compile_build(
         "search": "greedy coordinate steps over skip-layers (influence) × chess (MLP) × chess (attention inputs), per-layer thresholds × prune (magnitude) × structured-prune, \
                    most decode cost saved per unit of calibration perplexity added",
         "cost": match budget.budget_cost {
-            BudgetCost::Measured => "measured CPU seconds per decode step (best of 5 runs of 32 steps)",
+            BudgetCost::Measured => "measured decode CPU time over the dense model's (median of 7 adjacent pairs of 32-step runs)",
             BudgetCost::Bytes => "estimated weight bytes per decode step",
         },
         "min_saving": min_saving,

@@ -425,4 +425,11 @@ fn budget_decode_timing_runs_steps_and_resets() {
         let e = kiln::budget::decode_seconds(&mut ib, prompt, steps, rounds).unwrap_err();
         assert!(e.to_string().contains("decode timing needs"), "{e}");
     }
+    // Paired against another backend: a positive ratio, both backends left empty.
+    let b2 = build_graph(&m, &Build { opts: all_logits(), ..Default::default() }).unwrap();
+    let mut other = InterpreterBackend::new(b2.graph, &b2.weights, 64).unwrap();
+    let r = kiln::budget::paired_decode_ratio(&mut ib, &mut other, &[1, 2, 3], 4, 3).unwrap();
+    assert!(r.is_finite() && r > 0.0, "{r}");
+    assert_eq!((kiln::runtime::Backend::position(&ib), kiln::runtime::Backend::position(&other)), (0, 0));
+    assert!(kiln::budget::paired_decode_ratio(&mut ib, &mut other, &[1], 4, 0).is_err());
 }
