@@ -125,10 +125,7 @@ pub fn emit_bitmap_linear<'ctx>(
         emit_direct(&kb, spec, a, rows, e_slot)?;
     }
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The module's 256 × 8-byte table: entry `8·byte + l` = popcount(byte & ((1 << l) − 1)).

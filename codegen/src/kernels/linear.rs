@@ -214,10 +214,7 @@ pub fn emit_linear<'ctx>(
     let kb = Kb::new(ctx, module, &name, spec.residual)?;
     let fmt = Format::new(spec.dtype, spec.k);
     emit_body(&kb, &fmt, spec)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The kernel `name` if `module` already defines it (kernels are shared by equal specs); an error if it
@@ -1037,6 +1034,14 @@ pub(crate) struct Kb<'a, 'ctx> {
 }
 
 impl<'a, 'ctx> Kb<'a, 'ctx> {
+    /// The finished kernel `name` (this builder's function), once LLVM's verifier accepts it.
+    pub(crate) fn verified(&self, name: &str) -> R<FunctionValue<'ctx>> {
+        if !self.func.verify(false) {
+            return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
+        }
+        Ok(self.func)
+    }
+
     /// Declares the kernel `name` with the linear ABI and positions a builder in its entry block.
     pub(crate) fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str, residual: bool) -> R<Self> {
         use Param::*;

@@ -119,10 +119,7 @@ pub fn emit_nm_linear<'ctx>(
         emit_direct(&kb, spec, a, rows)?;
     }
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The linear ABI's buffers and sizes (shared with the bitmap kernels).
