@@ -104,15 +104,7 @@ pub fn emit_bitmap_linear<'ctx>(
         return Ok(f);
     }
     let kb = Kb::new(ctx, module, &name, false)?;
-    let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let a = Args {
-        w: p(0).into_pointer_value(),
-        x: p(1).into_pointer_value(),
-        y: p(2).into_pointer_value(),
-        m: p(3).into_int_value(),
-        n: p(4).into_int_value(),
-    };
-    let rows = (p(5).into_int_value(), p(6).into_int_value());
+    let (a, rows) = Args::from_params(&kb);
     let e_slot = kb.entry_alloca(kb.i64t.into())?;
     if spec.k <= PANEL_MAX_K {
         emit_split_on_m(

@@ -104,15 +104,7 @@ pub fn emit_nm_linear<'ctx>(
         return Ok(f);
     }
     let kb = Kb::new(ctx, module, &name, false)?;
-    let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let a = Args {
-        w: p(0).into_pointer_value(),
-        x: p(1).into_pointer_value(),
-        y: p(2).into_pointer_value(),
-        m: p(3).into_int_value(),
-        n: p(4).into_int_value(),
-    };
-    let rows = (p(5).into_int_value(), p(6).into_int_value());
+    let (a, rows) = Args::from_params(&kb);
     if spec.k <= PANEL_MAX_K {
         emit_split_on_m(&kb, a.m, || emit_panel(&kb, spec, a, rows), || emit_direct(&kb, spec, a, rows))?;
     } else {
@@ -130,6 +122,22 @@ pub(super) struct Args<'ctx> {
     pub(super) y: PointerValue<'ctx>,
     pub(super) m: IntValue<'ctx>,
     pub(super) n: IntValue<'ctx>,
+}
+
+impl<'ctx> Args<'ctx> {
+    /// The buffers and sizes of `kb`'s kernel (declared with the linear ABI by [`Kb::new`]), and its
+    /// output row range `(row_begin, row_end)`.
+    pub(super) fn from_params(kb: &Kb<'_, 'ctx>) -> (Self, (IntValue<'ctx>, IntValue<'ctx>)) {
+        let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
+        let a = Args {
+            w: p(0).into_pointer_value(),
+            x: p(1).into_pointer_value(),
+            y: p(2).into_pointer_value(),
+            m: p(3).into_int_value(),
+            n: p(4).into_int_value(),
+        };
+        (a, (p(5).into_int_value(), p(6).into_int_value()))
+    }
 }
 
 /// `<len x i32>` constant.
