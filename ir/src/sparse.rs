@@ -322,12 +322,14 @@ fn prune_by(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    /// A random `n × k` matrix of `dtype` (values uniform in [-1, 1) before quantizing): its bytes and
+    /// their dequantized values.
+    pub(crate) fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
         let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let bytes = quant::quantize(dtype, &vals).unwrap();
         let mut wf = vec![0f32; n * k];

@@ -364,18 +364,11 @@ pub fn prune_bitmap(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::random;
     use super::*;
     use crate::quant;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-        let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let bytes = quant::quantize(dtype, &vals).unwrap();
-        let mut wf = vec![0f32; n * k];
-        quant::dequantize(dtype, &bytes, &mut wf).unwrap();
-        (bytes, wf)
-    }
 
     #[test]
     fn sizes_match_the_documented_numbers() {

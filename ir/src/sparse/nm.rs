@@ -421,6 +421,7 @@ pub fn prune_nm(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::random;
     use super::*;
     use crate::quant;
     use rand::rngs::StdRng;
@@ -434,14 +435,6 @@ mod tests {
             }
         }
         v
-    }
-
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-        let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let bytes = quant::quantize(dtype, &vals).unwrap();
-        let mut wf = vec![0f32; n * k];
-        quant::dequantize(dtype, &bytes, &mut wf).unwrap();
-        (bytes, wf)
     }
 
     #[test]
