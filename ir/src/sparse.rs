@@ -255,8 +255,7 @@ pub fn prune_wanda(
 /// is transposed exactly). `n` must be a multiple of 32.
 pub fn transpose_requantize(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> Result<Vec<u8>, SparseError> {
     check_shape(dtype, n)?;
-    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
-    quant::dequantize(dtype, bytes, &mut wf)?;
+    let wf = dequantize_matrix(dtype, n, k, bytes)?;
     let mut t = vec![0f32; n * k];
     for r in 0..n {
         for j in 0..k {
@@ -264,6 +263,24 @@ pub fn transpose_requantize(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> R
         }
     }
     Ok(quant::quantize(dtype, &t)?)
+}
+
+/// The `n × k` matrix `bytes` of `dtype`, dequantized (for ranking weights by magnitude).
+pub(crate) fn dequantize_matrix(dtype: DType, n: usize, k: usize, bytes: &[u8]) -> Result<Vec<f32>, SparseError> {
+    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
+    quant::dequantize(dtype, bytes, &mut wf)?;
+    Ok(wf)
+}
+
+/// Sorts `(score, index)` pairs best first: by decreasing score, ties by increasing index; NaN scores
+/// (from NaN weights) rank last.
+pub(crate) fn rank_best_first(order: &mut [(f64, usize)]) {
+    for e in order.iter_mut() {
+        if e.0.is_nan() {
+            e.0 = f64::NEG_INFINITY;
+        }
+    }
+    order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
 }
 
 /// Per row, the blocks ranked by `Σ_j (w_j · scale(j))²` (descending, ties to the lower index), the
@@ -280,8 +297,7 @@ fn prune_by(
     if !(0.0..=1.0).contains(&density) {
         return Err(SparseError::Density(density));
     }
-    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
-    quant::dequantize(dtype, bytes, &mut wf)?;
+    let wf = dequantize_matrix(dtype, n, k, bytes)?;
     let bpr = k / SPARSE_BLOCK;
     let keep_per_row = ((density * bpr as f64).round() as usize).min(bpr);
     let mut kept = vec![false; n * bpr];
@@ -295,10 +311,9 @@ fn prune_by(
                     v * v
                 })
                 .sum();
-            // NaN weights rank last.
-            order.push((if score.is_nan() { f64::NEG_INFINITY } else { score }, b));
+            order.push((score, b));
         }
-        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        rank_best_first(&mut order);
         for &(_, b) in &order[..keep_per_row] {
             kept[r * bpr + b] = true;
         }
@@ -307,12 +322,14 @@ fn prune_by(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
+    /// A random `n × k` matrix of `dtype` (values uniform in [-1, 1) before quantizing): its bytes and
+    /// their dequantized values.
+    pub(crate) fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
         let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
         let bytes = quant::quantize(dtype, &vals).unwrap();
         let mut wf = vec![0f32; n * k];

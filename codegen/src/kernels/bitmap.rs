@@ -104,15 +104,7 @@ pub fn emit_bitmap_linear<'ctx>(
         return Ok(f);
     }
     let kb = Kb::new(ctx, module, &name, false)?;
-    let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let a = Args {
-        w: p(0).into_pointer_value(),
-        x: p(1).into_pointer_value(),
-        y: p(2).into_pointer_value(),
-        m: p(3).into_int_value(),
-        n: p(4).into_int_value(),
-    };
-    let rows = (p(5).into_int_value(), p(6).into_int_value());
+    let (a, rows) = Args::from_params(&kb);
     let e_slot = kb.entry_alloca(kb.i64t.into())?;
     if spec.k <= PANEL_MAX_K {
         emit_split_on_m(
@@ -125,10 +117,7 @@ pub fn emit_bitmap_linear<'ctx>(
         emit_direct(&kb, spec, a, rows, e_slot)?;
     }
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The module's 256 × 8-byte table: entry `8·byte + l` = popcount(byte & ((1 << l) − 1)).
@@ -369,38 +358,24 @@ pub fn run_bitmap_linear(
 #[cfg(test)]
 mod tests {
     use super::super::linear::tests::random_weights;
-    use super::super::linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+    use super::super::linear::tests::{with_sparse_and_dense, SparseTestSpec};
+    use super::super::linear::LinearKernelSpec;
     use super::*;
-    use crate::llvm;
-    use inkwell::OptimizationLevel;
     use kiln_ir::sparse::bitmap::bitmap_kept;
     use kiln_ir::sparse::prune_bitmap;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// JIT-compiles the bitmap kernel of each spec and the dense kernel of its (dtype, k).
-    fn with_kernels(specs: &[BitmapLinearKernelSpec], f: impl FnOnce(&[(BitmapLinearKernelFn, LinearKernelFn)])) {
-        let ctx = Context::create();
-        let module = llvm::create_module(&ctx, "bitmap_test");
-        for s in specs {
-            emit_bitmap_linear(&ctx, &module, s).unwrap();
-            emit_linear(&ctx, &module, &LinearKernelSpec::new(s.dtype, s.k)).unwrap();
+    impl SparseTestSpec for BitmapLinearKernelSpec {
+        fn emit<'ctx>(&self, ctx: &'ctx Context, module: &Module<'ctx>) -> Result<FunctionValue<'ctx>, CodegenError> {
+            emit_bitmap_linear(ctx, module, self)
         }
-        let tm = llvm::host_target_machine().unwrap();
-        llvm::optimize(&module, &tm).unwrap();
-        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
-        let fns: Vec<_> = specs
-            .iter()
-            .map(|s| {
-                let a = ee.get_function_address(&s.symbol()).unwrap();
-                let d = ee.get_function_address(&LinearKernelSpec::new(s.dtype, s.k).symbol()).unwrap();
-                // SAFETY: both symbols were generated with exactly this signature.
-                unsafe {
-                    (std::mem::transmute::<usize, LinearKernelFn>(a), std::mem::transmute::<usize, LinearKernelFn>(d))
-                }
-            })
-            .collect();
-        f(&fns);
+        fn sparse_symbol(&self) -> String {
+            self.symbol()
+        }
+        fn dense(&self) -> LinearKernelSpec {
+            LinearKernelSpec::new(self.dtype, self.k)
+        }
     }
 
     const SENTINEL: u32 = 0x7fc0_dead;
@@ -421,7 +396,7 @@ mod tests {
                 }
             }
         }
-        with_kernels(&specs, |fns| {
+        with_sparse_and_dense(&specs, |fns| {
             for (spec, &(bm, dense)) in specs.iter().zip(fns) {
                 let (dtype, k) = (spec.dtype, spec.k);
                 let density = spec.kept as f64 / k as f64;

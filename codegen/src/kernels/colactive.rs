@@ -301,10 +301,7 @@ pub fn emit_col_active<'ctx>(
         Ok(())
     })?;
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The active-block lists of channels `idx` (increasing, each `< k`): `(bptr, blk)` as the kernel

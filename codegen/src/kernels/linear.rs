@@ -214,10 +214,7 @@ pub fn emit_linear<'ctx>(
     let kb = Kb::new(ctx, module, &name, spec.residual)?;
     let fmt = Format::new(spec.dtype, spec.k);
     emit_body(&kb, &fmt, spec)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The kernel `name` if `module` already defines it (kernels are shared by equal specs); an error if it
@@ -1037,6 +1034,14 @@ pub(crate) struct Kb<'a, 'ctx> {
 }
 
 impl<'a, 'ctx> Kb<'a, 'ctx> {
+    /// The finished kernel `name` (this builder's function), once LLVM's verifier accepts it.
+    pub(crate) fn verified(&self, name: &str) -> R<FunctionValue<'ctx>> {
+        if !self.func.verify(false) {
+            return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
+        }
+        Ok(self.func)
+    }
+
     /// Declares the kernel `name` with the linear ABI and positions a builder in its entry block.
     pub(crate) fn new(ctx: &'ctx Context, module: &'a Module<'ctx>, name: &str, residual: bool) -> R<Self> {
         use Param::*;
@@ -1286,6 +1291,46 @@ pub(crate) mod tests {
                 let addr = ee.get_function_address(&s.symbol()).unwrap();
                 // SAFETY: the symbol was generated with exactly this signature.
                 unsafe { std::mem::transmute::<usize, LinearKernelFn>(addr) }
+            })
+            .collect();
+        f(&fns);
+    }
+
+    /// A sparse linear kernel spec whose tests JIT-compile it beside the dense kernel of its (dtype, k).
+    pub(crate) trait SparseTestSpec {
+        /// Generates the sparse kernel into `module`.
+        fn emit<'ctx>(&self, ctx: &'ctx Context, module: &Module<'ctx>) -> Result<FunctionValue<'ctx>, CodegenError>;
+        /// The sparse kernel's symbol.
+        fn sparse_symbol(&self) -> String;
+        /// The dense kernel of the same dtype and `k`.
+        fn dense(&self) -> LinearKernelSpec;
+    }
+
+    /// Generates the sparse kernel of each spec and the dense kernel of its (dtype, k) into one module,
+    /// optimizes it for the host, JIT-compiles it and hands the (sparse, dense) pairs, in `specs` order,
+    /// to `f`. Both kernels share the [`LinearKernelFn`] ABI.
+    pub(crate) fn with_sparse_and_dense<S: SparseTestSpec>(
+        specs: &[S],
+        f: impl FnOnce(&[(LinearKernelFn, LinearKernelFn)]),
+    ) {
+        let ctx = Context::create();
+        let module = llvm::create_module(&ctx, "sparse_test");
+        for s in specs {
+            s.emit(&ctx, &module).unwrap();
+            emit_linear(&ctx, &module, &s.dense()).unwrap();
+        }
+        let tm = llvm::host_target_machine().unwrap();
+        llvm::optimize(&module, &tm).unwrap();
+        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
+        let fns: Vec<_> = specs
+            .iter()
+            .map(|s| {
+                let a = ee.get_function_address(&s.sparse_symbol()).unwrap();
+                let d = ee.get_function_address(&s.dense().symbol()).unwrap();
+                // SAFETY: both symbols were generated with exactly this signature.
+                unsafe {
+                    (std::mem::transmute::<usize, LinearKernelFn>(a), std::mem::transmute::<usize, LinearKernelFn>(d))
+                }
             })
             .collect();
         f(&fns);

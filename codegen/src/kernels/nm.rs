@@ -104,25 +104,14 @@ pub fn emit_nm_linear<'ctx>(
         return Ok(f);
     }
     let kb = Kb::new(ctx, module, &name, false)?;
-    let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
-    let a = Args {
-        w: p(0).into_pointer_value(),
-        x: p(1).into_pointer_value(),
-        y: p(2).into_pointer_value(),
-        m: p(3).into_int_value(),
-        n: p(4).into_int_value(),
-    };
-    let rows = (p(5).into_int_value(), p(6).into_int_value());
+    let (a, rows) = Args::from_params(&kb);
     if spec.k <= PANEL_MAX_K {
         emit_split_on_m(&kb, a.m, || emit_panel(&kb, spec, a, rows), || emit_direct(&kb, spec, a, rows))?;
     } else {
         emit_direct(&kb, spec, a, rows)?;
     }
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The linear ABI's buffers and sizes (shared with the bitmap kernels).
@@ -133,6 +122,22 @@ pub(super) struct Args<'ctx> {
     pub(super) y: PointerValue<'ctx>,
     pub(super) m: IntValue<'ctx>,
     pub(super) n: IntValue<'ctx>,
+}
+
+impl<'ctx> Args<'ctx> {
+    /// The buffers and sizes of `kb`'s kernel (declared with the linear ABI by [`Kb::new`]), and its
+    /// output row range `(row_begin, row_end)`.
+    pub(super) fn from_params(kb: &Kb<'_, 'ctx>) -> (Self, (IntValue<'ctx>, IntValue<'ctx>)) {
+        let p = |i: u32| kb.func.get_nth_param(i).expect("7 params");
+        let a = Args {
+            w: p(0).into_pointer_value(),
+            x: p(1).into_pointer_value(),
+            y: p(2).into_pointer_value(),
+            m: p(3).into_int_value(),
+            n: p(4).into_int_value(),
+        };
+        (a, (p(5).into_int_value(), p(6).into_int_value()))
+    }
 }
 
 /// `<len x i32>` constant.
@@ -464,37 +469,23 @@ pub fn run_nm_linear(
 #[cfg(test)]
 mod tests {
     use super::super::linear::tests::random_weights;
-    use super::super::linear::{emit_linear, LinearKernelFn, LinearKernelSpec};
+    use super::super::linear::tests::{with_sparse_and_dense, SparseTestSpec};
+    use super::super::linear::LinearKernelSpec;
     use super::*;
-    use crate::llvm;
-    use inkwell::OptimizationLevel;
     use kiln_ir::sparse::prune_nm;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    /// JIT-compiles the N:M kernel of each spec and the dense kernel of its (dtype, k), in order.
-    fn with_nm_and_dense(specs: &[NmLinearKernelSpec], f: impl FnOnce(&[(NmLinearKernelFn, LinearKernelFn)])) {
-        let ctx = Context::create();
-        let module = llvm::create_module(&ctx, "nm_test");
-        for s in specs {
-            emit_nm_linear(&ctx, &module, s).unwrap();
-            emit_linear(&ctx, &module, &LinearKernelSpec::new(s.dtype, s.k)).unwrap();
+    impl SparseTestSpec for NmLinearKernelSpec {
+        fn emit<'ctx>(&self, ctx: &'ctx Context, module: &Module<'ctx>) -> Result<FunctionValue<'ctx>, CodegenError> {
+            emit_nm_linear(ctx, module, self)
         }
-        let tm = llvm::host_target_machine().unwrap();
-        llvm::optimize(&module, &tm).unwrap();
-        let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
-        let fns: Vec<_> = specs
-            .iter()
-            .map(|s| {
-                let a = ee.get_function_address(&s.symbol()).unwrap();
-                let d = ee.get_function_address(&LinearKernelSpec::new(s.dtype, s.k).symbol()).unwrap();
-                // SAFETY: both symbols were generated with exactly this signature.
-                unsafe {
-                    (std::mem::transmute::<usize, LinearKernelFn>(a), std::mem::transmute::<usize, LinearKernelFn>(d))
-                }
-            })
-            .collect();
-        f(&fns);
+        fn sparse_symbol(&self) -> String {
+            self.symbol()
+        }
+        fn dense(&self) -> LinearKernelSpec {
+            LinearKernelSpec::new(self.dtype, self.k)
+        }
     }
 
     const SENTINEL: u32 = 0x7fc0_dead;
@@ -512,7 +503,7 @@ mod tests {
                 specs.push(NmLinearKernelSpec::new(dtype, NmPattern::new(keep, group).unwrap(), k));
             }
         }
-        with_nm_and_dense(&specs, |fns| {
+        with_sparse_and_dense(&specs, |fns| {
             for (spec, &(nm, dense)) in specs.iter().zip(fns) {
                 let (dtype, k) = (spec.dtype, spec.k);
                 for n in [1usize, 7, 33] {

@@ -114,10 +114,7 @@ pub fn emit_sparse_linear<'ctx>(
     ];
     let kb = Kb::declare(ctx, module, &name, &params)?;
     emit_body(&kb, spec)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// The kernel's parameters.
@@ -454,10 +451,7 @@ pub fn emit_active_linear<'ctx>(
         Ok(())
     })?;
     kb.b.build_return(None)?;
-    if !kb.func.verify(false) {
-        return Err(CodegenError::Llvm(format!("generated kernel {name} does not verify")));
-    }
-    Ok(kb.func)
+    kb.verified(&name)
 }
 
 /// Calls an active-channel `kernel` after checking what it trusts: `wt` is exactly `k` rows of `n`

@@ -27,8 +27,7 @@
 //! 16·(1 − s) → 50%: 16, 70%: 12.8; gran 8 saves 3.5 bytes of mask: 50%: 12.5.
 
 use super::nm::{nibble, nm_code_bits, nm_header_bytes, NM_DTYPES};
-use super::SparseError;
-use crate::quant::{self, QuantError};
+use super::{dequantize_matrix, rank_best_first, SparseError};
 use crate::DType;
 use half::f16;
 
@@ -340,8 +339,7 @@ pub fn prune_bitmap(
             });
         }
     }
-    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
-    quant::dequantize(dtype, bytes, &mut wf)?;
+    let wf = dequantize_matrix(dtype, n, k, bytes)?;
     let units = k / gran;
     let mut keep = vec![false; n * k];
     let mut order: Vec<(f64, usize)> = Vec::with_capacity(units);
@@ -354,9 +352,9 @@ pub fn prune_bitmap(
                     v * v
                 })
                 .sum();
-            order.push((if score.is_nan() { f64::NEG_INFINITY } else { score }, u));
+            order.push((score, u));
         }
-        order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+        rank_best_first(&mut order);
         for &(_, u) in &order[..kept / gran] {
             keep[r * k + u * gran..r * k + (u + 1) * gran].fill(true);
         }
@@ -366,17 +364,11 @@ pub fn prune_bitmap(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::random;
     use super::*;
+    use crate::quant;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
-
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-        let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let bytes = quant::quantize(dtype, &vals).unwrap();
-        let mut wf = vec![0f32; n * k];
-        quant::dequantize(dtype, &bytes, &mut wf).unwrap();
-        (bytes, wf)
-    }
 
     #[test]
     fn sizes_match_the_documented_numbers() {

@@ -26,8 +26,7 @@
 //! `s_j` = 1 (magnitude) or the calibration's activation norm of input channel j (Wanda); ties go to the
 //! lower column, NaN ranks last.
 
-use super::SparseError;
-use crate::quant::{self, QuantError};
+use super::{dequantize_matrix, rank_best_first, SparseError};
 use crate::DType;
 use half::f16;
 
@@ -401,8 +400,7 @@ pub fn prune_nm(
             });
         }
     }
-    let mut wf = vec![0f32; n.checked_mul(k).ok_or(QuantError::TooLarge { dtype, n: usize::MAX })?];
-    quant::dequantize(dtype, bytes, &mut wf)?;
+    let wf = dequantize_matrix(dtype, n, k, bytes)?;
     let mut kept = vec![false; n * k];
     let mut order: Vec<(f64, usize)> = Vec::with_capacity(pattern.group);
     for r in 0..n {
@@ -410,9 +408,9 @@ pub fn prune_nm(
             order.clear();
             for j in g0..g0 + pattern.group {
                 let v = f64::from(wf[r * k + j]).abs() * scale.map_or(1.0, |s| f64::from(s[j]));
-                order.push((if v.is_nan() { f64::NEG_INFINITY } else { v }, j));
+                order.push((v, j));
             }
-            order.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            rank_best_first(&mut order);
             for &(_, j) in &order[..pattern.keep] {
                 kept[r * k + j] = true;
             }
@@ -423,7 +421,9 @@ pub fn prune_nm(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::random;
     use super::*;
+    use crate::quant;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -435,14 +435,6 @@ mod tests {
             }
         }
         v
-    }
-
-    fn random(rng: &mut StdRng, dtype: DType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>) {
-        let vals: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let bytes = quant::quantize(dtype, &vals).unwrap();
-        let mut wf = vec![0f32; n * k];
-        quant::dequantize(dtype, &bytes, &mut wf).unwrap();
-        (bytes, wf)
     }
 
     #[test]
