@@ -248,13 +248,7 @@ impl Pass for Prune {
         if let Some(gran) = self.bitmap {
             return self.run_bitmap(g, cx, gran);
         }
-        let table = self.table.as_ref().ok_or_else(|| {
-            fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
-        })?;
-        let cal = cx.calibration.as_ref();
-        if self.method == PruneMethod::Wanda && cal.is_none() {
-            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)".into()));
-        }
+        let (table, cal) = self.requirements(cx)?;
         let density = 1.0 - self.sparsity;
         let tag = format!("prune-{}{}", self.method.name(), self.sparsity);
         let mut out = Graph::new(g.name.clone());
@@ -279,24 +273,7 @@ impl Pass for Prune {
             let sparse = match self.method {
                 PruneMethod::Magnitude => prune_magnitude(w.dtype, rows, k, &w.bytes, density),
                 PruneMethod::Wanda => {
-                    let st = &cal
-                        .expect("checked")
-                        .layers
-                        .get(layer)
-                        .ok_or_else(|| fail(format!("no calibration for layer {layer}")))?;
-                    let norms = match suffix {
-                        "attn_q.weight" | "attn_k.weight" | "attn_v.weight" => &st.attn_in_mean_abs,
-                        "attn_output.weight" => &st.attn_out_in_mean_abs,
-                        "ffn_gate.weight" | "ffn_up.weight" => &st.ffn_in_mean_abs,
-                        "ffn_down.weight" => &st.ffn_act_mean_abs,
-                        _ => return Err(fail(format!("{name}: no calibrated activations for its input"))),
-                    };
-                    if norms.len() != k {
-                        return Err(fail(format!(
-                            "{name}: calibration has {} input channels, weight {k}",
-                            norms.len()
-                        )));
-                    }
+                    let norms = act_norms(cal.expect("checked"), &name, layer, suffix, k).map_err(fail)?;
                     prune_wanda(w.dtype, rows, k, &w.bytes, norms, density)
                 }
             }
@@ -365,18 +342,30 @@ fn act_norms<'c>(
 }
 
 impl Prune {
+    /// What every form of the pass needs: the measured kernel table, and the calibration when ranking by
+    /// Wanda (its activation norms).
+    fn requirements<'a>(
+        &'a self,
+        cx: &'a PassCx,
+    ) -> Result<(&'a KernelTable, Option<&'a crate::calibration::Calibration>), PassError> {
+        let fail = |msg: &str| PassError::Failed { pass: "prune", msg: msg.into() };
+        let table = self
+            .table
+            .as_deref()
+            .ok_or_else(|| fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)"))?;
+        let cal = cx.calibration.as_deref();
+        if self.method == PruneMethod::Wanda && cal.is_none() {
+            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)"));
+        }
+        Ok((table, cal))
+    }
+
     /// N:M pruning: every eligible linear becomes `nm_linear` on the compact form, or, where the
     /// measured N:M kernel is slower than dense at decode and the dtype holds an exact 0 (f32, f16,
     /// Q4_0, Q8_0), a plain `linear` on the pruned matrix in its own dtype.
     fn run_nm(&self, g: &mut Graph, cx: &PassCx, p: NmPattern) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "prune", msg };
-        let table = self.table.as_ref().ok_or_else(|| {
-            fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
-        })?;
-        let cal = cx.calibration.as_ref();
-        if self.method == PruneMethod::Wanda && cal.is_none() {
-            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)".into()));
-        }
+        let (table, cal) = self.requirements(cx)?;
         let tag = format!("prune-{}{}of{}", self.method.name(), p.keep, p.group);
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
@@ -455,13 +444,7 @@ impl Prune {
     /// and the linear stays as it is.
     fn run_bitmap(&self, g: &mut Graph, cx: &PassCx, gran: usize) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "prune", msg };
-        let table = self.table.as_ref().ok_or_else(|| {
-            fail("needs the measured kernel table (run `kiln bench --kernels` on this machine)".into())
-        })?;
-        let cal = cx.calibration.as_ref();
-        if self.method == PruneMethod::Wanda && cal.is_none() {
-            return Err(fail("--prune-method wanda needs --calibration FILE (activation norms)".into()));
-        }
+        let (table, cal) = self.requirements(cx)?;
         let what = if gran == 1 { "unstructured".to_string() } else { format!("1x{gran}") };
         let tag = format!("prune-{}-{what}{}", self.method.name(), self.sparsity);
         let density = 1.0 - self.sparsity;
