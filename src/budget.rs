@@ -447,7 +447,9 @@ pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64, at
                 let keep = 1.0 - sparsity(&n.inputs[1]);
                 bytes(&n.inputs[1]) * kiln_ir::column::read_share(g.ty(n.inputs[1]).dtype, keep)
             }
-            Op::MaskedLinear | Op::ActiveLinear => bytes(&n.inputs[1]) * (1.0 - sparsity(&n.inputs[1])),
+            Op::MaskedLinear | Op::CoreLinear { .. } | Op::ActiveLinear => {
+                bytes(&n.inputs[1]) * (1.0 - sparsity(&n.inputs[1]))
+            }
             Op::SparseLinear { decode: 1, .. } => n.inputs[2..].iter().map(bytes).sum(),
             Op::SparseLinear { .. } => bytes(&n.inputs[1]),
             Op::NmLinear { .. } | Op::BitmapLinear { .. } => bytes(&n.inputs[1]),

@@ -307,8 +307,10 @@ pub struct SkipArgs {
     /// bare `--coreinfer` takes these). The first step (prefill) runs the dense MLP and keeps, per block,
     /// the neurons in a token's top α share of |silu(gate)·up| for at least a β share of the prompt's
     /// tokens; later steps (decode) run the MLP on those neurons only. α in (0, 1], β in [0, 1].
-    /// `kiln eval --prompt-len P` scores it meaningfully. See docs/sparsity.md.
-    #[arg(long, value_name = "alpha=A,beta=B", num_args = 0..=1, default_missing_value = "")]
+    /// `gather=1` copies the core gate/up rows into a smaller dense matrix once per prompt instead of
+    /// masking the full one (same results). `kiln eval --prompt-len P` scores it meaningfully. See
+    /// docs/sparsity.md.
+    #[arg(long, value_name = "alpha=A,beta=B,gather=0|1", num_args = 0..=1, default_missing_value = "")]
     pub coreinfer: Option<String>,
     /// A calibration file from `kiln calibrate` (needed by --skip-method influence, --chess-sparsity and
     /// --quality-budget).

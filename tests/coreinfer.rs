@@ -1,7 +1,9 @@
 //! CoreInfer (the `coreinfer` pass): every neuron core = the dense model; compiled = interpreter on the
 //! same graph (prefill, a second chunk, decode; core sets equal); a core set known by construction;
 //! decode after prefill uses exactly the prefill's core set (= a hand-made model whose non-core neurons
-//! are removed, on the dense prefill's KV cache); `kiln eval --prompt-len`; bad flags through the CLI.
+//! are removed, on the dense prefill's KV cache); the gathered form (`gather=1`: the core rows copied once
+//! per prompt) = the interpreter over several prompts, formats and thread counts; `kiln eval
+//! --prompt-len`; bad flags through the CLI.
 
 use crate::common::{max_abs_diff, random_weights, run_kiln, tiny_config};
 use crate::sparsity::{all_logits, steps};
@@ -31,7 +33,11 @@ fn tiny(dtype: DType, seed: u64, edit: impl FnOnce(&mut WeightStore)) -> (tempfi
 }
 
 fn build(alpha: f32, beta: f32) -> Build {
-    Build { opts: all_logits(), coreinfer: Some(CoreInfer { alpha, beta, exact: true }), ..Default::default() }
+    Build {
+        opts: all_logits(),
+        coreinfer: Some(CoreInfer { alpha, beta, exact: true, gather: false }),
+        ..Default::default()
+    }
 }
 
 /// Logits of a prefill of `split` tokens then one token per step, and the core sets after it.
@@ -115,6 +121,58 @@ fn compiled_matches_the_interpreter() {
                         max_abs_diff(&want[4 * v..], &dense_logits[4 * v..]) > 1e-3,
                         "{dtype} α {alpha}: decode differs"
                     );
+                }
+            }
+        }
+    }
+}
+
+/// `gather=1`: gate and up become `core_linear`, whose compiled form copies the prompt's core rows into a
+/// smaller dense matrix at the first step after each prefill. Compiled = the interpreter (which computes
+/// the masked product straight from the full weight) over three prompts in a row on one backend, each
+/// with its own core set (so a stale copy would show), with a second prompt chunk, for f32 and the
+/// block formats whose rows are copied as bytes, at 1–3 threads (3 splits 64 rows unevenly); and the
+/// gathered build decodes like the masked one.
+#[test]
+fn gathered_core_rows_match_the_interpreter_across_prompts() {
+    let prompts: [&[u32]; 3] = [&TOKENS, &[40, 3, 77, 12, 5, 60, 21, 9], &[88, 14, 2, 51, 33, 8, 70]];
+    for (dtype, seed) in [(DType::F32, 67), (DType::Q4_1, 68), (DType::Q8_0, 69), (DType::Q4_0, 70)] {
+        let (_src, m) = tiny(dtype, seed, |_| {});
+        let mut b = build(0.25, 0.5);
+        b.coreinfer = Some(CoreInfer { alpha: 0.25, beta: 0.5, exact: false, gather: true });
+        let built = build_graph(&m, &b).unwrap();
+        let count = |f: fn(&Op) -> bool| built.graph.nodes.iter().filter(|n| f(&n.op)).count();
+        assert_eq!(count(|o| matches!(o, Op::CoreLinear { .. })), 2 * LAYERS, "{dtype}: gate and up gathered");
+        assert_eq!(count(|o| matches!(o, Op::CoreKeep { .. } | Op::MaskedLinear)), 0, "{dtype}");
+        let mut ib = InterpreterBackend::new(built.graph.clone(), &built.weights, 64).unwrap();
+        let art = tempfile::tempdir().unwrap();
+        compile_build(&m, "test", &b, art.path()).unwrap();
+        let mut masked = b.clone();
+        masked.coreinfer.as_mut().unwrap().gather = false;
+        let art_masked = tempfile::tempdir().unwrap();
+        compile_build(&m, "test", &masked, art_masked.path()).unwrap();
+        let mut mb = CompiledBackend::load(art_masked.path(), 1, None).unwrap();
+        for threads in [1, 2, 3] {
+            let mut cb = CompiledBackend::load(art.path(), threads, None).unwrap();
+            let mut last_sets: Option<Vec<Vec<f32>>> = None;
+            for (p, prompt) in prompts.iter().enumerate() {
+                for split in [4, 2] {
+                    let want = steps(&mut ib, prompt, split);
+                    let got = steps(&mut cb, prompt, split);
+                    let d = max_abs_diff(&got, &want);
+                    assert!(d < 1e-4, "{dtype} prompt {p} split {split} {threads} threads: {d}");
+                    let sets: Vec<Vec<f32>> = (0..LAYERS).map(|l| cb.state(&state_name(l)).unwrap().to_vec()).collect();
+                    let s = share(&sets);
+                    assert!(s > 0.0 && s < 1.0, "{dtype} prompt {p}: core share {s}");
+                    if split == 4 {
+                        assert_ne!(last_sets.as_ref(), Some(&sets), "{dtype} prompt {p}: a new core set");
+                        last_sets = Some(sets);
+                        if threads == 1 {
+                            let masked = steps(&mut mb, prompt, split);
+                            let d = max_abs_diff(&got, &masked);
+                            assert!(d < 1e-5, "{dtype} prompt {p}: gathered vs masked build {d}");
+                        }
+                    }
                 }
             }
         }

@@ -212,7 +212,10 @@ fn quantized_pruning_gathers_exact_columns() {
 fn coreinfer_runs_on_a_structured_pruned_quantized_model() {
     use kiln::passes::coreinfer::CoreInfer;
     let (_src, m, cal) = tiny_with(4, 2, 57, DType::Q4_1, |_| {});
-    let b = Build { coreinfer: Some(CoreInfer { alpha: 0.3, beta: 0.2, exact: false }), ..build(&cal, sp(0.25, 1)) };
+    let b = Build {
+        coreinfer: Some(CoreInfer { alpha: 0.3, beta: 0.2, exact: false, gather: false }),
+        ..build(&cal, sp(0.25, 1))
+    };
     let built = build_graph(&m, &b).unwrap();
     let downs: Vec<_> = built
         .graph

@@ -104,6 +104,14 @@ pub(crate) fn emit_kernels<'ctx>(
                 };
                 kernels::abi::wrap_masked_linear(ctx, module, inner, &spec.symbol())?;
             }
+            KernelSpec::CoreLinear { dtype, k } => {
+                let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: false };
+                let inner = match module.get_function(&lin.symbol()) {
+                    Some(f) => f,
+                    None => emit_linear(ctx, module, &lin)?,
+                };
+                kernels::coreinfer::wrap_core_linear(ctx, module, inner, &spec.symbol())?;
+            }
             KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
                 let lin = LinearKernelSpec { dtype: *dtype, k: *k, residual: false };
                 let dense = match module.get_function(&lin.symbol()) {

@@ -91,6 +91,7 @@ impl Target for CpuTarget {
                 | Op::SwiGlu
                 | Op::Threshold
                 | Op::MaskedLinear
+                | Op::CoreLinear { .. }
                 | Op::ActiveLinear
                 | Op::CoreKeep { .. }
                 | Op::CoreSelect { .. }

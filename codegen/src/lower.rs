@@ -34,6 +34,15 @@ pub enum KernelSpec {
         dtype: DType,
         k: usize,
     },
+    /// `core_linear` (CoreInfer's gathered projection): bufs [x, w, gathered, y]; dims [m, n, past]; items: n
+    /// output rows. At past = 0 the dense linear kernel on `w`; later, the dense kernel on the first
+    /// `count` rows of the gathered copy (`kernels::coreinfer`, written by `CoreGather`), each chunk of
+    /// items scaled to its share of `count`, the results packed at the start of each row (`CoreExpand`
+    /// moves them to their channels).
+    CoreLinear {
+        dtype: DType,
+        k: usize,
+    },
     /// `active_linear` on a transposed weight `[k, n]`: bufs [x, wt, y]; dims [m]; items: n / 32 output
     /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`,
     /// or `wrap_active_linear_col` when `dtype` is column-major; `wrap_active_linear_gathered`, every kept
@@ -84,6 +93,7 @@ impl KernelSpec {
                 format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k, residual: *residual }.symbol())
             }
             KernelSpec::MaskedLinear { dtype, k } => format!("kiln_masked_linear_{}_k{k}", dtype.name()),
+            KernelSpec::CoreLinear { dtype, k } => format!("kiln_core_linear_{}_k{k}", dtype.name()),
             KernelSpec::ActiveLinear { dtype, k, n } => {
                 format!("{}_k{k}_x", crate::kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n).symbol())
             }
@@ -713,6 +723,40 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, spec, vec![x, wt, out], vec![m], vec![Dim::from(nn / 32)], true);
                 out
             }
+            Op::CoreLinear { past } => {
+                let (x, core) = (cx.operand(i, 0), cx.operand(i, 2));
+                let MatrixOperands { w, dtype, dims: [nn, k], m } = cx.matrix_operands(i)?;
+                let BufferKind::State { name, whole: true, .. } = cx.program.buffers[core].kind.clone() else {
+                    return Err(
+                        cx.unsupported(i, "the core set must be a whole state (a graph input returned as an output)")
+                    );
+                };
+                let row_bytes = dtype
+                    .row_bytes(k)
+                    .ok_or_else(|| cx.unsupported(i, format!("{dtype} rows of {k} elements are not whole blocks")))?;
+                let layout = crate::kernels::coreinfer::GatherLayout::new(nn, row_bytes);
+                // The gathered copy: per-prompt state of this op alone (not a graph input), rewritten at the
+                // first step after each prefill.
+                let gathered = cx.buffer(
+                    BufferKind::State {
+                        name: format!("{name}#gather%{i}"),
+                        row_elems: layout.words() as u64,
+                        whole: true,
+                    },
+                    DType::F32,
+                    vec![Dim::from(layout.words())],
+                );
+                let out = cx.temp(i);
+                let past = vec![past.clone()];
+                let spec = KernelSpec::Op(OpKernel::CoreGather { n: nn, row_bytes });
+                cx.launch(i, spec, vec![core, w, gathered], vec![past.clone()], vec![Dim::from(1usize)], false);
+                let spec = KernelSpec::CoreLinear { dtype, k };
+                let dims = vec![m.clone(), vec![Dim::from(nn)], past.clone()];
+                cx.launch(i, spec, vec![x, w, gathered, out], dims, vec![Dim::from(nn)], true);
+                let spec = KernelSpec::Op(OpKernel::CoreExpand { n: nn });
+                cx.launch(i, spec, vec![gathered, out], vec![past], m, true);
+                out
+            }
             Op::CoreKeep { past } => {
                 let core = cx.operand(i, 1);
                 let c = fixed(&ty.shape[2]).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;
@@ -728,16 +772,18 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                         cx.unsupported(i, "the core set must be a whole state (a graph input returned as an output)")
                     );
                 };
-                // Written in place: the result must be returned as the state, and only core_keep (which
-                // reads it when this does not write it: past > 0) may read the old value.
+                // Written in place: the result must be returned as the state, and only core_keep and
+                // core_linear (which read it when this does not write it: past > 0) may read the old value.
                 if g.output_named(&name) != Some(kiln_ir::ValueId(i as u32)) {
                     return Err(cx.unsupported(i, format!("core set `{name}` is not returned as `{name}`")));
                 }
                 let others = cx.readers[n.inputs[1].index()]
                     .iter()
-                    .any(|&r| r != i && !matches!(g.nodes[r].op, Op::CoreKeep { .. }));
+                    .any(|&r| r != i && !matches!(g.nodes[r].op, Op::CoreKeep { .. } | Op::CoreLinear { .. }));
                 if others || cx.uses[n.inputs[1].index()] != cx.readers[n.inputs[1].index()].len() {
-                    return Err(cx.unsupported(i, format!("core set `{name}` is read by more than core_keep")));
+                    return Err(
+                        cx.unsupported(i, format!("core set `{name}` is read by more than core_keep/core_linear"))
+                    );
                 }
                 let at = g.ty(n.inputs[0]);
                 let c = fixed(&at.shape[2]).ok_or_else(|| cx.unsupported(i, "symbolic width"))?;

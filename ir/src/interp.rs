@@ -710,6 +710,10 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             }
             Ok(Tensor::f32(vec![b, s, c], out))
         }
+        Op::CoreLinear { past } => {
+            let keep = eval(&Op::CoreKeep { past: past.clone() }, &[args[0], args[2]], env)?;
+            eval(&Op::MaskedLinear, &[args[0], args[1], &keep], env)
+        }
         Op::CoreSelect { alpha, beta, past } => {
             let (act, core) = (f(args[0])?, f(args[1])?);
             let [b, s, c] = args[0].shape[..] else { return Err("core_select activation must have rank 3".into()) };

@@ -293,6 +293,11 @@ ops! {
     /// is 0 the sentence-wise core set of `act` (top `alpha` share per token, kept by at least a `beta`
     /// share of the tokens; `kiln_ir::coreinfer::core_set`), else `core` unchanged.
     CoreSelect { alpha: f32, beta: f32, past: Dim } = "core_select" / 2;
+    /// CoreInfer's gathered projection: `x[B, S, K]`, `w[N, K]`, `core[B, N]` → `[B, S, N]`, equal to
+    /// `masked_linear(x, w, core_keep{past}(x, core))` — the dense linear when `past` is 0, else zero
+    /// outside the core set. A kernel may (and the CPU one does) copy the core rows of `w` into a
+    /// smaller dense matrix once per prompt and run the dense kernel on it.
+    CoreLinear { past: Dim } = "core_linear" / 3;
     /// A linear on N:M-pruned weights in the compact form (`kiln_ir::sparse::nm`): `x[..., K] · Wᵀ`
     /// with `W[N_out, K]` of `dtype` held as `packed` (`i32[N_out, row_bytes / 4]`, the rows' bytes),
     /// `keep` of every `group` consecutive elements of a row kept.
@@ -364,6 +369,7 @@ impl Op {
             self,
             Op::Linear
                 | Op::MaskedLinear
+                | Op::CoreLinear { .. }
                 | Op::ActiveLinear
                 | Op::SparseLinear { .. }
                 | Op::NmLinear { .. }
@@ -596,6 +602,16 @@ impl Op {
                 want_rank(core, 2, "core set")?;
                 same_dim(&x.shape[0], &core.shape[0], "core_keep batch")?;
                 Ok(f32t(vec![x.shape[0].clone(), x.shape[1].clone(), core.shape[1].clone()]))
+            }
+            Op::CoreLinear { .. } => {
+                let y = Op::Linear.infer(&ins[..2], None)?;
+                let core = ins[2];
+                want_float(core, "core set")?;
+                want_rank(core, 2, "core set")?;
+                want_rank(&y, 3, "core_linear result")?;
+                same_dim(&y.shape[0], &core.shape[0], "core_linear batch")?;
+                same_dim(&y.shape[2], &core.shape[1], "core_linear width")?;
+                Ok(y)
             }
             Op::CoreSelect { alpha, beta, .. } => {
                 crate::coreinfer::validate(*alpha, *beta)?;

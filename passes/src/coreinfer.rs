@@ -37,11 +37,14 @@ pub struct CoreInfer {
     pub beta: f32,
     /// Keep the transposed down weights in f32 (exact; the reference variant for tests).
     pub exact: bool,
+    /// Gate and up as `core_linear`: the compiled program copies the prompt's core rows into a smaller
+    /// dense matrix once per prompt and decodes on it, instead of masking the full one.
+    pub gather: bool,
 }
 
 impl Default for CoreInfer {
     fn default() -> Self {
-        CoreInfer { alpha: 0.4, beta: 0.2, exact: false }
+        CoreInfer { alpha: 0.4, beta: 0.2, exact: false, gather: false }
     }
 }
 
@@ -51,7 +54,7 @@ pub fn state_name(layer: usize) -> String {
 }
 
 impl CoreInfer {
-    /// Parses `alpha=A,beta=B` (either may be left out: defaults 0.4 and 0.2).
+    /// Parses `alpha=A,beta=B,gather=0|1` (any may be left out: defaults 0.4, 0.2 and 0).
     pub fn parse(spec: &str) -> Result<CoreInfer, String> {
         let mut c = CoreInfer::default();
         for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
@@ -62,16 +65,24 @@ impl CoreInfer {
             match k.trim() {
                 "alpha" => c.alpha = num("alpha")?,
                 "beta" => c.beta = num("beta")?,
-                other => return Err(format!("unknown key `{other}` (known: alpha, beta)")),
+                "gather" => {
+                    c.gather = match v.trim() {
+                        "1" | "true" | "on" => true,
+                        "0" | "false" | "off" => false,
+                        other => return Err(format!("gather `{other}` is not 0 or 1")),
+                    }
+                }
+                other => return Err(format!("unknown key `{other}` (known: alpha, beta, gather)")),
             }
         }
         kiln_ir::coreinfer::validate(c.alpha, c.beta)?;
         Ok(c)
     }
 
-    /// `alpha=A,beta=B`, as parsed.
+    /// `alpha=A,beta=B[,gather=1]`, as parsed.
     pub fn spec(&self) -> String {
-        format!("alpha={},beta={}", self.alpha, self.beta)
+        let gather = if self.gather { ",gather=1" } else { "" };
+        format!("alpha={},beta={}{gather}", self.alpha, self.beta)
     }
 }
 
@@ -123,10 +134,11 @@ impl Pass for CoreInfer {
                 "coreinfer",
                 format!(
                     "layer {}: {width} neurons; prefill (past = 0) runs dense and keeps the channels in a token's top {k} \
-                     |silu(gate)·up| for ≥ {:.0}% of the prompt's tokens; later steps mask {} and {} to them and read \
+                     |silu(gate)·up| for ≥ {:.0}% of the prompt's tokens; later steps {} {} and {} to them and read \
                      {wt_name} ({} [{}, {}]) rows of them only",
                     m.layer,
                     self.beta * 100.0,
+                    if self.gather { "gather the rows of" } else { "mask" },
                     weight_name(g, gate_w).unwrap_or("gate"),
                     weight_name(g, m.up_w).unwrap_or("up"),
                     wt.dtype,
@@ -147,8 +159,8 @@ impl Pass for CoreInfer {
 
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
-        // Per MLP: its state input and keep mask, made where its first projection was.
-        let mut keep: HashMap<usize, (ValueId, ValueId)> = HashMap::new();
+        // Per MLP: its state input and keep mask (none when gathering), made where its first projection was.
+        let mut keep: HashMap<usize, (ValueId, Option<ValueId>)> = HashMap::new();
         let mut states: Vec<(String, ValueId)> = Vec::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for (i, n) in g.nodes.iter().enumerate() {
@@ -156,19 +168,27 @@ impl Pass for CoreInfer {
                 Some(&Action::Masked(mi)) => {
                     let m = &mlps[mi];
                     let x = map[m.ffn_in.index()];
-                    let (_, mask) = match keep.get(&mi) {
+                    let (core_in, mask) = match keep.get(&mi) {
                         Some(&v) => v,
                         None => {
                             let width = g.ty(m.gate).shape.last().cloned().expect("rank ≥ 1");
                             let batch = g.ty(m.ffn_in).shape[0].clone();
                             let ty = TensorType::new(DType::F32, vec![batch, width]);
                             let core_in = out.input(&state_name(m.layer), ty).map_err(err)?;
-                            let mask = out.add(Op::CoreKeep { past: past.clone() }, &[x, core_in]).map_err(err)?;
+                            let mask = if self.gather {
+                                None
+                            } else {
+                                Some(out.add(Op::CoreKeep { past: past.clone() }, &[x, core_in]).map_err(err)?)
+                            };
                             keep.insert(mi, (core_in, mask));
                             (core_in, mask)
                         }
                     };
-                    out.add(Op::MaskedLinear, &[x, map[n.inputs[1].index()], mask]).map_err(err)?
+                    let w = map[n.inputs[1].index()];
+                    match mask {
+                        Some(mask) => out.add(Op::MaskedLinear, &[x, w, mask]).map_err(err)?,
+                        None => out.add(Op::CoreLinear { past: past.clone() }, &[x, w, core_in]).map_err(err)?,
+                    }
                 }
                 Some(&Action::Swiglu(mi)) => {
                     let m = &mlps[mi];
@@ -205,6 +225,7 @@ impl Pass for CoreInfer {
             serde_json::json!({
                 "alpha": self.alpha,
                 "beta": self.beta,
+                "gate_up": if self.gather { "core_linear (core rows gathered once per prompt)" } else { "masked_linear" },
                 "activation": "|silu(gate)·up|",
                 "selected": "at past = 0 (the first chunk), kept for every later step",
                 "layers": layers,
@@ -220,15 +241,22 @@ mod tests {
 
     #[test]
     fn parses_and_checks_specs() {
-        assert_eq!(CoreInfer::parse("alpha=0.3, beta=0.5").unwrap(), CoreInfer { alpha: 0.3, beta: 0.5, exact: false });
+        assert_eq!(
+            CoreInfer::parse("alpha=0.3, beta=0.5").unwrap(),
+            CoreInfer { alpha: 0.3, beta: 0.5, exact: false, gather: false }
+        );
         assert_eq!(CoreInfer::parse("").unwrap(), CoreInfer::default());
         assert_eq!(CoreInfer::parse("beta=0").unwrap().beta, 0.0);
+        let g = CoreInfer::parse("gather=1").unwrap();
+        assert!(g.gather);
+        assert_eq!(CoreInfer::parse(&g.spec()).unwrap(), g);
         for (bad, want) in [
             ("alpha=0", "alpha 0 is outside (0, 1]"),
             ("alpha=1.5", "outside (0, 1]"),
             ("beta=2", "beta 2 is outside [0, 1]"),
             ("alpha=x", "alpha `x` is not a number"),
             ("gamma=1", "unknown key `gamma`"),
+            ("gather=2", "gather `2` is not 0 or 1"),
             ("alpha", "not KEY=VALUE"),
         ] {
             let e = CoreInfer::parse(bad).unwrap_err();

@@ -57,6 +57,13 @@ pub enum OpKernel {
     /// CoreInfer's core set (`core_select`) from the thresholds: bufs [act, scratch, core]; dims [past,
     /// seq]; items: batch · `c` channels, written in place into the state `core`.
     CoreSelect { c: usize, beta: f32 },
+    /// CoreInfer's gather (`core_linear`'s first launch): bufs [core, w, gathered]; dims [past]; items: 1
+    /// (one thread). At past = 0 marks the copy stale; at the first later step copies the core rows of
+    /// `w` (`row_bytes` each, `n` rows) into `gathered` (`GatherLayout`).
+    CoreGather { n: usize, row_bytes: usize },
+    /// CoreInfer, `core_linear`'s last launch: bufs [gathered, y]; dims [past]; items: rows of `n`. After
+    /// past = 0, moves each row's packed results to their channels and zeroes the rest, in place.
+    CoreExpand { n: usize },
 }
 
 impl OpKernel {
@@ -89,6 +96,8 @@ impl OpKernel {
             OpKernel::CoreKeep { c } => format!("kiln_core_keep_c{c}"),
             OpKernel::CoreThresholds { c, k } => format!("kiln_core_thresholds_c{c}_k{k}"),
             OpKernel::CoreSelect { c, beta } => format!("kiln_core_select_c{c}_b{}", f(*beta)),
+            OpKernel::CoreGather { n, row_bytes } => format!("kiln_core_gather_n{n}_rb{row_bytes}"),
+            OpKernel::CoreExpand { n } => format!("kiln_core_expand_n{n}"),
         }
     }
 
@@ -206,9 +215,11 @@ impl OpKernel {
                 })?;
             }
             OpKernel::FlexPattern { .. } | OpKernel::FlexAttention { .. } => super::flex::emit(&e, self)?,
-            OpKernel::CoreKeep { .. } | OpKernel::CoreThresholds { .. } | OpKernel::CoreSelect { .. } => {
-                super::coreinfer::emit(&e, self)?
-            }
+            OpKernel::CoreKeep { .. }
+            | OpKernel::CoreThresholds { .. }
+            | OpKernel::CoreSelect { .. }
+            | OpKernel::CoreGather { .. }
+            | OpKernel::CoreExpand { .. } => super::coreinfer::emit(&e, self)?,
         }
         e.finish()
     }

@@ -75,6 +75,7 @@ impl CostModel {
             Op::Linear
             | Op::MatMul
             | Op::MaskedLinear
+            | Op::CoreLinear { .. }
             | Op::ActiveLinear
             | Op::SparseLinear { .. }
             | Op::NmLinear { .. }
