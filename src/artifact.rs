@@ -344,8 +344,13 @@ pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) 
 
 /// [`cached_artifact`] for a whole [`Build`].
 pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
-    let hash = source_hash(model_path)?;
     let built = build_graph(model, build)?;
+    cached_built(model_path, model, build, &built)
+}
+
+/// [`cached_build`] when the caller already built `build`'s graph (`built`), so it is not built twice.
+pub fn cached_built(model_path: &Path, model: &Model, build: &Build, built: &BuiltGraph) -> Result<(PathBuf, bool)> {
+    let hash = source_hash(model_path)?;
     let mut key_hash = blake3::Hasher::new();
     key_hash.update(hash.as_bytes());
     for (name, t) in built.derived_weights(model) {
@@ -363,7 +368,7 @@ pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_built(model, &built, &hash, build, &tmp)?;
+    compile_built(model, built, &hash, build, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

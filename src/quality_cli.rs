@@ -586,19 +586,33 @@ fn bar(len: usize, msg: &str) -> ProgressBar {
 fn compiled(path: &Path, m: &Model, build: &Build, threads: usize, capacity: usize) -> Result<CompiledBackend> {
     let t = std::time::Instant::now();
     let (dir, fresh) = kiln::artifact::cached_build(path, m, build)?;
-    let b = match CompiledBackend::load(&dir, threads, Some(capacity)) {
-        Err(e) if !fresh => {
-            eprintln!("[cached artifact unusable ({e}); recompiling]");
-            kiln::artifact::evict(&dir)?;
-            let (dir, _) = kiln::artifact::cached_build(path, m, build)?;
-            CompiledBackend::load(&dir, threads, Some(capacity))?
-        }
-        other => other?,
-    };
+    let b = load_cached(path, m, build, &dir, fresh, threads, capacity)?;
     if fresh {
         eprintln!("[compiled {} in {:.1}s → {}]", m.name, t.elapsed().as_secs_f64(), dir.display());
     }
     Ok(b)
+}
+
+/// Loads the cached artifact `dir` of `build` (`fresh`: just compiled); a stale cache entry that fails to
+/// load is evicted and compiled again.
+fn load_cached(
+    path: &Path,
+    m: &Model,
+    build: &Build,
+    dir: &Path,
+    fresh: bool,
+    threads: usize,
+    capacity: usize,
+) -> Result<CompiledBackend> {
+    Ok(match CompiledBackend::load(dir, threads, Some(capacity)) {
+        Err(e) if !fresh => {
+            eprintln!("[cached artifact unusable ({e}); recompiling]");
+            kiln::artifact::evict(dir)?;
+            let (dir, _) = kiln::artifact::cached_build(path, m, build)?;
+            CompiledBackend::load(&dir, threads, Some(capacity))?
+        }
+        other => other?,
+    })
 }
 
 #[derive(clap::Args)]
@@ -1060,14 +1074,30 @@ pub fn compile_build(
     let mut bytes: Vec<(Joint, f64)> = Vec::new();
     // The dense model's backend, loaded once: every candidate is timed in pairs against it.
     let mut reference: Option<CompiledBackend> = None;
+    // Per candidate, its graph is built once (the perplexity is asked for first, then the cost): the
+    // cached artifact's directory, whether it was just compiled, and the byte estimate.
+    let prepared: std::cell::RefCell<std::collections::HashMap<String, (PathBuf, bool, f64)>> = Default::default();
+    let prepare = |j: &Joint| -> Result<(Build, PathBuf, bool, f64)> {
+        let b = joint_build(j, all.clone());
+        if let Some((dir, fresh, est)) = prepared.borrow().get(&format!("{j:?}")) {
+            return Ok((b, dir.clone(), *fresh, *est));
+        }
+        let built = kiln::artifact::build_graph(m, &b)?;
+        let est = kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess, j.attn);
+        let t = std::time::Instant::now();
+        let (dir, fresh) = kiln::artifact::cached_built(path, m, &b, &built)?;
+        if fresh {
+            eprintln!("[compiled {} in {:.1}s → {}]", m.name, t.elapsed().as_secs_f64(), dir.display());
+        }
+        prepared.borrow_mut().insert(format!("{j:?}"), (dir.clone(), fresh, est));
+        Ok((b, dir, fresh, est))
+    };
     let choice = kiln::budget::search_joint(
         qb,
         &axes,
         min_saving,
         |j| {
-            let b = joint_build(j, all.clone());
-            let built = kiln::artifact::build_graph(m, &b)?;
-            let est = kiln::budget::decode_bytes(&built.graph, &built.weights, j.chess, j.attn);
+            let (b, dir, fresh, est) = prepare(j)?;
             bytes.push((*j, est));
             match budget.budget_cost {
                 BudgetCost::Bytes => Ok(est),
@@ -1078,7 +1108,7 @@ pub fn compile_build(
                         reference = Some(compiled(path, m, &dense, budget.budget_threads, cap)?);
                     }
                     let dense = reference.as_mut().expect("just loaded");
-                    let mut backend = compiled(path, m, &b, budget.budget_threads, cap)?;
+                    let mut backend = load_cached(path, m, &b, &dir, fresh, budget.budget_threads, cap)?;
                     let r = kiln::budget::paired_decode_ratio(dense, &mut backend, prompt, 32, 7)?;
                     eprintln!("[budget: {} → decode CPU time {:.3}× dense]", j.describe(), r);
                     Ok(r)
@@ -1086,15 +1116,14 @@ pub fn compile_build(
             }
         },
         |j| {
-            let b = joint_build(j, all.clone());
+            let (b, dir, fresh, _) = prepare(j)?;
             // Measurements are remembered by artifact and text, so budgets share them.
-            let (dir, _) = kiln::artifact::cached_build(path, m, &b)?;
             let key = format!("{}-{}-{chunk}", dir.file_name().unwrap_or_default().to_string_lossy(), &text_hash[..32]);
             let memo = kiln::cache_dir().join("measurements").join(format!("{key}.txt"));
             let ppl = match std::fs::read_to_string(&memo).ok().and_then(|t| t.trim().parse::<f64>().ok()) {
                 Some(ppl) => ppl,
                 None => {
-                    let mut backend = compiled(path, m, &b, budget.budget_threads, chunk)?;
+                    let mut backend = load_cached(path, m, &b, &dir, fresh, budget.budget_threads, chunk)?;
                     let r = kiln::eval::evaluate(&mut backend, &tokens, chunk, chunk, |_| {})?;
                     if let Some(d) = memo.parent() {
                         let _ = std::fs::create_dir_all(d)

@@ -414,6 +414,61 @@ fn joint_budget_search_on_a_tiny_model() {
     );
 }
 
+/// `kiln compile --quality-budget` end to end on a tiny model (each candidate's graph is built once and
+/// its artifact compiled once; bytes as the cost): the manifest records a choice within the budget that
+/// the search measured, the artifact it wrote runs, and a second compile finds every measurement cached.
+#[test]
+fn budget_compile_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tiny_config(Arch::Llama);
+    cfg.n_layers = 2;
+    write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 48), 1).unwrap();
+    let model = Some(dir.path());
+    // A word-level tokenizer over the text's words (ids below the tiny vocabulary).
+    let words = ["the", "cat", "sat", "on", "mat", "and", "dog", "log", "[UNK]"];
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog sat on the log ".repeat(6)).unwrap();
+    let (t, cal) = (text.to_str().unwrap(), dir.path().join("cal.json"));
+    let c = cal.to_str().unwrap();
+    let (code, _, err) = run_kiln(&["calibrate", "--text", t, "-o", c, "--chunk", "16"], model);
+    assert_eq!(code, 0, "{err}");
+    let out = dir.path().join("art");
+    let o = out.to_str().unwrap();
+    let args =
+        ["compile", "-o", o, "--quality-budget", "ppl+20%", "--calibration", c, "--budget-cost", "bytes", "--json"];
+    let start = std::time::Instant::now();
+    let (code, _, err) = run_kiln(&args, model);
+    assert_eq!(code, 0, "{err}");
+    let first = start.elapsed();
+    // Each candidate's artifact is compiled once (its graph built once for the estimate, the cache key
+    // and the artifact).
+    let compiled = err.matches("[compiled").count();
+    let measured = err.matches("→ perplexity").count();
+    assert!(compiled > 3 && compiled <= measured, "{compiled} compiles for {measured} candidates: {err}");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let rec = manifest["records"].as_array().unwrap().iter().find(|r| r.get("quality_budget").is_some());
+    let q = &rec.expect("the budget's record")["quality_budget"];
+    let (ppl, limit, base) =
+        (q["perplexity"].as_f64().unwrap(), q["limit"].as_f64().unwrap(), q["baseline_perplexity"].as_f64().unwrap());
+    assert!(ppl <= limit && (limit - base * 1.2).abs() < 1e-9 * limit, "{q}");
+    let cands = q["candidates"].as_array().unwrap();
+    assert!(cands.len() > 3, "{q}");
+    assert!(cands.iter().any(|k| k["config"] == q["config"] && k["perplexity"].as_f64() == Some(ppl)));
+    let mut cb = CompiledBackend::load(&out, 1, None).unwrap();
+    assert!(kiln::runtime::Backend::forward(&mut cb, &[1, 2, 3]).is_ok());
+    let (code, _, err) = run_kiln(&args, model);
+    assert_eq!(code, 0, "{err}");
+    assert!(!err.contains("[compiled"), "the second search compiles nothing: {err}");
+    eprintln!("budget through the CLI: {} candidates, first run {first:?}", cands.len());
+}
+
 /// `decode_seconds` (the budget's measured cost) times real decode steps and leaves the backend empty;
 /// it refuses an empty prompt or zero steps instead of dividing by zero.
 #[test]
