@@ -70,15 +70,19 @@ impl CostModel {
             // Sources cost nothing themselves (their bytes are charged to whoever reads them), and a
             // reshape is a view.
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => return 0.0,
+            // Pruned linears hold their matrix in two layouts; the kernel of the representative (decode)
+            // step reads one (`Op::phase_weights`), so only its bytes are charged, with the dense
+            // product's flops (an upper bound: the lift rules never choose between them; the prune pass
+            // selects kernels from measured ratios).
+            Op::SparseLinear { .. } | Op::NmLinear { .. } | Op::BitmapLinear { .. } => {
+                let read: Vec<&TensorType> =
+                    std::iter::once(ins[0]).chain(ins[op.phase_weights(true)].iter().copied()).collect();
+                let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
+                return self.launch_and_moves(out, &read) + self.coef.ns_per_flop * 2.0 * k.unwrap_or(1.0) * n;
+            }
             // Sparse variants are costed as the dense product (an upper bound: the lift rules never
-            // choose between them; the prune pass selects kernels from measured break-evens).
-            Op::Linear
-            | Op::MatMul
-            | Op::MaskedLinear
-            | Op::ActiveLinear
-            | Op::SparseLinear { .. }
-            | Op::NmLinear { .. }
-            | Op::BitmapLinear { .. } => {
+            // choose between them).
+            Op::Linear | Op::MatMul | Op::MaskedLinear | Op::ActiveLinear => {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
