@@ -1196,14 +1196,22 @@ fn prune_nm_and_bitmap_choose_the_kernel_per_phase() {
         let directions: &[(f64, f64)] = if dtype == DType::Q4_1 { &[(1.5, 1.5)] } else { &[(0.5, 1.5), (1.5, 0.5)] };
         for nm in [true, false] {
             for &(dec, pre) in directions {
-                let (pattern, bitmap, table, layout) = if nm {
-                    (Some(NmPattern::new(2, 4).unwrap()), None, synthetic_nm_table(dtype, (dec, pre), &[(2, 4)]), "nm")
-                } else {
-                    (None, Some(1), synthetic_bitmap_table(dtype, (dec, pre)), "bitmap")
+                let layout = if nm { "nm" } else { "bitmap" };
+                let build_for = |decode: f64, prefill: f64| {
+                    let (pattern, bitmap, table) = if nm {
+                        (
+                            Some(NmPattern::new(2, 4).unwrap()),
+                            None,
+                            synthetic_nm_table(dtype, (decode, prefill), &[(2, 4)]),
+                        )
+                    } else {
+                        (None, Some(1), synthetic_bitmap_table(dtype, (decode, prefill)))
+                    };
+                    let prune =
+                        Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: Some(table), pattern, bitmap };
+                    Build { opts: all_logits(), prune: Some(prune), ..Default::default() }
                 };
-                let prune =
-                    Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: Some(table), pattern, bitmap };
-                let build = Build { opts: all_logits(), prune: Some(prune), ..Default::default() };
+                let build = build_for(dec, pre);
                 let case = format!("{dtype} {layout} decode {dec} prefill {pre}");
                 let b = build_graph(&m, &build).unwrap();
                 let (want_d, want_p) = if dtype == DType::Q4_1 { (true, true) } else { (dec <= 1.0, pre <= 1.0) };
@@ -1262,6 +1270,10 @@ fn prune_nm_and_bitmap_choose_the_kernel_per_phase() {
                         "{case}: {l}"
                     );
                 }
+                // The estimated decode bytes count the layout decode reads: as when both phases chose it.
+                let single = build_graph(&m, &build_for(dec, dec)).unwrap();
+                let bytes = |g: &kiln::artifact::BuiltGraph| kiln::budget::decode_bytes(&g.graph, &g.weights, 0.0, 0.0);
+                assert_eq!(bytes(&b), bytes(&single), "{case}");
                 if dtype == DType::F32 {
                     phase_reads_its_layout(&m, &b, &build, &tokens, (want_d, want_p), &case);
                 }
