@@ -463,6 +463,7 @@ fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::Kernel
         entries: vec![e(1, decode), e(64, prefill)],
         nm: vec![],
         bitmap: vec![],
+        column: vec![],
     })
 }
 
@@ -551,6 +552,7 @@ fn synthetic_nm_table(
         entries: vec![],
         nm,
         bitmap: vec![],
+        column: vec![],
     };
     Arc::new(t)
 }
@@ -1030,6 +1032,7 @@ fn synthetic_bitmap_table(dtype: DType, (decode, prefill): (f64, f64)) -> Arc<ki
         entries: vec![],
         nm: vec![],
         bitmap,
+        column: vec![],
     })
 }
 

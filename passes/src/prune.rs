@@ -72,6 +72,20 @@ pub struct BitmapMeasurement {
     pub ratio: f64,
 }
 
+/// One measured column-layout active-channel kernel (`active_linear` on `q4_0c`/`q4_1c`/`q8_0c`, CHESS's
+/// down projection) at decode (m = 1): its time over the dense kernel's on the row-major `dtype` weight
+/// `[n, k]` with a share `density` of the input channels active; below 1 it is faster. Informational
+/// (`docs/quality.md`): no pass reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ColumnMeasurement {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub density: f64,
+    pub ratio: f64,
+}
+
 /// The cached table `kiln bench --kernels` writes (`format` = `kiln-kernel-table`, version 1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelTable {
@@ -86,6 +100,9 @@ pub struct KernelTable {
     /// Bitmap kernels (absent in tables written before they existed).
     #[serde(default)]
     pub bitmap: Vec<BitmapMeasurement>,
+    /// The column-layout active-channel kernel of CHESS's down projection (absent in older tables).
+    #[serde(default)]
+    pub column: Vec<ColumnMeasurement>,
 }
 
 pub const KERNEL_TABLE_FORMAT: &str = "kiln-kernel-table";
@@ -607,6 +624,7 @@ mod tests {
             entries: vec![e(1), e(64)],
             nm: vec![],
             bitmap: vec![],
+            column: vec![],
         }
     }
 
@@ -652,6 +670,7 @@ mod tests {
             entries: vec![],
             nm: nm.to_vec(),
             bitmap: bitmap.to_vec(),
+            column: vec![],
         }
     }
 
