@@ -767,6 +767,8 @@ fn bench_kernels_writes_a_well_formed_table() {
     // compile with it and explain each choice with the measured ratios.
     assert_eq!(table.bitmap.len(), want.len() / 2 * 2 * 3 * 2, "{:?}", table.bitmap);
     assert!(table.bitmap.iter().all(|e| e.ratio.is_finite() && e.ratio > 0.0), "{:?}", table.bitmap);
+    // The column active-channel kernel exists for Q4_0/Q4_1/Q8_0 down weights only: none for f32.
+    assert!(table.column.is_empty(), "{:?}", table.column);
     for (pat, dir_name) in [("unstructured", "e"), ("1x8", "f")] {
         let out_dir = dir.path().join(dir_name);
         let args = ["compile", m, "-o", out_dir.to_str().unwrap(), "--prune-pattern", pat, "--prune-sparsity", "0.5"];
