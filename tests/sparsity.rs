@@ -468,7 +468,8 @@ fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::Kernel
 }
 
 /// `prune` on a tiny model: the selection follows the (synthetic) measured table per phase, the compiled
-/// dense and block-sparse paths equal the interpreter, and sparsity 0 is the dense model exactly.
+/// dense and block-sparse paths equal the interpreter (and each phase reads the layout it was given),
+/// and sparsity 0 is the dense model exactly.
 #[test]
 fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     use kiln::passes::prune::{Prune, PruneMethod};
@@ -518,6 +519,12 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
             assert!(d < 1e-4, "sparsity {s} ({want_kernel}), {threads} threads: compiled vs interpreter {d}");
         }
         assert!(manifest.records.iter().any(|r| r["pass"] == "prune"));
+        // Where the phases differ, each really reads its own layout.
+        match want_kernel {
+            "_d1p0" => phase_reads_its_layout(&m, &b, &build, &tokens, (true, false), want_kernel),
+            "_d0p1" => phase_reads_its_layout(&m, &b, &build, &tokens, (false, true), want_kernel),
+            _ => {}
+        }
     }
     // Wanda needs calibration; a missing table is an error naming the command that makes it.
     let err = build_graph(&m, &prune(0.5, PruneMethod::Wanda, synthetic_table(1.0, 1.0))).err().unwrap();
@@ -1287,9 +1294,11 @@ fn prune_nm_and_bitmap_choose_the_kernel_per_phase() {
     }
 }
 
-/// Doubles the dense layout of every two-layout pruned linear of `b` (f32), compiles that, and checks each
-/// phase against the interpreter on the layout that phase reads: the compact form (the pruned op as it is)
-/// or the doubled dense layout (the op replaced by a plain linear on it), and away from the other.
+/// Doubles the dense layout of every pruned linear of `b` (f32) whose phases read different layouts
+/// (`sparse_linear`, `nm_linear`, `bitmap_linear`), compiles that, and checks each phase against the
+/// interpreter on the layout that phase reads — the compact one (the graph with the weights as the pass
+/// made them: the same values) or the doubled dense one (the op replaced by a plain linear on it) — and
+/// away from the other. Compiled = interpreter alone cannot tell the layouts apart: they hold one matrix.
 fn phase_reads_its_layout(
     m: &Model,
     b: &kiln::artifact::BuiltGraph,
@@ -1300,13 +1309,20 @@ fn phase_reads_its_layout(
 ) {
     let mut weights = b.weights.clone();
     let mut on_dense = b.graph.clone();
-    for n in on_dense.nodes.iter_mut().filter(|n| n.op.is_weight_linear() && n.inputs.len() == 3) {
-        let Op::Weight { name } = &b.graph.node(n.inputs[2]).op else { panic!("{case}: dense layout") };
+    let mut doubled_layouts = 0;
+    for n in on_dense.nodes.iter_mut().filter(|n| n.op.phase_weights(true) != n.op.phase_weights(false)) {
+        // The dense layout: the phase range that is one float weight (the others are i32 or three arrays).
+        let [r0, r1] = [true, false].map(|d| n.op.phase_weights(d));
+        let at = [r0, r1].into_iter().find(|r| r.len() == 1 && b.graph.ty(n.inputs[r.start]).dtype == DType::F32);
+        let w = n.inputs[at.expect("a dense f32 layout").start];
+        let Op::Weight { name } = &b.graph.node(w).op else { panic!("{case}: dense layout") };
         let t = weights.get(name).unwrap();
         let doubled: Vec<f32> = t.to_f32().unwrap().iter().map(|v| 2.0 * v).collect();
         weights.insert(name.clone(), kiln::ir::TensorData::from_f32(t.shape.clone(), &doubled));
-        (n.op, n.inputs) = (Op::Linear, vec![n.inputs[0], n.inputs[2]]);
+        (n.op, n.inputs) = (Op::Linear, vec![n.inputs[0], w]);
+        doubled_layouts += 1;
     }
+    assert_eq!(doubled_layouts, 2 * 7, "{case}: every block linear has two layouts");
     let tampered = kiln::artifact::BuiltGraph {
         graph: b.graph.clone(),
         passes: b.passes.clone(),
@@ -1318,7 +1334,7 @@ fn phase_reads_its_layout(
     let art = tempfile::tempdir().unwrap();
     compile_built(m, &tampered, "test", build, art.path()).unwrap();
     let mut cb = CompiledBackend::load(art.path(), 1, None).unwrap();
-    let mut compact = InterpreterBackend::new(b.graph.clone(), &weights, 64).unwrap();
+    let mut compact = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
     let mut dense = InterpreterBackend::new(on_dense, &weights, 64).unwrap();
     // Prefill: one forward of 9 rows. Decode: one row at a time from the start.
     for (phase, split, reads_compact) in [("prefill", 9, prefill), ("decode", 1, decode)] {
