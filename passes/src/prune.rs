@@ -562,6 +562,7 @@ struct Compacted {
     packed: TensorData,
     /// The dense layout's bytes (the pruned matrix in `dtype`).
     dense: Option<Vec<u8>>,
+    /// The measured ratio and its description at decode, then prefill.
     ratios: [Option<(f64, String)>; 2],
 }
 
@@ -580,8 +581,9 @@ impl Compacted {
     ) -> Result<ValueId, PassError> {
         let fail = |e: kiln_ir::GraphError| PassError::Failed { pass: "prune", msg: e.to_string() };
         let has_dense = self.dense.is_some();
-        let [(dec, why_d), (pre, why_p)] = [Phase::Decode, Phase::Prefill]
-            .map(|ph| choose_compact(self.kind, self.dtype, has_dense, self.ratios[ph as usize].as_ref(), ph));
+        let phases = [Phase::Decode, Phase::Prefill];
+        let [(dec, why_d), (pre, why_p)] =
+            [0, 1].map(|i| choose_compact(self.kind, self.dtype, has_dense, self.ratios[i].as_ref(), phases[i]));
         cx.explain("prune", format!("{}: {}; {why_d}; {why_p}", self.name, self.head));
         let kernel = |compact: bool| if compact { self.layout } else { "dense" };
         records.push(serde_json::json!({
