@@ -426,9 +426,9 @@ fn process_cpu_seconds() -> anyhow::Result<f64> {
 /// Estimated bytes of weights one decode step reads (decode is memory-bound): every linear's weight;
 /// CHESS's masked/active linears a share `1 − s` of theirs, `s` = `attn` for the attention projections
 /// (weights named `attn_*`) and `chess` for the MLP's (on a column-major weight, the active channels'
-/// codes and the active blocks' scales: `kiln_ir::column::read_share`); a pruned linear its block-sparse
-/// layout when the decode kernel choice is sparse, else its dense matrix. The embedding (one row) is not
-/// counted.
+/// codes and the active blocks' scales: `kiln_ir::column::read_share`); a pruned linear the layout its
+/// decode kernel reads (`Op::phase_weights`: block-sparse, N:M or bitmap when the decode choice is the
+/// sparse kernel, else the dense matrix). The embedding (one row) is not counted.
 pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64, attn: f64) -> f64 {
     use kiln_ir::Op;
     let name = |v: &kiln_ir::ValueId| match &g.node(*v).op {
@@ -450,9 +450,10 @@ pub fn decode_bytes(g: &kiln_ir::Graph, w: &kiln_ir::WeightStore, chess: f64, at
             Op::MaskedLinear | Op::CoreLinear { .. } | Op::ActiveLinear => {
                 bytes(&n.inputs[1]) * (1.0 - sparsity(&n.inputs[1]))
             }
-            Op::SparseLinear { decode: 1, .. } => n.inputs[2..].iter().map(bytes).sum(),
-            Op::SparseLinear { .. } => bytes(&n.inputs[1]),
-            Op::NmLinear { .. } | Op::BitmapLinear { .. } => bytes(&n.inputs[1]),
+            // Pruned linears: the layout the decode kernel reads (block-sparse or dense, compact or dense).
+            Op::SparseLinear { .. } | Op::NmLinear { .. } | Op::BitmapLinear { .. } => {
+                n.inputs[n.op.phase_weights(true)].iter().map(bytes).sum()
+            }
             _ => 0.0,
         })
         .sum()

@@ -90,6 +90,10 @@ pub const NM_PATTERNS: [(usize, usize); 6] = [(1, 4), (2, 4), (3, 4), (1, 8), (2
 /// The sparsities `kiln bench --kernels` measures the bitmap (unstructured, 1×8) kernels at.
 pub const BITMAP_SPARSITIES: [f64; 3] = [0.25, 0.5, 0.7];
 
+/// The active shares of the down projection's input channels `kiln bench --kernels` measures the column
+/// active-channel kernel at (m = 1).
+pub const COLUMN_DENSITIES: [f64; 4] = [1.0, 0.75, 0.5, 0.3];
+
 /// `kiln bench`.
 #[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
@@ -191,6 +195,42 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.times.1 * 1e6
         );
     }
+    // CHESS's down projection on the column layout: the model's down shapes whose dtype has one.
+    let downs: Vec<(kiln::ir::DType, usize, usize)> = {
+        let mut v: Vec<_> = m
+            .weights
+            .iter()
+            .filter(|(name, t)| name.starts_with("blk.") && name.ends_with(".ffn_down.weight") && t.shape.len() == 2)
+            .map(|(_, t)| (t.dtype, t.shape[1], t.shape[0]))
+            .filter(|s| s.0.column_of().is_some() && s.1 % 32 == 0 && s.2 % 32 == 0)
+            .collect();
+        v.sort_by_key(|s| (s.0.name(), s.1, s.2));
+        v.dedup();
+        v
+    };
+    eprintln!(
+        "[measuring the column active-channel kernel: {} down shapes × active {COLUMN_DENSITIES:?}, m = 1, one thread]",
+        downs.len()
+    );
+    let col = kiln::codegen::kernels::measure::measure_column_active(
+        &downs,
+        &COLUMN_DENSITIES,
+        3,
+        std::time::Duration::from_millis(a.ms),
+    )?;
+    for r in &col {
+        println!(
+            "{} {}→{} m={:<2} column active {:.2} column/dense {:.2}  ({:.1} µs dense, {:.1} µs column)",
+            r.dtype,
+            r.k,
+            r.n,
+            r.m,
+            r.density,
+            r.ratio,
+            r.times.0 * 1e6,
+            r.times.1 * 1e6
+        );
+    }
     let table = kiln::passes::prune::KernelTable {
         format: kiln::passes::prune::KERNEL_TABLE_FORMAT.into(),
         version: 1,
@@ -224,6 +264,17 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 n: r.n,
                 m: r.m,
                 gran: r.gran,
+                density: r.density,
+                ratio: r.ratio,
+            })
+            .collect(),
+        column: col
+            .iter()
+            .map(|r| kiln::passes::prune::ColumnMeasurement {
+                dtype: r.dtype,
+                k: r.k,
+                n: r.n,
+                m: r.m,
                 density: r.density,
                 ratio: r.ratio,
             })

@@ -3,7 +3,7 @@
 //! channels against the target, and bad options through the CLI.
 
 use crate::common::{max_abs_diff, random_weights, run_kiln, smollm2, tiny_config};
-use kiln::artifact::{build_graph, compile_build, Build};
+use kiln::artifact::{build_graph, compile_build, compile_built, Build};
 use kiln::codegen::CompileOptions;
 use kiln::frontend::export::write_hf;
 use kiln::frontend::{Arch, Model};
@@ -463,11 +463,13 @@ fn synthetic_table(decode: f64, prefill: f64) -> Arc<kiln::passes::prune::Kernel
         entries: vec![e(1, decode), e(64, prefill)],
         nm: vec![],
         bitmap: vec![],
+        column: vec![],
     })
 }
 
 /// `prune` on a tiny model: the selection follows the (synthetic) measured table per phase, the compiled
-/// dense and block-sparse paths equal the interpreter, and sparsity 0 is the dense model exactly.
+/// dense and block-sparse paths equal the interpreter (and each phase reads the layout it was given),
+/// and sparsity 0 is the dense model exactly.
 #[test]
 fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     use kiln::passes::prune::{Prune, PruneMethod};
@@ -517,6 +519,12 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
             assert!(d < 1e-4, "sparsity {s} ({want_kernel}), {threads} threads: compiled vs interpreter {d}");
         }
         assert!(manifest.records.iter().any(|r| r["pass"] == "prune"));
+        // Where the phases differ, each really reads its own layout.
+        match want_kernel {
+            "_d1p0" => phase_reads_its_layout(&m, &b, &build, &tokens, (true, false), want_kernel),
+            "_d0p1" => phase_reads_its_layout(&m, &b, &build, &tokens, (false, true), want_kernel),
+            _ => {}
+        }
     }
     // Wanda needs calibration; a missing table is an error naming the command that makes it.
     let err = build_graph(&m, &prune(0.5, PruneMethod::Wanda, synthetic_table(1.0, 1.0))).err().unwrap();
@@ -529,13 +537,19 @@ fn prune_selects_kernels_by_measured_break_even_and_matches_the_interpreter() {
     assert!(format!("{:#}", build_graph(&m, &no_table).err().unwrap()).contains("kiln bench --kernels"));
 }
 
-fn synthetic_nm_table(ratio: f64, patterns: &[(usize, usize)]) -> Arc<kiln::passes::prune::KernelTable> {
+/// A kernel table measuring the N:M `patterns` of `dtype` [64, 64] at N:M/dense time ratio `decode` (m = 1)
+/// and `prefill` (m = 64).
+fn synthetic_nm_table(
+    dtype: DType,
+    (decode, prefill): (f64, f64),
+    patterns: &[(usize, usize)],
+) -> Arc<kiln::passes::prune::KernelTable> {
     use kiln::passes::prune::{KernelTable, NmMeasurement, KERNEL_TABLE_FORMAT};
     let mut nm = Vec::new();
     for &(keep, group) in patterns {
         let pattern = kiln::ir::sparse::NmPattern::new(keep, group).unwrap();
-        for m in [1, 64] {
-            nm.push(NmMeasurement { dtype: DType::F32, k: 64, n: 64, m, pattern, ratio });
+        for (m, ratio) in [(1, decode), (64, prefill)] {
+            nm.push(NmMeasurement { dtype, k: 64, n: 64, m, pattern, ratio });
         }
     }
     let t = KernelTable {
@@ -545,6 +559,7 @@ fn synthetic_nm_table(ratio: f64, patterns: &[(usize, usize)]) -> Arc<kiln::pass
         entries: vec![],
         nm,
         bitmap: vec![],
+        column: vec![],
     };
     Arc::new(t)
 }
@@ -579,14 +594,14 @@ fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
             prune: Some(Prune {
                 method: PruneMethod::Magnitude,
                 sparsity: 1.0 - pattern.density(),
-                table: Some(synthetic_nm_table(ratio, &all)),
+                table: Some(synthetic_nm_table(DType::F32, (ratio, ratio), &all)),
                 pattern: Some(pattern),
                 bitmap: None,
             }),
             ..Default::default()
         };
         let b = build_graph(&m, &build).unwrap();
-        let why = if want_nm { "N:M kernel no slower" } else { "dense layout (zeros stored)" };
+        let why = if want_nm { "no slower than dense: N:M kernel" } else { "dense layout (zeros stored)" };
         assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains(why)), "{:?}", b.explanations);
         let nm_ops = b.graph.nodes.iter().filter(|n| matches!(n.op, Op::NmLinear { .. })).count();
         assert_eq!(nm_ops, if want_nm { 2 * 7 } else { 0 }, "{pattern}");
@@ -633,44 +648,43 @@ fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
     }
 }
 
+/// A tiny model (hidden 64, MLP 96) as GGUF with every matrix quantized to `dtype` (kept alive by the
+/// temp dir).
+fn quantized_model(dtype: DType) -> (tempfile::TempDir, Model) {
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
+    let mut w = random_weights(&cfg, DType::F32, 3);
+    let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+    for n in names {
+        let t = w.get(&n).unwrap().clone();
+        let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+        w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.gguf");
+    kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
+    let m = Model::load(&path).unwrap();
+    (dir, m)
+}
+
 /// N:M on quantized tiny models (GGUF, matrices Q4_1/Q4_0/Q8_0/F16): the compact form keeps every kept
 /// code and block scale, so compiled equals the interpreter; Q4_1 has no exact dense layout and always
 /// takes the N:M kernel, the others take the dense layout when the measurement says N:M is slower.
 #[test]
 fn prune_nm_pattern_on_quantized_weights_matches_the_interpreter() {
     use kiln::ir::sparse::NmPattern;
-    use kiln::passes::prune::{KernelTable, NmMeasurement, Prune, PruneMethod, KERNEL_TABLE_FORMAT};
-    let mut cfg = tiny_config(Arch::Llama);
-    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
+    use kiln::passes::prune::{Prune, PruneMethod};
     let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
     for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16] {
-        let mut w = random_weights(&cfg, DType::F32, 3);
-        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
-        for n in names {
-            let t = w.get(&n).unwrap().clone();
-            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
-            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.gguf");
-        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
-        let m = Model::load(&path).unwrap();
-        for (pattern, ratio) in [(NmPattern::new(2, 4).unwrap(), 2.0), (NmPattern::new(3, 8).unwrap(), 0.5)] {
-            let nm = [1, 64].map(|mm| NmMeasurement { dtype, k: 64, n: 64, m: mm, pattern, ratio }).to_vec();
-            let table = KernelTable {
-                format: KERNEL_TABLE_FORMAT.into(),
-                version: 1,
-                cpu: "t".into(),
-                entries: vec![],
-                nm,
-                bitmap: vec![],
-            };
+        let (_dir, m) = quantized_model(dtype);
+        for ((keep, group), ratio) in [((2, 4), 2.0), ((3, 8), 0.5)] {
+            let pattern = NmPattern::new(keep, group).unwrap();
             let build = Build {
                 opts: all_logits(),
                 prune: Some(Prune {
                     method: PruneMethod::Magnitude,
                     sparsity: 1.0 - pattern.density(),
-                    table: Some(Arc::new(table)),
+                    table: Some(synthetic_nm_table(dtype, (ratio, ratio), &[(keep, group)])),
                     pattern: Some(pattern),
                     bitmap: None,
                 }),
@@ -760,6 +774,8 @@ fn bench_kernels_writes_a_well_formed_table() {
     // compile with it and explain each choice with the measured ratios.
     assert_eq!(table.bitmap.len(), want.len() / 2 * 2 * 3 * 2, "{:?}", table.bitmap);
     assert!(table.bitmap.iter().all(|e| e.ratio.is_finite() && e.ratio > 0.0), "{:?}", table.bitmap);
+    // The column active-channel kernel exists for Q4_0/Q4_1/Q8_0 down weights only: none for f32.
+    assert!(table.column.is_empty(), "{:?}", table.column);
     for (pat, dir_name) in [("unstructured", "e"), ("1x8", "f")] {
         let out_dir = dir.path().join(dir_name);
         let args = ["compile", m, "-o", out_dir.to_str().unwrap(), "--prune-pattern", pat, "--prune-sparsity", "0.5"];
@@ -1008,11 +1024,13 @@ fn early_exit_on_a_chess_model_matches_the_interpreter() {
     assert!(e.contains("masked_linear") && e.contains("cannot be split"), "{e}");
 }
 
-fn synthetic_bitmap_table(dtype: DType, ratio: f64) -> Arc<kiln::passes::prune::KernelTable> {
+/// A kernel table measuring the unstructured and 1×8 bitmap kernels of `dtype` [64, 64] (at density 0.5)
+/// at bitmap/dense time ratio `decode` (m = 1) and `prefill` (m = 64).
+fn synthetic_bitmap_table(dtype: DType, (decode, prefill): (f64, f64)) -> Arc<kiln::passes::prune::KernelTable> {
     use kiln::passes::prune::{BitmapMeasurement, KernelTable, KERNEL_TABLE_FORMAT};
     let mut bitmap = Vec::new();
     for gran in [1, 8] {
-        for m in [1, 64] {
+        for (m, ratio) in [(1, decode), (64, prefill)] {
             bitmap.push(BitmapMeasurement { dtype, k: 64, n: 64, m, gran, density: 0.5, ratio });
         }
     }
@@ -1023,6 +1041,7 @@ fn synthetic_bitmap_table(dtype: DType, ratio: f64) -> Arc<kiln::passes::prune::
         entries: vec![],
         nm: vec![],
         bitmap,
+        column: vec![],
     })
 }
 
@@ -1057,7 +1076,7 @@ fn prune_bitmap_matches_the_interpreter_and_selects_by_measurement() {
             prune: Some(Prune {
                 method: PruneMethod::Magnitude,
                 sparsity: s,
-                table: Some(synthetic_bitmap_table(DType::F32, ratio)),
+                table: Some(synthetic_bitmap_table(DType::F32, (ratio, ratio))),
                 pattern: None,
                 bitmap: Some(gran),
             }),
@@ -1066,7 +1085,7 @@ fn prune_bitmap_matches_the_interpreter_and_selects_by_measurement() {
         let b = build_graph(&m, &build).unwrap();
         let why = match (s == 0.0, want_bm) {
             (true, _) => "drops nothing: dense",
-            (_, true) => "bitmap kernel no slower",
+            (_, true) => "no slower than dense: bitmap kernel",
             _ => "dense layout (zeros stored)",
         };
         assert!(b.explanations.iter().any(|(p, l)| p == "prune" && l.contains(why)), "{:?}", b.explanations);
@@ -1141,28 +1160,16 @@ fn prune_bitmap_matches_the_interpreter_and_selects_by_measurement() {
 #[test]
 fn prune_bitmap_on_quantized_weights_matches_the_interpreter() {
     use kiln::passes::prune::{Prune, PruneMethod};
-    let mut cfg = tiny_config(Arch::Llama);
-    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
     let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
     for dtype in [DType::Q4_1, DType::Q4_0, DType::Q8_0, DType::F16] {
-        let mut w = random_weights(&cfg, DType::F32, 3);
-        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
-        for n in names {
-            let t = w.get(&n).unwrap().clone();
-            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
-            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.gguf");
-        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
-        let m = Model::load(&path).unwrap();
+        let (_dir, m) = quantized_model(dtype);
         for (gran, s, ratio) in [(1, 0.5, 2.0), (8, 0.25, 0.5), (1, 0.7, 0.5)] {
             let build = Build {
                 opts: all_logits(),
                 prune: Some(Prune {
                     method: PruneMethod::Magnitude,
                     sparsity: s,
-                    table: Some(synthetic_bitmap_table(dtype, ratio)),
+                    table: Some(synthetic_bitmap_table(dtype, (ratio, ratio))),
                     pattern: None,
                     bitmap: Some(gran),
                 }),
@@ -1180,5 +1187,166 @@ fn prune_bitmap_on_quantized_weights_matches_the_interpreter() {
             let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
             assert!(d < 1e-3, "{dtype} g{gran} s{s}: compiled vs interpreter {d}");
         }
+    }
+}
+
+/// Per-phase kernel choice for N:M (2:4) and unstructured (0.5) pruning on tiny f32, Q8_0 and Q4_0 models:
+/// with a table where decode measures the compact kernel faster and prefill slower (and the reverse),
+/// every block linear keeps both layouts (`decode`/`prefill` attributes, the dense layout a third
+/// operand), the wrapper is the branching one, compiled equals the interpreter over a 9-token prefill
+/// (m ≥ 8) then decode steps (m = 1), and the manifest and `--explain` name each phase's kernel. Q4_1
+/// (no dense layout) takes the compact kernel in both phases and says why. On f32, doubling the dense
+/// layout after the pass shows which layout each phase really reads: the compiled prefill (decode-only)
+/// logits follow the interpreter on the layout that phase was given, not the other.
+#[test]
+fn prune_nm_and_bitmap_choose_the_kernel_per_phase() {
+    use kiln::ir::sparse::NmPattern;
+    use kiln::passes::prune::{Prune, PruneMethod};
+    let tokens: Vec<u32> = vec![5, 9, 33, 2, 71, 40, 18, 90, 12, 4];
+    for dtype in [DType::F32, DType::Q8_0, DType::Q4_0, DType::Q4_1] {
+        let (_dir, m) = quantized_model(dtype);
+        let directions: &[(f64, f64)] = if dtype == DType::Q4_1 { &[(1.5, 1.5)] } else { &[(0.5, 1.5), (1.5, 0.5)] };
+        for nm in [true, false] {
+            for &(dec, pre) in directions {
+                let layout = if nm { "nm" } else { "bitmap" };
+                let build_for = |decode: f64, prefill: f64| {
+                    let (pattern, bitmap, table) = if nm {
+                        (
+                            Some(NmPattern::new(2, 4).unwrap()),
+                            None,
+                            synthetic_nm_table(dtype, (decode, prefill), &[(2, 4)]),
+                        )
+                    } else {
+                        (None, Some(1), synthetic_bitmap_table(dtype, (decode, prefill)))
+                    };
+                    let prune =
+                        Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table: Some(table), pattern, bitmap };
+                    Build { opts: all_logits(), prune: Some(prune), ..Default::default() }
+                };
+                let build = build_for(dec, pre);
+                let case = format!("{dtype} {layout} decode {dec} prefill {pre}");
+                let b = build_graph(&m, &build).unwrap();
+                let (want_d, want_p) = if dtype == DType::Q4_1 { (true, true) } else { (dec <= 1.0, pre <= 1.0) };
+                // Every block linear: the compact op with the phase attributes, both layouts when they differ.
+                let pruned: Vec<&kiln::ir::Node> = b
+                    .graph
+                    .nodes
+                    .iter()
+                    .filter(|n| matches!(n.op, Op::NmLinear { .. } | Op::BitmapLinear { .. }))
+                    .collect();
+                assert_eq!(pruned.len(), 2 * 7, "{case}");
+                for n in &pruned {
+                    let (Op::NmLinear { decode, prefill, .. } | Op::BitmapLinear { decode, prefill, .. }) = n.op else {
+                        unreachable!()
+                    };
+                    assert_eq!((decode, prefill), (want_d as i64, want_p as i64), "{case}");
+                    assert_eq!(n.inputs.len(), if want_d && want_p { 2 } else { 3 }, "{case}");
+                    for (i, w) in n.inputs[1..].iter().enumerate() {
+                        let Op::Weight { name } = &b.graph.node(*w).op else { panic!("{case}: not a weight") };
+                        assert_eq!(name.ends_with(&format!(".{layout}")), i == 0, "{case}: {name}");
+                        assert!(b.weights.get(name).is_some(), "{case}: {name} stored");
+                    }
+                }
+                let why = if dtype == DType::Q4_1 { "q4_1 has no exact dense layout" } else { "zeros stored" };
+                let lines: Vec<&String> = b.explanations.iter().filter(|(p, _)| p == "prune").map(|(_, l)| l).collect();
+                assert!(
+                    lines.iter().all(|l| l.contains("decode: ") && l.contains("prefill: ") && l.contains(why)),
+                    "{case}: {lines:?}"
+                );
+                // Compiled (prefill of 9 rows, then decode) against the interpreter.
+                let mut ib = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+                let reference = steps(&mut ib, &tokens, 9);
+                let art = tempfile::tempdir().unwrap();
+                let manifest = compile_built(&m, &b, "test", &build, art.path()).unwrap();
+                let suffix =
+                    if want_d && want_p { "_x1".to_string() } else { format!("_d{}p{}", want_d as u8, want_p as u8) };
+                let launches: Vec<&str> = manifest.program.launches.iter().map(|l| l.kernel.as_str()).collect();
+                let phased = launches
+                    .iter()
+                    .filter(|k| k.starts_with(&format!("kiln_{layout}_linear_")) && k.ends_with(&suffix));
+                assert_eq!(phased.count(), 2 * 7, "{case}: {launches:?}");
+                let mut cb = CompiledBackend::load(art.path(), 2, None).unwrap();
+                let d = max_abs_diff(&steps(&mut cb, &tokens, 9), &reference);
+                assert!(d < 1e-3, "{case}: compiled vs interpreter {d}");
+                let rec = manifest.records.iter().find(|r| r["pass"] == "prune").expect("prune record");
+                let kernel = |c: bool| if c { layout } else { "dense" };
+                for l in rec["detail"]["linears"].as_array().unwrap() {
+                    assert_eq!(
+                        (l["decode"].as_str(), l["prefill"].as_str()),
+                        (Some(kernel(want_d)), Some(kernel(want_p))),
+                        "{case}: {l}"
+                    );
+                    assert_eq!(
+                        (l["decode_ratio"].as_f64(), l["prefill_ratio"].as_f64()),
+                        (Some(dec), Some(pre)),
+                        "{case}: {l}"
+                    );
+                }
+                // The estimated decode bytes count the layout decode reads: as when both phases chose it.
+                let single = build_graph(&m, &build_for(dec, dec)).unwrap();
+                let bytes = |g: &kiln::artifact::BuiltGraph| kiln::budget::decode_bytes(&g.graph, &g.weights, 0.0, 0.0);
+                assert_eq!(bytes(&b), bytes(&single), "{case}");
+                if dtype == DType::F32 {
+                    phase_reads_its_layout(&m, &b, &build, &tokens, (want_d, want_p), &case);
+                }
+            }
+        }
+    }
+}
+
+/// Doubles the dense layout of every pruned linear of `b` (f32) whose phases read different layouts
+/// (`sparse_linear`, `nm_linear`, `bitmap_linear`), compiles that, and checks each phase against the
+/// interpreter on the layout that phase reads — the compact one (the graph with the weights as the pass
+/// made them: the same values) or the doubled dense one (the op replaced by a plain linear on it) — and
+/// away from the other. Compiled = interpreter alone cannot tell the layouts apart: they hold one matrix.
+fn phase_reads_its_layout(
+    m: &Model,
+    b: &kiln::artifact::BuiltGraph,
+    build: &Build,
+    tokens: &[u32],
+    (decode, prefill): (bool, bool),
+    case: &str,
+) {
+    let mut weights = b.weights.clone();
+    let mut on_dense = b.graph.clone();
+    let mut doubled_layouts = 0;
+    for n in on_dense.nodes.iter_mut().filter(|n| n.op.phase_weights(true) != n.op.phase_weights(false)) {
+        // The dense layout: the phase range that is one float weight (the others are i32 or three arrays).
+        let [r0, r1] = [true, false].map(|d| n.op.phase_weights(d));
+        let at = [r0, r1].into_iter().find(|r| r.len() == 1 && b.graph.ty(n.inputs[r.start]).dtype == DType::F32);
+        let w = n.inputs[at.expect("a dense f32 layout").start];
+        let Op::Weight { name } = &b.graph.node(w).op else { panic!("{case}: dense layout") };
+        let t = weights.get(name).unwrap();
+        let doubled: Vec<f32> = t.to_f32().unwrap().iter().map(|v| 2.0 * v).collect();
+        weights.insert(name.clone(), kiln::ir::TensorData::from_f32(t.shape.clone(), &doubled));
+        (n.op, n.inputs) = (Op::Linear, vec![n.inputs[0], w]);
+        doubled_layouts += 1;
+    }
+    assert_eq!(doubled_layouts, 2 * 7, "{case}: every block linear has two layouts");
+    let tampered = kiln::artifact::BuiltGraph {
+        graph: b.graph.clone(),
+        passes: b.passes.clone(),
+        records: b.records.clone(),
+        reports: b.reports.clone(),
+        explanations: vec![],
+        weights: weights.clone(),
+    };
+    let art = tempfile::tempdir().unwrap();
+    compile_built(m, &tampered, "test", build, art.path()).unwrap();
+    let mut cb = CompiledBackend::load(art.path(), 1, None).unwrap();
+    let mut compact = InterpreterBackend::new(b.graph.clone(), &b.weights, 64).unwrap();
+    let mut dense = InterpreterBackend::new(on_dense, &weights, 64).unwrap();
+    // Prefill: one forward of 9 rows. Decode: one row at a time from the start.
+    for (phase, split, reads_compact) in [("prefill", 9, prefill), ("decode", 1, decode)] {
+        let run = |be: &mut dyn Backend| steps(be, &tokens[..split.max(5)], split);
+        let got = run(&mut cb);
+        let (want, other) =
+            if reads_compact { (run(&mut compact), run(&mut dense)) } else { (run(&mut dense), run(&mut compact)) };
+        let (d, away) = (max_abs_diff(&got, &want), max_abs_diff(&got, &other));
+        assert!(
+            d < 1e-4 && away > 1e-2,
+            "{case}, {phase} reads the {} layout: {d} vs {away}",
+            if reads_compact { "compact" } else { "dense" }
+        );
     }
 }

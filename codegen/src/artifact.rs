@@ -74,6 +74,31 @@ pub fn mlir_source(lowered: &Lowered) -> String {
     bodies.join("\n")
 }
 
+/// The uniform-ABI wrapper of an N:M or bitmap linear whose compact kernel is `compact`: that kernel
+/// alone when both phases read the compact form, else a branch on m to it or to the dense linear kernel
+/// of `dtype` on the dense layout.
+fn wrap_compact<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    compact: inkwell::values::FunctionValue<'ctx>,
+    dtype: kiln_ir::DType,
+    k: usize,
+    (decode, prefill): (bool, bool),
+    symbol: &str,
+) -> Result<(), CodegenError> {
+    if decode && prefill {
+        kernels::abi::wrap_linear(ctx, module, compact, 1, symbol)?;
+        return Ok(());
+    }
+    let lin = LinearKernelSpec { dtype, k, residual: false };
+    let dense = match module.get_function(&lin.symbol()) {
+        Some(f) => f,
+        None => emit_linear(ctx, module, &lin)?,
+    };
+    kernels::abi::wrap_phase_linear(ctx, module, compact, dense, (decode, prefill), symbol)?;
+    Ok(())
+}
+
 /// Generates every kernel of `lowered` into `module`: the fused kernels' MLIR is lowered and linked in
 /// first, then each kernel is emitted (or, for fused ones, wrapped) as LLVM IR.
 pub(crate) fn emit_kernels<'ctx>(
@@ -126,10 +151,13 @@ pub(crate) fn emit_kernels<'ctx>(
                 };
                 kernels::abi::wrap_sparse_linear(ctx, module, dense, sparse, (*decode, *prefill), &spec.symbol())?;
             }
-            KernelSpec::NmLinear { dtype, keep, group, k } => {
+            KernelSpec::NmLinear { dtype, keep, group, k, decode, prefill } => {
                 let nm = kernels::nm::NmLinearKernelSpec::new(*dtype, crate::lower::nm_pattern(*keep, *group), *k);
-                let inner = kernels::nm::emit_nm_linear(ctx, module, &nm)?;
-                kernels::abi::wrap_linear(ctx, module, inner, 1, &spec.symbol())?;
+                let inner = match module.get_function(&nm.symbol()) {
+                    Some(f) => f,
+                    None => kernels::nm::emit_nm_linear(ctx, module, &nm)?,
+                };
+                wrap_compact(ctx, module, inner, *dtype, *k, (*decode, *prefill), &spec.symbol())?;
             }
             KernelSpec::ActiveLinear { dtype, k, n } if dtype.is_gathered() => {
                 use kernels::colactive::{emit_col_active, ColActiveKernelSpec, PREFILL_GROUP};
@@ -146,10 +174,13 @@ pub(crate) fn emit_kernels<'ctx>(
                     &spec.symbol(),
                 )?;
             }
-            KernelSpec::BitmapLinear { dtype, gran, kept, k } => {
+            KernelSpec::BitmapLinear { dtype, gran, kept, k, decode, prefill } => {
                 let bm = kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k);
-                let inner = kernels::bitmap::emit_bitmap_linear(ctx, module, &bm)?;
-                kernels::abi::wrap_linear(ctx, module, inner, 1, &spec.symbol())?;
+                let inner = match module.get_function(&bm.symbol()) {
+                    Some(f) => f,
+                    None => kernels::bitmap::emit_bitmap_linear(ctx, module, &bm)?,
+                };
+                wrap_compact(ctx, module, inner, *dtype, *k, (*decode, *prefill), &spec.symbol())?;
             }
             KernelSpec::ActiveLinear { dtype, k, n } if dtype.is_column() => {
                 use kernels::colactive::{emit_col_active, ColActiveKernelSpec, PREFILL_GROUP};

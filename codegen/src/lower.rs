@@ -60,20 +60,26 @@ pub enum KernelSpec {
         decode: bool,
         prefill: bool,
     },
-    /// `nm_linear`: bufs [x, packed, y]; dims [m, n]; items: n output rows (the dense linear's layout,
-    /// one linear per launch); the N:M kernel (`kernels::nm`) in both phases.
+    /// `nm_linear`: bufs [x, packed, y], or [x, packed, w, y] with the dense layout; dims [m, n]; items:
+    /// n output rows (the dense linear's layout, one linear per launch); the N:M kernel (`kernels::nm`)
+    /// where `decode` (m < 8) / `prefill` (m ≥ 8) say so, else the dense one on `w`
+    /// (`kernels::abi::wrap_phase_linear`).
     NmLinear {
         dtype: DType,
         keep: usize,
         group: usize,
         k: usize,
+        decode: bool,
+        prefill: bool,
     },
-    /// `bitmap_linear`: as `nm_linear`, the bitmap kernel (`kernels::bitmap`) in both phases.
+    /// `bitmap_linear`: as `nm_linear`, with the bitmap kernel (`kernels::bitmap`).
     BitmapLinear {
         dtype: DType,
         gran: usize,
         kept: usize,
         k: usize,
+        decode: bool,
+        prefill: bool,
     },
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
@@ -100,19 +106,29 @@ impl KernelSpec {
             KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
                 format!("kiln_pruned_linear_{}_k{k}_d{}p{}", dtype.name(), *decode as u8, *prefill as u8)
             }
-            KernelSpec::NmLinear { dtype, keep, group, k } => {
-                format!(
-                    "{}_x1",
-                    crate::kernels::nm::NmLinearKernelSpec::new(*dtype, nm_pattern(*keep, *group), *k).symbol()
-                )
+            KernelSpec::NmLinear { dtype, keep, group, k, decode, prefill } => {
+                let nm = crate::kernels::nm::NmLinearKernelSpec::new(*dtype, nm_pattern(*keep, *group), *k);
+                format!("{}{}", nm.symbol(), phase_suffix(*decode, *prefill))
             }
-            KernelSpec::BitmapLinear { dtype, gran, kept, k } => {
-                format!("{}_x1", crate::kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k).symbol())
+            KernelSpec::BitmapLinear { dtype, gran, kept, k, decode, prefill } => {
+                let bm = crate::kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k);
+                format!("{}{}", bm.symbol(), phase_suffix(*decode, *prefill))
             }
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
             KernelSpec::Fused(f) => f.symbol(),
         }
+    }
+}
+
+/// The wrapper suffix of an N:M or bitmap linear: `_x1` (the compact kernel in both phases, wrapped like
+/// one dense linear) or `_d<decode>p<prefill>` (which phase reads the compact form, 1, or the dense
+/// layout, 0).
+fn phase_suffix(decode: bool, prefill: bool) -> String {
+    if decode && prefill {
+        "_x1".into()
+    } else {
+        format!("_d{}p{}", decode as u8, prefill as u8)
     }
 }
 
@@ -662,10 +678,10 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
-            Op::NmLinear { dtype, keep, group } => {
-                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
-                if !cx.is_weight(w) {
-                    return Err(cx.unsupported(i, "nm_linear packed weights must be a weight"));
+            Op::NmLinear { dtype, keep, group, decode, prefill } => {
+                let mut bufs: Vec<usize> = (0..n.inputs.len()).map(|k| cx.operand(i, k)).collect();
+                if !bufs[1..].iter().all(|&b| cx.is_weight(b)) {
+                    return Err(cx.unsupported(i, "nm_linear packed weights and dense layout must be weights"));
                 }
                 let xs = &g.ty(n.inputs[0]).shape;
                 let k = fixed(xs.last().expect("typed")).ok_or_else(|| cx.unsupported(i, "symbolic k"))?;
@@ -677,14 +693,17 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                     .map_err(|e| cx.unsupported(i, e.to_string()))?;
                 let m = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
-                let spec = KernelSpec::NmLinear { dtype: *dtype, keep: pattern.keep, group: pattern.group, k };
-                cx.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                bufs.push(out);
+                let (decode, prefill) = (*decode != 0, *prefill != 0);
+                let (keep, group) = (pattern.keep, pattern.group);
+                let spec = KernelSpec::NmLinear { dtype: *dtype, keep, group, k, decode, prefill };
+                cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
-            Op::BitmapLinear { dtype, gran, kept } => {
-                let (x, w) = (cx.operand(i, 0), cx.operand(i, 1));
-                if !cx.is_weight(w) {
-                    return Err(cx.unsupported(i, "bitmap_linear packed weights must be a weight"));
+            Op::BitmapLinear { dtype, gran, kept, decode, prefill } => {
+                let mut bufs: Vec<usize> = (0..n.inputs.len()).map(|k| cx.operand(i, k)).collect();
+                if !bufs[1..].iter().all(|&b| cx.is_weight(b)) {
+                    return Err(cx.unsupported(i, "bitmap_linear packed weights and dense layout must be weights"));
                 }
                 let xs = &g.ty(n.inputs[0]).shape;
                 let k = fixed(xs.last().expect("typed")).ok_or_else(|| cx.unsupported(i, "symbolic k"))?;
@@ -695,8 +714,10 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                     .map_err(|e| cx.unsupported(i, e.to_string()))?;
                 let m = xs[..xs.len() - 1].to_vec();
                 let out = cx.temp(i);
-                let spec = KernelSpec::BitmapLinear { dtype: *dtype, gran, kept, k };
-                cx.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
+                bufs.push(out);
+                let (decode, prefill) = (*decode != 0, *prefill != 0);
+                let spec = KernelSpec::BitmapLinear { dtype: *dtype, gran, kept, k, decode, prefill };
+                cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
             Op::ActiveLinear => {

@@ -645,8 +645,10 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
         // Both layouts hold the same values; the dense one is the reference (a wrong CSR shows up as a
         // compiled result that differs from this).
         Op::SparseLinear { .. } => eval(&Op::Linear, &args[..2], env),
-        // The compact form decoded to the dense pruned matrix (validated first), then a plain linear.
-        Op::NmLinear { dtype, keep, group } => {
+        // The compact form decoded to the dense pruned matrix (validated first), then a plain linear. The
+        // dense layout, when present, holds the same values and is the kernels' to read (a wrong one
+        // shows up as a compiled result that differs from this).
+        Op::NmLinear { dtype, keep, group, .. } => {
             let words = ints(args[1])?;
             let data: Vec<u8> = words.iter().flat_map(|&w| (w as i32).to_le_bytes()).collect();
             let w = crate::sparse::NmSparse {
@@ -660,8 +662,9 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             let wt = Tensor::f32(vec![w.n, w.k], wf);
             eval(&Op::Linear, &[args[0], &wt], env)
         }
-        // Decoded to the dense pruned matrix (validated first), then a plain linear.
-        Op::BitmapLinear { dtype, gran, kept } => {
+        // Decoded to the dense pruned matrix (validated first), then a plain linear; the dense layout, when
+        // present, is the kernels' (as for `nm_linear`).
+        Op::BitmapLinear { dtype, gran, kept, .. } => {
             let words = ints(args[1])?;
             let w = crate::sparse::BitmapSparse {
                 dtype: *dtype,

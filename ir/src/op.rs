@@ -155,8 +155,8 @@ macro_rules! ops {
                 match self { $( Op::$variant { .. } => $name, )* }
             }
 
-            /// Number of operands.
-            pub fn arity(&self) -> usize {
+            /// Number of operands in the table (see [`Op::arity`] for the ops whose attributes add one).
+            fn table_arity(&self) -> usize {
                 match self { $( Op::$variant { .. } => $arity, )* }
             }
 
@@ -300,12 +300,16 @@ ops! {
     CoreLinear { past: Dim } = "core_linear" / 3;
     /// A linear on N:M-pruned weights in the compact form (`kiln_ir::sparse::nm`): `x[..., K] · Wᵀ`
     /// with `W[N_out, K]` of `dtype` held as `packed` (`i32[N_out, row_bytes / 4]`, the rows' bytes),
-    /// `keep` of every `group` consecutive elements of a row kept.
-    NmLinear { dtype: DType, keep: i64, group: i64 } = "nm_linear" / 2;
+    /// `keep` of every `group` consecutive elements of a row kept. `decode`/`prefill` (0 or 1, not both
+    /// 0) say whether a kernel reads the compact form (1) or the dense layout (0) for small (< 8) and
+    /// large row counts; when one is 0 the op has a third operand, the same matrix dense `w[N_out, K]`
+    /// of `dtype` (pruned elements exact zeros). Arity 2, or 3 with the dense layout ([`Op::arity`]).
+    NmLinear { dtype: DType, keep: i64, group: i64, decode: i64, prefill: i64 } = "nm_linear" / 2;
     /// A linear on unstructured (`gran` 1) or 1×8 (`gran` 8) pruned weights in the bitmap form
     /// (`kiln_ir::sparse::bitmap`): `x[..., K] · Wᵀ` with `W[N_out, K]` of `dtype` held as `packed`
-    /// (`i32[N_out, row_bytes / 4]`), every row keeping `kept` elements.
-    BitmapLinear { dtype: DType, gran: i64, kept: i64 } = "bitmap_linear" / 2;
+    /// (`i32[N_out, row_bytes / 4]`), every row keeping `kept` elements. `decode`/`prefill` and the
+    /// optional dense layout as for `nm_linear`.
+    BitmapLinear { dtype: DType, gran: i64, kept: i64, decode: i64, prefill: i64 } = "bitmap_linear" / 2;
 }
 
 /// Resolves a possibly negative axis against `rank`.
@@ -353,6 +357,26 @@ fn want_rank(t: &TensorType, rank: usize, what: &str) -> Result<(), String> {
     }
 }
 
+/// The phase attributes of an `nm_linear`/`bitmap_linear` (0 or 1, not both 0) and its dense layout
+/// operand when it has one: `w[N_out, K]` of `dtype`, `N_out` the packed form's rows, `K` the input's.
+fn phase_choice(op: &str, decode: i64, prefill: i64, ins: &[&TensorType], dtype: DType) -> Result<(), String> {
+    if ![0, 1].contains(&decode) || ![0, 1].contains(&prefill) {
+        return Err(format!("{op}: decode = {decode}, prefill = {prefill} must each be 0 or 1"));
+    }
+    if decode == 0 && prefill == 0 {
+        return Err(format!("{op}: decode = prefill = 0 reads only the dense layout (use linear)"));
+    }
+    if let Some(w) = ins.get(2) {
+        if w.dtype != dtype || w.rank() != 2 {
+            return Err(format!("{op} dense layout must be {dtype}[_, _], found {w}"));
+        }
+        same_dim(&w.shape[0], &ins[1].shape[0], &format!("{op} dense layout rows"))?;
+        let k = ins[0].shape.last().ok_or_else(|| format!("{op} input must have rank ≥ 1"))?;
+        same_dim(&w.shape[1], k, &format!("{op} dense layout width"))?;
+    }
+    Ok(())
+}
+
 fn same_dim(a: &Dim, b: &Dim, what: &str) -> Result<(), String> {
     if a == b {
         Ok(())
@@ -375,6 +399,34 @@ impl Op {
                 | Op::NmLinear { .. }
                 | Op::BitmapLinear { .. }
         )
+    }
+
+    /// Number of operands: the table's, plus the dense layout of an `nm_linear`/`bitmap_linear` that
+    /// some phase reads it in.
+    pub fn arity(&self) -> usize {
+        match self {
+            Op::NmLinear { decode, prefill, .. } | Op::BitmapLinear { decode, prefill, .. } => {
+                self.table_arity() + usize::from(*decode != 1 || *prefill != 1)
+            }
+            _ => self.table_arity(),
+        }
+    }
+
+    /// Which operands of a weight linear ([`Op::is_weight_linear`]) a kernel reads as the weight in
+    /// the decode (m < 8) or the prefill phase: the block-sparse arrays or the dense matrix of a
+    /// `sparse_linear`, the compact form or the dense layout of an `nm_linear`/`bitmap_linear`, else
+    /// the weight operand. Byte estimates and the cost model count these.
+    pub fn phase_weights(&self, decode: bool) -> std::ops::Range<usize> {
+        let pick = |d: &i64, p: &i64| *if decode { d } else { p } != 0;
+        match self {
+            Op::SparseLinear { decode: d, prefill: p } if pick(d, p) => 2..5,
+            Op::NmLinear { decode: d, prefill: p, .. } | Op::BitmapLinear { decode: d, prefill: p, .. }
+                if !pick(d, p) =>
+            {
+                2..3
+            }
+            _ => 1..2,
+        }
     }
 
     /// The type rule: the result type from operand types. Source ops (`input`, `weight`) declare their
@@ -533,12 +585,13 @@ impl Op {
                 same_dim(&row_ptr.shape[0], &w.shape[0].add(&Dim::fixed(1)), "sparse_linear row_ptr length")?;
                 Ok(y)
             }
-            Op::NmLinear { dtype, keep, group } => {
+            Op::NmLinear { dtype, keep, group, decode, prefill } => {
                 let (x, packed) = (ins[0], ins[1]);
                 want_float(x, "nm_linear input")?;
                 if packed.dtype != DType::I32 || packed.rank() != 2 {
                     return Err(format!("nm_linear packed weights must be i32[_, _], found {packed}"));
                 }
+                phase_choice("nm_linear", *decode, *prefill, ins, *dtype)?;
                 let p = crate::sparse::NmPattern::new(*keep as usize, *group as usize).map_err(|e| e.to_string())?;
                 if !crate::sparse::NM_DTYPES.contains(dtype) {
                     return Err(format!("nm_linear weights of {dtype} are not supported"));
@@ -555,12 +608,13 @@ impl Op {
                 *shape.last_mut().unwrap() = packed.shape[0].clone();
                 Ok(f32t(shape))
             }
-            Op::BitmapLinear { dtype, gran, kept } => {
+            Op::BitmapLinear { dtype, gran, kept, decode, prefill } => {
                 let (x, packed) = (ins[0], ins[1]);
                 want_float(x, "bitmap_linear input")?;
                 if packed.dtype != DType::I32 || packed.rank() != 2 {
                     return Err(format!("bitmap_linear packed weights must be i32[_, _], found {packed}"));
                 }
+                phase_choice("bitmap_linear", *decode, *prefill, ins, *dtype)?;
                 if !crate::sparse::NM_DTYPES.contains(dtype) {
                     return Err(format!("bitmap_linear weights of {dtype} are not supported"));
                 }

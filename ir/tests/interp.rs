@@ -239,13 +239,40 @@ fn activation_sparsity_ops_by_hand() {
         (0..8).flat_map(|g| [(g + 1) as f32, -((g + 1) as f32)]).flat_map(|v| v.to_le_bytes()).collect();
     bytes.extend([0xDD; 4]); // positions 1, 3, 1, 3 per byte (2 bits each, low first)
     w.insert("nm", TensorData { dtype: kiln_ir::DType::I32, shape: vec![1, 17], bytes: bytes.into() });
-    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"nm\"} : i32[1, 17]\n  %2 = nm_linear(%0, %1) {dtype = f32, keep = 2, group = 4} : f32[seq, 1]\n  output \"y\" = %2");
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"nm\"} : i32[1, 17]\n  %2 = nm_linear(%0, %1) {decode = 1, dtype = f32, group = 4, keep = 2, prefill = 1} : f32[seq, 1]\n  output \"y\" = %2");
     let x = Tensor::f32(vec![1, 32], (0..32).map(|j| j as f32).collect());
-    let y = run1(&src, &[("x", x)], &w);
+    let y = run1(&src, &[("x", x.clone())], &w);
     close(y.as_f32().unwrap(), &[-72.0], 1e-6);
     // A packed row of the wrong length for the pattern is a type error.
     let bad = src.replace("i32[1, 17]", "i32[1, 16]");
     assert!(parse(&bad).unwrap_err().to_string().contains("nm_linear packed row words"));
+    // Per phase: the compact form at decode, the dense layout (same matrix, zeros stored) at prefill, a
+    // third operand. The text form round-trips; the value is the compact form's.
+    let dense: Vec<f32> = (0..32)
+        .map(|j| if j % 2 == 1 { (j / 4 + 1) as f32 * if j % 4 == 1 { 1.0 } else { -1.0 } } else { 0.0 })
+        .collect();
+    w.insert("nm_dense", TensorData::from_f32(vec![1, 32], &dense));
+    let phased = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"nm\"} : i32[1, 17]\n  %2 = weight {name = \"nm_dense\"} : f32[1, 32]\n  %3 = nm_linear(%0, %1, %2) {decode = 1, dtype = f32, group = 4, keep = 2, prefill = 0} : f32[seq, 1]\n  output \"y\" = %3");
+    assert_eq!(print(&parse(&phased).unwrap()), phased, "the text form round-trips");
+    close(run1(&phased, &[("x", x.clone())], &w).as_f32().unwrap(), &[-72.0], 1e-6);
+    let dense_y: f32 = dense.iter().enumerate().map(|(j, v)| v * j as f32).sum();
+    assert_eq!(dense_y, -72.0, "the dense layout holds the same matrix");
+    for (from, to, want) in [
+        // Both phases on the compact form: no dense operand.
+        ("prefill = 0", "prefill = 1", "takes 2 operands, got 3"),
+        // Neither phase on the compact form: that is a plain linear.
+        ("decode = 1", "decode = 0", "use linear"),
+        ("prefill = 0", "prefill = 2", "must each be 0 or 1"),
+        ("f32[1, 32]\n  %3", "f16[1, 32]\n  %3", "dense layout must be f32[_, _]"),
+        ("f32[1, 32]\n  %3", "f32[2, 32]\n  %3", "dense layout rows"),
+    ] {
+        let bad = phased.replace(from, to);
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(e.contains(want), "{from} → {to}: {e}");
+    }
+    // One phase on the dense layout without it: too few operands.
+    let bad = src.replace("prefill = 1", "prefill = 0");
+    assert!(parse(&bad).unwrap_err().to_string().contains("takes 3 operands, got 2"));
 
     // bitmap_linear, unstructured f32 by hand: one row of k = 32 keeping columns 3 (2.0) and 30 (−1.0):
     // codes, the block's u32 mask, 4 bytes of padding (8 past the codes). x[j] = j: y = 6 − 30 = −24.
@@ -253,7 +280,7 @@ fn activation_sparsity_ops_by_hand() {
     bytes.extend(((1u32 << 3) | (1 << 30)).to_le_bytes());
     bytes.extend([0; 4]);
     w.insert("bm", TensorData { dtype: kiln_ir::DType::I32, shape: vec![1, 4], bytes: bytes.into() });
-    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"bm\"} : i32[1, 4]\n  %2 = bitmap_linear(%0, %1) {dtype = f32, gran = 1, kept = 2} : f32[seq, 1]\n  output \"y\" = %2");
+    let src = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"bm\"} : i32[1, 4]\n  %2 = bitmap_linear(%0, %1) {decode = 1, dtype = f32, gran = 1, kept = 2, prefill = 1} : f32[seq, 1]\n  output \"y\" = %2");
     let x = Tensor::f32(vec![1, 32], (0..32).map(|j| j as f32).collect());
     let y = run1(&src, &[("x", x)], &w);
     close(y.as_f32().unwrap(), &[-24.0], 1e-6);
@@ -261,6 +288,16 @@ fn activation_sparsity_ops_by_hand() {
     assert!(parse(&bad).unwrap_err().to_string().contains("bitmap_linear packed row words"));
     let bad = src.replace("gran = 1", "gran = 4");
     assert!(parse(&bad).unwrap_err().to_string().contains("granularity 4"));
+    // Per phase, the reverse way round: the dense layout at decode, the bitmap form at prefill.
+    let mut dense = vec![0f32; 32];
+    (dense[3], dense[30]) = (2.0, -1.0);
+    w.insert("bm_dense", TensorData::from_f32(vec![1, 32], &dense));
+    let phased = g1("  %0 = input {name = \"x\"} : f32[seq, 32]\n  %1 = weight {name = \"bm\"} : i32[1, 4]\n  %2 = weight {name = \"bm_dense\"} : f32[1, 32]\n  %3 = bitmap_linear(%0, %1, %2) {decode = 0, dtype = f32, gran = 1, kept = 2, prefill = 1} : f32[seq, 1]\n  output \"y\" = %3");
+    assert_eq!(print(&parse(&phased).unwrap()), phased, "the text form round-trips");
+    let x = Tensor::f32(vec![1, 32], (0..32).map(|j| j as f32).collect());
+    close(run1(&phased, &[("x", x)], &w).as_f32().unwrap(), &[-24.0], 1e-6);
+    let bad = phased.replace("f32[1, 32]\n  %3", "f32[1, 64]\n  %3");
+    assert!(parse(&bad).unwrap_err().to_string().contains("bitmap_linear dense layout width"));
 
     // Type rules: mismatched widths are errors naming the dimension.
     let bad = g1("  %0 = input {name = \"x\"} : f32[seq, 4]\n  %1 = weight {name = \"t\"} : f32[3]\n  %2 = threshold(%0, %1) : f32[seq, 4]\n  output \"y\" = %2");

@@ -72,6 +72,20 @@ pub struct BitmapMeasurement {
     pub ratio: f64,
 }
 
+/// One measured column-layout active-channel kernel (`active_linear` on `q4_0c`/`q4_1c`/`q8_0c`, CHESS's
+/// down projection) at decode (m = 1): its time over the dense kernel's on the row-major `dtype` weight
+/// `[n, k]` with a share `density` of the input channels active; below 1 it is faster. Informational
+/// (`docs/quality.md`): no pass reads it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ColumnMeasurement {
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    pub density: f64,
+    pub ratio: f64,
+}
+
 /// The cached table `kiln bench --kernels` writes (`format` = `kiln-kernel-table`, version 1).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KernelTable {
@@ -86,6 +100,9 @@ pub struct KernelTable {
     /// Bitmap kernels (absent in tables written before they existed).
     #[serde(default)]
     pub bitmap: Vec<BitmapMeasurement>,
+    /// The column-layout active-channel kernel of CHESS's down projection (absent in older tables).
+    #[serde(default)]
+    pub column: Vec<ColumnMeasurement>,
 }
 
 pub const KERNEL_TABLE_FORMAT: &str = "kiln-kernel-table";
@@ -360,9 +377,10 @@ impl Prune {
         Ok((table, cal))
     }
 
-    /// N:M pruning: every eligible linear becomes `nm_linear` on the compact form, or, where the
-    /// measured N:M kernel is slower than dense at decode and the dtype holds an exact 0 (f32, f16,
-    /// Q4_0, Q8_0), a plain `linear` on the pruned matrix in its own dtype.
+    /// N:M pruning: every eligible linear is computed, per phase ([`choose_compact`]), by the N:M kernel
+    /// on the compact form or, where the measured N:M kernel is slower than dense in that phase and the
+    /// dtype holds an exact 0 (f32, f16, Q4_0, Q8_0), by the dense kernel on the pruned matrix in its
+    /// own dtype ([`Compacted::place`]).
     fn run_nm(&self, g: &mut Graph, cx: &PassCx, p: NmPattern) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "prune", msg };
         let (table, cal) = self.requirements(cx)?;
@@ -370,7 +388,6 @@ impl Prune {
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
         let mut records = Vec::new();
-        let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for n in &g.nodes {
             let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
             let Some((name, layer, suffix)) = block_linear(g, n) else {
@@ -389,41 +406,27 @@ impl Prune {
             };
             let nm = prune_nm(w.dtype, p, rows, k, &w.bytes, norms).map_err(|e| fail(format!("{name}: {e}")))?;
             nm.validate().map_err(|e| fail(format!("{name}: {e}")))?;
-            let dec = table.nm_ratio(w.dtype, k, rows, p, Phase::Decode);
-            let pre = table.nm_ratio(w.dtype, k, rows, p, Phase::Prefill);
+            let ratios = [Phase::Decode, Phase::Prefill].map(|ph| table.nm_ratio(w.dtype, k, rows, p, ph));
             let dense = nm_dense_layout(&nm).map_err(|e| fail(format!("{name}: {e}")))?;
-            let (use_nm, why) = match (&dec, &dense) {
-                (_, None) => (true, format!("{} has no exact dense layout of the pruned matrix: N:M kernel", w.dtype)),
-                (None, Some(_)) => (false, format!("no N:M measurement for {} {p}: dense layout", w.dtype)),
-                (Some((r, _)), Some(_)) if *r <= 1.0 => (true, "N:M kernel no slower than dense at decode: N:M".into()),
-                (Some(_), Some(_)) => {
-                    (false, "N:M kernel slower than dense at decode: dense layout (zeros stored)".into())
-                }
+            let packed =
+                TensorData { dtype: DType::I32, shape: vec![rows, nm.row_bytes() / 4], bytes: nm.data.clone().into() };
+            let c = Compacted {
+                kind: "N:M",
+                layout: "nm",
+                name: name.clone(),
+                base: format!("{name}#{tag}"),
+                head: p.to_string(),
+                density: p.density(),
+                shape: w.shape.clone(),
+                dtype: w.dtype,
+                packed,
+                dense,
+                ratios,
             };
-            let measured: Vec<&str> = [&dec, &pre].iter().filter_map(|m| m.as_ref().map(|(_, s)| s.as_str())).collect();
-            cx.explain("prune", format!("{name}: {p}; {}; {why}", measured.join("; ")));
-            records.push(serde_json::json!({
-                "weight": name,
-                "density": p.density(),
-                "layout": if use_nm { "nm" } else { "dense" },
-                "decode_ratio": dec.as_ref().map(|d| d.0),
-                "prefill_ratio": pre.as_ref().map(|d| d.0),
-            }));
-            let base = format!("{name}#{tag}");
-            let x = map[n.inputs[0].index()];
-            let (dname, t, op) = if use_nm {
-                let shape = vec![rows, nm.row_bytes() / 4];
-                let t = TensorData { dtype: DType::I32, shape, bytes: nm.data.clone().into() };
-                let op = Op::NmLinear { dtype: w.dtype, keep: p.keep as i64, group: p.group as i64 };
-                (format!("{base}.nm"), t, op)
-            } else {
-                let t = TensorData { dtype: w.dtype, shape: w.shape.clone(), bytes: dense.expect("checked").into() };
-                (base, t, Op::Linear)
-            };
-            let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
-            let wid = out.weight(&dname, ty).map_err(err)?;
-            cx.weights.borrow_mut().insert(dname, t);
-            map.push(out.add(op, &[x, wid]).map_err(err)?);
+            let (dtype, keep, group) = (w.dtype, p.keep as i64, p.group as i64);
+            let op = |decode, prefill| Op::NmLinear { dtype, keep, group, decode, prefill };
+            let y = c.place(&mut out, cx, &mut records, map[n.inputs[0].index()], op)?;
+            map.push(y);
         }
         out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), map[v.index()])).collect();
         let changed = !records.is_empty();
@@ -438,10 +441,10 @@ impl Prune {
 
 impl Prune {
     /// Unstructured / 1×8 pruning: every eligible linear keeps `round((1 − sparsity) · k)` elements per
-    /// row (runs of 8 for 1×8) and becomes `bitmap_linear` on the compact form, or, where the measured
-    /// bitmap kernel is slower than dense at decode and the dtype holds an exact 0 (f32, f16, Q4_0,
-    /// Q8_0), a plain `linear` on the pruned matrix in its own dtype. At sparsity 0 nothing is dropped
-    /// and the linear stays as it is.
+    /// row (runs of 8 for 1×8) and is computed, per phase, by the bitmap kernel on the compact form or,
+    /// where the measured bitmap kernel is slower than dense in that phase and the dtype holds an exact
+    /// 0 (f32, f16, Q4_0, Q8_0), by the dense kernel on the pruned matrix in its own dtype (as N:M). At
+    /// sparsity 0 nothing is dropped and the linear stays as it is.
     fn run_bitmap(&self, g: &mut Graph, cx: &PassCx, gran: usize) -> Result<bool, PassError> {
         let fail = |msg: String| PassError::Failed { pass: "prune", msg };
         let (table, cal) = self.requirements(cx)?;
@@ -451,7 +454,6 @@ impl Prune {
         let mut out = Graph::new(g.name.clone());
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
         let mut records = Vec::new();
-        let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for n in &g.nodes {
             let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
             let Some((name, layer, suffix)) = block_linear(g, n) else {
@@ -480,46 +482,28 @@ impl Prune {
                 return Err(fail(format!("{name}: sparsity {} keeps nothing of {k} per row", self.sparsity)));
             }
             let kept = bm.density();
-            let dec = table.bitmap_ratio(w.dtype, k, rows, gran, kept, Phase::Decode);
-            let pre = table.bitmap_ratio(w.dtype, k, rows, gran, kept, Phase::Prefill);
+            let ratios = [Phase::Decode, Phase::Prefill].map(|ph| table.bitmap_ratio(w.dtype, k, rows, gran, kept, ph));
             let mask = bm.mask().map_err(|e| fail(format!("{name}: {e}")))?;
             let dense = zero_dropped(w.dtype, k, &w.bytes, &mask);
-            let (use_bm, why) = match (&dec, &dense) {
-                (_, None) => {
-                    (true, format!("{} has no exact dense layout of the pruned matrix: bitmap kernel", w.dtype))
-                }
-                (None, Some(_)) => (false, format!("no bitmap measurement for {} {what}: dense layout", w.dtype)),
-                (Some((r, _)), Some(_)) if *r <= 1.0 => {
-                    (true, "bitmap kernel no slower than dense at decode: bitmap".into())
-                }
-                (Some(_), Some(_)) => {
-                    (false, "bitmap kernel slower than dense at decode: dense layout (zeros stored)".into())
-                }
+            let shape = vec![rows, bm.layout().row_bytes / 4];
+            let packed = TensorData { dtype: DType::I32, shape, bytes: bm.data.clone().into() };
+            let c = Compacted {
+                kind: "bitmap",
+                layout: "bitmap",
+                name: name.clone(),
+                base: format!("{name}#{tag}"),
+                head: format!("{what} density {kept:.2}"),
+                density: kept,
+                shape: w.shape.clone(),
+                dtype: w.dtype,
+                packed,
+                dense,
+                ratios,
             };
-            let measured: Vec<&str> = [&dec, &pre].iter().filter_map(|m| m.as_ref().map(|(_, s)| s.as_str())).collect();
-            cx.explain("prune", format!("{name}: {what} density {kept:.2}; {}; {why}", measured.join("; ")));
-            records.push(serde_json::json!({
-                "weight": name,
-                "density": kept,
-                "layout": if use_bm { "bitmap" } else { "dense" },
-                "decode_ratio": dec.as_ref().map(|d| d.0),
-                "prefill_ratio": pre.as_ref().map(|d| d.0),
-            }));
-            let base = format!("{name}#{tag}");
-            let x = map[n.inputs[0].index()];
-            let (dname, t, op) = if use_bm {
-                let shape = vec![rows, bm.layout().row_bytes / 4];
-                let t = TensorData { dtype: DType::I32, shape, bytes: bm.data.clone().into() };
-                let op = Op::BitmapLinear { dtype: w.dtype, gran: gran as i64, kept: bm.kept as i64 };
-                (format!("{base}.bitmap"), t, op)
-            } else {
-                let t = TensorData { dtype: w.dtype, shape: w.shape.clone(), bytes: dense.expect("checked").into() };
-                (base, t, Op::Linear)
-            };
-            let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
-            let wid = out.weight(&dname, ty).map_err(err)?;
-            cx.weights.borrow_mut().insert(dname, t);
-            map.push(out.add(op, &[x, wid]).map_err(err)?);
+            let (dtype, gran, kept) = (w.dtype, gran as i64, bm.kept as i64);
+            let op = |decode, prefill| Op::BitmapLinear { dtype, gran, kept, decode, prefill };
+            let y = c.place(&mut out, cx, &mut records, map[n.inputs[0].index()], op)?;
+            map.push(y);
         }
         out.outputs = g.outputs.iter().map(|(name, v)| (name.clone(), map[v.index()])).collect();
         let changed = !records.is_empty();
@@ -529,6 +513,103 @@ impl Prune {
             serde_json::json!({"method": self.method.name(), "pattern": what, "sparsity": self.sparsity, "kernel_table_cpu": table.cpu, "linears": records}),
         );
         Ok(changed)
+    }
+}
+
+/// One phase's kernel for a linear pruned to a compact form (`kind`: `N:M` or `bitmap`), with the reason:
+/// the compact kernel (true) when `dtype` has no exact dense layout of the pruned matrix (`has_dense`
+/// false: Q4_1's blocks have an offset, so a dropped weight is not 0) or when its measured time over the
+/// dense kernel's in `phase` is at most 1; else the dense kernel on that layout, also when nothing was
+/// measured for this dtype and phase.
+pub fn choose_compact(
+    kind: &str,
+    dtype: DType,
+    has_dense: bool,
+    measured: Option<&(f64, String)>,
+    phase: Phase,
+) -> (bool, String) {
+    match (measured, has_dense) {
+        (m, false) => {
+            let what = m.map_or_else(|| phase.name().to_string(), |(_, d)| d.clone());
+            (true, format!("{what}; {dtype} has no exact dense layout of the pruned matrix: {kind} kernel"))
+        }
+        (None, true) => (
+            false,
+            format!("{}: no {kind} measurement for {dtype} at m={}: dense layout", phase.name(), phase.measured_m()),
+        ),
+        (Some((r, d)), true) if *r <= 1.0 => (true, format!("{d}, no slower than dense: {kind} kernel")),
+        (Some((_, d)), true) => (false, format!("{d}, slower than dense: dense layout (zeros stored)")),
+    }
+}
+
+/// A linear pruned to a compact form (N:M or bitmap): the form, the same matrix dense in the weight's
+/// dtype where that dtype holds an exact 0, and the measured compact/dense time ratios at decode and
+/// prefill.
+struct Compacted {
+    /// `N:M` or `bitmap` (explanations).
+    kind: &'static str,
+    /// `nm` or `bitmap`: the compact form's kernel in the manifest and its weight's suffix.
+    layout: &'static str,
+    /// The weight's name, the derived weights' base name (`<name>#<tag>`), what the explanation says
+    /// first (pattern, density), and the kept share.
+    name: String,
+    base: String,
+    head: String,
+    density: f64,
+    /// The weight's shape `[n, k]` and dtype.
+    shape: Vec<usize>,
+    dtype: DType,
+    packed: TensorData,
+    /// The dense layout's bytes (the pruned matrix in `dtype`).
+    dense: Option<Vec<u8>>,
+    /// The measured ratio and its description at decode, then prefill.
+    ratios: [Option<(f64, String)>; 2],
+}
+
+impl Compacted {
+    /// Chooses each phase's kernel ([`choose_compact`]), explains and records the choice, and adds the
+    /// linear of `x` to `out`: `op(1, 1)` on the compact form (`<base>.<layout>`) when both phases take
+    /// the compact kernel, a plain `linear` on the dense layout (`<base>`) when both take the dense one,
+    /// else `op(decode, prefill)` on both layouts (the generated wrapper branches on m < 8).
+    fn place(
+        self,
+        out: &mut Graph,
+        cx: &PassCx,
+        records: &mut Vec<serde_json::Value>,
+        x: ValueId,
+        op: impl Fn(i64, i64) -> Op,
+    ) -> Result<ValueId, PassError> {
+        let fail = |e: kiln_ir::GraphError| PassError::Failed { pass: "prune", msg: e.to_string() };
+        let has_dense = self.dense.is_some();
+        let phases = [Phase::Decode, Phase::Prefill];
+        let [(dec, why_d), (pre, why_p)] =
+            [0, 1].map(|i| choose_compact(self.kind, self.dtype, has_dense, self.ratios[i].as_ref(), phases[i]));
+        cx.explain("prune", format!("{}: {}; {why_d}; {why_p}", self.name, self.head));
+        let kernel = |compact: bool| if compact { self.layout } else { "dense" };
+        records.push(serde_json::json!({
+            "weight": self.name,
+            "density": self.density,
+            "decode": kernel(dec),
+            "prefill": kernel(pre),
+            "decode_ratio": self.ratios[0].as_ref().map(|d| d.0),
+            "prefill_ratio": self.ratios[1].as_ref().map(|d| d.0),
+        }));
+        let mut add = |dname: String, t: TensorData| {
+            let ty = TensorType::new(t.dtype, t.shape.iter().map(|&d| Dim::from(d)).collect());
+            let id = out.weight(&dname, ty).map_err(fail)?;
+            cx.weights.borrow_mut().insert(dname, t);
+            Ok::<ValueId, PassError>(id)
+        };
+        let mut ids = vec![x];
+        if dec || pre {
+            ids.push(add(format!("{}.{}", self.base, self.layout), self.packed)?);
+        }
+        if !(dec && pre) {
+            let bytes = self.dense.expect("a phase takes the dense kernel only where there is a dense layout");
+            ids.push(add(self.base, TensorData { dtype: self.dtype, shape: self.shape, bytes: bytes.into() })?);
+        }
+        let op = if dec || pre { op(dec as i64, pre as i64) } else { Op::Linear };
+        out.add(op, &ids).map_err(fail)
     }
 }
 
@@ -545,6 +626,7 @@ mod tests {
             entries: vec![e(1), e(64)],
             nm: vec![],
             bitmap: vec![],
+            column: vec![],
         }
     }
 
@@ -566,5 +648,126 @@ mod tests {
         t.entries[1].break_even = 0.3;
         assert!(t.choose(DType::Q4_1, 576, 1536, 0.5, Phase::Decode).0);
         assert!(!t.choose(DType::Q4_1, 576, 1536, 0.5, Phase::Prefill).0);
+    }
+
+    /// A table with one N:M (2:4) and one bitmap (unstructured, density 0.5) measurement of `dtype`
+    /// [64, 64] per phase.
+    fn phase_table(dtype: DType, decode: f64, prefill: f64) -> KernelTable {
+        let pattern = NmPattern::new(2, 4).unwrap();
+        let nm =
+            [(1, decode), (64, prefill)].map(|(m, ratio)| NmMeasurement { dtype, k: 64, n: 64, m, pattern, ratio });
+        let bitmap = [(1, decode), (64, prefill)].map(|(m, ratio)| BitmapMeasurement {
+            dtype,
+            k: 64,
+            n: 64,
+            m,
+            gran: 1,
+            density: 0.5,
+            ratio,
+        });
+        KernelTable {
+            format: KERNEL_TABLE_FORMAT.into(),
+            version: 1,
+            cpu: "test".into(),
+            entries: vec![],
+            nm: nm.to_vec(),
+            bitmap: bitmap.to_vec(),
+            column: vec![],
+        }
+    }
+
+    #[test]
+    fn compact_or_dense_is_chosen_per_phase_from_the_measured_ratio() {
+        let p = NmPattern::new(2, 4).unwrap();
+        let t = phase_table(DType::F32, 0.5, 1.5);
+        let [d, pf] = [Phase::Decode, Phase::Prefill].map(|ph| t.nm_ratio(DType::F32, 64, 64, p, ph));
+        // Decode measured faster: N:M; prefill slower: the dense layout. At exactly 1: compact.
+        let (c, why) = choose_compact("N:M", DType::F32, true, d.as_ref(), Phase::Decode);
+        assert!(c && why.starts_with("decode: 2:4 kernel 0.50×") && why.ends_with("N:M kernel"), "{why}");
+        let (c, why) = choose_compact("N:M", DType::F32, true, pf.as_ref(), Phase::Prefill);
+        assert!(!c && why.starts_with("prefill: 2:4 kernel 1.50×") && why.contains("dense layout (zeros"), "{why}");
+        assert!(choose_compact("N:M", DType::F32, true, Some(&(1.0, String::new())), Phase::Prefill).0);
+        // The reverse (bitmap): dense at decode, compact at prefill.
+        let t = phase_table(DType::Q8_0, 1.2, 0.8);
+        let [d, pf] = [Phase::Decode, Phase::Prefill].map(|ph| t.bitmap_ratio(DType::Q8_0, 64, 64, 1, 0.5, ph));
+        assert!(!choose_compact("bitmap", DType::Q8_0, true, d.as_ref(), Phase::Decode).0);
+        assert!(choose_compact("bitmap", DType::Q8_0, true, pf.as_ref(), Phase::Prefill).0);
+        // No dense layout (Q4_1): compact in both phases, whatever was measured, and it says why.
+        for ph in [Phase::Decode, Phase::Prefill] {
+            let (c, why) = choose_compact("N:M", DType::Q4_1, false, Some(&(3.0, "x".into())), ph);
+            assert!(c && why.contains("q4_1 has no exact dense layout"), "{why}");
+            let (c, why) = choose_compact("N:M", DType::Q4_1, false, None, ph);
+            assert!(c && why.contains("no exact dense layout"), "{why}");
+        }
+        // No measurement for this dtype/phase: the dense layout where there is one.
+        let (c, why) = choose_compact("bitmap", DType::Q4_0, true, None, Phase::Prefill);
+        assert!(!c && why == "prefill: no bitmap measurement for q4_0 at m=64: dense layout", "{why}");
+    }
+
+    /// The pass on a one-linear graph: both phases compact → `nm_linear` on the compact form only; both
+    /// dense → a plain `linear` on the dense layout only; mixed → `nm_linear`/`bitmap_linear` with the
+    /// phase attributes and both layouts (the dense one the pruned matrix); the record names each
+    /// phase's kernel with both ratios.
+    #[test]
+    fn mixed_phases_store_both_layouts() {
+        let k: usize = 64;
+        let vals: Vec<f32> = (0..64 * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0 + 0.01).collect();
+        let graph = || {
+            let mut g = Graph::new("t");
+            let x = g.input("x", TensorType::new(DType::F32, vec![Dim::sym("seq"), Dim::from(k)])).unwrap();
+            let w =
+                g.weight("blk.0.ffn_up.weight", TensorType::new(DType::F32, vec![Dim::from(64usize), Dim::from(k)]));
+            let y = g.add(Op::Linear, &[x, w.unwrap()]).unwrap();
+            g.output("y", y);
+            g
+        };
+        let nm = Some(NmPattern::new(2, 4).unwrap());
+        let cases = [
+            (nm, None, 0.5, 0.7, Some((1, 1)), "nm", "nm"),
+            (nm, None, 1.5, 1.2, None, "dense", "dense"),
+            (nm, None, 0.5, 1.5, Some((1, 0)), "nm", "dense"),
+            (None, Some(1), 1.5, 0.5, Some((0, 1)), "dense", "bitmap"),
+        ];
+        for (pattern, bitmap, dec, pre, want_attrs, want_d, want_p) in cases {
+            let cx = PassCx::default();
+            cx.weights.borrow_mut().insert("blk.0.ffn_up.weight", TensorData::from_f32(vec![64, k], &vals));
+            let table = Some(Arc::new(phase_table(DType::F32, dec, pre)));
+            let pass = Prune { method: PruneMethod::Magnitude, sparsity: 0.5, table, pattern, bitmap };
+            let mut g = graph();
+            assert!(pass.run(&mut g, &cx).unwrap());
+            g.verify().unwrap();
+            let y = &g.nodes[g.output_named("y").unwrap().index()];
+            let weights: Vec<String> = y.inputs[1..]
+                .iter()
+                .map(|v| match &g.node(*v).op {
+                    Op::Weight { name } => name.clone(),
+                    op => panic!("{op:?}"),
+                })
+                .collect();
+            let attrs = match &y.op {
+                Op::NmLinear { decode, prefill, .. } | Op::BitmapLinear { decode, prefill, .. } => {
+                    Some((*decode, *prefill))
+                }
+                Op::Linear => None,
+                op => panic!("{op:?}"),
+            };
+            assert_eq!(attrs, want_attrs, "{dec}/{pre}");
+            let compact = weights.iter().filter(|n| n.ends_with(".nm") || n.ends_with(".bitmap")).count();
+            let dense: Vec<&String> =
+                weights.iter().filter(|n| !n.ends_with(".nm") && !n.ends_with(".bitmap")).collect();
+            assert_eq!(compact, usize::from(want_d != "dense" || want_p != "dense"), "{weights:?}");
+            assert_eq!(dense.len(), usize::from(want_d == "dense" || want_p == "dense"), "{weights:?}");
+            if let Some(d) = dense.first() {
+                // The dense layout is the pruned matrix: half of every row zero, the rest the weights'.
+                let t = cx.weights.borrow().get(d).unwrap().to_f32().unwrap();
+                assert_eq!(t.iter().filter(|v| **v == 0.0).count(), 64 * k / 2);
+                assert!(t.iter().zip(&vals).all(|(a, b)| *a == 0.0 || a == b));
+            }
+            let rec = &cx.records.borrow()[0].detail["linears"][0];
+            assert_eq!((rec["decode"].as_str().unwrap(), rec["prefill"].as_str().unwrap()), (want_d, want_p));
+            assert_eq!((rec["decode_ratio"].as_f64(), rec["prefill_ratio"].as_f64()), (Some(dec), Some(pre)));
+            let why = &cx.explanations.borrow()[0].1;
+            assert!(why.contains("decode: ") && why.contains("prefill: "), "{why}");
+        }
     }
 }

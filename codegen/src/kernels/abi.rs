@@ -388,3 +388,30 @@ pub fn wrap_sparse_linear<'ctx>(
     }
     e.finish()
 }
+
+/// `symbol(bufs=[x, packed, w, y], dims=[m, n], begin, end)`: rows `begin..end` of a pruned linear held
+/// both in a compact form (`compact(packed, x, y, m, n, lo, hi)`: the N:M or bitmap kernel) and in the
+/// dense layout (`dense(w, x, y, m, n, lo, hi)`), the compact kernel where `decode` (m < 8) / `prefill`
+/// (m ≥ 8) say so, else the dense one.
+pub fn wrap_phase_linear<'ctx>(
+    ctx: &'ctx Context,
+    module: &Module<'ctx>,
+    compact: FunctionValue<'ctx>,
+    dense: FunctionValue<'ctx>,
+    (decode, prefill): (bool, bool),
+    symbol: &str,
+) -> R<FunctionValue<'ctx>> {
+    let e = Emitter::kernel(ctx, module, symbol)?;
+    let (x, packed, w, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?);
+    let (m, n) = (e.dim(0)?, e.dim(1)?);
+    let call = |f: FunctionValue<'ctx>, weights: PointerValue<'ctx>| -> R<()> {
+        e.b.build_call(f, &[weights.into(), x.into(), y.into(), m.into(), n.into(), e.begin.into(), e.end.into()], "")?;
+        Ok(())
+    };
+    let small = e.b.build_int_compare(IntPredicate::SLT, m, e.i64c(8), "small")?;
+    let i1 = ctx.bool_type();
+    let (d, p) = (i1.const_int(decode as u64, false), i1.const_int(prefill as u64, false));
+    let pick = e.b.build_select(small, d, p, "compact")?.into_int_value();
+    e.if_else(pick, || call(compact, packed), || call(dense, w))?;
+    e.finish()
+}

@@ -317,3 +317,113 @@ pub fn measure_bitmap(
     }
     Ok(out)
 }
+
+/// One measured column-layout active-channel kernel (`kernels::colactive`, CHESS's down projection): its
+/// time over the dense kernel's on the row-major weight, at one active share of the input channels.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ColumnRatio {
+    /// The row-major dtype (Q4_0, Q4_1, Q8_0); the kernel reads its column form (`dtype.column_of()`).
+    pub dtype: DType,
+    pub k: usize,
+    pub n: usize,
+    pub m: usize,
+    /// Active share of the `k` input channels (the rest of x is 0 and never read).
+    pub density: f64,
+    /// Column kernel time / dense time (below 1: the column kernel is faster).
+    pub ratio: f64,
+    /// Seconds per call: (dense, column).
+    pub times: (f64, f64),
+}
+
+/// Times the decode (m = 1, group 1) column active-channel kernel of every `(dtype, k, n)` whose dtype
+/// has a column form against the dense kernel on the row-major weight, at every active share of the
+/// input channels (random channels; paired timings as in [`measure_break_even`]). The kernel is timed
+/// on precomputed channel and block lists: the wrapper's listing of x's non-zero channels (one pass
+/// over x in generated code) is not included.
+pub fn measure_column_active(
+    shapes: &[(DType, usize, usize)],
+    densities: &[f64],
+    repeats: usize,
+    budget: Duration,
+) -> Result<Vec<ColumnRatio>, CodegenError> {
+    use super::colactive::{block_lists, emit_col_active, run_col_active, ColActiveKernelFn, ColActiveKernelSpec};
+    let shapes: Vec<_> = shapes.iter().filter(|s| s.0.column_of().is_some() && s.1 % 32 == 0).copied().collect();
+    let ctx = Context::create();
+    let module = llvm::create_module(&ctx, "kiln_measure_column");
+    for &(dtype, k, n) in &shapes {
+        let col = dtype.column_of().expect("filtered");
+        emit_col_active(&ctx, &module, &ColActiveKernelSpec::new(col, n, 1))?;
+        emit_dense_once(&ctx, &module, dtype, k)?;
+    }
+    let ee = jit(&module)?;
+    let mut rnd = xorshift(0x6a09_e667_f3bc_c908u64);
+    let err = |e: String| CodegenError::InvalidSpec(e);
+    let mut out = Vec::new();
+    for &(dtype, k, n) in &shapes {
+        let spec = ColActiveKernelSpec::new(dtype.column_of().expect("filtered"), n, 1);
+        // SAFETY: the symbol was generated with exactly this signature.
+        let col: ColActiveKernelFn = unsafe { std::mem::transmute(address(&ee, &spec.symbol())?) };
+        let dense = dense_kernel(&ee, dtype, k)?;
+        let vals: Vec<f32> = (0..n * k).map(|_| rnd()).collect();
+        let dense_w = kiln_ir::quant::quantize(dtype, &vals).map_err(|e| err(e.to_string()))?;
+        let (_, wc) = kiln_ir::column::from_rows(dtype, n, k, &dense_w).map_err(|e| err(e.to_string()))?;
+        for &d in densities {
+            // Each channel active with probability d (x = 0 elsewhere), at least one.
+            let mut x: Vec<f32> =
+                (0..k).map(|_| if (rnd() + 1.0) / 2.0 < d as f32 { rnd() + 1.5 } else { 0.0 }).collect();
+            if x.iter().all(|v| *v == 0.0) {
+                x[0] = 1.0;
+            }
+            let idx: Vec<u32> = (0..k as u32).filter(|&j| x[j as usize] != 0.0).collect();
+            let (bptr, blk) = block_lists(&idx);
+            let mut y = vec![0f32; n];
+            // Once through the checked entry point: the lists and buffers are what the kernel trusts.
+            run_col_active(col, &spec, &wc, k, &idx, &x, &mut y, 1, 0..n)?;
+            let (nb, ki, ni) = (blk.len() as i64, k as i64, n as i64);
+            // SAFETY: the same arguments `run_col_active` just checked.
+            let tc = best_time(repeats, budget, || unsafe {
+                col(
+                    wc.as_ptr(),
+                    idx.as_ptr(),
+                    bptr.as_ptr(),
+                    blk.as_ptr(),
+                    x.as_ptr(),
+                    y.as_mut_ptr(),
+                    nb,
+                    ki,
+                    1,
+                    0,
+                    ni,
+                )
+            });
+            // SAFETY: dense_w is n rows of k in `dtype`, x is k floats, y n.
+            let td = best_time(repeats, budget, || unsafe {
+                dense(dense_w.as_ptr(), x.as_ptr(), y.as_mut_ptr(), 1, ni, 0, ni)
+            });
+            let density = idx.len() as f64 / k as f64;
+            out.push(ColumnRatio { dtype, k, n, m: 1, density, ratio: tc / td, times: (td, tc) });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The column measurement on a small shape: one entry per dtype with a column form and density (f32
+    /// has none), active shares near the requested ones, positive finite ratios. No timing is asserted.
+    #[test]
+    fn column_active_measurement_is_well_formed() {
+        let shapes = [(DType::Q4_1, 128, 64), (DType::Q8_0, 96, 32), (DType::F32, 64, 64)];
+        let densities = [1.0, 0.75, 0.5, 0.3];
+        let rows = measure_column_active(&shapes, &densities, 1, Duration::from_micros(200)).unwrap();
+        assert_eq!(rows.len(), 2 * densities.len());
+        for (r, want) in rows.iter().zip(densities.iter().cycle()) {
+            assert!(r.dtype != DType::F32 && r.m == 1, "{r:?}");
+            assert!((r.density - want).abs() < 0.2, "{r:?}");
+            assert!(r.ratio.is_finite() && r.ratio > 0.0 && r.times.0 > 0.0 && r.times.1 > 0.0, "{r:?}");
+        }
+        assert_eq!(rows[0].density, 1.0, "density 1 activates every channel");
+    }
+}

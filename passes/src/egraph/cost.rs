@@ -70,16 +70,19 @@ impl CostModel {
             // Sources cost nothing themselves (their bytes are charged to whoever reads them), and a
             // reshape is a view.
             Op::Input { .. } | Op::Weight { .. } | Op::Constant { .. } | Op::Reshape { .. } => return 0.0,
+            // Pruned linears hold their matrix in two layouts; the kernel of the representative (decode)
+            // step reads one (`Op::phase_weights`), so only its bytes are charged, with the dense
+            // product's flops (an upper bound: the lift rules never choose between them; the prune pass
+            // selects kernels from measured ratios).
+            Op::SparseLinear { .. } | Op::NmLinear { .. } | Op::BitmapLinear { .. } => {
+                let read: Vec<&TensorType> =
+                    std::iter::once(ins[0]).chain(ins[op.phase_weights(true)].iter().copied()).collect();
+                let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
+                return self.launch_and_moves(out, &read) + self.coef.ns_per_flop * 2.0 * k.unwrap_or(1.0) * n;
+            }
             // Sparse variants are costed as the dense product (an upper bound: the lift rules never
-            // choose between them; the prune pass selects kernels from measured break-evens).
-            Op::Linear
-            | Op::MatMul
-            | Op::MaskedLinear
-            | Op::CoreLinear { .. }
-            | Op::ActiveLinear
-            | Op::SparseLinear { .. }
-            | Op::NmLinear { .. }
-            | Op::BitmapLinear { .. } => {
+            // choose between them).
+            Op::Linear | Op::MatMul | Op::MaskedLinear | Op::CoreLinear { .. } | Op::ActiveLinear => {
                 let k = ins[0].shape.last().map(|d| self.numel(&TensorType::new(out.dtype, vec![d.clone()])));
                 2.0 * k.unwrap_or(1.0)
             }
@@ -179,4 +182,27 @@ pub fn best_nodes(eg: &KGraph, model: &CostModel, order: &HashMap<Id, usize>) ->
         }
     }
     best.into_iter().map(|(c, (_, i))| (c, eg[c].nodes[i].clone())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_ir::{DType, Dim};
+
+    /// A pruned linear holding two layouts is charged the bytes of the one its decode kernel reads: the
+    /// compact form as the compact-only op, the dense layout as a plain linear on it.
+    #[test]
+    fn two_layout_linears_cost_the_layout_decode_reads() {
+        let model = CostModel::new(CostCoefficients::default());
+        let x = TensorType::new(DType::F32, vec![Dim::from(1usize), Dim::from(64usize)]);
+        let packed = TensorType::new(DType::I32, vec![Dim::from(32usize), Dim::from(17usize)]);
+        let dense = TensorType::new(DType::F32, vec![Dim::from(32usize), Dim::from(64usize)]);
+        let y = TensorType::new(DType::F32, vec![Dim::from(1usize), Dim::from(32usize)]);
+        let nm = |decode, prefill| Op::NmLinear { dtype: DType::F32, keep: 2, group: 4, decode, prefill };
+        let compact_only = model.op_cost(&nm(1, 1), &y, &[&x, &packed]);
+        let linear = model.op_cost(&Op::Linear, &y, &[&x, &dense]);
+        assert!(compact_only < linear, "the compact form is smaller");
+        assert_eq!(model.op_cost(&nm(1, 0), &y, &[&x, &packed, &dense]), compact_only);
+        assert_eq!(model.op_cost(&nm(0, 1), &y, &[&x, &packed, &dense]), linear);
+    }
 }
