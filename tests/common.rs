@@ -60,6 +60,22 @@ pub fn random_weights(cfg: &LlamaConfig, dtype: DType, seed: u64) -> WeightStore
 }
 
 /// Runs one forward pass of `model` over `tokens` from an empty cache.
+/// `cfg` with weights `w` as a GGUF model whose matrices (not norms or biases) are quantized to
+/// `dtype`, as GGUF models are (kept alive by the returned temp dir).
+pub fn quantized_gguf(cfg: &LlamaConfig, mut w: WeightStore, dtype: DType) -> (tempfile::TempDir, Model) {
+    let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
+    for n in names {
+        let t = w.get(&n).unwrap().clone();
+        let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
+        w.insert(n, TensorData { dtype, shape: t.shape, bytes: q.into() });
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.gguf");
+    kiln::frontend::export::write_gguf(&path, "q", cfg, &w, None).unwrap();
+    let m = Model::load(&path).unwrap();
+    (dir, m)
+}
+
 pub fn logits(model: &Model, tokens: &[u32]) -> Logits {
     let mut b = InterpreterBackend::new(model.graph().expect("graph"), &model.weights, model.config.context_length)
         .expect("backend");

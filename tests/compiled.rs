@@ -163,18 +163,7 @@ fn quantized_tiny_model_matches_interpreter() {
         cfg.n_kv_heads = 2;
         cfg.head_dim = 8;
         cfg.vocab_size = 70;
-        let mut w = random_weights(&cfg, DType::F32, i as u64);
-        // Quantize the matrices (not norms/biases), as GGUF models do.
-        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
-        for n in names {
-            let t = w.get(&n).unwrap().clone();
-            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
-            w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q.gguf");
-        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
-        let m = Model::load(&path).unwrap();
+        let (_dir, m) = crate::common::quantized_gguf(&cfg, random_weights(&cfg, DType::F32, i as u64), dtype);
         let art = tempfile::tempdir().unwrap();
         compile_with(&m, art.path(), true);
         let steps: [&[u32]; 2] = [&[3, 1, 4, 1, 5, 9, 2, 6], &[53]];

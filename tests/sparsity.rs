@@ -653,18 +653,7 @@ fn prune_nm_pattern_matches_the_interpreter_and_selects_by_measurement() {
 fn quantized_model(dtype: DType) -> (tempfile::TempDir, Model) {
     let mut cfg = tiny_config(Arch::Llama);
     (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size) = (64, 16, 96);
-    let mut w = random_weights(&cfg, DType::F32, 3);
-    let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
-    for n in names {
-        let t = w.get(&n).unwrap().clone();
-        let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
-        w.insert(n, kiln::ir::TensorData { dtype, shape: t.shape, bytes: q.into() });
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.gguf");
-    kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
-    let m = Model::load(&path).unwrap();
-    (dir, m)
+    crate::common::quantized_gguf(&cfg, random_weights(&cfg, DType::F32, 3), dtype)
 }
 
 /// N:M on quantized tiny models (GGUF, matrices Q4_1/Q4_0/Q8_0/F16): the compact form keeps every kept

@@ -40,25 +40,17 @@ fn tiny_with(
     dtype: DType,
     edit: impl FnOnce(&mut WeightStore),
 ) -> (tempfile::TempDir, Model, Arc<Calibration>) {
-    let src = tempfile::tempdir().unwrap();
     let mut cfg = tiny_config(Arch::Llama);
     (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads) = (3, heads, kv);
     let mut w = random_weights(&cfg, DType::F32, seed);
     edit(&mut w);
-    let m = if dtype == DType::F32 {
+    let (src, m) = if dtype == DType::F32 {
+        let src = tempfile::tempdir().unwrap();
         write_hf(src.path(), &cfg, &w, 1).unwrap();
-        Model::load(src.path()).unwrap()
+        let m = Model::load(src.path()).unwrap();
+        (src, m)
     } else {
-        // The matrices in `dtype` (norms stay f32), through GGUF.
-        let names: Vec<String> = w.iter().filter(|(_, t)| t.shape.len() == 2).map(|(n, _)| n.clone()).collect();
-        for n in names {
-            let t = w.get(&n).unwrap().clone();
-            let q = kiln::ir::quant::quantize(dtype, &t.to_f32().unwrap()).unwrap();
-            w.insert(n, TensorData { dtype, shape: t.shape, bytes: q.into() });
-        }
-        let path = src.path().join("q.gguf");
-        kiln::frontend::export::write_gguf(&path, "q", &cfg, &w, None).unwrap();
-        Model::load(&path).unwrap()
+        crate::common::quantized_gguf(&cfg, w, dtype)
     };
     let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
     let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
