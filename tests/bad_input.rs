@@ -134,6 +134,13 @@ fn cases() -> Vec<(&'static str, Case, &'static str)> {
         Case::Gguf(gguf_with(|m, _| set_meta(m, "llama.attention.head_count_kv", GgufValue::U32(3)))),
         "n_kv_heads",
     ));
+    // Found by the mutation fuzzer on a fast machine: a block count of millions made the loader list
+    // millions of expected weights and run out of memory.
+    v.push((
+        "block count far beyond the tensors",
+        Case::Gguf(gguf_with(|m, _| set_meta(m, "llama.block_count", GgufValue::U32(1 << 23)))),
+        "blk.8388607.attn_norm.weight",
+    ));
     v.push((
         "missing hyper-parameter",
         Case::Gguf(gguf_with(|m, _| m.retain(|(k, _)| k != "llama.block_count"))),
@@ -152,6 +159,11 @@ fn cases() -> Vec<(&'static str, Case, &'static str)> {
             edit_config(d, |c| c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0}))
         })),
         "rope_scaling",
+    ));
+    v.push((
+        "num_hidden_layers far beyond the tensors",
+        Case::Hf(Box::new(|d| edit_config(d, |c| c["num_hidden_layers"] = (1u32 << 23).into()))),
+        "blk.8388607.attn_norm.weight",
     ));
     v.push((
         "unsupported model_type",

@@ -63,8 +63,21 @@ impl Model {
     }
 }
 
+/// The last decoder block's norm weight: present in any file that really has `cfg.n_layers` blocks. Checked
+/// before anything is sized by the block count, which a hostile header could otherwise set to millions
+/// (every per-block allocation then runs the machine out of memory instead of failing).
+fn check_last_block(path: &Path, cfg: &LlamaConfig, has: impl Fn(&str) -> bool) -> Result<()> {
+    let last = format!("blk.{}.attn_norm.weight", cfg.n_layers.saturating_sub(1));
+    if has(&last) {
+        Ok(())
+    } else {
+        Err(FrontendError::MissingTensor { path: path.into(), tensor: last })
+    }
+}
+
 /// Checks every expected weight is present with the expected shape, and that nothing else is.
 fn check_weights(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<()> {
+    check_last_block(path, cfg, |n| weights.get(n).is_some())?;
     for (name, shape) in cfg.expected_weights() {
         let t = weights
             .get(&name)
@@ -152,6 +165,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             return Err(gguf_err(path, format!("RoPE scaling `{t}` is not supported")));
         }
     }
+    check_last_block(path, &config, |n| f.tensor(n).is_some())?;
     let mut weights = WeightStore::new();
     let expected: BTreeMap<String, Vec<usize>> = config.expected_weights().into_iter().collect();
     for info in &f.tensors {
