@@ -62,6 +62,9 @@ pub struct Build {
     pub stop_after: Option<String>,
     /// The early-exit schedule the artifact runs by default (`--early-exit`, checked by the caller).
     pub early_exit: Option<kiln_ir::program::EarlyExitSpec>,
+    /// The command-line option that configured the passes (e.g. `--chess-sparsity`): [`build_graph`]'s
+    /// errors name it. Empty: none.
+    pub origin: &'static str,
     /// Build one rank's part of a tensor-parallel decoder (`kiln run --tp N`).
     pub tp: Option<TensorParallel>,
 }
@@ -106,14 +109,31 @@ impl Build {
     }
 }
 
+/// The named passes `build` runs first: `--passes`, else the default pipeline (unless `--passes none`).
+fn named_passes(build: &Build) -> Vec<String> {
+    if build.passes.is_empty() && !build.no_default_passes {
+        kiln_passes::DEFAULT_PIPELINE.iter().map(|s| s.to_string()).collect()
+    } else {
+        build.passes.clone()
+    }
+}
+
 /// The graph a build compiles: the decoder graph, then the pipeline (the named passes or the default
 /// pipeline, then `skip-layers` and `dce` when configured, …), then the calibration edit.
 pub fn build_graph(model: &Model, build: &Build) -> Result<BuiltGraph> {
+    let built = build_graph_unnamed(model, build);
+    if build.origin.is_empty() {
+        built
+    } else {
+        built.context(build.origin)
+    }
+}
+
+/// [`build_graph`] without naming `build.origin` in its errors.
+fn build_graph_unnamed(model: &Model, build: &Build) -> Result<BuiltGraph> {
     let mut g = model.graph_with(kiln_frontend::llama::GraphOptions { last_logits_only: !build.opts.all_logits })?;
     let mut passes: Vec<Box<dyn Pass>> = Vec::new();
-    let default: Vec<String> = kiln_passes::DEFAULT_PIPELINE.iter().map(|s| s.to_string()).collect();
-    let named = if build.passes.is_empty() && !build.no_default_passes { &default } else { &build.passes };
-    for name in named {
+    for name in &named_passes(build) {
         passes.push(kiln_passes::lookup(name).context("--passes")?);
     }
     if build.skip.count > 0 {
@@ -336,21 +356,121 @@ pub fn is_artifact(path: &Path) -> bool {
     path.join("manifest.json").is_file()
 }
 
+/// How [`cached_build`] found its artifact.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheHit {
+    /// Not in the cache: compiled now.
+    Compiled,
+    /// The passes ran and the artifact of their graph was cached.
+    Graph,
+    /// Found by the build's recipe ([`recipe_key`]): no pass ran.
+    Recipe,
+}
+
+impl CacheHit {
+    /// Compiled now (not loaded from the cache).
+    pub fn fresh(self) -> bool {
+        self == CacheHit::Compiled
+    }
+
+    /// `compiled`, `graph` or `recipe` (the `artifact_cache` field of `kiln run --json`).
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheHit::Compiled => "compiled",
+            CacheHit::Graph => "graph",
+            CacheHit::Recipe => "recipe",
+        }
+    }
+}
+
+/// `fmt::Write` into a hasher, so a `Debug` form is hashed without being built as a string.
+struct HashWriter<'a>(&'a mut blake3::Hasher);
+
+impl std::fmt::Write for HashWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.update(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// The recipe key of `build` of the model `source_hash`: everything [`build_graph`] reads — the model
+/// source, the whole build (its calibration, kernel table and every pass setting: `Debug` prints floats
+/// so that they read back exactly), the cost coefficients the e-graph extraction reads, this Kiln and
+/// this host. Equal keys build equal graphs, so the artifact the last build of a recipe produced can be
+/// reused without running its passes (R-Sparse's factorisations, Wanda's rankings: seconds to minutes).
+/// A field whose `Debug` form were not deterministic would only cost cache misses, never a wrong hit.
+pub fn recipe_key(source_hash: &str, build: &Build) -> String {
+    use std::fmt::Write;
+    let mut h = blake3::Hasher::new();
+    h.update(b"kiln recipe 1\0");
+    h.update(source_hash.as_bytes());
+    h.update(env!("CARGO_PKG_VERSION").as_bytes());
+    h.update(&kiln_ir::program::ARTIFACT_FORMAT_VERSION.to_le_bytes());
+    h.update(compiler_identity().as_bytes());
+    h.update(serde_json::to_string(&kiln_codegen::host_target_info()).expect("target serialises").as_bytes());
+    let _ = write!(HashWriter(&mut h), "{build:?}");
+    if named_passes(build).iter().any(|n| n == "lift") {
+        let _ = write!(HashWriter(&mut h), "{:?}", crate::costs::coefficients());
+    }
+    h.finalize().to_hex()[..32].to_string()
+}
+
+/// The file recording which artifact recipe `key` built last.
+fn recipe_file(key: &str) -> PathBuf {
+    crate::cache_dir().join("recipes").join(key)
+}
+
+/// The artifact recipe `key` built last, if it is still a whole cache entry.
+fn recipe_artifact(key: &str) -> Option<PathBuf> {
+    let name = std::fs::read_to_string(recipe_file(key)).ok()?;
+    let name = name.trim();
+    // Only an artifact directory name of this cache (hex), never a path read from the file.
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let dir = crate::cache_dir().join("artifacts").join(name);
+    is_artifact(&dir).then_some(dir)
+}
+
+/// Records that recipe `key` built the artifact `dir` (best effort: a cache that cannot be written only
+/// loses the shortcut). Written to a sibling and renamed, so a reader never sees half a name.
+fn record_recipe(key: &str, dir: &Path) {
+    let (Some(name), file) = (dir.file_name().and_then(|n| n.to_str()), recipe_file(key)) else { return };
+    let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+    let ok = file.parent().is_some_and(|p| std::fs::create_dir_all(p).is_ok()) && std::fs::write(&tmp, name).is_ok();
+    if !ok || std::fs::rename(&tmp, &file).is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 /// The cached artifact for `model` (loaded from `model_path`) with `opts`, compiling it first if it is
-/// not cached. Returns the directory and whether it was compiled now.
-pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) -> Result<(PathBuf, bool)> {
+/// not cached. Returns the directory and how it was found.
+pub fn cached_artifact(model_path: &Path, opts: &CompileOptions, model: &Model) -> Result<(PathBuf, CacheHit)> {
     cached_build(model_path, model, &Build::new(opts.clone()))
 }
 
-/// [`cached_artifact`] for a whole [`Build`].
-pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, bool)> {
+/// [`cached_artifact`] for a whole [`Build`]. The artifact the build's recipe ([`recipe_key`]) made last
+/// is reused without running the passes; otherwise the passes run and the artifact of their graph is
+/// found or compiled (content-addressed by the graph: [`cache_key`]).
+pub fn cached_build(model_path: &Path, model: &Model, build: &Build) -> Result<(PathBuf, CacheHit)> {
+    let hash = source_hash(model_path)?;
+    let recipe = recipe_key(&hash, build);
+    if let Some(dir) = recipe_artifact(&recipe) {
+        return Ok((dir, CacheHit::Recipe));
+    }
     let built = build_graph(model, build)?;
-    cached_built(model_path, model, build, &built)
+    let (dir, fresh) = cached_built_with_hash(&hash, model, build, &built)?;
+    record_recipe(&recipe, &dir);
+    Ok((dir, if fresh { CacheHit::Compiled } else { CacheHit::Graph }))
 }
 
 /// [`cached_build`] when the caller already built `build`'s graph (`built`), so it is not built twice.
 pub fn cached_built(model_path: &Path, model: &Model, build: &Build, built: &BuiltGraph) -> Result<(PathBuf, bool)> {
-    let hash = source_hash(model_path)?;
+    cached_built_with_hash(&source_hash(model_path)?, model, build, built)
+}
+
+/// [`cached_built`] of the model whose [`source_hash`] is `hash`.
+fn cached_built_with_hash(hash: &str, model: &Model, build: &Build, built: &BuiltGraph) -> Result<(PathBuf, bool)> {
     let mut key_hash = blake3::Hasher::new();
     key_hash.update(hash.as_bytes());
     for (name, t) in built.derived_weights(model) {
@@ -368,7 +488,7 @@ pub fn cached_built(model_path: &Path, model: &Model, build: &Build, built: &Bui
     // Compile into a fresh sibling and rename, so a crash never leaves a half-written cache entry.
     let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    compile_built(model, built, &hash, build, &tmp)?;
+    compile_built(model, built, hash, build, &tmp)?;
     // Another process may have finished the same entry meanwhile: then keep theirs (it may already be
     // loaded) and drop ours. Only an entry that is not a complete artifact is replaced.
     if !is_artifact(&dir) {

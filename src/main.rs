@@ -417,6 +417,9 @@ fn run(mut a: RunArgs) -> Result<()> {
         // Ranks share the machine's cores.
         a.threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / a.tp).max(1);
     }
+    // How the compiled backend of a model was found in the artifact cache (`None`: an artifact was
+    // given, or the interpreter runs).
+    let mut cache_hit = None;
     let loaded = if is_artifact {
         if a.backend == BackendKind::Interpreter {
             bail!("{} is a compiled artifact; the interpreter backend needs the model file", path.display());
@@ -452,7 +455,9 @@ fn run(mut a: RunArgs) -> Result<()> {
         }
         let compiled = if a.backend == BackendKind::Compiled {
             let t = std::time::Instant::now();
-            let (dir, fresh) = kiln::artifact::cached_build(&path, &m, &build)?;
+            let (dir, hit) = kiln::artifact::cached_build(&path, &m, &build)?;
+            let fresh = hit.fresh();
+            cache_hit = Some(hit);
             let backend = match kiln::runtime::CompiledBackend::load(&dir, a.threads, None) {
                 Err(e) if !fresh => {
                     // A damaged or incompatible cache entry: compile it again, once.
@@ -515,6 +520,9 @@ fn run(mut a: RunArgs) -> Result<()> {
             report["tp"] = a.tp.into();
             report["fused"] = (a.tp > 1 && !a.no_fuse).into();
             report["comm"] = rec.comm_report();
+            if let Some(hit) = cache_hit {
+                report["artifact_cache"] = hit.name().into();
+            }
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else if a.tp > 1 {
             let c = rec.comm_report();

@@ -542,24 +542,8 @@ impl SkipArgs {
                 Some(kiln::passes::prune::Prune { method, sparsity, table, pattern, bitmap: self.bitmap_gran() })
             }
         };
-        let build = Build {
-            opts,
-            skip: self.skip(),
-            structured,
-            chess: self.chess_sparsity,
-            chess_scope: self.chess_scope(),
-            rsparse_rank: self.rsparse_rank,
-            chess_mlp: self.chess_mlp(),
-            chess_per_layer: self.chess_thresholds == ChessThresholdsArg::Layer,
-            chess_attn: self.chess_attn_sparsity,
-            prune,
-            flex,
-            coreinfer,
-            calibration,
-            ..Default::default()
-        };
-        // Resolve the choice now, so errors name the option.
-        let what =
+        // The option errors of the passes name (`build_graph` adds it), most specific first.
+        let origin =
             if self.structured_prune.is_some() && (self.prune_sparsity.is_some() || self.chess_sparsity.is_some()) {
                 "--structured-prune with --chess-sparsity/--prune-sparsity"
             } else if self.prune_sparsity.is_some() {
@@ -577,8 +561,23 @@ impl SkipArgs {
             } else {
                 "--skip-layers"
             };
-        kiln::artifact::build_graph(model, &build).context(what)?;
-        Ok(build)
+        Ok(Build {
+            opts,
+            skip: self.skip(),
+            structured,
+            chess: self.chess_sparsity,
+            chess_scope: self.chess_scope(),
+            rsparse_rank: self.rsparse_rank,
+            chess_mlp: self.chess_mlp(),
+            chess_per_layer: self.chess_thresholds == ChessThresholdsArg::Layer,
+            chess_attn: self.chess_attn_sparsity,
+            prune,
+            flex,
+            coreinfer,
+            calibration,
+            origin,
+            ..Default::default()
+        })
     }
 }
 
@@ -636,7 +635,8 @@ fn bar(len: usize, msg: &str) -> ProgressBar {
 /// positions.
 fn compiled(path: &Path, m: &Model, build: &Build, threads: usize, capacity: usize) -> Result<CompiledBackend> {
     let t = std::time::Instant::now();
-    let (dir, fresh) = kiln::artifact::cached_build(path, m, build)?;
+    let (dir, hit) = kiln::artifact::cached_build(path, m, build)?;
+    let fresh = hit.fresh();
     let b = load_cached(path, m, build, &dir, fresh, threads, capacity)?;
     if fresh {
         eprintln!("[compiled {} in {:.1}s → {}]", m.name, t.elapsed().as_secs_f64(), dir.display());

@@ -105,3 +105,21 @@ pub fn run_kiln(args: &[&str], model_env: Option<&Path>) -> (i32, String, String
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Writes a word-level `tokenizer.json` of `vocab_size` ids into the Hugging Face model directory `dir`
+/// (9 words, then fillers `w9`, `w10`, … so that every id the model can generate decodes) and a
+/// calibration text of its words; returns the text's path. With it, the CLI's text commands (`kiln
+/// calibrate`, `kiln eval`, `kiln run --json`) run on a tiny model.
+pub fn word_tokenizer_and_text(dir: &Path, vocab_size: usize) -> std::path::PathBuf {
+    let words = ["the", "cat", "sat", "on", "mat", "and", "dog", "log", "[UNK]"];
+    let words = words.iter().map(|w| w.to_string()).chain((words.len()..vocab_size).map(|i| format!("w{i}")));
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        words.enumerate().map(|(i, w)| (w, serde_json::json!(i))).collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    let text = dir.join("t.txt");
+    std::fs::write(&text, "the cat sat on the mat and the dog sat on the log ".repeat(6)).unwrap();
+    text
+}

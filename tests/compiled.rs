@@ -185,18 +185,17 @@ fn corrupted_or_foreign_artifacts_are_refused() {
     compile(&m, good.path());
     assert!(CompiledBackend::load(good.path(), 1, None).is_ok());
 
-    let copy = |f: &dyn Fn(&Path)| -> String {
+    // The load error of a copy of the good artifact edited by `f` (None: it loaded).
+    let try_copy = |f: &dyn Fn(&Path)| -> Option<String> {
         let d = tempfile::tempdir().unwrap();
         for e in std::fs::read_dir(good.path()).unwrap() {
             let e = e.unwrap();
             std::fs::copy(e.path(), d.path().join(e.file_name())).unwrap();
         }
         f(d.path());
-        match CompiledBackend::load(d.path(), 1, None) {
-            Ok(_) => panic!("corrupted artifact was accepted"),
-            Err(e) => e.to_string(),
-        }
+        CompiledBackend::load(d.path(), 1, None).err().map(|e| e.to_string())
     };
+    let copy = |f: &dyn Fn(&Path)| try_copy(f).expect("corrupted artifact was accepted");
     let e = copy(&|d| {
         let p = d.join("weights.bin");
         let b = std::fs::read(&p).unwrap();
@@ -210,11 +209,14 @@ fn corrupted_or_foreign_artifacts_are_refused() {
         std::fs::write(&p, b).unwrap();
     });
     assert!(e.contains("hash"), "{e}");
-    let e =
-        copy(&|d| edit_manifest(d, |m| m["target"]["features"] = serde_json::json!(["avx512vnni-missing", "avx512f"])));
+    let e = try_copy(&|d| {
+        edit_manifest(d, |m| m["target"]["features"] = serde_json::json!(["avx512vnni-missing", "avx512f"]))
+    });
     // Either the host has avx512f (then the unknown name is ignored and this must load) or it is refused.
-    let has_avx512 = std::arch::is_x86_feature_detected!("avx512f");
-    if !has_avx512 {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert_eq!(e, None, "an artifact needing only avx512f must load on this avx512f host");
+    } else {
+        let e = e.expect("an artifact needing avx512f was accepted on a host without it");
         assert!(e.contains("avx512f") && e.contains("lacks"), "{e}");
     }
     let e = copy(&|d| std::fs::write(d.join("manifest.json"), "{ not json").unwrap());
@@ -246,6 +248,74 @@ fn unsupported_op_fails_at_compile_time_naming_it() {
     .unwrap();
     let err = kiln::codegen::lower::lower(&g, &kiln::ir::WeightStore::new()).err().expect("must fail").to_string();
     assert!(err.contains("`cast`") && err.contains("%1"), "{err}");
+}
+
+/// `kiln run MODEL` finds a build's artifact by its recipe, without running the passes (`artifact_cache`:
+/// `recipe`), only while every input the passes read is unchanged: a calibration re-measured into the
+/// same file compiles anew; an evicted entry falls back to the full path and records the recipe again;
+/// without the recipe index the passes run and find their graph's entry (`graph`). The ids equal the
+/// interpreter's on the same flags each time; the recipe key sees a one-ulp change of one calibration
+/// statistic.
+#[test]
+fn cli_reuses_a_build_recipe_only_while_its_inputs_hold() {
+    let cfg = crate::common::tiny_config(Arch::Llama);
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 5), 1).unwrap();
+    let text = crate::common::word_tokenizer_and_text(src.path(), cfg.vocab_size);
+    let cache = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(crate::common::kiln_bin())
+            .args(args)
+            .env("KILN_CACHE_DIR", cache.path())
+            .env("KILN_MODEL", src.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Outside the model directory: every `.json` there is part of the model's source hash.
+    let work = tempfile::tempdir().unwrap();
+    let cal = work.path().join("cal.json");
+    let (t, c) = (text.to_str().unwrap(), cal.to_str().unwrap());
+    run(&["calibrate", "--text", t, "-o", c, "--chunk", "16"]);
+    let gen = |backend: &str| {
+        let args = ["run", "--prompt-ids", "1,2,3", "-n", "6", "--json", "--chess-sparsity", "0.5"];
+        let out = run(&[&args[..], &["--calibration", c, "--backend", backend]].concat());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        (v["artifact_cache"].as_str().unwrap_or("none").to_string(), v["generated_ids"].clone())
+    };
+    let (hit, ids) = gen("compiled");
+    assert_eq!(hit, "compiled");
+    assert_eq!(gen("interpreter").1, ids);
+    assert_eq!(gen("compiled"), ("recipe".to_string(), ids.clone()));
+    // The same calibration file, re-measured on another text: other thresholds, so no recipe hit.
+    std::fs::write(&text, "dog log mat on cat the sat and ".repeat(8)).unwrap();
+    run(&["calibrate", "--text", t, "-o", c, "--chunk", "16"]);
+    let (hit, ids) = gen("compiled");
+    assert_eq!(hit, "compiled", "a changed calibration must not reuse the old artifact");
+    assert_eq!(gen("interpreter").1, ids);
+    assert_eq!(gen("compiled"), ("recipe".to_string(), ids.clone()));
+    // The artifact evicted: the recipe names a missing entry, so the passes run and compile again.
+    std::fs::remove_dir_all(cache.path().join("artifacts")).unwrap();
+    assert_eq!(gen("compiled"), ("compiled".to_string(), ids.clone()));
+    assert_eq!(gen("compiled"), ("recipe".to_string(), ids.clone()));
+    // No recipe index: the passes run and find their graph's artifact.
+    std::fs::remove_dir_all(cache.path().join("recipes")).unwrap();
+    assert_eq!(gen("compiled"), ("graph".to_string(), ids));
+    // The key itself: equal builds agree, one statistic one ulp away does not.
+    let calib = kiln::passes::calibration::Calibration::from_json(&std::fs::read_to_string(&cal).unwrap()).unwrap();
+    let build = |calib: &kiln::passes::calibration::Calibration| kiln::artifact::Build {
+        chess: Some(0.5),
+        calibration: Some(std::sync::Arc::new(calib.clone())),
+        ..Default::default()
+    };
+    let key = |b: &kiln::artifact::Build| kiln::artifact::recipe_key("source", b);
+    assert_eq!(key(&build(&calib)), key(&build(&calib.clone())));
+    let mut nudged = calib.clone();
+    let v = &mut nudged.layers[0].ffn_in_mean_abs[0];
+    *v = f32::from_bits(v.to_bits() + 1);
+    assert_ne!(key(&build(&calib)), key(&build(&nudged)));
+    assert_ne!(key(&build(&calib)), key(&kiln::artifact::Build { chess: Some(0.25), ..build(&calib) }));
 }
 
 #[test]

@@ -416,16 +416,7 @@ fn budget_compile_through_the_cli() {
     cfg.n_layers = 2;
     write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 48), 1).unwrap();
     let model = Some(dir.path());
-    // A word-level tokenizer over the text's words (ids below the tiny vocabulary).
-    let words = ["the", "cat", "sat", "on", "mat", "and", "dog", "log", "[UNK]"];
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        words.iter().enumerate().map(|(i, w)| (w.to_string(), serde_json::json!(i))).collect();
-    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
-    std::fs::write(dir.path().join("tokenizer.json"), tok.to_string()).unwrap();
-    let text = dir.path().join("t.txt");
-    std::fs::write(&text, "the cat sat on the mat and the dog sat on the log ".repeat(6)).unwrap();
+    let text = crate::common::word_tokenizer_and_text(dir.path(), cfg.vocab_size);
     let (t, cal) = (text.to_str().unwrap(), dir.path().join("cal.json"));
     let c = cal.to_str().unwrap();
     let (code, _, err) = run_kiln(&["calibrate", "--text", t, "-o", c, "--chunk", "16"], model);
