@@ -3,7 +3,7 @@
 //!
 //! An artifact directory holds `manifest.json`, `kernels.so`, `weights.bin` (written by codegen) and the
 //! tokenizer: `tokenizer.gguf` (the GGUF source's tokenizer metadata, no tensors) or the Hugging Face
-//! `tokenizer.json` (+ `tokenizer_config.json`).
+//! `tokenizer.json` (+ `tokenizer_config.json`, `chat_template.jinja`).
 
 use anyhow::{Context, Result};
 use kiln_codegen::CompileOptions;
@@ -211,8 +211,17 @@ fn build_graph_unnamed(model: &Model, build: &Build) -> Result<BuiltGraph> {
     Ok(BuiltGraph { graph: g, passes: names, records, reports, explanations: cx.explanations.take(), weights })
 }
 
-/// Hash identifying a model source: the GGUF file, or a Hugging Face directory's config, tokenizer and
-/// weight files.
+/// The files of a Hugging Face model directory the loader reads besides its `.safetensors` shards.
+const HF_SOURCE_FILES: [&str; 5] =
+    ["config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
+
+/// The tokenizer files of a Hugging Face model an artifact carries (`chat_template.jinja`, where
+/// present, overrides `tokenizer_config.json`'s template, as in the loader).
+const HF_TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja"];
+
+/// Hash identifying a model source: the GGUF file, or exactly the files of a Hugging Face directory the
+/// loader reads (config, index, weight shards, tokenizer, chat template) — not other files kept beside
+/// them, such as a calibration file.
 pub fn source_hash(path: &Path) -> Result<String> {
     let mut h = blake3::Hasher::new();
     let files: Vec<PathBuf> = if path.is_dir() {
@@ -220,7 +229,7 @@ pub fn source_hash(path: &Path) -> Result<String> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let n = p.file_name().unwrap_or_default().to_string_lossy();
-                n.ends_with(".safetensors") || n.ends_with(".json")
+                n.ends_with(".safetensors") || HF_SOURCE_FILES.contains(&n.as_ref())
             })
             .collect();
         v.sort();
@@ -327,7 +336,7 @@ pub(crate) fn write_tokenizer(model: &Model, out: &Path) -> Result<()> {
             w.write(&out.join("tokenizer.gguf"))?;
         }
         _ => {
-            for f in ["tokenizer.json", "tokenizer_config.json"] {
+            for f in HF_TOKENIZER_FILES {
                 let p = model.source.join(f);
                 if p.exists() {
                     std::fs::copy(&p, out.join(f)).with_context(|| format!("copying {}", p.display()))?;

@@ -318,6 +318,31 @@ fn cli_reuses_a_build_recipe_only_while_its_inputs_hold() {
     assert_ne!(key(&build(&calib)), key(&kiln::artifact::Build { chess: Some(0.25), ..build(&calib) }));
 }
 
+/// A Hugging Face model's artifact carries its `chat_template.jinja` (the template the loader prefers to
+/// `tokenizer_config.json`'s), so `kiln run ARTIFACT --chat` renders what `kiln run MODEL --chat` does;
+/// the model's source hash covers that template (an edit misses the cache) but not a calibration file
+/// saved beside the model.
+#[test]
+fn hf_artifacts_carry_the_chat_template_and_hash_only_what_the_loader_reads() {
+    let cfg = crate::common::tiny_config(Arch::Llama);
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 6), 1).unwrap();
+    crate::common::word_tokenizer_and_text(src.path(), cfg.vocab_size);
+    let template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}";
+    std::fs::write(src.path().join("chat_template.jinja"), template).unwrap();
+    let hash = kiln::artifact::source_hash(src.path()).unwrap();
+    std::fs::write(src.path().join("calibration.json"), "{}").unwrap();
+    assert_eq!(kiln::artifact::source_hash(src.path()).unwrap(), hash, "a calibration file is not the model");
+    let m = Model::load(src.path()).unwrap();
+    assert_eq!(m.tokenizer.as_ref().and_then(|t| t.chat_template()), Some(template));
+    let out = tempfile::tempdir().unwrap();
+    compile(&m, out.path());
+    let tok = kiln::artifact::artifact_tokenizer(out.path()).unwrap().expect("the artifact has a tokenizer");
+    assert_eq!(tok.chat_template(), Some(template));
+    std::fs::write(src.path().join("chat_template.jinja"), "{{ messages[0].content }}").unwrap();
+    assert_ne!(kiln::artifact::source_hash(src.path()).unwrap(), hash, "the chat template is part of the model");
+}
+
 #[test]
 fn cli_caches_compiled_artifacts() {
     let cfg = crate::common::tiny_config(Arch::Llama);
