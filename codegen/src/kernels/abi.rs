@@ -3,7 +3,7 @@
 use super::emit::{Emitter, R};
 use inkwell::context::Context;
 use inkwell::module::Module;
-use inkwell::values::{FunctionValue, IntValue, PointerValue};
+use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
 
 /// `symbol(bufs=[x, w0, y0, …, w{g-1}, y{g-1}], dims=[m, n0, …, n{g-1}], begin, end)`: rows `begin..end`
@@ -177,10 +177,27 @@ pub fn wrap_active_linear<'ctx>(
     e.finish()
 }
 
+/// The i64 integer intrinsic `name` (e.g. `llvm.ctpop`) on `args`.
+fn int_intrinsic<'ctx>(
+    e: &Emitter<'_, 'ctx>,
+    name: &str,
+    args: &[inkwell::values::BasicMetadataValueEnum<'ctx>],
+) -> R<IntValue<'ctx>> {
+    let decl = inkwell::intrinsics::Intrinsic::find(name)
+        .and_then(|i| i.get_declaration(e.module, &[e.i64t().into()]))
+        .ok_or_else(|| crate::CodegenError::Llvm(format!("no intrinsic {name}")))?;
+    Ok(e.b.build_call(decl, args, "call")?.try_as_basic_value().unwrap_basic().into_int_value())
+}
+
+fn llvm_err(e: impl std::fmt::Display) -> crate::CodegenError {
+    crate::CodegenError::Llvm(e.to_string())
+}
+
 /// `symbol(bufs=[x, wt, y], dims=[m], begin, end)`: `active_linear(x, wt)` on a column-major weight
 /// (`kiln_ir::column`) for output groups `begin..end` (32 outputs each). The rows go in groups of
 /// `group` (the prefill kernel `prefill`; a lone row, as at decode, goes to `decode`): per group, the
-/// channels where some row's x ≠ 0 are listed (branch-free), with the 32-channel blocks that hold one,
+/// channels where some row's x ≠ 0 are listed (a vector compare per 32 channels and row, then one step
+/// per listed channel), with the 32-channel blocks that hold one,
 /// and the kernel (`kernels::colactive`) reads only those channels' codes and those blocks' scales.
 /// NaN counts as non-zero, as in the interpreter.
 #[allow(clippy::too_many_arguments)]
@@ -213,6 +230,7 @@ pub fn wrap_active_linear_col<'ctx>(
         )
     };
     let (count, nb, any) = (e.var_i64(0)?, e.var_i64(0)?, e.var_i64(0)?);
+    let v32f = e.f32t().vec_type(32);
     let (kc, nc, blk32, gc) = (e.i64c(k as i64), e.i64c(n as i64), e.i64c(32), e.i64c(group as i64));
     let (cb, ce) = (e.mul(e.begin, blk32)?, e.mul(e.end, blk32)?);
     let groups = e.div(e.add(m, e.i64c(group as i64 - 1))?, gc)?;
@@ -230,17 +248,27 @@ pub fn wrap_active_linear_col<'ctx>(
         st32(bptr, e.i64c(0), e.i64c(0))?;
         e.for_range(e.i64c(0), e.i64c(nblk as i64), |b| {
             let start = e.get_i64(count)?;
-            e.for_range(e.mul(b, blk32)?, e.add(e.mul(b, blk32)?, blk32)?, |j| {
-                let c = e.get_i64(count)?;
-                st32(idx, c, j)?;
-                e.set_i64(any, e.i64c(0))?;
-                e.for_range(e.i64c(0), rows, |r| {
-                    let v = e.load_f32(xi, e.add(e.mul(r, kc)?, j)?)?;
-                    let nz = e.fcmp(FloatPredicate::UNE, v, e.f32c(0.0))?;
-                    let acc = e.get_i64(any)?;
-                    e.set_i64(any, e.b.build_or(acc, e.b.build_int_z_extend(nz, i64t, "nz")?, "any")?)
-                })?;
-                e.set_i64(count, e.add(c, e.get_i64(any)?)?)
+            // Bit t of `any`: channel 32·b + t is non-zero in some row (one vector compare per row).
+            e.set_i64(any, e.i64c(0))?;
+            e.for_range(e.i64c(0), rows, |r| {
+                let at = e.gep(e.f32t().into(), xi, e.add(e.mul(r, kc)?, e.mul(b, blk32)?)?)?;
+                let v = e.b.build_load(v32f, at, "xv")?;
+                v.as_instruction_value().expect("a load").set_alignment(4).map_err(llvm_err)?;
+                let nz =
+                    e.b.build_float_compare(FloatPredicate::UNE, v.into_vector_value(), v32f.const_zero(), "nz")?;
+                let bits = e.b.build_bit_cast(nz, i32t, "bits")?.into_int_value();
+                let acc = e.get_i64(any)?;
+                e.set_i64(any, e.b.build_or(acc, e.b.build_int_z_extend(bits, i64t, "b64")?, "any")?)
+            })?;
+            // List the set bits, lowest first (the kernel wants channels increasing).
+            let mask = e.get_i64(any)?;
+            let set = int_intrinsic(&e, "llvm.ctpop", &[mask.into()])?;
+            e.for_range(e.i64c(0), set, |_| {
+                let (c, mk) = (e.get_i64(count)?, e.get_i64(any)?);
+                let t = int_intrinsic(&e, "llvm.cttz", &[mk.into(), ctx.bool_type().const_int(1, false).into()])?;
+                st32(idx, c, e.add(e.mul(b, blk32)?, t)?)?;
+                e.set_i64(count, e.add(c, e.i64c(1))?)?;
+                e.set_i64(any, e.b.build_and(mk, e.b.build_int_sub(mk, e.i64c(1), "low")?, "rest")?)
             })?;
             let (c, q) = (e.get_i64(count)?, e.get_i64(nb)?);
             st32(blk, q, b)?;

@@ -50,6 +50,13 @@ use std::ops::Range;
 /// Rows a prefill kernel shares one code load between.
 pub const PREFILL_GROUP: usize = 4;
 
+/// Channels a decode kernel (`G = 1`) accumulates per load and store of `t` (half that with `G > 1`,
+/// whose rows hold more vectors live).
+const CHANNEL_BLOCK: usize = 4;
+
+/// How far ahead in the list of active channels to prefetch their codes, in bytes of codes.
+const PREFETCH_BYTES: usize = 16384;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct ColActiveKernelSpec {
     /// A column-major format (`DType::is_column`).
@@ -202,6 +209,11 @@ pub fn emit_col_active<'ctx>(
         let v = kb.load(kb.i32t.into(), kb.gep(kb.i32t.into(), base, at)?, 4)?.into_int_value();
         Ok(b.build_int_z_extend(v, kb.i64t, "u")?)
     };
+    // Weights are prefetched `ahead` listed channels (at least PREFETCH_BYTES of codes) in front of the
+    // one being read: the hardware prefetchers follow the sequence of rows, not which rows are listed,
+    // so without this the kernel streams skipped rows too and its time hardly falls with sparsity.
+    let ahead = PREFETCH_BYTES.div_ceil(crow as usize);
+    let last_listed = b.build_int_nsw_sub(ld_u32(bptr, nb)?, kb.i64c(1), "lastp")?;
     kb.for_loop(kb.i64c(0), nb, kb.i64c(1), "ablk", |q| {
         over_cols(&|c0| {
             for gi in 0..g {
@@ -217,37 +229,76 @@ pub fn emit_col_active<'ctx>(
         let p0 = ld_u32(bptr, q)?;
         let p1 = ld_u32(bptr, b.build_int_nsw_add(q, kb.i64c(1), "q1")?)?;
         // Channel outside, outputs inside: each active channel's codes are read as one contiguous run.
-        kb.for_loop(p0, p1, kb.i64c(1), "chan", |pi| {
-            let j = ld_u32(idx, pi)?;
-            let row = b.build_int_nsw_mul(j, kb.i64c(crow), "row")?;
-            let xs: Vec<(inkwell::values::BasicValueEnum<'ctx>, VectorValue<'ctx>)> = (0..g)
-                .map(|gi| -> R<_> {
-                    let xj = kb.load(kb.f32t.into(), kb.gep(kb.f32t.into(), x_rows[gi], j)?, 4)?;
-                    Ok((xj, kb.splat(xj, kb.v8f32)?))
-                })
-                .collect::<R<_>>()?;
+        // `u` channels at a time share each load and store of `t` (register blocking: one channel at a
+        // time spends two memory operations of `t` per FMA, which starves the weight stream of
+        // outstanding loads once the weights come from memory rather than cache); the rest one by one.
+        let chans = |pis: &[IntValue<'ctx>]| -> R<()> {
+            // Per listed channel: its code row and, per row of the group, x (scalar and splat).
+            type XS<'c> = Vec<(inkwell::values::BasicValueEnum<'c>, VectorValue<'c>)>;
+            let mut rows_of = Vec::with_capacity(pis.len());
+            let mut xs_of: Vec<XS<'ctx>> = Vec::with_capacity(pis.len());
+            for &pi in pis {
+                // The code row of the channel `ahead` places later in the list (the last one near the
+                // end), every cache line of it.
+                let later = kb.imin(b.build_int_nsw_add(pi, kb.i64c(ahead as i64), "later")?, last_listed)?;
+                let later_row = b.build_int_nsw_mul(ld_u32(idx, later)?, kb.i64c(crow), "lrow")?;
+                let base = kb.gep(kb.i8t.into(), wt, later_row)?;
+                for off in (0..crow as usize).step_by(64).chain([crow as usize - 1]) {
+                    kb.prefetch(base, off)?;
+                }
+                let j = ld_u32(idx, pi)?;
+                rows_of.push(b.build_int_nsw_mul(j, kb.i64c(crow), "row")?);
+                xs_of.push(
+                    (0..g)
+                        .map(|gi| -> R<_> {
+                            let xj = kb.load(kb.f32t.into(), kb.gep(kb.f32t.into(), x_rows[gi], j)?, 4)?;
+                            Ok((xj, kb.splat(xj, kb.v8f32)?))
+                        })
+                        .collect::<R<_>>()?,
+                );
+            }
             over_cols(&|c0| {
                 let off =
                     b.build_int_nsw_mul(b.build_int_signed_div(c0, kb.i64c(32), "grp")?, kb.i64c(group_bytes), "coff")?;
-                let at = b.build_int_nsw_add(row, off, "at")?;
-                let qv = codes(kb, dtype, kb.gep(kb.i8t.into(), wt, at)?)?;
-                for (gi, (_, xv)) in xs.iter().enumerate() {
+                let qvs: Vec<[VectorValue<'ctx>; 4]> = rows_of
+                    .iter()
+                    .map(|&row| codes(kb, dtype, kb.gep(kb.i8t.into(), wt, b.build_int_nsw_add(row, off, "at")?)?))
+                    .collect::<R<_>>()?;
+                for gi in 0..g {
                     for c in 0..4 {
                         let p = vec_at(tbuf, gi, c0, c)?;
-                        let tv = kb.load(kb.v8f32.into(), p, 4)?.into_vector_value();
-                        kb.store(p, kb.fma(qv[c], *xv, tv)?.into(), 4)?;
+                        let mut tv = kb.load(kb.v8f32.into(), p, 4)?.into_vector_value();
+                        for (qv, xs) in qvs.iter().zip(&xs_of) {
+                            tv = kb.fma(qv[c], xs[gi].1, tv)?;
+                        }
+                        kb.store(p, tv.into(), 4)?;
                     }
                 }
                 Ok(())
             })?;
             if with_min {
-                for (gi, (xj, _)) in xs.iter().enumerate() {
-                    let sv = kb.load(kb.f32t.into(), s[gi], 4)?.into_float_value();
-                    kb.store(s[gi], b.build_float_add(sv, xj.into_float_value(), "s")?.into(), 4)?;
+                for gi in 0..g {
+                    let mut sv = kb.load(kb.f32t.into(), s[gi], 4)?.into_float_value();
+                    for xs in &xs_of {
+                        sv = b.build_float_add(sv, xs[gi].0.into_float_value(), "s")?;
+                    }
+                    kb.store(s[gi], sv.into(), 4)?;
                 }
             }
             Ok(())
+        };
+        let u = if g == 1 { CHANNEL_BLOCK } else { CHANNEL_BLOCK / 2 };
+        let whole = {
+            let cnt = b.build_int_nsw_sub(p1, p0, "cnt")?;
+            let blocks = b.build_int_signed_div(cnt, kb.i64c(u as i64), "nblk")?;
+            b.build_int_nsw_add(p0, b.build_int_nsw_mul(blocks, kb.i64c(u as i64), "span")?, "whole")?
+        };
+        kb.for_loop(p0, whole, kb.i64c(u as i64), "chanu", |pi| {
+            let pis: Vec<IntValue<'ctx>> =
+                (0..u).map(|i| b.build_int_nsw_add(pi, kb.i64c(i as i64), "pu")).collect::<Result<_, _>>()?;
+            chans(&pis)
         })?;
+        kb.for_loop(whole, p1, kb.i64c(1), "chan", |pi| chans(&[pi]))?;
         // acc += d[b, r]·t[r] (+ m[b, r]·s): scales of block blk[q], entry (b·n + r) of each table.
         let bi = ld_u32(blk, q)?;
         let row_len = if gathered { kiln_ir::column::scale_tables(dtype) * n } else { n };
