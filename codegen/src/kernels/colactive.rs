@@ -214,6 +214,17 @@ pub fn emit_col_active<'ctx>(
     // so without this the kernel streams skipped rows too and its time hardly falls with sparsity.
     let ahead = PREFETCH_BYTES.div_ceil(crow as usize);
     let last_listed = b.build_int_nsw_sub(ld_u32(bptr, nb)?, kb.i64c(1), "lastp")?;
+    // Within a channel's code row: the bytes of columns col_begin..col_end.
+    let to_bytes = |c: IntValue<'ctx>| -> R<IntValue<'ctx>> {
+        Ok(b.build_int_nsw_mul(b.build_int_signed_div(c, kb.i64c(32), "g")?, kb.i64c(group_bytes), "gb")?)
+    };
+    let span_off = to_bytes(cb)?;
+    let span_len = b.build_int_nsw_sub(to_bytes(ce)?, span_off, "span")?;
+    let span_last = {
+        let sl = b.build_int_nsw_sub(span_len, kb.i64c(1), "sl")?;
+        let neg = b.build_int_compare(inkwell::IntPredicate::SLT, sl, kb.i64c(0), "neg")?;
+        b.build_select(neg, kb.i64c(0), sl, "slast")?.into_int_value()
+    };
     kb.for_loop(kb.i64c(0), nb, kb.i64c(1), "ablk", |q| {
         over_cols(&|c0| {
             for gi in 0..g {
@@ -238,14 +249,16 @@ pub fn emit_col_active<'ctx>(
             let mut rows_of = Vec::with_capacity(pis.len());
             let mut xs_of: Vec<XS<'ctx>> = Vec::with_capacity(pis.len());
             for &pi in pis {
-                // The code row of the channel `ahead` places later in the list (the last one near the
-                // end), every cache line of it.
+                // The codes this call reads of the channel `ahead` places later in the list (the last
+                // one near the end): its columns col_begin..col_end, every cache line of them (a
+                // thread's share only, so threads do not fetch each other's columns).
                 let later = kb.imin(b.build_int_nsw_add(pi, kb.i64c(ahead as i64), "later")?, last_listed)?;
                 let later_row = b.build_int_nsw_mul(ld_u32(idx, later)?, kb.i64c(crow), "lrow")?;
-                let base = kb.gep(kb.i8t.into(), wt, later_row)?;
-                for off in (0..crow as usize).step_by(64).chain([crow as usize - 1]) {
-                    kb.prefetch(base, off)?;
-                }
+                let base = kb.gep(kb.i8t.into(), wt, b.build_int_nsw_add(later_row, span_off, "lcol")?)?;
+                kb.for_loop(kb.i64c(0), span_len, kb.i64c(64), "pf", |off| {
+                    kb.prefetch(kb.gep(kb.i8t.into(), base, off)?, 0)
+                })?;
+                kb.prefetch(kb.gep(kb.i8t.into(), base, span_last)?, 0)?;
                 let j = ld_u32(idx, pi)?;
                 rows_of.push(b.build_int_nsw_mul(j, kb.i64c(crow), "row")?);
                 xs_of.push(
