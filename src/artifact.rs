@@ -46,6 +46,9 @@ pub struct Build {
     pub chess_per_layer: bool,
     /// With `chess_scope` all: the attention inputs' sparsity, when it differs from `chess` (the MLP's).
     pub chess_attn: Option<f64>,
+    /// With `chess`: this machine's kernel table, to keep projections whose column kernel does not pay
+    /// on the dense kernel (`kiln_passes::chess::Chess::kernels`). `None`: every one column-major.
+    pub chess_kernels: Option<Arc<kiln_passes::prune::KernelTable>>,
     /// Block-sparse weight pruning (`prune` pass) with its measured kernel table.
     pub prune: Option<kiln_passes::prune::Prune>,
     /// FlexPrefill sparse attention (`flexprefill` pass).
@@ -153,6 +156,7 @@ fn build_graph_unnamed(model: &Model, build: &Build) -> Result<BuiltGraph> {
             mlp: build.chess_mlp,
             per_layer: build.chess_per_layer,
             attn_sparsity: build.chess_attn,
+            kernels: build.chess_kernels.clone(),
             ..chess
         }));
         passes.push(Box::new(kiln_passes::dce::DeadCodeElimination));

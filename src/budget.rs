@@ -229,10 +229,12 @@ pub struct JointChoice {
 }
 
 /// Greedy coordinate search of the joint space: from the dense model, each round measures one step up
-/// every open axis (perplexity on the calibration text via `measure`, decode cost via `cost`); a step
-/// over the budget closes its axis (perplexity grows along an axis in practice), as does one that saves
-/// less than `min_saving` (a share of the current cost: 0 for an exact estimate, a noise margin for a
-/// measured time); the step saving the most cost per unit of perplexity added is taken. It stops when
+/// every open axis (perplexity on the calibration text via `measure`, decode cost via `cost`): the
+/// smallest step that saves at least `min_saving` (a share of the current cost: 0 for an exact
+/// estimate, a noise margin for a measured time), looking further up the axis past levels that save
+/// less; a level over the budget closes its axis (perplexity grows along an axis in practice), while an
+/// axis whose levels all fit but save too little is tried again from the next point; the step saving
+/// the most cost per unit of perplexity added is taken. It stops when
 /// no axis is open. Each technique is also walked alone (its best single configuration); where one is
 /// cheaper than the walk's end, the walk is repeated from it, and the cheapest end is the choice — so
 /// the choice is never costlier than the best single technique.
@@ -313,9 +315,10 @@ pub fn search_joint(
 
 type Point = ([usize; N_AXES], JointCandidate);
 
-/// One greedy walk from `from`: each round measures one step up every open axis; a step over the budget,
-/// or saving less than `min_saving` of the current cost, closes its axis; the step saving the most cost
-/// per unit of perplexity added is taken. Returns where it ends and the steps taken.
+/// One greedy walk from `from`: each round measures, per open axis, the smallest step up it saving at
+/// least `min_saving` of the current cost; an axis that leaves the budget first closes; the step saving
+/// the most cost per unit of perplexity added is taken; it ends when a round takes none. Returns where
+/// it ends and the steps taken.
 fn walk(
     axes: &Axes,
     from: Point,
@@ -337,17 +340,33 @@ fn walk(
                 open[a] = false;
                 continue;
             }
+            // The smallest step up this axis that saves at least `min_saving`, looking past levels that
+            // save less (a gradual technique saves little per level, below a measured cost's noise).
+            // An axis closes where it leaves the budget (or the valid combinations); one whose levels
+            // all fit but save too little stays open: from a later point they may save more.
             let mut next = cur_i;
-            next[a] += 1;
-            if !axes.at(next).valid() {
-                open[a] = false;
-                continue;
+            let mut step = None;
+            let mut fits = true;
+            while next[a] + 1 < axes.len(a) {
+                next[a] += 1;
+                if !axes.at(next).valid() {
+                    fits = false;
+                    break;
+                }
+                let c = eval(next, limit)?;
+                if c.perplexity > limit {
+                    fits = false;
+                    break;
+                }
+                if c.cost < cur.cost * (1.0 - min_saving) {
+                    step = Some(c);
+                    break;
+                }
             }
-            let c = eval(next, limit)?;
-            if c.perplexity > limit || c.cost >= cur.cost * (1.0 - min_saving) {
-                open[a] = false;
+            let Some(c) = step else {
+                open[a] = fits && cur_i[a] + 1 < axes.len(a);
                 continue;
-            }
+            };
             let score = (cur.cost - c.cost) / (c.perplexity - cur.perplexity).max(1e-9 * base_ppl);
             if best.as_ref().is_none_or(|(s, _, b)| score > *s || (score == *s && c.cost < b.cost)) {
                 best = Some((score, next, c));
@@ -539,23 +558,32 @@ mod tests {
     }
 
     #[test]
-    fn a_step_saving_less_than_the_margin_is_not_taken() {
-        // Prune saves 1% per step and neurons 5%: with a 2% margin only neurons moves.
+    fn steps_below_the_margin_look_further_up_their_axis() {
+        // Prune saves 1% per level, attention inputs 0.5% in all, neurons 5%; each adds 0.1–1 perplexity.
         let axes = Axes {
             skip: vec![0],
             chess: vec![0.0],
-            attn: vec![0.0],
-            prune: vec![0.0, 0.1, 0.2],
+            attn: vec![0.0, 0.1],
+            prune: vec![0.0, 0.1, 0.2, 0.3],
             neurons: vec![0.0, 0.1],
             heads: vec![0],
         };
-        let cost = |j: &Joint| Ok(1.0 - 0.1 * j.prune - 0.5 * j.neurons);
-        let ppl = |j: &Joint| Ok(100.0 + j.prune + j.neurons);
+        let cost = |j: &Joint| Ok(1.0 - 0.1 * j.prune - 0.5 * j.neurons - 0.05 * j.attn);
+        let ppl = |j: &Joint| Ok(100.0 + j.prune + j.neurons + j.attn);
         let exact = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.0, cost, ppl).unwrap();
-        assert_eq!(exact.config, Joint { prune: 0.2, neurons: 0.1, ..Default::default() });
+        assert_eq!(exact.config, Joint { prune: 0.3, neurons: 0.1, attn: 0.1, ..Default::default() });
+        // With a 2% margin: neurons first (5%); then prune's first level saving 2% of 0.95 is 20% (one
+        // level saves 1.05%, two 2.1%), a two-level step; from there 30% saves 1.08%, the axis ends, and
+        // attention never saves 2%: neither is taken.
         let margin = search_joint(QualityBudget { percent: 10.0 }, &axes, 0.02, cost, ppl).unwrap();
-        assert_eq!(margin.config, Joint { neurons: 0.1, ..Default::default() });
-        assert_eq!(margin.path, vec![Joint { neurons: 0.1, ..Default::default() }]);
+        let n10 = Joint { neurons: 0.1, ..Default::default() };
+        assert_eq!(margin.path, vec![n10, Joint { prune: 0.2, ..n10 }]);
+        assert_eq!(margin.config, Joint { prune: 0.2, ..n10 });
+        // The prune 10% level was measured and passed over (it saves 1.05% after neurons).
+        assert!(margin.candidates.iter().any(|c| c.config == Joint { prune: 0.1, ..n10 }));
+        // A budget that ends the axis before its saving reaches the margin closes it.
+        let tight = search_joint(QualityBudget { percent: 0.15 }, &axes, 0.02, cost, ppl).unwrap();
+        assert_eq!(tight.config, n10);
     }
 
     #[test]

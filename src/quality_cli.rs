@@ -90,9 +90,9 @@ pub const NM_PATTERNS: [(usize, usize); 6] = [(1, 4), (2, 4), (3, 4), (1, 8), (2
 /// The sparsities `kiln bench --kernels` measures the bitmap (unstructured, 1×8) kernels at.
 pub const BITMAP_SPARSITIES: [f64; 3] = [0.25, 0.5, 0.7];
 
-/// The active shares of the down projection's input channels `kiln bench --kernels` measures the column
-/// active-channel kernel at (m = 1).
-pub const COLUMN_DENSITIES: [f64; 4] = [1.0, 0.75, 0.5, 0.3];
+/// The active shares of an input-sparse projection's input channels `kiln bench --kernels` measures the
+/// column active-channel kernel at (m = 1); `chess` interpolates between them.
+pub const COLUMN_DENSITIES: [f64; 8] = [1.0, 0.9, 0.75, 0.6, 0.5, 0.4, 0.3, 0.2];
 
 /// `kiln bench`.
 #[derive(clap::Args, Clone, Debug)]
@@ -195,12 +195,18 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             r.times.1 * 1e6
         );
     }
-    // CHESS's down projection on the column layout: the model's down shapes whose dtype has one.
+    // CHESS's input-sparse projections on the column layout (down, and the attention projections and
+    // gate/up of the other forms): the model's shapes of them whose dtype has one.
     let downs: Vec<(kiln::ir::DType, usize, usize)> = {
+        let projection = |name: &str| {
+            ["ffn_down", "ffn_gate", "ffn_up", "attn_q", "attn_k", "attn_v", "attn_output"]
+                .iter()
+                .any(|p| name.ends_with(&format!(".{p}.weight")))
+        };
         let mut v: Vec<_> = m
             .weights
             .iter()
-            .filter(|(name, t)| name.starts_with("blk.") && name.ends_with(".ffn_down.weight") && t.shape.len() == 2)
+            .filter(|(name, t)| name.starts_with("blk.") && projection(name) && t.shape.len() == 2)
             .map(|(_, t)| (t.dtype, t.shape[1], t.shape[0]))
             .filter(|s| s.0.column_of().is_some() && s.1 % 32 == 0 && s.2 % 32 == 0)
             .collect();
@@ -209,7 +215,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         v
     };
     eprintln!(
-        "[measuring the column active-channel kernel: {} down shapes × active {COLUMN_DENSITIES:?}, m = 1, one thread]",
+        "[measuring the column active-channel kernel: {} projection shapes × active {COLUMN_DENSITIES:?}, m = 1, weights streamed, one thread]",
         downs.len()
     );
     let col = kiln::codegen::kernels::measure::measure_column_active(
@@ -571,6 +577,9 @@ impl SkipArgs {
             chess_mlp: self.chess_mlp(),
             chess_per_layer: self.chess_thresholds == ChessThresholdsArg::Layer,
             chess_attn: self.chess_attn_sparsity,
+            // The column kernels are chosen per projection from this machine's measurements when
+            // there are some (`kiln bench --kernels`); without a table every projection goes column-major.
+            chess_kernels: self.chess_sparsity.and_then(|_| load_kernel_table().ok()),
             prune,
             flex,
             coreinfer,
@@ -1097,10 +1106,14 @@ pub fn compile_build(
     let c = &m.config;
     // Block pruning needs this machine's kernel table; without one that axis is not searched.
     let table = load_kernel_table().ok();
+    // The MLP's CHESS form: `--chess-mlp`, else `act` (down's input; the least perplexity per sparsity
+    // of the forms on SmolLM2, and the only one whose decode gets faster with sparsity there:
+    // docs/quality.md). Its levels go higher than the attention inputs' for the same reason.
+    let mlp_form = skip.chess_mlp().unwrap_or(kiln::passes::chess::ChessMlp::Act);
     let axes = Axes {
         skip: (0..=c.n_layers.saturating_sub(2)).collect(),
-        chess: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
-        attn: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
+        chess: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7],
+        attn: vec![0.0, 0.1, 0.2, 0.3, 0.4, 0.5],
         prune: if table.is_some() { vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5] } else { vec![0.0] },
         neurons: vec![0.0, 0.05, 0.1, 0.2, 0.3, 0.5],
         heads: (0..c.n_heads / c.n_kv_heads.max(1)).collect(),
@@ -1116,6 +1129,8 @@ pub fn compile_build(
                 bitmap: None,
             }),
             calibration: Some(calib.clone()),
+            chess_mlp: (j.chess > 0.0).then_some(mlp_form),
+            chess_kernels: (j.chess > 0.0 || j.attn > 0.0).then(|| table.clone()).flatten(),
             ..Default::default()
         })
     };
@@ -1188,9 +1203,10 @@ pub fn compile_build(
         },
     )?;
     eprintln!(
-        "[budget {}: {} (calibration perplexity {:.4} ≤ {:.4}; decode cost ({}) {:.0}% of dense)]",
+        "[budget {}: {}{} (calibration perplexity {:.4} ≤ {:.4}; decode cost ({}) {:.0}% of dense)]",
         choice.budget,
         choice.description,
+        if choice.config.chess > 0.0 { format!(" (MLP form {})", mlp_form.name()) } else { String::new() },
         choice.perplexity,
         choice.limit,
         if budget.budget_cost == BudgetCost::Measured { "measured" } else { "estimated bytes" },
@@ -1198,8 +1214,9 @@ pub fn compile_build(
     );
     let record = serde_json::json!({
         "quality_budget": choice,
-        "search": "greedy coordinate steps over skip-layers (influence) × chess (MLP) × chess (attention inputs), per-layer thresholds × prune (magnitude) × structured-prune, \
-                   most decode cost saved per unit of calibration perplexity added",
+        "search": "greedy coordinate steps over skip-layers (influence) × chess (MLP, form chess_mlp) × chess (attention inputs), per-layer thresholds × prune (magnitude) × structured-prune, \
+                   most decode cost saved per unit of calibration perplexity added; a step is the smallest one up an axis saving min_saving",
+        "chess_mlp": mlp_form.name(),
         "cost": match budget.budget_cost {
             BudgetCost::Measured => "measured decode CPU time over the dense model's (median of 7 adjacent pairs of 32-step runs)",
             BudgetCost::Bytes => "estimated weight bytes per decode step",

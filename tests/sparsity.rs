@@ -390,6 +390,73 @@ fn chess_on_attention_inputs_matches_the_interpreter_and_is_exact_at_sparsity_0(
     assert!(build_graph(&m, &chess_build(&old, 0.5)).is_ok(), "the MLP scope does not need them");
 }
 
+/// Kernel selection inside `chess`: with a kernel table, each projection whose column-layout kernel
+/// measured no faster than the dense one at its active share keeps the dense linear of its thresholded
+/// input — here K/V (64 → 32, measured 1.5× dense) while Q and O (64 → 64, 0.5×) go column-major. The
+/// model is the same (the interpreter on both graphs; the compiled one equals its interpreter), and
+/// `--explain` gives each choice with its measured ratio. Without a table every projection goes column.
+#[test]
+fn chess_keeps_projections_whose_column_kernel_does_not_pay_dense() {
+    use kiln::passes::chess::ChessScope;
+    use kiln::passes::prune::{ColumnMeasurement, KernelTable, KERNEL_TABLE_FORMAT};
+    let mut cfg = tiny_config(Arch::Llama);
+    (cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.n_layers) = (64, 16, 96, 2);
+    let (_src, m) = crate::common::quantized_gguf(&cfg, random_weights(&cfg, DType::F32, 29), DType::Q4_1);
+    let cb = build_graph(&m, &Build { opts: all_logits(), expose_calibration: true, ..Default::default() }).unwrap();
+    let mut ib = InterpreterBackend::new(cb.graph, &cb.weights, 64).unwrap();
+    let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
+    let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
+    let col =
+        |n, ratio| [0.2, 1.0].map(|density| ColumnMeasurement { dtype: DType::Q4_1, k: 64, n, m: 1, density, ratio });
+    let table = KernelTable {
+        format: KERNEL_TABLE_FORMAT.into(),
+        version: 1,
+        cpu: "test".into(),
+        entries: vec![],
+        nm: vec![],
+        bitmap: vec![],
+        column: [col(32, 1.5), col(64, 0.5)].concat(),
+    };
+    let build = |kernels: Option<Arc<KernelTable>>| Build {
+        chess_scope: ChessScope::Attn,
+        chess_kernels: kernels,
+        ..chess_build(&cal, 0.5)
+    };
+    let (all_col, chosen) = (build(None), build(Some(Arc::new(table))));
+    let (ga, gc) = (build_graph(&m, &all_col).unwrap(), build_graph(&m, &chosen).unwrap());
+    let active = |g: &Graph| g.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count();
+    assert_eq!(active(&ga.graph), 4 * 2, "Q/K/V/O per block without a table");
+    assert_eq!(active(&gc.graph), 2 * 2, "Q and O per block with the table");
+    // K and V read the thresholded input through dense linears of their original Q4_1 weights.
+    let dense_of_thresholded =
+        gc.graph.nodes.iter().filter(|n| n.op == Op::Linear && gc.graph.node(n.inputs[0]).op == Op::Threshold).count();
+    assert_eq!(dense_of_thresholded, 2 * 2);
+    let why = |b: &kiln::artifact::BuiltGraph| -> Vec<String> {
+        b.explanations.iter().filter(|(p, _)| p == "chess").map(|(_, l)| l.clone()).collect()
+    };
+    let lines = why(&gc).join("\n");
+    assert!(
+        lines.contains("blk.0.attn_k.weight dense (column kernel 1.50× dense decode time at 50% active"),
+        "{lines}"
+    );
+    assert!(lines.contains("attn_q.weight#t (q4_1c [64, 64]; column kernel 0.50× dense"), "{lines}");
+    assert!(why(&ga).join("\n").contains("no kernel table"));
+    // The same function: both graphs in the interpreter, and the compiled selection against its own.
+    let mut ia = InterpreterBackend::new(ga.graph.clone(), &ga.weights, 64).unwrap();
+    let mut ic = InterpreterBackend::new(gc.graph.clone(), &gc.weights, 64).unwrap();
+    let (tokens, split) = (&[5u32, 9, 33, 2, 71, 40, 18, 90][..], 5);
+    let reference = steps(&mut ic, tokens, split);
+    let d = max_abs_diff(&steps(&mut ia, tokens, split), &reference);
+    assert!(d < 1e-4, "column vs dense K/V in the interpreter: {d}");
+    let art = tempfile::tempdir().unwrap();
+    let manifest = compile_build(&m, "test", &chosen, art.path()).unwrap();
+    let mut c = CompiledBackend::load(art.path(), 2, None).unwrap();
+    let d = max_abs_diff(&steps(&mut c, tokens, split), &reference);
+    assert!(d < 1e-4, "compiled selection vs interpreter: {d}");
+    let kernels = manifest.program.launches.iter().filter(|l| l.kernel.starts_with("kiln_active_linear_")).count();
+    assert_eq!(kernels, 2 * 2);
+}
+
 #[test]
 fn chess_options_are_checked() {
     let dir = tempfile::tempdir().unwrap();

@@ -437,7 +437,11 @@ fn budget_compile_through_the_cli() {
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
     let rec = manifest["records"].as_array().unwrap().iter().find(|r| r.get("quality_budget").is_some());
-    let q = &rec.expect("the budget's record")["quality_budget"];
+    let rec = rec.expect("the budget's record");
+    // Without --chess-mlp the MLP axis thresholds down's input (the form with the least perplexity
+    // per sparsity); the record names it so the choice can be rebuilt from flags.
+    assert_eq!(rec["chess_mlp"], "act", "{rec}");
+    let q = &rec["quality_budget"];
     let (ppl, limit, base) =
         (q["perplexity"].as_f64().unwrap(), q["limit"].as_f64().unwrap(), q["baseline_perplexity"].as_f64().unwrap());
     assert!(ppl <= limit && (limit - base * 1.2).abs() < 1e-9 * limit, "{q}");

@@ -122,7 +122,7 @@ impl ChessMlp {
 }
 
 /// The pass, configured with a target share of channels to drop per token, in `[0, 1)`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Chess {
     pub sparsity: f64,
     /// Keep the transposed weights in f32 (the dequantized weights exactly, 4 bytes each): the reference
@@ -143,6 +143,11 @@ pub struct Chess {
     /// With scope `all`: the attention projections' inputs at this sparsity instead of `sparsity`
     /// (which then applies to the MLP only), so a search can set the two separately.
     pub attn_sparsity: Option<f64>,
+    /// This machine's kernel table (`kiln bench --kernels`): a projection whose column-layout kernel
+    /// measured no faster than the dense one at its active share (1 − its sparsity) keeps the dense
+    /// linear of the thresholded input (the same values). `None`: every eligible projection goes
+    /// column-major.
+    pub kernels: Option<std::sync::Arc<crate::prune::KernelTable>>,
 }
 
 impl Chess {
@@ -158,6 +163,7 @@ impl Chess {
             mlp: None,
             per_layer: false,
             attn_sparsity: None,
+            kernels: None,
         })
     }
 
@@ -322,6 +328,36 @@ pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, Stri
     Ok(TensorData { dtype, shape: vec![k, n], bytes: bytes.into() })
 }
 
+/// Kernel selection for one projection whose transposed weight `wt` is column-major (`k = wt.shape[0]`
+/// inputs, `n = wt.shape[1]` outputs, row-major `src_dtype`) at input sparsity `sparsity`: whether the
+/// column kernel is used (`table`'s measured decode ratio below 1 at active share 1 − sparsity; no table
+/// or no measurement of the dtype: yes), and why, for `--explain` and the manifest.
+fn column_pays(
+    table: Option<&crate::prune::KernelTable>,
+    src_dtype: DType,
+    wt: &TensorData,
+    sparsity: f64,
+) -> (bool, String) {
+    let (k, n) = (wt.shape[0], wt.shape[1]);
+    let active = 1.0 - sparsity;
+    let Some(table) = table else { return (true, "no kernel table: column kernel".into()) };
+    let Some(c) = table.column_ratio(src_dtype, k, n, active) else {
+        return (true, format!("no {src_dtype} column measurement in the kernel table: column kernel"));
+    };
+    let near = if c.measured == (k, n) {
+        String::new()
+    } else {
+        format!(", nearest measured {}→{}", c.measured.0, c.measured.1)
+    };
+    let why = format!(
+        "column kernel {:.2}× dense decode time at {:.0}% active (faster up to {:.0}% active{near})",
+        c.ratio,
+        active * 100.0,
+        c.break_even * 100.0
+    );
+    (c.ratio < 1.0, why)
+}
+
 /// How the rebuild treats one node of the input graph.
 enum Action {
     /// The swiglu of MLP `i`: thresholded gate, masked up.
@@ -439,28 +475,42 @@ impl Pass for Chess {
             weights.insert(t_name.clone(), TensorData::from_f32(vec![t.len()], &t));
             let src =
                 weights.get(&m.down_w).ok_or_else(|| fail(format!("weight `{}` is not in the store", m.down_w)))?;
+            let src_dtype = src.dtype;
             let wt = transposed(src, self.exact).map_err(|e| fail(format!("{}: {e}", m.down_w)))?;
             let wt_name = format!("{}{wt_suffix}", m.down_w);
             let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
+            let (column, why) = if wt.dtype.is_column() && !src_dtype.is_gathered() {
+                column_pays(self.kernels.as_deref(), src_dtype, &wt, self.sparsity)
+            } else {
+                (true, String::new())
+            };
+            let down = if column {
+                let sep = if why.is_empty() { "" } else { "; " };
+                format!("{wt_name} ({} [{}, {}]{sep}{why})", wt.dtype, wt.shape[0], wt.shape[1])
+            } else {
+                format!("{} dense ({why})", m.down_w)
+            };
             let median = median(&t);
             cx.explain(
                 "chess",
                 format!(
                     "layer {}: {} gate channels thresholded at {t_desc} {:.0}% |silu(gate)| quantile (median t = {median:.4}); \
-                     up masked, down reads {wt_name} ({} [{}, {}])",
+                     up masked, down reads {down}",
                     m.layer,
                     t.len(),
                     self.sparsity * 100.0,
-                    wt.dtype,
-                    wt.shape[0],
-                    wt.shape[1]
                 ),
             );
             layer_records
                 .push(serde_json::json!({"layer": m.layer, "input": "ffn_gate_act", "median_threshold": median,
-                "down_t_dtype": wt.dtype.name()}));
-            weights.insert(wt_name.clone(), wt);
-            derived.push((t_name, wt_name, wt_ty));
+                "down_t_dtype": column.then(|| wt.dtype.name()), "down": down}));
+            let down_t = if column {
+                weights.insert(wt_name.clone(), wt);
+                Some((wt_name, wt_ty))
+            } else {
+                None
+            };
+            derived.push((t_name, down_t));
             actions.insert(m.swiglu, Action::Swiglu(i));
             actions.insert(m.down, Action::Down(i));
         }
@@ -493,12 +543,24 @@ impl Pass for Chess {
                 // The active-channel kernel writes whole blocks of 32 outputs; other widths keep the
                 // dense linear (of the thresholded input: the same values, no saving).
                 let wt = if n % 32 == 0 {
+                    let src_dtype = src.dtype;
                     let wt = transposed(src, self.exact).map_err(|e| fail(format!("{w}: {e}")))?;
                     let wt_name = format!("{w}{wt_suffix}");
                     let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
-                    projs.push(format!("{wt_name} ({} [{}, {}])", wt.dtype, wt.shape[0], wt.shape[1]));
-                    weights.insert(wt_name.clone(), wt);
-                    Some((wt_name, wt_ty))
+                    let (column, why) = if wt.dtype.is_column() && !src_dtype.is_gathered() {
+                        column_pays(self.kernels.as_deref(), src_dtype, &wt, sparsity)
+                    } else {
+                        (true, String::new())
+                    };
+                    if column {
+                        let sep = if why.is_empty() { "" } else { "; " };
+                        projs.push(format!("{wt_name} ({} [{}, {}]{sep}{why})", wt.dtype, wt.shape[0], wt.shape[1]));
+                        weights.insert(wt_name.clone(), wt);
+                        Some((wt_name, wt_ty))
+                    } else {
+                        projs.push(format!("{w} dense ({why})"));
+                        None
+                    }
                 } else {
                     projs.push(format!("{w} dense ({n} outputs, not a multiple of 32)"));
                     None
@@ -550,7 +612,7 @@ impl Pass for Chess {
             let new = match actions.get(&i) {
                 Some(&Action::Swiglu(mi)) => {
                     let m = &mlps[mi];
-                    let (t_name, _, _) = &derived[mi];
+                    let (t_name, _) = &derived[mi];
                     let width = g.ty(m.gate).shape.last().cloned().expect("rank ≥ 1");
                     let t = out.weight(t_name, TensorType::new(DType::F32, vec![width])).map_err(err)?;
                     let a = out.add(Op::Silu, &[map[m.gate.index()]]).map_err(err)?;
@@ -559,11 +621,18 @@ impl Pass for Chess {
                         out.add(Op::MaskedLinear, &[map[m.ffn_in.index()], map[m.up_w.index()], a]).map_err(err)?;
                     out.add(Op::Mul, &[a, up]).map_err(err)?
                 }
-                Some(Action::Down(mi)) => {
-                    let (_, wt_name, wt_ty) = &derived[*mi];
-                    let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
-                    out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
-                }
+                Some(Action::Down(mi)) => match &derived[*mi].1 {
+                    Some((wt_name, wt_ty)) => {
+                        let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
+                        out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
+                    }
+                    // The dense kernel measured faster: the same projection of the masked product.
+                    None => {
+                        let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
+                        out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
+                        ValueId(out.nodes.len() as u32 - 1)
+                    }
+                },
                 Some(Action::Proj { t, wt, low_rank }) => {
                     let x = map[n.inputs[0].index()];
                     let xs = match thresholded.get(t) {

@@ -72,10 +72,11 @@ pub struct BitmapMeasurement {
     pub ratio: f64,
 }
 
-/// One measured column-layout active-channel kernel (`active_linear` on `q4_0c`/`q4_1c`/`q8_0c`, CHESS's
-/// down projection) at decode (m = 1): its time over the dense kernel's on the row-major `dtype` weight
-/// `[n, k]` with a share `density` of the input channels active; below 1 it is faster. Informational
-/// (`docs/quality.md`): no pass reads it.
+/// One measured column-layout active-channel kernel (`active_linear` on `q4_0c`/`q4_1c`/`q8_0c`, the
+/// input-sparse projections of `chess`) at decode (m = 1), weights streamed from memory: its time over
+/// the dense kernel's on the row-major `dtype` weight `[n, k]` with a share `density` of the input
+/// channels active; below 1 it is faster. `chess` reads it ([`KernelTable::column_ratio`]) to keep a
+/// projection on the dense kernel where the column one would not pay.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ColumnMeasurement {
     pub dtype: DType,
@@ -84,6 +85,17 @@ pub struct ColumnMeasurement {
     pub m: usize,
     pub density: f64,
     pub ratio: f64,
+}
+
+/// What [`KernelTable::column_ratio`] found for one projection.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ColumnChoice {
+    /// Column kernel time over the dense kernel's at the asked density.
+    pub ratio: f64,
+    /// The largest measured active share at which the column kernel was faster (0: at none).
+    pub break_even: f64,
+    /// The measured shape used, `(k, n)`.
+    pub measured: (usize, usize),
 }
 
 /// The cached table `kiln bench --kernels` writes (`format` = `kiln-kernel-table`, version 1).
@@ -148,6 +160,37 @@ impl KernelTable {
             .min_by_key(|e| (e.k * e.n).abs_diff(k * n) + usize::from(e.k != k || e.n != n))?;
         let shape = if e.k == k && e.n == n { String::new() } else { format!(" (nearest measured {}→{})", e.k, e.n) };
         Some((e.ratio, format!("{}: {pattern} kernel {:.2}× dense time at m={m}{shape}", phase.name(), e.ratio)))
+    }
+
+    /// The column/dense decode time ratio for a `[n, k]` weight of `dtype` with a share `density` of its
+    /// input channels active: the exact shape's measurements (else the nearest measured `k·n` of that
+    /// dtype), linearly interpolated in density (clamped to the measured range); `None` without a
+    /// measurement of the dtype. Also the break-even: the largest measured density at which the column
+    /// kernel was faster, 0 if none.
+    pub fn column_ratio(&self, dtype: DType, k: usize, n: usize, density: f64) -> Option<ColumnChoice> {
+        let key = |e: &ColumnMeasurement| (e.k * e.n).abs_diff(k * n) + usize::from(e.k != k || e.n != n);
+        let near = self.column.iter().filter(|e| e.dtype == dtype && e.m == 1).min_by_key(|e| key(e))?;
+        let mut pts: Vec<(f64, f64)> = self
+            .column
+            .iter()
+            .filter(|e| e.dtype == dtype && e.m == 1 && e.k == near.k && e.n == near.n)
+            .map(|e| (e.density, e.ratio))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let ratio = match pts.iter().position(|p| p.0 >= density) {
+            None => pts.last()?.1,
+            Some(0) => pts[0].1,
+            Some(i) => {
+                let ((d0, r0), (d1, r1)) = (pts[i - 1], pts[i]);
+                if d1 > d0 {
+                    r0 + (r1 - r0) * (density - d0) / (d1 - d0)
+                } else {
+                    r1
+                }
+            }
+        };
+        let break_even = pts.iter().filter(|p| p.1 < 1.0).map(|p| p.0).fold(0.0, f64::max);
+        Some(ColumnChoice { ratio, break_even, measured: (near.k, near.n) })
     }
 
     /// The measured bitmap/dense time ratio for a `[n, k]` weight of `dtype`, granularity `gran`, kept
@@ -648,6 +691,28 @@ mod tests {
         t.entries[1].break_even = 0.3;
         assert!(t.choose(DType::Q4_1, 576, 1536, 0.5, Phase::Decode).0);
         assert!(!t.choose(DType::Q4_1, 576, 1536, 0.5, Phase::Prefill).0);
+    }
+
+    #[test]
+    fn column_ratio_interpolates_the_nearest_measured_shape() {
+        let col = |k, n, density, ratio| ColumnMeasurement { dtype: DType::Q4_1, k, n, m: 1, density, ratio };
+        let mut t = table(0.5);
+        t.column = vec![
+            col(576, 192, 1.0, 1.2),
+            col(576, 192, 0.5, 1.5),
+            col(1536, 576, 1.0, 1.0),
+            col(1536, 576, 0.5, 0.7),
+            col(1536, 576, 0.3, 0.6),
+        ];
+        let c = t.column_ratio(DType::Q4_1, 1536, 576, 0.4).unwrap();
+        assert!((c.ratio - 0.65).abs() < 1e-12 && c.break_even == 0.5 && c.measured == (1536, 576), "{c:?}");
+        // Clamped outside the measured densities; never faster on 576 → 192: break-even 0.
+        assert!((t.column_ratio(DType::Q4_1, 1536, 576, 0.1).unwrap().ratio - 0.6).abs() < 1e-12);
+        let kv = t.column_ratio(DType::Q4_1, 576, 192, 0.7).unwrap();
+        assert!((kv.ratio - 1.38).abs() < 1e-12 && kv.break_even == 0.0, "{kv:?}");
+        // An unmeasured shape takes the nearest k·n (576 → 256 is nearest 576 → 192); no dtype: none.
+        assert_eq!(t.column_ratio(DType::Q4_1, 576, 256, 0.7).unwrap().measured, (576, 192));
+        assert!(t.column_ratio(DType::Q8_0, 1536, 576, 0.5).is_none());
     }
 
     /// A table with one N:M (2:4) and one bitmap (unstructured, density 0.5) measurement of `dtype`
