@@ -350,7 +350,7 @@ fn column_pays(
         format!(", nearest measured {}→{}", c.measured.0, c.measured.1)
     };
     let why = format!(
-        "column kernel {:.2}× dense decode time at {:.0}% active (faster up to {:.0}% active{near})",
+        "column kernel {:.2}× dense decode time at {:.0}% active (faster at every measured share up to {:.0}%{near})",
         c.ratio,
         active * 100.0,
         c.break_even * 100.0

@@ -92,7 +92,8 @@ pub struct ColumnMeasurement {
 pub struct ColumnChoice {
     /// Column kernel time over the dense kernel's at the asked density.
     pub ratio: f64,
-    /// The largest measured active share at which the column kernel was faster (0: at none).
+    /// The highest measured active share up to which the column kernel was faster at every measured
+    /// share (0: at the lowest already not).
     pub break_even: f64,
     /// The measured shape used, `(k, n)`.
     pub measured: (usize, usize),
@@ -165,8 +166,8 @@ impl KernelTable {
     /// The column/dense decode time ratio for a `[n, k]` weight of `dtype` with a share `density` of its
     /// input channels active: the exact shape's measurements (else the nearest measured `k·n` of that
     /// dtype), linearly interpolated in density (clamped to the measured range); `None` without a
-    /// measurement of the dtype. Also the break-even: the largest measured density at which the column
-    /// kernel was faster, 0 if none.
+    /// measurement of the dtype. Also the break-even: the highest measured density up to which the
+    /// column kernel was faster at every measured density, 0 if none (as for block-sparse kernels).
     pub fn column_ratio(&self, dtype: DType, k: usize, n: usize, density: f64) -> Option<ColumnChoice> {
         let key = |e: &ColumnMeasurement| (e.k * e.n).abs_diff(k * n) + usize::from(e.k != k || e.n != n);
         let near = self.column.iter().filter(|e| e.dtype == dtype && e.m == 1).min_by_key(|e| key(e))?;
@@ -189,7 +190,7 @@ impl KernelTable {
                 }
             }
         };
-        let break_even = pts.iter().filter(|p| p.1 < 1.0).map(|p| p.0).fold(0.0, f64::max);
+        let break_even = pts.iter().take_while(|p| p.1 < 1.0).last().map_or(0.0, |p| p.0);
         Some(ColumnChoice { ratio, break_even, measured: (near.k, near.n) })
     }
 
@@ -703,6 +704,9 @@ mod tests {
             col(1536, 576, 1.0, 1.0),
             col(1536, 576, 0.5, 0.7),
             col(1536, 576, 0.3, 0.6),
+            col(576, 1536, 0.3, 0.6),
+            col(576, 1536, 0.7, 1.05),
+            col(576, 1536, 1.0, 0.9),
         ];
         let c = t.column_ratio(DType::Q4_1, 1536, 576, 0.4).unwrap();
         assert!((c.ratio - 0.65).abs() < 1e-12 && c.break_even == 0.5 && c.measured == (1536, 576), "{c:?}");
@@ -710,6 +714,8 @@ mod tests {
         assert!((t.column_ratio(DType::Q4_1, 1536, 576, 0.1).unwrap().ratio - 0.6).abs() < 1e-12);
         let kv = t.column_ratio(DType::Q4_1, 576, 192, 0.7).unwrap();
         assert!((kv.ratio - 1.38).abs() < 1e-12 && kv.break_even == 0.0, "{kv:?}");
+        // The break-even stops at the first share where the column kernel lost, however later ones went.
+        assert_eq!(t.column_ratio(DType::Q4_1, 576, 1536, 0.9).unwrap().break_even, 0.3);
         // An unmeasured shape takes the nearest k·n (576 → 256 is nearest 576 → 192); no dtype: none.
         assert_eq!(t.column_ratio(DType::Q4_1, 576, 256, 0.7).unwrap().measured, (576, 192));
         assert!(t.column_ratio(DType::Q8_0, 1536, 576, 0.5).is_none());
