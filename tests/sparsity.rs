@@ -407,7 +407,7 @@ fn chess_keeps_projections_whose_column_kernel_does_not_pay_dense() {
     let calib_tokens: Vec<u32> = (0..60u32).map(|i| (i * 37 + 11) % 96).collect();
     let cal = calibrate(&m, &mut ib, &calib_tokens, 20);
     let col =
-        |n, ratio| [0.2, 1.0].map(|density| ColumnMeasurement { dtype: DType::Q4_1, k: 64, n, m: 1, density, ratio });
+        |k, n, ratio| [0.2, 1.0].map(|density| ColumnMeasurement { dtype: DType::Q4_1, k, n, m: 1, density, ratio });
     let table = KernelTable {
         format: KERNEL_TABLE_FORMAT.into(),
         version: 1,
@@ -415,14 +415,16 @@ fn chess_keeps_projections_whose_column_kernel_does_not_pay_dense() {
         entries: vec![],
         nm: vec![],
         bitmap: vec![],
-        column: [col(32, 1.5), col(64, 0.5)].concat(),
+        // K/V 64 → 32 and the down projection 96 → 64 lose; Q and O 64 → 64 win.
+        column: [col(64, 32, 1.5), col(64, 64, 0.5), col(96, 64, 1.5)].concat(),
     };
     let build = |kernels: Option<Arc<KernelTable>>| Build {
         chess_scope: ChessScope::Attn,
         chess_kernels: kernels,
         ..chess_build(&cal, 0.5)
     };
-    let (all_col, chosen) = (build(None), build(Some(Arc::new(table))));
+    let table = Arc::new(table);
+    let (all_col, chosen) = (build(None), build(Some(table.clone())));
     let (ga, gc) = (build_graph(&m, &all_col).unwrap(), build_graph(&m, &chosen).unwrap());
     let active = |g: &Graph| g.nodes.iter().filter(|n| n.op == Op::ActiveLinear).count();
     assert_eq!(active(&ga.graph), 4 * 2, "Q/K/V/O per block without a table");
@@ -455,6 +457,26 @@ fn chess_keeps_projections_whose_column_kernel_does_not_pay_dense() {
     assert!(d < 1e-4, "compiled selection vs interpreter: {d}");
     let kernels = manifest.program.launches.iter().filter(|l| l.kernel.starts_with("kiln_active_linear_")).count();
     assert_eq!(kernels, 2 * 2);
+
+    // CHESS's gate form: the down projection (96 → 64, measured 1.5× dense) keeps its dense linear of
+    // the masked product the same way, beside the masked up; compiled = interpreter.
+    let gate = Build { chess_kernels: Some(table), ..chess_build(&cal, 0.5) };
+    let gg = build_graph(&m, &gate).unwrap();
+    assert_eq!(active(&gg.graph), 0);
+    assert_eq!(gg.graph.nodes.iter().filter(|n| n.op == Op::MaskedLinear).count(), 2);
+    let lines = why(&gg).join("\n");
+    assert!(lines.contains("down reads blk.0.ffn_down.weight dense (column kernel 1.50×"), "{lines}");
+    let mut ig = InterpreterBackend::new(gg.graph.clone(), &gg.weights, 64).unwrap();
+    let reference = steps(&mut ig, tokens, split);
+    let art = tempfile::tempdir().unwrap();
+    compile_build(&m, "test", &gate, art.path()).unwrap();
+    let mut c = CompiledBackend::load(art.path(), 1, None).unwrap();
+    let d = max_abs_diff(&steps(&mut c, tokens, split), &reference);
+    assert!(d < 1e-4, "gate form, dense down: compiled vs interpreter {d}");
+    let gc_all = build_graph(&m, &chess_build(&cal, 0.5)).unwrap();
+    let mut ia = InterpreterBackend::new(gc_all.graph.clone(), &gc_all.weights, 64).unwrap();
+    let d = max_abs_diff(&steps(&mut ia, tokens, split), &reference);
+    assert!(d < 1e-4, "gate form: column vs dense down in the interpreter {d}");
 }
 
 #[test]

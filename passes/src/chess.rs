@@ -37,7 +37,7 @@ use crate::blocks::find_blocks;
 use crate::calibration::Activation;
 use crate::{Pass, PassCx, PassError};
 use kiln_ir::sparse::SPARSE_DTYPES;
-use kiln_ir::{DType, Dim, Graph, Node, Op, TensorData, TensorType, ValueId};
+use kiln_ir::{DType, Dim, Graph, Op, TensorData, TensorType, ValueId};
 use std::collections::HashMap;
 
 /// Which projections' inputs the pass thresholds.
@@ -627,11 +627,7 @@ impl Pass for Chess {
                         out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
                     }
                     // The dense kernel measured faster: the same projection of the masked product.
-                    None => {
-                        let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                        out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                        ValueId(out.nodes.len() as u32 - 1)
-                    }
+                    None => crate::prune::copy_node(&mut out, &map, n),
                 },
                 Some(Action::Proj { t, wt, low_rank }) => {
                     let x = map[n.inputs[0].index()];
@@ -674,11 +670,7 @@ impl Pass for Chess {
                         None => y,
                     }
                 }
-                None => {
-                    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                    out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                    ValueId(out.nodes.len() as u32 - 1)
-                }
+                None => crate::prune::copy_node(&mut out, &map, n),
             };
             map.push(new);
         }

@@ -24,7 +24,7 @@
 use crate::blocks::find_blocks;
 use crate::chess::{find_mlps, transposed, weight_name, weight_of_gate};
 use crate::{Pass, PassCx, PassError};
-use kiln_ir::{DType, Dim, Graph, Node, Op, TensorType, ValueId};
+use kiln_ir::{DType, Dim, Graph, Op, TensorType, ValueId};
 use std::collections::HashMap;
 
 /// The pass, configured.
@@ -207,11 +207,7 @@ impl Pass for CoreInfer {
                     let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
                     out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
                 }
-                None => {
-                    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-                    out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-                    ValueId(out.nodes.len() as u32 - 1)
-                }
+                None => crate::prune::copy_node(&mut out, &map, n),
             };
             map.push(new);
         }

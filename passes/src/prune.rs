@@ -260,8 +260,8 @@ pub struct Prune {
     pub bitmap: Option<usize>,
 }
 
-/// `n` copied into `out` with its inputs mapped.
-fn copy_node(out: &mut Graph, map: &[ValueId], n: &Node) -> ValueId {
+/// `n` copied into `out` with its inputs mapped (the rebuild loops of the rewriting passes).
+pub(crate) fn copy_node(out: &mut Graph, map: &[ValueId], n: &Node) -> ValueId {
     let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
     out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
     ValueId(out.nodes.len() as u32 - 1)
