@@ -234,8 +234,7 @@ pub struct JointChoice {
 /// estimate, a noise margin for a measured time), looking further up the axis past levels that save
 /// less; a level over the budget closes its axis (perplexity grows along an axis in practice), while an
 /// axis whose levels all fit but save too little is tried again from the next point; the step saving
-/// the most cost per unit of perplexity added is taken. It stops when
-/// no axis is open. Each technique is also walked alone (its best single configuration); where one is
+/// the most cost per unit of perplexity added is taken. It stops when a round takes no step. Each technique is also walked alone (its best single configuration); where one is
 /// cheaper than the walk's end, the walk is repeated from it, and the cheapest end is the choice — so
 /// the choice is never costlier than the best single technique.
 pub fn search_joint(
@@ -364,7 +363,7 @@ fn walk(
                 }
             }
             let Some(c) = step else {
-                open[a] = fits && cur_i[a] + 1 < axes.len(a);
+                open[a] = fits;
                 continue;
             };
             let score = (cur.cost - c.cost) / (c.perplexity - cur.perplexity).max(1e-9 * base_ppl);

@@ -328,34 +328,49 @@ pub(crate) fn transposed(t: &TensorData, exact: bool) -> Result<TensorData, Stri
     Ok(TensorData { dtype, shape: vec![k, n], bytes: bytes.into() })
 }
 
-/// Kernel selection for one projection whose transposed weight `wt` is column-major (`k = wt.shape[0]`
-/// inputs, `n = wt.shape[1]` outputs, row-major `src_dtype`) at input sparsity `sparsity`: whether the
-/// column kernel is used (`table`'s measured decode ratio below 1 at active share 1 − sparsity; no table
-/// or no measurement of the dtype: yes), and why, for `--explain` and the manifest.
-fn column_pays(
+/// Kernel selection for one projection of weight `w` (row-major `src_dtype`) at input sparsity
+/// `sparsity`, whose transposed weight is `wt` (`k = wt.shape[0]` inputs, `n = wt.shape[1]` outputs),
+/// to be named `wt_name`: whether the active-channel kernel on `wt` is used, and the projection's
+/// description for `--explain` and the manifest. A column-major `wt` (not a gathered one, which has no
+/// dense form) is used where `table`'s measured decode ratio is below 1 at active share 1 − sparsity,
+/// or without a table or a measurement of the dtype; other transposed weights always.
+fn choose_layout(
     table: Option<&crate::prune::KernelTable>,
+    w: &str,
     src_dtype: DType,
     wt: &TensorData,
+    wt_name: &str,
     sparsity: f64,
 ) -> (bool, String) {
     let (k, n) = (wt.shape[0], wt.shape[1]);
     let active = 1.0 - sparsity;
-    let Some(table) = table else { return (true, "no kernel table: column kernel".into()) };
-    let Some(c) = table.column_ratio(src_dtype, k, n, active) else {
-        return (true, format!("no {src_dtype} column measurement in the kernel table: column kernel"));
+    let (column, why) = match table {
+        _ if !wt.dtype.is_column() || src_dtype.is_gathered() => (true, None),
+        None => (true, Some("no kernel table: column kernel".to_string())),
+        Some(table) => match table.column_ratio(src_dtype, k, n, active) {
+            None => (true, Some(format!("no {src_dtype} column measurement in the kernel table: column kernel"))),
+            Some(c) => {
+                let near = if c.measured == (k, n) {
+                    String::new()
+                } else {
+                    format!(", nearest measured {}→{}", c.measured.0, c.measured.1)
+                };
+                let why = format!(
+                    "column kernel {:.2}× dense decode time at {:.0}% active (faster at every measured share up to {:.0}%{near})",
+                    c.ratio,
+                    active * 100.0,
+                    c.break_even * 100.0
+                );
+                (c.ratio < 1.0, Some(why))
+            }
+        },
     };
-    let near = if c.measured == (k, n) {
-        String::new()
-    } else {
-        format!(", nearest measured {}→{}", c.measured.0, c.measured.1)
+    let desc = match (column, why) {
+        (true, None) => format!("{wt_name} ({} [{k}, {n}])", wt.dtype),
+        (true, Some(why)) => format!("{wt_name} ({} [{k}, {n}]; {why})", wt.dtype),
+        (false, why) => format!("{w} dense ({})", why.unwrap_or_default()),
     };
-    let why = format!(
-        "column kernel {:.2}× dense decode time at {:.0}% active (faster at every measured share up to {:.0}%{near})",
-        c.ratio,
-        active * 100.0,
-        c.break_even * 100.0
-    );
-    (c.ratio < 1.0, why)
+    (column, desc)
 }
 
 /// How the rebuild treats one node of the input graph.
@@ -479,17 +494,8 @@ impl Pass for Chess {
             let wt = transposed(src, self.exact).map_err(|e| fail(format!("{}: {e}", m.down_w)))?;
             let wt_name = format!("{}{wt_suffix}", m.down_w);
             let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
-            let (column, why) = if wt.dtype.is_column() && !src_dtype.is_gathered() {
-                column_pays(self.kernels.as_deref(), src_dtype, &wt, self.sparsity)
-            } else {
-                (true, String::new())
-            };
-            let down = if column {
-                let sep = if why.is_empty() { "" } else { "; " };
-                format!("{wt_name} ({} [{}, {}]{sep}{why})", wt.dtype, wt.shape[0], wt.shape[1])
-            } else {
-                format!("{} dense ({why})", m.down_w)
-            };
+            let (column, down) =
+                choose_layout(self.kernels.as_deref(), &m.down_w, src_dtype, &wt, &wt_name, self.sparsity);
             let median = median(&t);
             cx.explain(
                 "chess",
@@ -547,18 +553,12 @@ impl Pass for Chess {
                     let wt = transposed(src, self.exact).map_err(|e| fail(format!("{w}: {e}")))?;
                     let wt_name = format!("{w}{wt_suffix}");
                     let wt_ty = TensorType::new(wt.dtype, wt.shape.iter().map(|&d| Dim::from(d)).collect());
-                    let (column, why) = if wt.dtype.is_column() && !src_dtype.is_gathered() {
-                        column_pays(self.kernels.as_deref(), src_dtype, &wt, sparsity)
-                    } else {
-                        (true, String::new())
-                    };
+                    let (column, desc) = choose_layout(self.kernels.as_deref(), w, src_dtype, &wt, &wt_name, sparsity);
+                    projs.push(desc);
                     if column {
-                        let sep = if why.is_empty() { "" } else { "; " };
-                        projs.push(format!("{wt_name} ({} [{}, {}]{sep}{why})", wt.dtype, wt.shape[0], wt.shape[1]));
                         weights.insert(wt_name.clone(), wt);
                         Some((wt_name, wt_ty))
                     } else {
-                        projs.push(format!("{w} dense ({why})"));
                         None
                     }
                 } else {
@@ -627,7 +627,7 @@ impl Pass for Chess {
                         out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
                     }
                     // The dense kernel measured faster: the same projection of the masked product.
-                    None => crate::prune::copy_node(&mut out, &map, n),
+                    None => crate::copy_node(&mut out, &map, n),
                 },
                 Some(Action::Proj { t, wt, low_rank }) => {
                     let x = map[n.inputs[0].index()];
@@ -670,7 +670,7 @@ impl Pass for Chess {
                         None => y,
                     }
                 }
-                None => crate::prune::copy_node(&mut out, &map, n),
+                None => crate::copy_node(&mut out, &map, n),
             };
             map.push(new);
         }

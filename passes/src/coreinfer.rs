@@ -207,7 +207,7 @@ impl Pass for CoreInfer {
                     let wt = out.weight(wt_name, wt_ty.clone()).map_err(err)?;
                     out.add(Op::ActiveLinear, &[map[n.inputs[0].index()], wt]).map_err(err)?
                 }
-                None => crate::prune::copy_node(&mut out, &map, n),
+                None => crate::copy_node(&mut out, &map, n),
             };
             map.push(new);
         }

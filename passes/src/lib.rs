@@ -192,6 +192,14 @@ pub(crate) fn rebuild(g: &Graph, keep: &[bool], remap: &[usize]) -> Graph {
     out
 }
 
+/// `n` copied into `out` with its inputs mapped through `map` (old value → new value): the rebuild
+/// loops of the passes that rewrite some nodes and keep the rest.
+pub(crate) fn copy_node(out: &mut Graph, map: &[kiln_ir::ValueId], n: &kiln_ir::Node) -> kiln_ir::ValueId {
+    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
+    out.nodes.push(kiln_ir::Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
+    kiln_ir::ValueId(out.nodes.len() as u32 - 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -260,13 +260,6 @@ pub struct Prune {
     pub bitmap: Option<usize>,
 }
 
-/// `n` copied into `out` with its inputs mapped (the rebuild loops of the rewriting passes).
-pub(crate) fn copy_node(out: &mut Graph, map: &[ValueId], n: &Node) -> ValueId {
-    let inputs = n.inputs.iter().map(|v| map[v.index()]).collect();
-    out.nodes.push(Node { op: n.op.clone(), inputs, ty: n.ty.clone() });
-    ValueId(out.nodes.len() as u32 - 1)
-}
-
 /// A `linear` of a decoder block's weight: (weight name, layer, role suffix such as `ffn_down.weight`).
 fn block_linear<'g>(g: &'g Graph, n: &Node) -> Option<(String, usize, &'g str)> {
     match (&n.op, n.inputs.get(1).map(|w| &g.node(*w).op)) {
@@ -317,7 +310,7 @@ impl Pass for Prune {
         let mut records = Vec::new();
         let err = |e: kiln_ir::GraphError| fail(e.to_string());
         for n in &g.nodes {
-            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let copy = |out: &mut Graph, map: &[ValueId]| crate::copy_node(out, map, n);
             let Some((name, layer, suffix)) = block_linear(g, n) else {
                 map.push(copy(&mut out, &map));
                 continue;
@@ -433,7 +426,7 @@ impl Prune {
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
         let mut records = Vec::new();
         for n in &g.nodes {
-            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let copy = |out: &mut Graph, map: &[ValueId]| crate::copy_node(out, map, n);
             let Some((name, layer, suffix)) = block_linear(g, n) else {
                 map.push(copy(&mut out, &map));
                 continue;
@@ -499,7 +492,7 @@ impl Prune {
         let mut map: Vec<ValueId> = Vec::with_capacity(g.nodes.len());
         let mut records = Vec::new();
         for n in &g.nodes {
-            let copy = |out: &mut Graph, map: &[ValueId]| copy_node(out, map, n);
+            let copy = |out: &mut Graph, map: &[ValueId]| crate::copy_node(out, map, n);
             let Some((name, layer, suffix)) = block_linear(g, n) else {
                 map.push(copy(&mut out, &map));
                 continue;

@@ -3,7 +3,7 @@
 use super::emit::{Emitter, R};
 use inkwell::context::Context;
 use inkwell::module::Module;
-use inkwell::values::{BasicValue, FunctionValue, IntValue, PointerValue};
+use inkwell::values::{FunctionValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
 
 /// `symbol(bufs=[x, w0, y0, …, w{g-1}, y{g-1}], dims=[m, n0, …, n{g-1}], begin, end)`: rows `begin..end`
@@ -177,22 +177,6 @@ pub fn wrap_active_linear<'ctx>(
     e.finish()
 }
 
-/// The i64 integer intrinsic `name` (e.g. `llvm.ctpop`) on `args`.
-fn int_intrinsic<'ctx>(
-    e: &Emitter<'_, 'ctx>,
-    name: &str,
-    args: &[inkwell::values::BasicMetadataValueEnum<'ctx>],
-) -> R<IntValue<'ctx>> {
-    let decl = inkwell::intrinsics::Intrinsic::find(name)
-        .and_then(|i| i.get_declaration(e.module, &[e.i64t().into()]))
-        .ok_or_else(|| crate::CodegenError::Llvm(format!("no intrinsic {name}")))?;
-    Ok(e.b.build_call(decl, args, "call")?.try_as_basic_value().unwrap_basic().into_int_value())
-}
-
-fn llvm_err(e: impl std::fmt::Display) -> crate::CodegenError {
-    crate::CodegenError::Llvm(e.to_string())
-}
-
 /// `symbol(bufs=[x, wt, y], dims=[m], begin, end)`: `active_linear(x, wt)` on a column-major weight
 /// (`kiln_ir::column`) for output groups `begin..end` (32 outputs each). The rows go in groups of
 /// `group` (the prefill kernel `prefill`; a lone row, as at decode, goes to `decode`): per group, the
@@ -230,7 +214,6 @@ pub fn wrap_active_linear_col<'ctx>(
         )
     };
     let (count, nb, any) = (e.var_i64(0)?, e.var_i64(0)?, e.var_i64(0)?);
-    let v32f = e.f32t().vec_type(32);
     let (kc, nc, blk32, gc) = (e.i64c(k as i64), e.i64c(n as i64), e.i64c(32), e.i64c(group as i64));
     let (cb, ce) = (e.mul(e.begin, blk32)?, e.mul(e.end, blk32)?);
     let groups = e.div(e.add(m, e.i64c(group as i64 - 1))?, gc)?;
@@ -251,21 +234,18 @@ pub fn wrap_active_linear_col<'ctx>(
             // Bit t of `any`: channel 32·b + t is non-zero in some row (one vector compare per row).
             e.set_i64(any, e.i64c(0))?;
             e.for_range(e.i64c(0), rows, |r| {
-                let at = e.gep(e.f32t().into(), xi, e.add(e.mul(r, kc)?, e.mul(b, blk32)?)?)?;
-                let v = e.b.build_load(v32f, at, "xv")?;
-                v.as_instruction_value().expect("a load").set_alignment(4).map_err(llvm_err)?;
-                let nz =
-                    e.b.build_float_compare(FloatPredicate::UNE, v.into_vector_value(), v32f.const_zero(), "nz")?;
+                let v = e.load_vec(xi, e.add(e.mul(r, kc)?, e.mul(b, blk32)?)?, 32)?;
+                let nz = e.b.build_float_compare(FloatPredicate::UNE, v, v.get_type().const_zero(), "nz")?;
                 let bits = e.b.build_bit_cast(nz, i32t, "bits")?.into_int_value();
                 let acc = e.get_i64(any)?;
                 e.set_i64(any, e.b.build_or(acc, e.b.build_int_z_extend(bits, i64t, "b64")?, "any")?)
             })?;
             // List the set bits, lowest first (the kernel wants channels increasing).
             let mask = e.get_i64(any)?;
-            let set = int_intrinsic(&e, "llvm.ctpop", &[mask.into()])?;
+            let set = e.intrinsic_i64("llvm.ctpop", &[mask.into()])?;
             e.for_range(e.i64c(0), set, |_| {
                 let (c, mk) = (e.get_i64(count)?, e.get_i64(any)?);
-                let t = int_intrinsic(&e, "llvm.cttz", &[mk.into(), ctx.bool_type().const_int(1, false).into()])?;
+                let t = e.intrinsic_i64("llvm.cttz", &[mk.into(), ctx.bool_type().const_int(1, false).into()])?;
                 st32(idx, c, e.add(e.mul(b, blk32)?, t)?)?;
                 e.set_i64(count, e.add(c, e.i64c(1))?)?;
                 e.set_i64(any, e.b.build_and(mk, e.b.build_int_sub(mk, e.i64c(1), "low")?, "rest")?)

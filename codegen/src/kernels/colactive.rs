@@ -55,8 +55,8 @@ pub const PREFILL_GROUP: usize = 4;
 const CHANNEL_BLOCK: usize = 4;
 
 /// How far ahead in the list of active channels to prefetch their codes, in listed channels. Measured
-/// with weights streamed from memory (`bench_column_active_streamed`, 2-core EPYC): 8–16 are best on
-/// SmolLM2's shapes; 16 KiB of codes ahead (57 channels of a 576-output row, 171 of a 192-output one)
+/// with weights streamed from memory (`kernels::measure::measure_column_active`, 2-core EPYC): 8–16 are
+/// best on SmolLM2's shapes; 16 KiB of codes ahead (57 channels of a 576-output row, 171 of a 192-output one)
 /// left a small matrix's first rows unprefetched and made 576 → 192 1.3–1.7× dense time.
 const PREFETCH_AHEAD: usize = 16;
 
@@ -212,21 +212,18 @@ pub fn emit_col_active<'ctx>(
         let v = kb.load(kb.i32t.into(), kb.gep(kb.i32t.into(), base, at)?, 4)?.into_int_value();
         Ok(b.build_int_z_extend(v, kb.i64t, "u")?)
     };
-    // Weights are prefetched `ahead` listed channels in front of the one being read: the hardware prefetchers follow the sequence of rows, not which rows are listed,
-    // so without this the kernel streams skipped rows too and its time hardly falls with sparsity.
-    let ahead = PREFETCH_AHEAD;
+    // Weights are prefetched PREFETCH_AHEAD listed channels in front of the one being read: the
+    // hardware prefetchers follow the sequence of rows, not which rows are listed, so without this the
+    // kernel streams skipped rows too and its time hardly falls with sparsity.
     let last_listed = b.build_int_nsw_sub(ld_u32(bptr, nb)?, kb.i64c(1), "lastp")?;
-    // Within a channel's code row: the bytes of columns col_begin..col_end.
+    // Within a channel's code row: the offset of output column `c` (a multiple of 32), and the bytes of
+    // columns col_begin..col_end.
     let to_bytes = |c: IntValue<'ctx>| -> R<IntValue<'ctx>> {
-        Ok(b.build_int_nsw_mul(b.build_int_signed_div(c, kb.i64c(32), "g")?, kb.i64c(group_bytes), "gb")?)
+        Ok(b.build_int_nsw_mul(b.build_int_signed_div(c, kb.i64c(32), "grp")?, kb.i64c(group_bytes), "coff")?)
     };
     let span_off = to_bytes(cb)?;
     let span_len = b.build_int_nsw_sub(to_bytes(ce)?, span_off, "span")?;
-    let span_last = {
-        let sl = b.build_int_nsw_sub(span_len, kb.i64c(1), "sl")?;
-        let neg = b.build_int_compare(inkwell::IntPredicate::SLT, sl, kb.i64c(0), "neg")?;
-        b.build_select(neg, kb.i64c(0), sl, "slast")?.into_int_value()
-    };
+    let span_last = kb.imax(b.build_int_nsw_sub(span_len, kb.i64c(1), "sl")?, kb.i64c(0))?;
     kb.for_loop(kb.i64c(0), nb, kb.i64c(1), "ablk", |q| {
         over_cols(&|c0| {
             for gi in 0..g {
@@ -251,10 +248,10 @@ pub fn emit_col_active<'ctx>(
             let mut rows_of = Vec::with_capacity(pis.len());
             let mut xs_of: Vec<XS<'ctx>> = Vec::with_capacity(pis.len());
             for &pi in pis {
-                // The codes this call reads of the channel `ahead` places later in the list (the last
-                // one near the end): its columns col_begin..col_end, every cache line of them (a
+                // The codes this call reads of the channel PREFETCH_AHEAD places later in the list (the
+                // last one near the end): its columns col_begin..col_end, every cache line of them (a
                 // thread's share only, so threads do not fetch each other's columns).
-                let later = kb.imin(b.build_int_nsw_add(pi, kb.i64c(ahead as i64), "later")?, last_listed)?;
+                let later = kb.imin(b.build_int_nsw_add(pi, kb.i64c(PREFETCH_AHEAD as i64), "later")?, last_listed)?;
                 let later_row = b.build_int_nsw_mul(ld_u32(idx, later)?, kb.i64c(crow), "lrow")?;
                 let base = kb.gep(kb.i8t.into(), wt, b.build_int_nsw_add(later_row, span_off, "lcol")?)?;
                 kb.for_loop(kb.i64c(0), span_len, kb.i64c(64), "pf", |off| {
@@ -273,8 +270,7 @@ pub fn emit_col_active<'ctx>(
                 );
             }
             over_cols(&|c0| {
-                let off =
-                    b.build_int_nsw_mul(b.build_int_signed_div(c0, kb.i64c(32), "grp")?, kb.i64c(group_bytes), "coff")?;
+                let off = to_bytes(c0)?;
                 let qvs: Vec<[VectorValue<'ctx>; 4]> = rows_of
                     .iter()
                     .map(|&row| codes(kb, dtype, kb.gep(kb.i8t.into(), wt, b.build_int_nsw_add(row, off, "at")?)?))
@@ -861,59 +857,6 @@ mod bench {
                     tq / td,
                     tc / td
                 );
-            }
-        }
-    }
-
-    /// Decode (m = 1) of the column kernel against the dense Q4_1 linear on SmolLM2's shapes — down
-    /// (1536 → 576), Q/O (576 → 576), K/V (576 → 192) — with weights streamed from memory as in a real
-    /// decode: each call reads the next of enough copies to fill 64 MiB (a warm-cache loop flatters the
-    /// column kernel, whose skipped rows the hardware prefetchers would otherwise fetch anyway).
-    #[test]
-    #[ignore = "benchmark; run with -- --ignored --nocapture"]
-    fn bench_column_active_streamed() {
-        let base = DType::Q4_1;
-        println!("{:>5} {:>4} {:>6} | {:>8} {:>8} | {:>6}", "k", "n", "active", "dense µs", "col µs", "col/d");
-        for (k, n) in [(1536usize, 576usize), (576, 576), (576, 192)] {
-            let ctx = Context::create();
-            let module = llvm::create_module(&ctx, "col_stream");
-            let (dspec, cspec) = (LinearKernelSpec::new(base, k), ColActiveKernelSpec::new(DType::Q4_1C, n, 1));
-            emit_linear(&ctx, &module, &dspec).unwrap();
-            emit_col_active(&ctx, &module, &cspec).unwrap();
-            llvm::optimize(&module, &llvm::host_target_machine().unwrap()).unwrap();
-            let ee = module.create_jit_execution_engine(OptimizationLevel::Aggressive).unwrap();
-            let addr = |s: &str| ee.get_function_address(s).unwrap();
-            // SAFETY: generated with exactly these signatures.
-            let (dense, col) = unsafe {
-                (
-                    std::mem::transmute::<usize, LinearKernelFn>(addr(&dspec.symbol())),
-                    std::mem::transmute::<usize, ColActiveKernelFn>(addr(&cspec.symbol())),
-                )
-            };
-            let mut rng = StdRng::seed_from_u64(5);
-            let w = random_weights(&mut rng, base, n, k);
-            let (_, wc) = kiln_ir::column::from_rows(base, n, k, &w).unwrap();
-            let copies = (64usize << 20).div_ceil(w.len());
-            let ws: Vec<Vec<u8>> = (0..copies).map(|_| w.clone()).collect();
-            let wcs: Vec<Vec<u8>> = (0..copies).map(|_| wc.clone()).collect();
-            for frac in [0.3, 0.5, 0.7, 1.0] {
-                let idx: Vec<u32> = (0..k as u32).filter(|_| rng.random_bool(frac)).collect();
-                let mut x = vec![0f32; k];
-                for &j in &idx {
-                    x[j as usize] = rng.random_range(-1.0f32..1.0);
-                }
-                let mut y = vec![0f32; n];
-                let mut i = 0;
-                let td = time_per_call(|| {
-                    i = (i + 1) % copies;
-                    // SAFETY: sizes as the kernel expects (one row).
-                    unsafe { dense(ws[i].as_ptr(), x.as_ptr(), y.as_mut_ptr(), 1, n as i64, 0, n as i64) }
-                });
-                let tc = time_per_call(|| {
-                    i = (i + 1) % copies;
-                    run_col_active(col, &cspec, &wcs[i], k, &idx, &x, &mut y, 1, 0..n).unwrap();
-                });
-                println!("{k:>5} {n:>4} {frac:>6.2} | {:>8.1} {:>8.1} | {:>6.2}", td * 1e6, tc * 1e6, tc / td);
             }
         }
     }

@@ -292,6 +292,17 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
         Ok(v.try_as_basic_value().basic().unwrap().into_float_value())
     }
 
+    /// Calls an i64 LLVM intrinsic such as `llvm.ctpop` or `llvm.cttz` (`args` after the i64 operand:
+    /// the intrinsic's own flags).
+    pub fn intrinsic_i64(&self, name: &str, args: &[BasicMetadataValueEnum<'ctx>]) -> R<IntValue<'ctx>> {
+        let intr = Intrinsic::find(name).ok_or_else(|| CodegenError::Llvm(format!("no intrinsic {name}")))?;
+        let decl = intr
+            .get_declaration(self.module, &[self.i64t().into()])
+            .ok_or_else(|| CodegenError::Llvm(format!("cannot declare {name}.i64")))?;
+        let v = self.b.build_call(decl, args, "call")?;
+        Ok(v.try_as_basic_value().basic().unwrap().into_int_value())
+    }
+
     pub fn exp(&self, x: FloatValue<'ctx>) -> R<FloatValue<'ctx>> {
         self.intrinsic_f32("llvm.exp", &[x])
     }
@@ -316,9 +327,19 @@ impl<'a, 'ctx> Emitter<'a, 'ctx> {
 
     /// `<8 x float>` at `base[idx..idx + 8]` (4-byte aligned).
     pub fn load_v8(&self, base: PointerValue<'ctx>, idx: IntValue<'ctx>) -> R<inkwell::values::VectorValue<'ctx>> {
+        self.load_vec(base, idx, 8)
+    }
+
+    /// `<lanes x float>` at `base[idx..idx + lanes]` (4-byte aligned).
+    pub fn load_vec(
+        &self,
+        base: PointerValue<'ctx>,
+        idx: IntValue<'ctx>,
+        lanes: u32,
+    ) -> R<inkwell::values::VectorValue<'ctx>> {
         use inkwell::values::BasicValue;
         let p = self.gep(self.f32t().into(), base, idx)?;
-        let v = self.b.build_load(self.f32t().vec_type(8), p, "v8")?;
+        let v = self.b.build_load(self.f32t().vec_type(lanes), p, "vec")?;
         v.as_instruction_value().unwrap().set_alignment(4).map_err(|e| CodegenError::Llvm(format!("{e:?}")))?;
         Ok(v.into_vector_value())
     }

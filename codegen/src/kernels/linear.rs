@@ -1229,6 +1229,11 @@ impl<'a, 'ctx> Kb<'a, 'ctx> {
         Ok(self.b.build_select(lt, a, b, "min")?.into_int_value())
     }
 
+    pub(crate) fn imax(&self, a: IntValue<'ctx>, b: IntValue<'ctx>) -> R<IntValue<'ctx>> {
+        let gt = self.b.build_int_compare(IntPredicate::SGT, a, b, "gt")?;
+        Ok(self.b.build_select(gt, a, b, "max")?.into_int_value())
+    }
+
     /// `for (i = start; i < end; i += step) body(i)`, leaving the builder after the loop.
     pub(crate) fn for_loop(
         &self,
