@@ -13,6 +13,7 @@ mod fuzz;
 mod golden;
 mod import_roundtrip;
 mod ir_text;
+mod layout;
 mod lift;
 mod ops;
 mod quality;

@@ -151,7 +151,7 @@ pub fn head_pattern(h: &HeadView, p: &FlexParams, scale: f64) -> HeadPattern {
         let pos = past + i;
         let qi = h.q(i);
         for (j, s) in scores[..=pos].iter_mut().enumerate() {
-            *s = crate::interp::dot(qi, (h.k)(j)) * scale;
+            *s = crate::numeric::dot(qi, (h.k)(j)) * scale;
         }
         softmax(&mut scores[..=pos]);
         for (j, &a) in scores[..=pos].iter().enumerate() {
@@ -246,7 +246,7 @@ pub fn flex_attention(
                 };
                 let sc = &mut scores[..visible.len()];
                 for (x, &j) in sc.iter_mut().zip(&visible) {
-                    *x = crate::interp::dot(qrow(i), krow(j)) * scale as f64;
+                    *x = crate::numeric::dot(qrow(i), krow(j)) * scale as f64;
                 }
                 softmax(sc);
                 let orow = &mut out[((bi * s + i) * hq + h) * d..][..d];

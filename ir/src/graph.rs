@@ -148,13 +148,4 @@ impl Graph {
         }
         Ok(())
     }
-
-    /// Debug-build verification, run after every pass (cranelift's `verify_if`).
-    pub fn debug_verify(&self) {
-        if cfg!(debug_assertions) {
-            if let Err(e) = self.verify() {
-                panic!("IR verifier failed: {e}\n{}", crate::text::print(self));
-            }
-        }
-    }
 }

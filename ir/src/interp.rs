@@ -302,21 +302,7 @@ fn ints(t: &Tensor) -> Result<&[i64], String> {
     t.as_i64().ok_or_else(|| "expected an integer operand".to_string())
 }
 
-/// Dot product accumulated in f64 with four independent lanes.
-pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-    let mut acc = [0f64; 4];
-    let chunks = a.len() / 4;
-    for i in 0..chunks {
-        for l in 0..4 {
-            acc[l] += a[4 * i + l] as f64 * b[4 * i + l] as f64;
-        }
-    }
-    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for i in chunks * 4..a.len() {
-        s += a[i] as f64 * b[i] as f64;
-    }
-    s
-}
+pub use crate::numeric::dot;
 
 fn strides(shape: &[usize]) -> Vec<usize> {
     let mut s = vec![1; shape.len()];

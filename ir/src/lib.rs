@@ -11,6 +11,7 @@ pub mod dtype;
 pub mod flex;
 pub mod graph;
 pub mod interp;
+pub mod numeric;
 pub mod op;
 pub mod program;
 pub mod quant;

@@ -345,3 +345,14 @@ pub fn parse(src: &str) -> Result<Graph, ParseError> {
     g.verify().map_err(|e| ParseError { line: 0, msg: e.to_string() })?;
     Ok(g)
 }
+
+impl crate::Graph {
+    /// Debug-build verification, run after every pass (cranelift's `verify_if`).
+    pub fn debug_verify(&self) {
+        if cfg!(debug_assertions) {
+            if let Err(e) = self.verify() {
+                panic!("IR verifier failed: {e}\n{}", print(self));
+            }
+        }
+    }
+}

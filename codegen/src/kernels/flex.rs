@@ -13,8 +13,9 @@
 //! The scratch buffer holds `q_heads · (1 + nkb · (head_dim + 2))` floats, `nkb = ⌈(past+seq)/block⌉`
 //! (lowering sizes it `(past+seq+1) · q_heads · (head_dim+2)`).
 
+use super::attend::Attend;
 use super::emit::{Emitter, R};
-use super::ops::{Attend, OpKernel};
+use super::ops::OpKernel;
 use inkwell::values::{FloatValue, IntValue, PointerValue};
 use inkwell::{FloatPredicate, IntPredicate};
 use kiln_ir::flex::BISECT_STEPS;
@@ -336,7 +337,7 @@ fn attention<'ctx>(
 
 #[cfg(test)]
 mod tests {
-    use super::OpKernel;
+    use crate::kernels::ops::OpKernel;
     use crate::llvm;
     use inkwell::context::Context;
     use inkwell::OptimizationLevel;

@@ -12,6 +12,7 @@
 //! - [`emit`]: the inkwell layer they share and the uniform kernel ABI; [`abi`]: adapters onto it.
 
 pub mod abi;
+pub mod attend;
 pub mod bitmap;
 pub mod colactive;
 pub mod coreinfer;
@@ -30,3 +31,26 @@ pub use sparse::{
     emit_active_linear, emit_sparse_linear, run_active_linear, run_sparse_linear, ActiveLinearKernelFn,
     ActiveLinearKernelSpec, SparseLinearKernelFn, SparseLinearKernelSpec,
 };
+
+impl ops::OpKernel {
+    /// Generates this kernel into `module` under [`ops::OpKernel::symbol`]. The dispatch lives here, not
+    /// in `ops`, so that `flex` and `coreinfer` can read `OpKernel` without `ops` depending on them.
+    pub fn emit<'ctx>(
+        &self,
+        ctx: &'ctx inkwell::context::Context,
+        module: &inkwell::module::Module<'ctx>,
+    ) -> emit::R<inkwell::values::FunctionValue<'ctx>> {
+        use ops::OpKernel as K;
+        let e = emit::Emitter::kernel(ctx, module, &self.symbol())?;
+        match self {
+            K::FlexPattern { .. } | K::FlexAttention { .. } => flex::emit(&e, self)?,
+            K::CoreKeep { .. }
+            | K::CoreThresholds { .. }
+            | K::CoreSelect { .. }
+            | K::CoreGather { .. }
+            | K::CoreExpand { .. } => coreinfer::emit(&e, self)?,
+            _ => self.emit_body(&e)?,
+        }
+        e.finish()
+    }
+}

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The header of the C ABI (installed as `OUT/kiln_model.h`).
-pub const HEADER: &str = include_str!("../capi/include/kiln_model.h");
+pub const HEADER: &str = include_str!("../../capi/include/kiln_model.h");
 
 /// File names in an output directory.
 pub const STATIC_LIB: &str = "libkiln_model.a";
