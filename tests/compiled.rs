@@ -383,3 +383,97 @@ fn cli_caches_compiled_artifacts() {
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["generated_ids"], ids1);
 }
+
+/// A second target behind the `Target` seam: lowering is target-neutral, the target generates kernel
+/// families. This one has a dense linear and nothing else, and refuses by family and descriptor; the
+/// CPU target behind the same seam gives what `compile_to_dir` gives.
+struct DenseLinearOnly;
+
+impl DenseLinearOnly {
+    fn refuse(&self, kernels: &[kiln::codegen::KernelSpec]) -> Result<(), kiln::codegen::CodegenError> {
+        match kernels.iter().find(|k| !matches!(k, kiln::codegen::KernelSpec::Linear(d) if d.is_plain())) {
+            Some(k) => Err(kiln::codegen::CodegenError::UnsupportedKernel {
+                target: self.name(),
+                family: k.family(),
+                kernel: k.describe(),
+            }),
+            None => Ok(()),
+        }
+    }
+    fn name(&self) -> String {
+        "dense-linear-only".into()
+    }
+}
+
+impl kiln::codegen::Target for DenseLinearOnly {
+    fn name(&self) -> String {
+        DenseLinearOnly::name(self)
+    }
+    fn supports(&self, _: &kiln::ir::Op) -> bool {
+        true
+    }
+    fn build(
+        &self,
+        lowered: kiln::codegen::Lowered,
+        _: &CompileOptions,
+        _: &kiln::codegen::ArtifactInfo,
+        _: &Path,
+    ) -> Result<kiln::ir::program::Manifest, kiln::codegen::CodegenError> {
+        self.refuse(&lowered.kernels)?;
+        Err(kiln::codegen::CodegenError::InvalidSpec("this target writes no artifact".into()))
+    }
+    fn emit(
+        &self,
+        lowered: &kiln::codegen::Lowered,
+        _: &CompileOptions,
+        _: kiln::codegen::Stage,
+    ) -> Result<String, kiln::codegen::CodegenError> {
+        self.refuse(&lowered.kernels)?;
+        Ok(String::new())
+    }
+}
+
+#[test]
+fn a_second_target_refuses_kernel_families_by_name_and_the_cpu_one_is_unchanged() {
+    let cfg = crate::common::tiny_config(Arch::Llama);
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 3), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let g = m.graph().unwrap();
+    let opts = CompileOptions::default();
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().join("art");
+    let refused = DenseLinearOnly;
+    let err = kiln::codegen::compile_to_dir_for(&refused, &g, &m.weights, &opts, &Default::default(), &dir)
+        .unwrap_err()
+        .to_string();
+    // The embedding is the first kernel the program calls.
+    assert!(err.starts_with("target dense-linear-only: no embedding kernel for kiln_embedding_f32_d"), "{err}");
+    assert!(!dir.join("manifest.json").exists(), "a refused build writes no manifest");
+    let err = kiln::codegen::emit_stage_for(&refused, &g, &m.weights, &opts, kiln::codegen::Stage::Llvm).unwrap_err();
+    assert!(err.to_string().contains("no embedding kernel"), "{err}");
+    // The descriptor is what a target sees of a linear: a masked one (CHESS's up) is named by its form.
+    let masked = kiln::codegen::LinearDesc::dense(DType::Q4_1, 576)
+        .with_output(kiln::codegen::linear_family::OutputForm::Masked);
+    let k = kiln::codegen::KernelSpec::Linear(masked);
+    assert_eq!(k.describe(), "linear q4_1 k=576 weight=dense input=dense output=masked");
+    assert!(refused.refuse(std::slice::from_ref(&k)).unwrap_err().to_string().ends_with("output=masked"));
+    // The CPU target through the seam: the same program and kernels as the host compile, the same logits.
+    let (a, b) = (out.path().join("a"), out.path().join("b"));
+    let host = kiln::codegen::CpuTarget::host();
+    let info = kiln::codegen::ArtifactInfo {
+        context_length: m.config.context_length,
+        vocab_size: m.config.vocab_size,
+        ..Default::default()
+    };
+    let ma = kiln::codegen::compile_to_dir_for(&host, &g, &m.weights, &opts, &info, &a).unwrap();
+    let mb = kiln::codegen::compile_to_dir(&g, &m.weights, &opts, &info, &b).unwrap();
+    assert_eq!(ma.kernels, mb.kernels);
+    assert_eq!(serde_json::to_string(&ma.program).unwrap(), serde_json::to_string(&mb.program).unwrap());
+    let steps: [&[u32]; 2] = [&[1, 7, 3], &[42]];
+    let (la, lb) = (compiled_logits(&a, 1, &steps), compiled_logits(&b, 1, &steps));
+    assert_eq!(la, lb);
+    for (w, g) in interp_logits(&m, &steps).iter().zip(&la) {
+        check_close(w, g, m.config.vocab_size, 1e-4, "cpu target");
+    }
+}

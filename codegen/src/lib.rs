@@ -1,25 +1,37 @@
 //! Code generation: turning IR graphs into native code.
 //!
-//! `lower` maps a graph to a kernel program, `kernels` generates each kernel as LLVM IR, `llvm` optimises
-//! and emits code for the host, `artifact` writes the artifact directory the runtime loads. The small
-//! [`Target`] trait says which ops a target can lower; [`check_supported`] names the first one it cannot.
+//! `lower` maps a graph to a target-neutral kernel program (buffers, launches, and the kernels they call
+//! by family, the linear family by descriptor: `linear_family`); a [`Target`] generates the kernels and
+//! writes the artifact: `cpu` (kernels in `kernels` as LLVM IR, `llvm` optimises and emits for the host,
+//! `artifact` lays out weights and manifest). [`check_supported`] names the first op a target cannot lower.
 
 use kiln_ir::{DType, Graph, Op};
 
 pub mod artifact;
+pub mod cpu;
 pub mod kernels;
 pub mod library;
+pub mod linear_family;
 pub mod llvm;
 pub mod lower;
 pub mod mlir;
 
-pub use artifact::{compile_to_dir, emit_stage, host_target_info, ArtifactInfo, CompileOptions, Stage};
+pub use artifact::{
+    compile_to_dir, compile_to_dir_for, emit_stage, emit_stage_for, host_target_info, ArtifactInfo, CompileOptions,
+    Stage,
+};
+pub use cpu::CpuTarget;
 pub use library::{compile_library_object, TargetSpec};
+pub use linear_family::LinearDesc;
+pub use lower::{KernelSpec, Lowered};
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum CodegenError {
     #[error("target {target}: op `{op}` ({value}) has no lowering yet")]
     UnsupportedOp { target: String, op: &'static str, value: String },
+    /// A target has no code for a kernel of this family and form.
+    #[error("target {target}: no {family} kernel for {kernel}")]
+    UnsupportedKernel { target: String, family: &'static str, kernel: String },
     /// A kernel generator was asked for an element type it has no code for.
     #[error("{kernel} kernel: weights of dtype {dtype} are not supported")]
     UnsupportedDType { kernel: &'static str, dtype: DType },
@@ -37,76 +49,27 @@ impl From<inkwell::builder::BuilderError> for CodegenError {
     }
 }
 
-/// A code generation target.
+/// A code generation target. Lowering ([`lower::lower`]) is target-neutral: a graph becomes a
+/// [`kiln_ir::program::Program`] of buffers and launches plus the kernels it calls, by family
+/// ([`KernelSpec`]: the linear family by [`LinearDesc`], embeddings, ops, fused elementwise trees). A
+/// target generates each family — refusing by name what it has no code for
+/// ([`CodegenError::UnsupportedKernel`]) — and writes its artifact. [`CpuTarget`] is the one today.
 pub trait Target {
     /// Short name, e.g. `x86_64-cpu` or `cuda-sm80`.
     fn name(&self) -> String;
     /// Whether this target can lower `op`.
     fn supports(&self, op: &Op) -> bool;
-}
-
-/// The CPU Kiln runs on, with the instruction-set features codegen will specialise for.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CpuTarget {
-    pub arch: String,
-    pub features: Vec<String>,
-}
-
-impl CpuTarget {
-    /// The host CPU, with the features LLVM detects on it (those in
-    /// [`kiln_ir::program::CHECKED_CPU_FEATURES`], as manifests record them).
-    pub fn host() -> CpuTarget {
-        CpuTarget { arch: std::env::consts::ARCH.to_string(), features: host_target_info().features }
-    }
-}
-
-impl Target for CpuTarget {
-    fn name(&self) -> String {
-        format!("{}-cpu", self.arch)
-    }
-    fn supports(&self, op: &Op) -> bool {
-        // The ops `lower` has a CPU lowering for (each with the patterns it accepts, checked there).
-        matches!(
-            op,
-            Op::Input { .. }
-                | Op::Weight { .. }
-                | Op::Embedding
-                | Op::Linear
-                | Op::Constant { .. }
-                | Op::Add
-                | Op::Sub
-                | Op::Mul
-                | Op::Div
-                | Op::Neg
-                | Op::Exp
-                | Op::Sqrt
-                | Op::Rsqrt
-                | Op::Sigmoid
-                | Op::Silu
-                | Op::RmsNorm { .. }
-                | Op::Rope { .. }
-                | Op::Concat { .. }
-                | Op::Attention { .. }
-                | Op::FlexAttention { .. }
-                | Op::SwiGlu
-                | Op::Threshold
-                | Op::MaskedLinear
-                | Op::CoreLinear { .. }
-                | Op::ActiveLinear
-                | Op::CoreKeep { .. }
-                | Op::CoreSelect { .. }
-                | Op::SparseLinear { .. }
-                | Op::NmLinear { .. }
-                | Op::BitmapLinear { .. }
-                | Op::Reshape { .. }
-                | Op::Slice { .. }
-                | Op::Cast { .. }
-                | Op::AllReduce
-                | Op::ReduceScatter { .. }
-                | Op::Shard { .. }
-                | Op::AllGather { .. }
-        )
-    }
+    /// Generates the kernels of `lowered` and writes the artifact directory `out` (created) but its
+    /// manifest, which it returns for the caller to complete and write.
+    fn build(
+        &self,
+        lowered: Lowered,
+        opts: &CompileOptions,
+        info: &ArtifactInfo,
+        out: &std::path::Path,
+    ) -> Result<kiln_ir::program::Manifest, CodegenError>;
+    /// A printed stage of the code it generates for `lowered` (`kiln compile --emit llvm|asm|mlir`).
+    fn emit(&self, lowered: &Lowered, opts: &CompileOptions, stage: Stage) -> Result<String, CodegenError>;
 }
 
 /// Checks that `target` can lower every op of `g`; the error names the first op it cannot.

@@ -7,7 +7,8 @@
 //! written beside it (`manifest.json`), so the library knows the weights' size and hash and the CPU
 //! features its code needs, and checks both when a model is created.
 
-use crate::artifact::{emit_kernels, io_err, make_manifest, optimize_for, write_manifest, write_weights};
+use crate::artifact::{io_err, make_manifest, write_manifest, write_weights};
+use crate::cpu::{emit_kernels, optimize_for};
 use crate::lower::lower;
 use crate::{host_target_info, llvm, ArtifactInfo, CodegenError, CompileOptions};
 use inkwell::context::Context;

@@ -7,80 +7,23 @@
 //! becomes an in-place append into a persistent buffer, so decode never copies the cache.
 
 use crate::kernels::fused::{Arg, Bcast, EwOp, FusedKernel, Step};
-use crate::kernels::linear::LinearKernelSpec;
 use crate::kernels::ops::OpKernel;
+use crate::linear_family::{Epilogue, InputForm, LinearDesc, OutputForm, WeightForm};
 use crate::CodegenError;
 use kiln_ir::program::{Buffer, BufferKind, CollectiveKind, Launch, Program, Region};
 use kiln_ir::{DType, Dim, Graph, Op, TensorData, WeightStore};
 use serde::{Deserialize, Serialize};
 
-/// One kernel to generate.
+/// One kernel to generate, by family: the target generates each family once (see [`crate::Target`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum KernelSpec {
-    /// `group` linears sharing one input x (e.g. Q, K and V): bufs [x, w0, y0, w1, y1, …];
-    /// dims [m, n0, n1, …]; items: n0 + n1 + … output rows, split over threads as one range.
-    /// With `residual` (one linear): bufs [x, w, y, r] and y = x · wᵀ + r, an add fused into the linear.
-    Linear {
-        dtype: DType,
-        k: usize,
-        group: usize,
-        #[serde(default)]
-        residual: bool,
-    },
-    /// `masked_linear`: bufs [x, w, mask, y]; dims [m, n]; items: n output rows. Runs of rows some token's
-    /// mask keeps go through the dense linear kernel, the rest is 0 (`kernels::abi::wrap_masked_linear`).
-    MaskedLinear {
-        dtype: DType,
-        k: usize,
-    },
-    /// `core_linear` (CoreInfer's gathered projection): bufs [x, w, gathered, y]; dims [m, n, past]; items: n
-    /// output rows. At past = 0 the dense linear kernel on `w`; later, the dense kernel on the first
-    /// `count` rows of the gathered copy (`kernels::coreinfer`, written by `CoreGather`), each chunk of
-    /// items scaled to its share of `count`, the results packed at the start of each row (`CoreExpand`
-    /// moves them to their channels).
-    CoreLinear {
-        dtype: DType,
-        k: usize,
-    },
-    /// `active_linear` on a transposed weight `[k, n]`: bufs [x, wt, y]; dims [m]; items: n / 32 output
-    /// blocks. Only the rows of `wt` whose x channel is non-zero are read (`kernels::abi::wrap_active_linear`,
-    /// or `wrap_active_linear_col` when `dtype` is column-major; `wrap_active_linear_gathered`, every kept
-    /// channel, when it is gathered).
-    ActiveLinear {
-        dtype: DType,
-        k: usize,
-        n: usize,
-    },
-    /// `sparse_linear`: bufs [x, w, blocks, row_ptr, col_idx, y]; dims [m, n]; items: n output rows; the
-    /// block-sparse kernel where `decode` (m < 8) / `prefill` (m ≥ 8) say so, else the dense one.
-    SparseLinear {
-        dtype: DType,
-        k: usize,
-        decode: bool,
-        prefill: bool,
-    },
-    /// `nm_linear`: bufs [x, packed, y], or [x, packed, w, y] with the dense layout; dims [m, n]; items:
-    /// n output rows (the dense linear's layout, one linear per launch); the N:M kernel (`kernels::nm`)
-    /// where `decode` (m < 8) / `prefill` (m ≥ 8) say so, else the dense one on `w`
-    /// (`kernels::abi::wrap_phase_linear`).
-    NmLinear {
-        dtype: DType,
-        keep: usize,
-        group: usize,
-        k: usize,
-        decode: bool,
-        prefill: bool,
-    },
-    /// `bitmap_linear`: as `nm_linear`, with the bitmap kernel (`kernels::bitmap`).
-    BitmapLinear {
-        dtype: DType,
-        gran: usize,
-        kept: usize,
-        k: usize,
-        decode: bool,
-        prefill: bool,
-    },
+    /// The linear family ([`LinearDesc`]). Buffers by form: plain `[x, w0, y0, w1, y1, …]` (dims [m, n0,
+    /// n1, …]; items n0 + n1 + … output rows) or `[x, w, y, r]` with the residual epilogue; masked `[x, w,
+    /// mask, y]`; core rows `[x, w, gathered, y]` (dims [m, n, past]); active channels `[x, wt, y]` (dims
+    /// [m]; items n / 32 output blocks); block-sparse `[x, w, blocks, row_ptr, col_idx, y]`; N:M and bitmap
+    /// `[x, packed, y]` or `[x, packed, w, y]` with the dense layout (dims [m, n]; items n rows).
+    Linear(LinearDesc),
     /// bufs [table, ids(i32), y]; items: ids.
     Embedding {
         dtype: DType,
@@ -95,46 +38,30 @@ impl KernelSpec {
     /// The symbol the program calls (the uniform-ABI entry point).
     pub fn symbol(&self) -> String {
         match self {
-            KernelSpec::Linear { dtype, k, group, residual } => {
-                format!("{}_x{group}", LinearKernelSpec { dtype: *dtype, k: *k, residual: *residual }.symbol())
-            }
-            KernelSpec::MaskedLinear { dtype, k } => format!("kiln_masked_linear_{}_k{k}", dtype.name()),
-            KernelSpec::CoreLinear { dtype, k } => format!("kiln_core_linear_{}_k{k}", dtype.name()),
-            KernelSpec::ActiveLinear { dtype, k, n } => {
-                format!("{}_k{k}_x", crate::kernels::sparse::ActiveLinearKernelSpec::new(*dtype, *n).symbol())
-            }
-            KernelSpec::SparseLinear { dtype, k, decode, prefill } => {
-                format!("kiln_pruned_linear_{}_k{k}_d{}p{}", dtype.name(), *decode as u8, *prefill as u8)
-            }
-            KernelSpec::NmLinear { dtype, keep, group, k, decode, prefill } => {
-                let nm = crate::kernels::nm::NmLinearKernelSpec::new(*dtype, nm_pattern(*keep, *group), *k);
-                format!("{}{}", nm.symbol(), phase_suffix(*decode, *prefill))
-            }
-            KernelSpec::BitmapLinear { dtype, gran, kept, k, decode, prefill } => {
-                let bm = crate::kernels::bitmap::BitmapLinearKernelSpec::new(*dtype, *gran, *kept, *k);
-                format!("{}{}", bm.symbol(), phase_suffix(*decode, *prefill))
-            }
+            KernelSpec::Linear(d) => d.symbol(),
             KernelSpec::Embedding { dtype, d } => format!("kiln_embedding_{}_d{d}", dtype.name()),
             KernelSpec::Op(op) => op.symbol(),
             KernelSpec::Fused(f) => f.symbol(),
         }
     }
-}
 
-/// The wrapper suffix of an N:M or bitmap linear: `_x1` (the compact kernel in both phases, wrapped like
-/// one dense linear) or `_d<decode>p<prefill>` (which phase reads the compact form, 1, or the dense
-/// layout, 0).
-fn phase_suffix(decode: bool, prefill: bool) -> String {
-    if decode && prefill {
-        "_x1".into()
-    } else {
-        format!("_d{}p{}", decode as u8, prefill as u8)
+    /// The family, for messages: `linear`, `embedding`, `op`, `fused`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            KernelSpec::Linear(_) => "linear",
+            KernelSpec::Embedding { .. } => "embedding",
+            KernelSpec::Op(_) => "op",
+            KernelSpec::Fused(_) => "fused",
+        }
     }
-}
 
-/// The pattern of an `nm_linear` spec (checked when the op was lowered).
-pub(crate) fn nm_pattern(keep: usize, group: usize) -> kiln_ir::sparse::NmPattern {
-    kiln_ir::sparse::NmPattern { keep, group }
+    /// What the kernel is, for messages and `--explain`.
+    pub fn describe(&self) -> String {
+        match self {
+            KernelSpec::Linear(d) => d.describe(),
+            other => other.symbol(),
+        }
+    }
 }
 
 /// A lowered graph: the program, its kernels (deduplicated, in first-use order), and the weight data the
@@ -229,14 +156,14 @@ impl Cx<'_> {
             l.items = vec![total];
             l.label.push_str(&format!(" +%{i}"));
             let group = (l.bufs.len() - 1) / 2;
-            let spec = KernelSpec::Linear { dtype, k, group, residual: false };
+            let spec = KernelSpec::Linear(LinearDesc::dense(dtype, k).grouped(group));
             l.kernel = spec.symbol();
             if !self.kernels.iter().any(|s| s.symbol() == l.kernel) {
                 self.kernels.push(spec);
             }
             return;
         }
-        let spec = KernelSpec::Linear { dtype, k, group: 1, residual: false };
+        let spec = KernelSpec::Linear(LinearDesc::dense(dtype, k));
         self.launch(i, spec, vec![x, w, out], vec![m, vec![Dim::from(n)]], vec![Dim::from(n)], true);
         self.linear_groups.push((x, dtype, k, self.program.launches.len() - 1));
         self.linear_launch.insert(i, self.program.launches.len() - 1);
@@ -351,10 +278,13 @@ impl Cx<'_> {
         if self.uses[lin] != 1 || g.nodes[r].ty != n.ty || l.bufs.len() != 3 || self.is_state(rb) {
             return None;
         }
-        let KernelSpec::Linear { dtype, k, .. } = self.kernels.iter().find(|s| s.symbol() == l.kernel)?.clone() else {
+        let KernelSpec::Linear(d) = self.kernels.iter().find(|s| s.symbol() == l.kernel)?.clone() else {
             return None;
         };
-        let spec = KernelSpec::Linear { dtype, k, group: 1, residual: true };
+        if !d.is_plain() {
+            return None;
+        }
+        let spec = KernelSpec::Linear(LinearDesc::dense(d.dtype, d.k).with_epilogue(Epilogue::Residual));
         let symbol = spec.symbol();
         if !self.kernels.iter().any(|s| s.symbol() == symbol) {
             self.kernels.push(spec);
@@ -655,7 +585,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let (x, mask) = (cx.operand(i, 0), cx.operand(i, 2));
                 let MatrixOperands { w, dtype, dims: [nn, k], m } = cx.matrix_operands(i)?;
                 let out = cx.temp(i);
-                let spec = KernelSpec::MaskedLinear { dtype, k };
+                let spec = KernelSpec::Linear(LinearDesc::dense(dtype, k).with_output(OutputForm::Masked));
                 cx.launch(i, spec, vec![x, w, mask, out], vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
@@ -674,7 +604,9 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let out = cx.temp(i);
                 let mut bufs = bufs;
                 bufs.push(out);
-                let spec = KernelSpec::SparseLinear { dtype, k, decode, prefill };
+                let spec = KernelSpec::Linear(
+                    LinearDesc::dense(dtype, k).with_weight(WeightForm::BlockSparse { decode, prefill }),
+                );
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
@@ -696,7 +628,12 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 bufs.push(out);
                 let (decode, prefill) = (*decode != 0, *prefill != 0);
                 let (keep, group) = (pattern.keep, pattern.group);
-                let spec = KernelSpec::NmLinear { dtype: *dtype, keep, group, k, decode, prefill };
+                let spec = KernelSpec::Linear(LinearDesc::dense(*dtype, k).with_weight(WeightForm::Nm {
+                    keep,
+                    group,
+                    decode,
+                    prefill,
+                }));
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
@@ -716,7 +653,12 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let out = cx.temp(i);
                 bufs.push(out);
                 let (decode, prefill) = (*decode != 0, *prefill != 0);
-                let spec = KernelSpec::BitmapLinear { dtype: *dtype, gran, kept, k, decode, prefill };
+                let spec = KernelSpec::Linear(LinearDesc::dense(*dtype, k).with_weight(WeightForm::Bitmap {
+                    gran,
+                    kept,
+                    decode,
+                    prefill,
+                }));
                 cx.launch(i, spec, bufs, vec![m, vec![Dim::from(nn)]], vec![Dim::from(nn)], true);
                 out
             }
@@ -740,7 +682,8 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                     return Err(cx.unsupported(i, format!("k = {k} > {}", crate::kernels::abi::ACTIVE_MAX_K)));
                 }
                 let out = cx.temp(i);
-                let spec = KernelSpec::ActiveLinear { dtype, k, n: nn };
+                let spec =
+                    KernelSpec::Linear(LinearDesc::dense(dtype, k).with_input(InputForm::ActiveChannels { n: nn }));
                 cx.launch(i, spec, vec![x, wt, out], vec![m], vec![Dim::from(nn / 32)], true);
                 out
             }
@@ -771,7 +714,7 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 let past = vec![past.clone()];
                 let spec = KernelSpec::Op(OpKernel::CoreGather { n: nn, row_bytes });
                 cx.launch(i, spec, vec![core, w, gathered], vec![past.clone()], vec![Dim::from(1usize)], false);
-                let spec = KernelSpec::CoreLinear { dtype, k };
+                let spec = KernelSpec::Linear(LinearDesc::dense(dtype, k).with_output(OutputForm::CoreRows));
                 let dims = vec![m.clone(), vec![Dim::from(nn)], past.clone()];
                 cx.launch(i, spec, vec![x, w, gathered, out], dims, vec![Dim::from(nn)], true);
                 let spec = KernelSpec::Op(OpKernel::CoreExpand { n: nn });
