@@ -170,6 +170,15 @@ impl Backend for Recorder<'_> {
     fn state(&self, name: &str) -> Option<&[f32]> {
         self.inner.state(name)
     }
+    fn sequence(&self) -> kiln::runtime::SeqId {
+        self.inner.sequence()
+    }
+    fn select(&mut self, seq: kiln::runtime::SeqId) -> Result<(), RuntimeError> {
+        self.inner.select(seq)
+    }
+    fn release(&mut self, seq: kiln::runtime::SeqId) {
+        self.inner.release(seq)
+    }
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
         let before = self.comm.as_ref().map(|c| c.stats()).unwrap_or_default();
         let l = self.inner.forward(tokens)?;

@@ -477,3 +477,74 @@ fn a_second_target_refuses_kernel_families_by_name_and_the_cpu_one_is_unchanged(
         check_close(w, g, m.config.vocab_size, 1e-4, "cpu target");
     }
 }
+
+/// One backend over three sequences: a step takes several sequences' tokens (in any order, any subset)
+/// and each sequence's logits equal those of the same tokens run alone on a fresh backend, for the
+/// interpreter and the compiled code (1 and 2 threads); positions are per sequence, a released sequence
+/// starts empty, and a bad batch is refused naming the sequence.
+#[test]
+fn a_step_over_several_sequences_equals_each_sequence_alone() {
+    use kiln::runtime::SeqTokens;
+    let mut cfg = crate::common::tiny_config(Arch::Llama);
+    cfg.context_length = 32;
+    let src = tempfile::tempdir().unwrap();
+    write_hf(src.path(), &cfg, &random_weights(&cfg, DType::F32, 11), 1).unwrap();
+    let m = Model::load(src.path()).unwrap();
+    let art = tempfile::tempdir().unwrap();
+    compile_with(&m, art.path(), true);
+    let prompts: [&[u32]; 3] = [&[1, 7, 3, 90], &[5, 6], &[42, 3, 3, 8, 1]];
+    // Per sequence, its steps: the prompt, then one token, then another.
+    let steps = |s: usize| -> [Vec<u32>; 3] { [prompts[s].to_vec(), vec![11 + s as u32], vec![20 + s as u32]] };
+    type Make<'a> = Box<dyn Fn() -> Box<dyn Backend + 'a> + 'a>;
+    let makers: Vec<(&str, Make)> = vec![
+        ("interpreter", Box::new(|| Box::new(InterpreterBackend::new(m.graph().unwrap(), &m.weights, 32).unwrap()))),
+        ("compiled ×1", Box::new(|| Box::new(CompiledBackend::load(art.path(), 1, None).unwrap()))),
+        ("compiled ×2", Box::new(|| Box::new(CompiledBackend::load(art.path(), 2, None).unwrap()))),
+    ];
+    for (what, make) in &makers {
+        let alone: Vec<Vec<Vec<f32>>> = (0..3)
+            .map(|s| {
+                let mut b = make();
+                steps(s).iter().map(|t| b.forward(t).unwrap().data).collect()
+            })
+            .collect();
+        let mut b = make();
+        let st: Vec<[Vec<u32>; 3]> = (0..3).map(steps).collect();
+        let entry = |s: usize, k: usize| SeqTokens { seq: 10 + s as u32, tokens: &st[s][k] };
+        // Prefill of all three, then decode in another order, then a subset, then the rest.
+        let plan: [&[(usize, usize)]; 4] =
+            [&[(0, 0), (1, 0), (2, 0)], &[(2, 1), (0, 1), (1, 1)], &[(1, 2), (2, 2)], &[(0, 2)]];
+        for (i, round) in plan.iter().enumerate() {
+            let batch: Vec<SeqTokens> = round.iter().map(|&(s, k)| entry(s, k)).collect();
+            let got = b.step(&batch).unwrap();
+            assert_eq!(got.len(), round.len());
+            for (&(s, k), l) in round.iter().zip(&got) {
+                assert_eq!(l.data, alone[s][k], "{what}: round {i}, sequence {s}, step {k}");
+            }
+        }
+        assert_eq!(b.sequence(), 10, "the last entry's sequence is current");
+        for s in 0..3 {
+            b.select(10 + s as u32).unwrap();
+            assert_eq!(b.position(), prompts[s].len() + 2, "{what}: sequence {s}'s position");
+        }
+        // A released sequence starts empty; the others keep their caches.
+        b.release(11);
+        let again = b.step(&[SeqTokens { seq: 11, tokens: &st[1][0] }]).unwrap();
+        assert_eq!(again[0].data, alone[1][0], "{what}: released sequence");
+        b.select(12).unwrap();
+        assert_eq!(b.position(), prompts[2].len() + 2);
+        // `forward` is the batch of one on the current sequence.
+        let one = b.forward(&[7]).unwrap();
+        let mut c = make();
+        for t in steps(2) {
+            c.forward(&t).unwrap();
+        }
+        assert_eq!(one.data, c.forward(&[7]).unwrap().data, "{what}: forward on the current sequence");
+        // Bad batches are refused naming the sequence.
+        let dup = [SeqTokens { seq: 3, tokens: &[1] }, SeqTokens { seq: 3, tokens: &[2] }];
+        assert!(b.step(&dup).unwrap_err().to_string().contains("sequence 3: appears twice"), "{what}");
+        let empty = [SeqTokens { seq: 4, tokens: &[] }];
+        assert!(b.step(&empty).unwrap_err().to_string().contains("sequence 4"), "{what}");
+        assert!(b.step(&[]).is_err());
+    }
+}

@@ -15,6 +15,8 @@ pub enum RuntimeError {
     EmptyPrompt,
     #[error("KV cache `{cache}` holds {written} rows but the step reads {needed}: an early-exit schedule skipped a block that a later position runs")]
     UnwrittenKv { cache: String, written: usize, needed: usize },
+    #[error("sequence {seq}: {msg}")]
+    Sequence { seq: SeqId, msg: String },
     #[error("collective {launch}: {msg}")]
     Collective { launch: String, msg: String },
     #[error(transparent)]
@@ -38,17 +40,64 @@ impl Logits {
     }
 }
 
-/// Something that runs the decoder one step at a time, keeping its own KV cache.
+/// A sequence a backend keeps a KV cache for (serving runs many; generation uses sequence 0).
+pub type SeqId = u32;
+
+/// One sequence's share of a step: the tokens appended to sequence `seq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqTokens<'a> {
+    pub seq: SeqId,
+    pub tokens: &'a [u32],
+}
+
+/// Something that runs the decoder one step at a time, keeping a KV cache per sequence.
+///
+/// A step ([`Backend::step`]) takes several sequences' tokens and returns each one's logits; the
+/// single-sequence call [`Backend::forward`] is the step of a batch of one, on the current sequence
+/// ([`Backend::select`] chooses it; sequence 0 at first). The provided `step` runs the sequences one
+/// after another; a backend that executes a ragged batch in one pass overrides it with the same result.
 pub trait Backend {
     fn name(&self) -> &str;
     fn vocab_size(&self) -> usize;
     fn context_length(&self) -> usize;
-    /// Tokens already in the cache.
+    /// Tokens already in the current sequence's cache.
     fn position(&self) -> usize;
-    /// Appends `tokens` at the current position and returns their logits.
+    /// Appends `tokens` to the current sequence at its position and returns their logits.
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError>;
-    /// Empties the KV cache.
+    /// Empties the current sequence's KV cache.
     fn reset(&mut self);
+    /// The current sequence (what `forward`, `position`, `reset`, `output` and `state` refer to).
+    fn sequence(&self) -> SeqId {
+        0
+    }
+    /// Makes `seq` the current sequence, starting it with an empty cache the first time. A backend that
+    /// keeps one sequence only accepts sequence 0.
+    fn select(&mut self, seq: SeqId) -> Result<(), RuntimeError> {
+        if seq == 0 {
+            Ok(())
+        } else {
+            Err(RuntimeError::Sequence { seq, msg: format!("the {} backend keeps one sequence (0)", self.name()) })
+        }
+    }
+    /// Forgets sequence `seq`'s cache; it starts empty if selected again. Releasing the current
+    /// sequence empties it and leaves it current.
+    fn release(&mut self, seq: SeqId) {
+        if seq == self.sequence() {
+            self.reset();
+        }
+    }
+    /// One step over several sequences: appends each entry's tokens to its sequence and returns their
+    /// logits in batch order. Every sequence appears at most once and has at least one token. The last
+    /// entry's sequence is current afterwards.
+    fn step(&mut self, batch: &[SeqTokens<'_>]) -> Result<Vec<Logits>, RuntimeError> {
+        check_batch(batch)?;
+        let mut out = Vec::with_capacity(batch.len());
+        for s in batch {
+            self.select(s.seq)?;
+            out.push(self.forward(s.tokens)?);
+        }
+        Ok(out)
+    }
     /// A float output of the last step other than `logits` and the state (e.g. hidden states a graph edit
     /// exposed for calibration), row-major; `None` if the graph has no such output.
     fn output(&self, name: &str) -> Option<&[f32]> {
@@ -61,6 +110,22 @@ pub trait Backend {
         let _ = name;
         None
     }
+}
+
+/// The checks every [`Backend::step`] makes: a non-empty batch, each sequence once, each with tokens.
+pub fn check_batch(batch: &[SeqTokens<'_>]) -> Result<(), RuntimeError> {
+    if batch.is_empty() {
+        return Err(RuntimeError::EmptyPrompt);
+    }
+    for (i, s) in batch.iter().enumerate() {
+        if s.tokens.is_empty() {
+            return Err(RuntimeError::Sequence { seq: s.seq, msg: "no tokens in this step".into() });
+        }
+        if batch[..i].iter().any(|t| t.seq == s.seq) {
+            return Err(RuntimeError::Sequence { seq: s.seq, msg: "appears twice in one step".into() });
+        }
+    }
+    Ok(())
 }
 
 /// CoreInfer: the share of MLP neurons in the current core sets (`core_set.L`, every layer), if the
@@ -82,6 +147,9 @@ pub struct InterpreterBackend<'w> {
     vocab: usize,
     context: usize,
     past: usize,
+    /// The current sequence; the others' state and position wait here.
+    current: SeqId,
+    parked: std::collections::BTreeMap<SeqId, (Vec<(String, Tensor)>, usize)>,
 }
 
 impl<'w> InterpreterBackend<'w> {
@@ -104,7 +172,17 @@ impl<'w> InterpreterBackend<'w> {
             .and_then(|d| d.as_fixed())
             .ok_or_else(|| RuntimeError::Interface("fixed vocabulary size".into(), "logits dimension"))?
             as usize;
-        let mut b = InterpreterBackend { graph, interp, state: Vec::new(), extra: Vec::new(), vocab, context, past: 0 };
+        let mut b = InterpreterBackend {
+            graph,
+            interp,
+            state: Vec::new(),
+            extra: Vec::new(),
+            vocab,
+            context,
+            past: 0,
+            current: 0,
+            parked: Default::default(),
+        };
         b.reset();
         Ok(b)
     }
@@ -140,6 +218,36 @@ impl Backend for InterpreterBackend<'_> {
     /// Any state input (`k_cache.L` too), row-major.
     fn state(&self, name: &str) -> Option<&[f32]> {
         self.state.iter().find(|(n, _)| n == name).and_then(|(_, t)| t.as_f32())
+    }
+
+    fn sequence(&self) -> SeqId {
+        self.current
+    }
+
+    fn select(&mut self, seq: SeqId) -> Result<(), RuntimeError> {
+        if seq == self.current {
+            return Ok(());
+        }
+        let state = std::mem::take(&mut self.state);
+        self.parked.insert(self.current, (state, self.past));
+        self.current = seq;
+        match self.parked.remove(&seq) {
+            Some((state, past)) => {
+                self.state = state;
+                self.past = past;
+                self.extra.clear();
+            }
+            None => self.reset(),
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        if seq == self.current {
+            self.reset();
+        } else {
+            self.parked.remove(&seq);
+        }
     }
 
     fn reset(&mut self) {

@@ -4,7 +4,7 @@
 //! Execution: for each launch, evaluate its dims for this step (`batch` = 1, `seq`, `past`), point the
 //! kernel at its buffers, and split its work items over a thread pool built once per backend.
 
-use crate::backend::{Backend, Logits, RuntimeError};
+use crate::backend::{Backend, Logits, RuntimeError, SeqId};
 use crate::early_exit::{ExitMode, ExitSchedule};
 use crate::pool::SpinPool;
 use kiln_ir::collective::{
@@ -189,8 +189,18 @@ pub struct CompiledBackend {
     pool: SpinPool,
     /// This rank's communicator (a single rank unless set by [`CompiledBackend::with_collective`]).
     collective: Arc<dyn Collective>,
+    /// The current sequence; the others' state buffers, cache rows and positions wait in `parked`.
+    current: SeqId,
+    parked: std::collections::BTreeMap<SeqId, Parked>,
     /// Keeps a `dlopen`ed kernel library loaded while its functions are in `kernels`.
     _lib: Option<libloading::Library>,
+}
+
+/// A sequence that is not current: its state buffers (by buffer index), its caches' rows, its position.
+struct Parked {
+    states: Vec<(usize, Vec<f32>)>,
+    rows: Vec<usize>,
+    past: usize,
 }
 
 impl CompiledBackend {
@@ -305,6 +315,8 @@ impl CompiledBackend {
             capacity,
             pool,
             collective: Arc::new(SingleRank),
+            current: 0,
+            parked: Default::default(),
             _lib: lib,
         })
     }
@@ -378,6 +390,46 @@ impl Backend for CompiledBackend {
         self.caches.iter_mut().for_each(|c| c.rows = 0);
     }
 
+    fn sequence(&self) -> SeqId {
+        self.current
+    }
+
+    /// Each sequence has its own state buffers (KV caches of `capacity` rows, whole states), allocated
+    /// the first time it is selected; switching moves buffers, it copies nothing.
+    fn select(&mut self, seq: SeqId) -> Result<(), RuntimeError> {
+        if seq == self.current {
+            return Ok(());
+        }
+        let incoming = match self.parked.remove(&seq) {
+            Some(p) => p,
+            None => self.fresh_sequence(),
+        };
+        let mut outgoing = Parked {
+            states: Vec::with_capacity(incoming.states.len()),
+            rows: self.caches.iter().map(|c| c.rows).collect(),
+            past: self.past,
+        };
+        for (b, v) in incoming.states {
+            let Storage::Floats(cur) = &mut self.storage[b] else { unreachable!("state buffers hold floats") };
+            outgoing.states.push((b, std::mem::replace(cur, v)));
+        }
+        for (c, rows) in self.caches.iter_mut().zip(incoming.rows) {
+            c.rows = rows;
+        }
+        self.past = incoming.past;
+        self.parked.insert(self.current, outgoing);
+        self.current = seq;
+        Ok(())
+    }
+
+    fn release(&mut self, seq: SeqId) {
+        if seq == self.current {
+            self.reset();
+        } else {
+            self.parked.remove(&seq);
+        }
+    }
+
     fn forward(&mut self, tokens: &[u32]) -> Result<Logits, RuntimeError> {
         match &self.exit {
             None => self.step(tokens)?,
@@ -395,6 +447,18 @@ impl Backend for CompiledBackend {
 }
 
 impl CompiledBackend {
+    /// An empty sequence's state: zeroed state buffers (a whole state starts at zero, as at load).
+    fn fresh_sequence(&self) -> Parked {
+        let states = (self.manifest.program.buffers.iter().enumerate())
+            .filter_map(|(i, b)| match &b.kind {
+                BufferKind::State { row_elems, whole: true, .. } => Some((i, vec![0.0; *row_elems as usize])),
+                BufferKind::State { row_elems, .. } => Some((i, vec![0.0; self.capacity * *row_elems as usize])),
+                _ => None,
+            })
+            .collect();
+        Parked { states, rows: vec![0; self.caches.len()], past: 0 }
+    }
+
     /// Runs the program on `tokens` at the next positions, appending to the KV cache; the results are
     /// then available from [`Backend::output`].
     pub fn step(&mut self, tokens: &[u32]) -> Result<(), RuntimeError> {

@@ -12,7 +12,7 @@ pub mod generate;
 pub mod pool;
 pub mod sample;
 
-pub use backend::{core_share, Backend, InterpreterBackend, Logits, RuntimeError};
+pub use backend::{check_batch, core_share, Backend, InterpreterBackend, Logits, RuntimeError, SeqId, SeqTokens};
 pub use compiled::{ArtifactError, CompiledBackend, KernelFn, KernelSource};
 pub use generate::{generate, GenerateStats, StopReason};
 pub use sample::{Sampler, SamplingParams};
