@@ -40,47 +40,37 @@ impl Target for CpuTarget {
     }
 
     fn supports(&self, op: &Op) -> bool {
-        // The ops `lower` has a CPU lowering for (each with the patterns it accepts, checked there).
-        matches!(
-            op,
-            Op::Input { .. }
-                | Op::Weight { .. }
-                | Op::Embedding
-                | Op::Linear
-                | Op::Constant { .. }
-                | Op::Add
-                | Op::Sub
-                | Op::Mul
-                | Op::Div
-                | Op::Neg
-                | Op::Exp
-                | Op::Sqrt
-                | Op::Rsqrt
-                | Op::Sigmoid
-                | Op::Silu
-                | Op::RmsNorm { .. }
-                | Op::Rope { .. }
-                | Op::Concat { .. }
-                | Op::Attention { .. }
-                | Op::FlexAttention { .. }
-                | Op::SwiGlu
-                | Op::Threshold
-                | Op::MaskedLinear
-                | Op::CoreLinear { .. }
-                | Op::ActiveLinear
-                | Op::CoreKeep { .. }
-                | Op::CoreSelect { .. }
-                | Op::SparseLinear { .. }
-                | Op::NmLinear { .. }
-                | Op::BitmapLinear { .. }
-                | Op::Reshape { .. }
-                | Op::Slice { .. }
-                | Op::Cast { .. }
-                | Op::AllReduce
-                | Op::ReduceScatter { .. }
-                | Op::Shard { .. }
-                | Op::AllGather { .. }
-        )
+        // The ops `lower` has a CPU lowering for (each with the patterns it accepts, checked there): the
+        // elementwise ops a fused kernel computes, and these.
+        crate::kernels::fused::EwOp::from_op(op).is_some()
+            || matches!(
+                op,
+                Op::Input { .. }
+                    | Op::Weight { .. }
+                    | Op::Embedding
+                    | Op::Linear
+                    | Op::Constant { .. }
+                    | Op::RmsNorm { .. }
+                    | Op::Rope { .. }
+                    | Op::Concat { .. }
+                    | Op::Attention { .. }
+                    | Op::FlexAttention { .. }
+                    | Op::MaskedLinear
+                    | Op::CoreLinear { .. }
+                    | Op::ActiveLinear
+                    | Op::CoreKeep { .. }
+                    | Op::CoreSelect { .. }
+                    | Op::SparseLinear { .. }
+                    | Op::NmLinear { .. }
+                    | Op::BitmapLinear { .. }
+                    | Op::Reshape { .. }
+                    | Op::Slice { .. }
+                    | Op::Cast { .. }
+                    | Op::AllReduce
+                    | Op::ReduceScatter { .. }
+                    | Op::Shard { .. }
+                    | Op::AllGather { .. }
+            )
     }
 
     fn build(

@@ -389,6 +389,9 @@ fn softmax_in_place(row: &mut [f64]) {
 
 /// Evaluates one (non-source) op on concrete operands.
 pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
+    if let Some(rule) = op.unary() {
+        return unary(args[0], rule.eval);
+    }
     match op {
         Op::Input { .. } | Op::Weight { .. } => Err("source ops are evaluated by the interpreter".into()),
         Op::Constant { value } => Ok(Tensor::f32(vec![], vec![*value])),
@@ -457,8 +460,6 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
         Op::Mul => broadcast_binary(args[0], args[1], |a, b| a * b),
         Op::Div => broadcast_binary(args[0], args[1], |a, b| a / b),
         Op::Pow => broadcast_binary(args[0], args[1], |a, b| (a as f64).powf(b as f64) as f32),
-        Op::Sin => unary(args[0], f64::sin),
-        Op::Cos => unary(args[0], f64::cos),
         Op::Iota { n } => Ok(Tensor::f32(vec![*n as usize], (0..*n).map(|i| i as f32).collect())),
         Op::CausalMask => {
             let t = args[0];
@@ -477,12 +478,6 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
             }
             Ok(Tensor::f32(t.shape.clone(), out))
         }
-        Op::Neg => unary(args[0], |x| -x),
-        Op::Exp => unary(args[0], f64::exp),
-        Op::Sqrt => unary(args[0], f64::sqrt),
-        Op::Rsqrt => unary(args[0], |x| 1.0 / x.sqrt()),
-        Op::Sigmoid => unary(args[0], |x| 1.0 / (1.0 + (-x).exp())),
-        Op::Silu => unary(args[0], silu),
         Op::ReduceSum { axis } => reduce(args[0], *axis, |l| l.iter().sum()),
         Op::ReduceMax { axis } => reduce(args[0], *axis, |l| l.iter().copied().fold(f64::NEG_INFINITY, f64::max)),
         Op::ReduceMean { axis } => reduce(args[0], *axis, |l| l.iter().sum::<f64>() / l.len() as f64),
@@ -805,6 +800,8 @@ pub fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
                 (_, d) => return Err(format!("cannot cast to {d}")),
             })
         }
+        // Only the unary ops, evaluated by their table rule above, reach here.
+        other => Err(format!("the interpreter has no rule for `{}`", other.name())),
     }
 }
 

@@ -23,6 +23,6 @@ pub mod weights;
 pub use dtype::DType;
 pub use graph::{Graph, GraphError, Node, ValueId};
 pub use interp::{Interpreter, Tensor};
-pub use op::{Op, RopeMode};
+pub use op::{Op, RopeMode, UnaryRule};
 pub use shape::{Dim, SymEnv, TensorType};
 pub use weights::{TensorData, WeightStore};

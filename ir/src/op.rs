@@ -1,8 +1,10 @@
 //! The op table: every IR operation, its text name, arity, attributes and type rule.
 //!
 //! `ops!` below is the single list of ops; it generates the `Op` enum, the name/arity lookups and the
-//! attribute (de)serialisation used by the text form. The type rule is `Op::infer`, the interpreter arm is
-//! in `interp.rs`. `docs/adding-an-op.md` lists every place a new op touches.
+//! attribute (de)serialisation used by the text form. A unary elementwise op is its table line alone:
+//! `=> unary(f, flops)` gives its scalar rule, from which its type rule, verifier, interpreter arm and
+//! cost follow. Other ops have their type rule in `Op::infer` and their interpreter arm in `interp.rs`.
+//! `docs/adding-an-op.md` lists every place a new op touches.
 
 use crate::dtype::DType;
 use crate::shape::{Dim, TensorType};
@@ -139,8 +141,18 @@ impl Attr for RopeMode {
     }
 }
 
+/// What the op table says of a unary elementwise op: its value at each element (f64, as the interpreter
+/// computes it) and its work per element in flops (the e-graph's cost model reads it). Its type rule is
+/// "an f32 tensor in, the same type out".
+#[derive(Clone, Copy, Debug)]
+pub struct UnaryRule {
+    pub eval: fn(f64) -> f64,
+    pub flops: f64,
+}
+
 macro_rules! ops {
-    ($( $(#[$doc:meta])* $variant:ident $( { $($field:ident : $fty:ty),* $(,)? } )? = $name:literal / $arity:literal ;)*) => {
+    ($( $(#[$doc:meta])* $variant:ident $( { $($field:ident : $fty:ty),* $(,)? } )? = $name:literal / $arity:literal
+        $( => unary($rule:expr, $flops:expr) )? ;)*) => {
         /// An IR operation with its attributes. Operands live on the node.
         #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
         pub enum Op {
@@ -153,6 +165,12 @@ macro_rules! ops {
 
             pub fn name(&self) -> &'static str {
                 match self { $( Op::$variant { .. } => $name, )* }
+            }
+
+            /// The scalar rule of a unary elementwise op (`=> unary(f, flops)` in the table), from which its
+            /// type rule, interpreter arm and cost follow; `None` for every other op.
+            pub fn unary(&self) -> Option<UnaryRule> {
+                match self { $( Op::$variant { .. } => { None $( .or(Some(UnaryRule { eval: $rule, flops: $flops })) )? } )* }
             }
 
             /// Number of operands in the table (see [`Op::arity`] for the ops whose attributes add one).
@@ -215,12 +233,12 @@ ops! {
     Sub = "sub" / 2;
     Mul = "mul" / 2;
     Div = "div" / 2;
-    Neg = "neg" / 1;
-    Exp = "exp" / 1;
-    Sqrt = "sqrt" / 1;
-    Rsqrt = "rsqrt" / 1;
-    Sigmoid = "sigmoid" / 1;
-    Silu = "silu" / 1;
+    Neg = "neg" / 1 => unary(|x| -x, 1.0);
+    Exp = "exp" / 1 => unary(f64::exp, 10.0);
+    Sqrt = "sqrt" / 1 => unary(f64::sqrt, 4.0);
+    Rsqrt = "rsqrt" / 1 => unary(|x| 1.0 / x.sqrt(), 4.0);
+    Sigmoid = "sigmoid" / 1 => unary(|x| 1.0 / (1.0 + (-x).exp()), 10.0);
+    Silu = "silu" / 1 => unary(|x| x / (1.0 + (-x).exp()), 12.0);
     /// Reductions keep the reduced axis with size 1 so results broadcast back.
     ReduceSum { axis: i64 } = "reduce_sum" / 1;
     ReduceMax { axis: i64 } = "reduce_max" / 1;
@@ -261,8 +279,8 @@ ops! {
     Cast { dtype: DType } = "cast" / 1;
     /// Primitives of the rope and attention decompositions (`decompose.rs`); no CPU lowering: graphs
     /// that use them are lifted back to `rope`/`attention` by the `lift` pass before codegen.
-    Sin = "sin" / 1;
-    Cos = "cos" / 1;
+    Sin = "sin" / 1 => unary(f64::sin, 10.0);
+    Cos = "cos" / 1 => unary(f64::cos, 10.0);
     /// `a ** b`, elementwise with broadcasting.
     Pow = "pow" / 2;
     /// `f32[n]` holding 0, 1, …, n−1.
@@ -485,7 +503,7 @@ impl Op {
                 want_float(ins[1], "rhs")?;
                 Ok(f32t(broadcast(&ins[0].shape, &ins[1].shape)?))
             }
-            Op::Neg | Op::Exp | Op::Sqrt | Op::Rsqrt | Op::Sigmoid | Op::Silu | Op::Sin | Op::Cos => {
+            _ if self.unary().is_some() => {
                 want_float(ins[0], "operand")?;
                 Ok(ins[0].clone())
             }
@@ -784,6 +802,8 @@ impl Op {
                 }
                 Ok(TensorType::new(*dtype, ins[0].shape.clone()))
             }
+            // Only the unary ops, whose rule is the guard arm above, reach here.
+            other => Err(format!("`{}` has no type rule", other.name())),
         }
     }
 }
