@@ -449,3 +449,40 @@ fn column_active_linear_matches_interpreter_and_the_dense_weight() {
         }
     }
 }
+
+/// GELU (tanh approximation): the interpreter against the formula evaluated independently (Python's
+/// math module, which PyTorch's `gelu(approximate="tanh")` agrees with), far tails included; the
+/// compiled fused kernel against the interpreter on both signs, alone and fused into a chain.
+#[test]
+fn gelu_tanh_matches_the_formula_and_compiles() {
+    let reference = [
+        (-20.0, -0.0),
+        (-3.0, -0.0036373920817729943),
+        (-1.0, -0.15880800939172324),
+        (-0.5, -0.15428599017485606),
+        (0.0, 0.0),
+        (0.5, 0.34571400982514394),
+        (1.0, 0.8411919906082768),
+        (3.0, 2.996362607918227),
+        (20.0, 20.0),
+    ];
+    let x = Tensor::f32(vec![reference.len()], reference.iter().map(|r| r.0 as f32).collect());
+    let y = kiln::ir::interp::eval(&Op::GeluTanh, &[&x], &Default::default()).unwrap();
+    for ((xi, want), got) in reference.iter().zip(y.as_f32().unwrap()) {
+        assert!((*got as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "gelu_tanh({xi}) = {got}, want {want}");
+    }
+    let mut rng = StdRng::seed_from_u64(41);
+    for (trial, &d) in WIDTHS.iter().enumerate() {
+        // Both signs and the tails where exp(2u) under- and overflows in f32.
+        let mut c = Case::new(100 + trial as u64, d, -12.0, 12.0);
+        let (x, w) = (c.x, c.w);
+        let v = c.op(Op::GeluTanh, &[x]);
+        c.out("gelu_tanh", v);
+        let m = c.op(Op::Mul, &[x, w]);
+        let g = c.op(Op::GeluTanh, &[m]);
+        let v = c.op(Op::Add, &[g, x]);
+        c.out("gelu_tanh_chain", v);
+        let tokens = random_tokens(&mut rng);
+        c.check(&tokens, 1 + trial % 2, 1e-5);
+    }
+}

@@ -328,6 +328,10 @@ ops! {
     /// (`i32[N_out, row_bytes / 4]`), every row keeping `kept` elements. `decode`/`prefill` and the
     /// optional dense layout as for `nm_linear`.
     BitmapLinear { dtype: DType, gran: i64, kept: i64, decode: i64, prefill: i64 } = "bitmap_linear" / 2;
+    /// GELU, tanh approximation (Gemma, GPT-2; PyTorch's `gelu(approximate="tanh")`):
+    /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
+    GeluTanh = "gelu_tanh" / 1
+        => unary(|x| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()), 14.0);
 }
 
 /// Resolves a possibly negative axis against `rank`.

@@ -45,6 +45,7 @@ pub enum EwOp {
     SwiGlu,
     /// `a` where `|a| > b`, else 0 (`b` a per-channel threshold).
     Threshold,
+    GeluTanh,
 }
 
 impl EwOp {
@@ -63,6 +64,7 @@ impl EwOp {
             Op::Silu => EwOp::Silu,
             Op::SwiGlu => EwOp::SwiGlu,
             Op::Threshold => EwOp::Threshold,
+            Op::GeluTanh => EwOp::GeluTanh,
             _ => return None,
         })
     }
@@ -81,6 +83,7 @@ impl EwOp {
             EwOp::Silu => "silu",
             EwOp::SwiGlu => "swiglu",
             EwOp::Threshold => "threshold",
+            EwOp::GeluTanh => "gelu_tanh",
         }
     }
 }
@@ -216,6 +219,17 @@ impl FusedKernel {
                     "    %s{i}_a = math.absf {} : f32\n    %s{i}_c = arith.cmpf ogt, %s{i}_a, {} : f32\n    \
                      %s{i} = arith.select %s{i}_c, {}, %zero : f32\n",
                     a[0], a[1], a[0]
+                ),
+                // 0.5·x·(1 + tanh(u)) = x − x / (exp(2u) + 1), u = √(2/π)·(x + 0.044715·x³): exp(2u) = inf
+                // gives x, 0 gives 0, never a NaN (tanh itself has no lowering to LLVM here).
+                EwOp::GeluTanh => format!(
+                    "    %s{i}_x2 = arith.mulf {x}, {x} : f32\n    %s{i}_x3 = arith.mulf %s{i}_x2, {x} : f32\n    \
+                     %s{i}_ca = arith.constant 0x3D372713 : f32\n    %s{i}_c2 = arith.constant 0x3FCC422A : f32\n    \
+                     %s{i}_t = arith.mulf %s{i}_x3, %s{i}_ca : f32\n    %s{i}_in = arith.addf {x}, %s{i}_t : f32\n    \
+                     %s{i}_u2 = arith.mulf %s{i}_in, %s{i}_c2 : f32\n    %s{i}_e = math.exp %s{i}_u2 : f32\n    \
+                     %s{i}_d = arith.addf %one, %s{i}_e : f32\n    %s{i}_q = arith.divf {x}, %s{i}_d : f32\n    \
+                     %s{i} = arith.subf {x}, %s{i}_q : f32\n",
+                    x = a[0]
                 ),
                 EwOp::SwiGlu => format!(
                     "{}    %s{i}_g = arith.divf {}, %s{i}_d : f32\n    %s{i} = arith.mulf %s{i}_g, {} : f32\n",
