@@ -17,6 +17,7 @@ pub mod program;
 pub mod quant;
 pub mod shape;
 pub mod sparse;
+pub mod tensor;
 pub mod text;
 pub mod weights;
 
