@@ -523,9 +523,9 @@ fn a_step_over_several_sequences_equals_each_sequence_alone() {
             }
         }
         assert_eq!(b.sequence(), 10, "the last entry's sequence is current");
-        for s in 0..3 {
+        for (s, p) in prompts.iter().enumerate() {
             b.select(10 + s as u32).unwrap();
-            assert_eq!(b.position(), prompts[s].len() + 2, "{what}: sequence {s}'s position");
+            assert_eq!(b.position(), p.len() + 2, "{what}: sequence {s}'s position");
         }
         // A released sequence starts empty; the others keep their caches.
         b.release(11);

@@ -215,6 +215,17 @@ macro_rules! shape {
     ($($d:expr),* $(,)?) => { vec![$($crate::shape::Dim::from($d)),*] };
 }
 
+/// Resolves a possibly negative axis against `rank`.
+pub fn norm_axis(axis: i64, rank: usize) -> Result<usize, String> {
+    let r = rank as i64;
+    let a = if axis < 0 { axis + r } else { axis };
+    if (0..r).contains(&a) {
+        Ok(a as usize)
+    } else {
+        Err(format!("axis {axis} out of range for rank {rank}"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,16 +246,5 @@ mod tests {
         assert!(Dim::parse("seq*2").is_err());
         assert!(Dim::parse("").is_err());
         assert!(Dim::parse("a+").is_err());
-    }
-}
-
-/// Resolves a possibly negative axis against `rank`.
-pub fn norm_axis(axis: i64, rank: usize) -> Result<usize, String> {
-    let r = rank as i64;
-    let a = if axis < 0 { axis + r } else { axis };
-    if (0..r).contains(&a) {
-        Ok(a as usize)
-    } else {
-        Err(format!("axis {axis} out of range for rank {rank}"))
     }
 }

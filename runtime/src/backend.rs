@@ -128,6 +128,40 @@ pub fn check_batch(batch: &[SeqTokens<'_>]) -> Result<(), RuntimeError> {
     Ok(())
 }
 
+/// The sequences a backend keeps: which one is current (its state lives in the backend's own fields)
+/// and the parked state `T` of the others.
+pub(crate) struct Sequences<T> {
+    current: SeqId,
+    parked: std::collections::BTreeMap<SeqId, T>,
+}
+
+impl<T> Sequences<T> {
+    pub(crate) fn new() -> Self {
+        Sequences { current: 0, parked: Default::default() }
+    }
+
+    pub(crate) fn current(&self) -> SeqId {
+        self.current
+    }
+
+    /// The parked state of `seq` (`None`: never selected, or released), taken out.
+    pub(crate) fn take(&mut self, seq: SeqId) -> Option<T> {
+        self.parked.remove(&seq)
+    }
+
+    /// Parks the current sequence's state `outgoing` and makes `seq` current.
+    pub(crate) fn park(&mut self, outgoing: T, seq: SeqId) {
+        self.parked.insert(self.current, outgoing);
+        self.current = seq;
+    }
+
+    /// Forgets `seq`; `true` when it is the current one, whose state the backend then empties.
+    pub(crate) fn release(&mut self, seq: SeqId) -> bool {
+        self.parked.remove(&seq);
+        seq == self.current
+    }
+}
+
 /// CoreInfer: the share of MLP neurons in the current core sets (`core_set.L`, every layer), if the
 /// backend has them.
 pub fn core_share(b: &dyn Backend) -> Option<f64> {
@@ -148,8 +182,7 @@ pub struct InterpreterBackend<'w> {
     context: usize,
     past: usize,
     /// The current sequence; the others' state and position wait here.
-    current: SeqId,
-    parked: std::collections::BTreeMap<SeqId, (Vec<(String, Tensor)>, usize)>,
+    seqs: Sequences<(Vec<(String, Tensor)>, usize)>,
 }
 
 impl<'w> InterpreterBackend<'w> {
@@ -180,8 +213,7 @@ impl<'w> InterpreterBackend<'w> {
             vocab,
             context,
             past: 0,
-            current: 0,
-            parked: Default::default(),
+            seqs: Sequences::new(),
         };
         b.reset();
         Ok(b)
@@ -221,17 +253,16 @@ impl Backend for InterpreterBackend<'_> {
     }
 
     fn sequence(&self) -> SeqId {
-        self.current
+        self.seqs.current()
     }
 
     fn select(&mut self, seq: SeqId) -> Result<(), RuntimeError> {
-        if seq == self.current {
+        if seq == self.seqs.current() {
             return Ok(());
         }
-        let state = std::mem::take(&mut self.state);
-        self.parked.insert(self.current, (state, self.past));
-        self.current = seq;
-        match self.parked.remove(&seq) {
+        let incoming = self.seqs.take(seq);
+        self.seqs.park((std::mem::take(&mut self.state), self.past), seq);
+        match incoming {
             Some((state, past)) => {
                 self.state = state;
                 self.past = past;
@@ -243,10 +274,8 @@ impl Backend for InterpreterBackend<'_> {
     }
 
     fn release(&mut self, seq: SeqId) {
-        if seq == self.current {
+        if self.seqs.release(seq) {
             self.reset();
-        } else {
-            self.parked.remove(&seq);
         }
     }
 

@@ -4,7 +4,7 @@
 //! Execution: for each launch, evaluate its dims for this step (`batch` = 1, `seq`, `past`), point the
 //! kernel at its buffers, and split its work items over a thread pool built once per backend.
 
-use crate::backend::{Backend, Logits, RuntimeError, SeqId};
+use crate::backend::{Backend, Logits, RuntimeError, SeqId, Sequences};
 use crate::early_exit::{ExitMode, ExitSchedule};
 use crate::pool::SpinPool;
 use kiln_ir::collective::{
@@ -189,9 +189,8 @@ pub struct CompiledBackend {
     pool: SpinPool,
     /// This rank's communicator (a single rank unless set by [`CompiledBackend::with_collective`]).
     collective: Arc<dyn Collective>,
-    /// The current sequence; the others' state buffers, cache rows and positions wait in `parked`.
-    current: SeqId,
-    parked: std::collections::BTreeMap<SeqId, Parked>,
+    /// The current sequence; the others' state buffers, cache rows and positions wait here.
+    seqs: Sequences<Parked>,
     /// Keeps a `dlopen`ed kernel library loaded while its functions are in `kernels`.
     _lib: Option<libloading::Library>,
 }
@@ -315,8 +314,7 @@ impl CompiledBackend {
             capacity,
             pool,
             collective: Arc::new(SingleRank),
-            current: 0,
-            parked: Default::default(),
+            seqs: Sequences::new(),
             _lib: lib,
         })
     }
@@ -391,16 +389,16 @@ impl Backend for CompiledBackend {
     }
 
     fn sequence(&self) -> SeqId {
-        self.current
+        self.seqs.current()
     }
 
     /// Each sequence has its own state buffers (KV caches of `capacity` rows, whole states), allocated
     /// the first time it is selected; switching moves buffers, it copies nothing.
     fn select(&mut self, seq: SeqId) -> Result<(), RuntimeError> {
-        if seq == self.current {
+        if seq == self.seqs.current() {
             return Ok(());
         }
-        let incoming = match self.parked.remove(&seq) {
+        let incoming = match self.seqs.take(seq) {
             Some(p) => p,
             None => self.fresh_sequence(),
         };
@@ -417,16 +415,13 @@ impl Backend for CompiledBackend {
             c.rows = rows;
         }
         self.past = incoming.past;
-        self.parked.insert(self.current, outgoing);
-        self.current = seq;
+        self.seqs.park(outgoing, seq);
         Ok(())
     }
 
     fn release(&mut self, seq: SeqId) {
-        if seq == self.current {
+        if self.seqs.release(seq) {
             self.reset();
-        } else {
-            self.parked.remove(&seq);
         }
     }
 

@@ -114,7 +114,7 @@ impl OpKernel {
                         let v = e.load_f32(x, e.add(base, j)?)?;
                         e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
                     })?;
-                    normalize_row(&e, [x, w, y], base, d, eps, e.get(ss)?)
+                    normalize_row(e, [x, w, y], base, d, eps, e.get(ss)?)
                 })?;
             }
             OpKernel::AddRmsNorm { d, eps } => {
@@ -129,7 +129,7 @@ impl OpKernel {
                         e.store_f32(s, i, v)?;
                         e.set(ss, e.fma_reduce(v, v, e.get(ss)?)?)
                     })?;
-                    normalize_row(&e, [s, w, y], base, d, eps, e.get(ss)?)
+                    normalize_row(e, [s, w, y], base, d, eps, e.get(ss)?)
                 })?;
             }
             OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => {
@@ -202,16 +202,16 @@ impl OpKernel {
                 }
                 let (q, kc, vc, out) = (e.buf(0)?, e.buf(1)?, e.buf(2)?, e.buf(3)?);
                 let past = e.dim(1)?;
-                let a = Attend::new(&e, q, kc, vc, kv_heads, head_dim, scale)?;
+                let a = Attend::new(e, q, kc, vc, kv_heads, head_dim, scale)?;
                 e.for_range(e.begin, e.end, |it| {
                     let i = e.div(it, e.i64c(q_heads as i64))?;
                     let h = e.rem(it, e.i64c(q_heads as i64))?;
                     let kh = e.div(h, e.i64c((q_heads / kv_heads) as i64))?;
                     let qbase = e.mul(it, e.i64c(head_dim as i64))?; // (i * q_heads + h) * head_dim
                     let visible = e.add(e.add(past, i)?, e.i64c(1))?;
-                    a.start(&e)?;
-                    a.keys(&e, qbase, kh, e.i64c(0), visible)?;
-                    a.finish(&e, out, qbase)
+                    a.start(e)?;
+                    a.keys(e, qbase, kh, e.i64c(0), visible)?;
+                    a.finish(e, out, qbase)
                 })?;
             }
             OpKernel::FlexPattern { .. }
