@@ -170,8 +170,57 @@ struct Cache {
 
 enum Storage {
     Weight(usize),
-    Floats(Vec<f32>),
+    Floats(Floats),
     Ints(Vec<i32>),
+}
+
+/// An f32 buffer whose elements start on a cache line (64 bytes), whatever the allocator's state: the
+/// kernels' vector loads and stores then split no line at a buffer's start, and two threads' halves of
+/// an output meet where the work split puts them, not where the heap happened to place the buffer. It is
+/// a `Vec<f32>` 15 elements longer than needed, used from its first 64-byte boundary; zeroed memory comes
+/// from `vec![0.0; n]` (calloc: a KV cache's pages are not touched until written).
+struct Floats {
+    buf: Vec<f32>,
+    /// Index of the first element on a 64-byte boundary.
+    off: usize,
+    len: usize,
+}
+
+/// Slack so that a 64-byte boundary falls within the first 16 elements.
+const ALIGN_SLACK: usize = 15;
+
+fn aligned_offset(v: &[f32]) -> usize {
+    (64 - v.as_ptr() as usize % 64) % 64 / std::mem::size_of::<f32>()
+}
+
+impl Floats {
+    fn zeros(len: usize) -> Floats {
+        let buf = vec![0.0; len + ALIGN_SLACK];
+        Floats { off: aligned_offset(&buf), buf, len }
+    }
+
+    /// Like `Vec::resize(len, 0.0)`: elements up to the old length keep their values, the rest are zero.
+    fn resize(&mut self, len: usize) {
+        let kept = self.len.min(len);
+        if self.buf.len() < len + ALIGN_SLACK {
+            self.buf.resize(len + ALIGN_SLACK, 0.0);
+            let off = aligned_offset(&self.buf);
+            if off != self.off {
+                self.buf.copy_within(self.off..self.off + kept, off);
+                self.off = off;
+            }
+        }
+        self.buf[self.off + kept..self.off + len].fill(0.0);
+        self.len = len;
+    }
+
+    fn as_slice(&self) -> &[f32] {
+        &self.buf[self.off..self.off + self.len]
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.buf[self.off..].as_mut_ptr()
+    }
 }
 
 pub struct CompiledBackend {
@@ -197,7 +246,7 @@ pub struct CompiledBackend {
 
 /// A sequence that is not current: its state buffers (by buffer index), its caches' rows, its position.
 struct Parked {
-    states: Vec<(usize, Vec<f32>)>,
+    states: Vec<(usize, Floats)>,
     rows: Vec<usize>,
     past: usize,
 }
@@ -270,9 +319,9 @@ impl CompiledBackend {
                     Storage::Weight(*offset as usize)
                 }
                 BufferKind::Input { .. } => Storage::Ints(Vec::new()),
-                BufferKind::Temp => Storage::Floats(Vec::new()),
-                BufferKind::State { row_elems, whole: true, .. } => Storage::Floats(vec![0.0; *row_elems as usize]),
-                BufferKind::State { row_elems, .. } => Storage::Floats(vec![0.0; capacity * *row_elems as usize]),
+                BufferKind::Temp => Storage::Floats(Floats::zeros(0)),
+                BufferKind::State { row_elems, whole: true, .. } => Storage::Floats(Floats::zeros(*row_elems as usize)),
+                BufferKind::State { row_elems, .. } => Storage::Floats(Floats::zeros(capacity * *row_elems as usize)),
             });
             if !matches!(b.dtype, DType::F32 | DType::I32) && !matches!(b.kind, BufferKind::Weight { .. }) {
                 return Err(invalid(dir, format!("buffer {i} has unsupported dtype {}", b.dtype)));
@@ -365,7 +414,7 @@ impl Backend for CompiledBackend {
     fn output(&self, name: &str) -> Option<&[f32]> {
         let (_, b) = self.manifest.program.outputs.iter().find(|(n, _)| n == name)?;
         match &self.storage[*b] {
-            Storage::Floats(v) => Some(v),
+            Storage::Floats(v) => Some(v.as_slice()),
             _ => None,
         }
     }
@@ -378,7 +427,7 @@ impl Backend for CompiledBackend {
             .iter()
             .position(|b| matches!(&b.kind, BufferKind::State { name: n, whole: true, .. } if n == name))?;
         match &self.storage[b] {
-            Storage::Floats(v) => Some(v),
+            Storage::Floats(v) => Some(v.as_slice()),
             _ => None,
         }
     }
@@ -446,8 +495,8 @@ impl CompiledBackend {
     fn fresh_sequence(&self) -> Parked {
         let states = (self.manifest.program.buffers.iter().enumerate())
             .filter_map(|(i, b)| match &b.kind {
-                BufferKind::State { row_elems, whole: true, .. } => Some((i, vec![0.0; *row_elems as usize])),
-                BufferKind::State { row_elems, .. } => Some((i, vec![0.0; self.capacity * *row_elems as usize])),
+                BufferKind::State { row_elems, whole: true, .. } => Some((i, Floats::zeros(*row_elems as usize))),
+                BufferKind::State { row_elems, .. } => Some((i, Floats::zeros(self.capacity * *row_elems as usize))),
                 _ => None,
             })
             .collect();
@@ -511,7 +560,7 @@ impl CompiledBackend {
                 }
                 (BufferKind::Temp, Storage::Floats(v)) => {
                     let n = Program::eval(&b.shape, &env).expect("shapes use batch/seq/past only");
-                    v.resize(n, 0.0);
+                    v.resize(n);
                 }
                 _ => {}
             }

@@ -1,10 +1,11 @@
-//! The op table: every IR operation, its text name, arity, attributes and type rule.
+//! The op table: every IR operation, its text name, arity, attributes and family.
 //!
-//! `ops!` below is the single list of ops; it generates the `Op` enum, the name/arity lookups and the
-//! attribute (de)serialisation used by the text form. A unary elementwise op is its table line alone:
-//! `=> unary(f, flops)` gives its scalar rule, from which its type rule, verifier, interpreter arm and
-//! cost follow. Other ops have their type rule in `Op::infer` and their interpreter arm in `interp.rs`.
-//! `docs/adding-an-op.md` lists every place a new op touches.
+//! `ops!` below is the single list of ops; it generates the `Op` enum, the name/arity lookups, the
+//! attribute (de)serialisation used by the text form, and the dispatch of each op's rules to its
+//! family's file (`op/<family>.rs`: `infer`, the type rule the verifier re-runs; `eval`, the interpreter
+//! rule; `expandable`/`expand`, the decomposition into primitives). A unary elementwise op is its table
+//! line alone: `=> unary(f, flops)` gives its scalar rule, from which its type rule, interpreter arm and
+//! cost follow. `docs/adding-an-op.md` lists every place a new op touches.
 
 use crate::dtype::DType;
 use crate::shape::{Dim, SymEnv, TensorType};
