@@ -238,6 +238,7 @@ fn inspect(model: Option<PathBuf>, json: bool, tensors: bool) -> Result<()> {
             "source": m.source,
             "format": m.format,
             "config": c,
+            "features": c.features(),
             "parameters": c.param_count(),
             "weight_bytes": total_bytes,
             "dtypes": hist.iter().map(|(d, (n, b))| (d.name().to_string(), serde_json::json!({"tensors": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
@@ -260,6 +261,10 @@ fn inspect(model: Option<PathBuf>, json: bool, tensors: bool) -> Result<()> {
     println!("  context        {}", c.context_length);
     println!("  rope theta     {}   rms eps {:e}", c.rope_theta, c.rms_norm_eps);
     println!("  qkv bias       {}   tied embeddings {}", c.attention_bias, c.tie_embeddings);
+    println!(
+        "  features       {} (all supported: a file needing anything else is refused at load)",
+        c.features().join(", ")
+    );
     println!("  weights        {:.1} MiB", total_bytes as f64 / (1 << 20) as f64);
     for (d, (n, b)) in &hist {
         println!("    {:<6} {:>4} tensors  {:>8.1} MiB", d.name(), n, *b as f64 / (1 << 20) as f64);

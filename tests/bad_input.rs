@@ -146,6 +146,97 @@ fn cases() -> Vec<(&'static str, Case, &'static str)> {
         Case::Gguf(gguf_with(|m, _| m.retain(|(k, _)| k != "llama.block_count"))),
         "llama.block_count",
     ));
+    // No silent drops: one tensor or key that Kiln does not implement at a time, each refused by name.
+    v.push((
+        "unknown tensor (qk-norm)",
+        Case::Gguf(gguf_with(|_, w| {
+            w.insert("blk.0.attn_q_norm.weight", kiln::ir::TensorData::from_f32(vec![8], &[1.0; 8]));
+        })),
+        "blk.0.attn_q_norm.weight",
+    ));
+    v.push((
+        "unknown architecture key (softcapping)",
+        Case::Gguf(gguf_with(|m, _| m.push(("llama.attn_logit_softcapping".into(), GgufValue::F32(50.0))))),
+        "llama.attn_logit_softcapping",
+    ));
+    v.push((
+        "yarn RoPE scaling",
+        Case::Gguf(gguf_with(|m, _| m.push(("llama.rope.scaling.type".into(), GgufValue::String("yarn".into()))))),
+        "yarn",
+    ));
+    v.push((
+        "mixture of experts",
+        Case::Gguf(gguf_with(|m, _| m.push(("llama.expert_count".into(), GgufValue::U32(8))))),
+        "llama.expert_count",
+    ));
+    v.push((
+        "partial rotary",
+        Case::Gguf(gguf_with(|m, _| set_meta(m, "llama.rope.dimension_count", GgufValue::U32(4)))),
+        "llama.rope.dimension_count",
+    ));
+    v.push((
+        "value length differs from key length",
+        Case::Gguf(gguf_with(|m, _| set_meta(m, "llama.attention.value_length", GgufValue::U32(4)))),
+        "llama.attention.value_length",
+    ));
+    v.push((
+        "rope_freqs in f16",
+        Case::Gguf(gguf_with(|_, w| {
+            let t = kiln::ir::TensorData::from_f32(vec![4], &[1.0; 4]);
+            let bytes = kiln::ir::quant::quantize(DType::F16, &t.to_f32().unwrap()).unwrap();
+            w.insert(
+                "rope_freqs.weight",
+                kiln::ir::TensorData { dtype: DType::F16, shape: vec![4], bytes: bytes.into() },
+            );
+        })),
+        "rope_freqs.weight",
+    ));
+    v.push((
+        "linear scaling and rope_freqs at once",
+        Case::Gguf(gguf_with(|m, w| {
+            m.push(("llama.rope.scaling.factor".into(), GgufValue::F32(4.0)));
+            w.insert("rope_freqs.weight", kiln::ir::TensorData::from_f32(vec![4], &[2.0; 4]));
+        })),
+        "rope_freqs.weight",
+    ));
+    let hf_key = |k: &'static str, v: serde_json::Value| -> Case {
+        Case::Hf(Box::new(move |d| edit_config(d, |c| c[k] = v.clone())))
+    };
+    v.push((
+        "unknown config key (softcapping)",
+        hf_key("final_logit_softcapping", 30.0.into()),
+        "final_logit_softcapping",
+    ));
+    v.push((
+        "quantization_config",
+        hf_key("quantization_config", serde_json::json!({"quant_method": "gptq", "bits": 4})),
+        "quantization_config",
+    ));
+    v.push(("mlp_bias", hf_key("mlp_bias", true.into()), "mlp_bias"));
+    v.push((
+        "yarn rope_scaling",
+        hf_key("rope_scaling", serde_json::json!({"rope_type": "yarn", "factor": 4.0})),
+        "yarn",
+    ));
+    v.push((
+        "dynamic rope_scaling",
+        hf_key("rope_scaling", serde_json::json!({"type": "dynamic", "factor": 2.0})),
+        "dynamic",
+    ));
+    v.push((
+        "unknown field of a llama3 rope_scaling",
+        hf_key(
+            "rope_scaling",
+            serde_json::json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32}),
+        ),
+        "beta_fast",
+    ));
+    v.push((
+        "sliding-attention layer types",
+        hf_key("layer_types", serde_json::json!(["full_attention", "sliding_attention"])),
+        "layer_types",
+    ));
     // Hugging Face directories.
     v.push(("directory without config.json", Case::Hf(Box::new(|_| {})), "config.json"));
     v.push((

@@ -33,6 +33,7 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         context_length: 64,
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: arch == Arch::Llama,
+        rope_scaling: None,
     }
 }
 
@@ -42,6 +43,15 @@ pub fn random_weights(cfg: &LlamaConfig, dtype: DType, seed: u64) -> WeightStore
     let mut w = WeightStore::new();
     for (name, shape) in cfg.expected_weights() {
         let n: usize = shape.iter().product();
+        if name == kiln::frontend::llama::ROPE_FREQS {
+            // The divisors the config gives (what an importer computes), or arbitrary ones in 1..8.
+            let rs = cfg.rope_scaling.as_ref().expect("rope_freqs only with rope_scaling");
+            let vals = rs
+                .factors(cfg.rope_theta, cfg.head_dim)
+                .unwrap_or_else(|| (0..n).map(|_| rng.random_range(1.0..8.0)).collect());
+            w.insert(name, TensorData::from_f32(shape, &vals));
+            continue;
+        }
         let is_norm = name.ends_with("norm.weight");
         let vals: Vec<f32> = (0..n)
             .map(|_| if is_norm { 1.0 + rng.random_range(-0.2..0.2) } else { rng.random_range(-0.3..0.3) })

@@ -88,6 +88,7 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
         context_length: 32,
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: seed.is_multiple_of(2),
+        rope_scaling: None,
     }
 }
 

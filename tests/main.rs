@@ -17,6 +17,7 @@ mod layout;
 mod lift;
 mod ops;
 mod quality;
+mod rope_scaling;
 mod sparsity;
 mod structured;
 mod tokenizer;

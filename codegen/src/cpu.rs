@@ -52,6 +52,7 @@ impl Target for CpuTarget {
                     | Op::Constant { .. }
                     | Op::RmsNorm { .. }
                     | Op::Rope { .. }
+                    | Op::RopeScaled { .. }
                     | Op::Concat { .. }
                     | Op::Attention { .. }
                     | Op::FlexAttention { .. }

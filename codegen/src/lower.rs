@@ -788,8 +788,9 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 }
                 out
             }
-            Op::Rope { mode, theta, n_rot } => {
+            Op::Rope { mode, theta, n_rot } | Op::RopeScaled { mode, theta, n_rot } => {
                 let (x, pos) = (cx.operand(i, 0), cx.operand(i, 1));
+                let scaled = matches!(n.op, Op::RopeScaled { .. });
                 let (heads, hd) = match (fixed(&ty.shape[2]), fixed(&ty.shape[3])) {
                     (Some(h), Some(d)) => (h, d),
                     _ => return Err(cx.unsupported(i, "symbolic heads")),
@@ -800,10 +801,19 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                     n_rot: *n_rot as usize,
                     theta: *theta,
                     neox: *mode == kiln_ir::RopeMode::Neox,
+                    scaled,
                 };
+                let mut bufs = vec![x, pos];
+                if scaled {
+                    if cx.program.buffers[cx.operand(i, 2)].dtype != DType::F32 {
+                        return Err(cx.unsupported(i, "rope factors that are not f32"));
+                    }
+                    bufs.push(cx.operand(i, 2));
+                }
                 let out = cx.temp(i);
+                bufs.push(out);
                 let rows = ty.shape[..2].to_vec();
-                cx.launch(i, KernelSpec::Op(spec), vec![x, pos, out], vec![], rows, false);
+                cx.launch(i, KernelSpec::Op(spec), bufs, vec![], rows, false);
                 out
             }
             Op::Concat { axis: 1 } if cx.is_state(cx.operand(i, 0)) => {

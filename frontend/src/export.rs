@@ -6,7 +6,7 @@
 
 use crate::error::{FrontendError, Result};
 use crate::gguf::{GgufValue, GgufWriter};
-use crate::llama::{self, Arch, LlamaConfig};
+use crate::llama::{self, Arch, LlamaConfig, RopeScaling, ROPE_FREQS};
 use crate::tokenizer::GgufVocab;
 use kiln_ir::{DType, TensorData, WeightStore};
 use std::collections::BTreeMap;
@@ -42,7 +42,7 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
 }
 
 fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "architectures": [match cfg.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
         "model_type": cfg.arch.name(),
         "vocab_size": cfg.vocab_size,
@@ -59,7 +59,44 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
         "attention_bias": cfg.attention_bias,
         "hidden_act": "silu",
         "torch_dtype": "float32",
-    })
+    });
+    let scaling = match cfg.rope_scaling {
+        None | Some(RopeScaling::Factors) => None,
+        Some(RopeScaling::Linear { factor }) => Some(serde_json::json!({ "rope_type": "linear", "factor": factor })),
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(serde_json::json!({
+                "rope_type": "llama3",
+                "factor": factor,
+                "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor,
+                "original_max_position_embeddings": original_max_position_embeddings,
+            }))
+        }
+    };
+    if let Some(s) = scaling {
+        v["rope_scaling"] = s;
+    }
+    v
+}
+
+/// A config-derived `rope_freqs.weight` may be left out of a file only if it is what the config gives
+/// (else the written model would compute other frequencies than the one in memory).
+fn check_derived_freqs(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<()> {
+    let derived = cfg.rope_scaling.as_ref().and_then(|rs| rs.factors(cfg.rope_theta, cfg.head_dim));
+    match (derived, weights.get(ROPE_FREQS)) {
+        (Some(want), Some(t)) => {
+            let have: Vec<f32> =
+                t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if t.dtype != DType::F32 || have != want {
+                return Err(FrontendError::invalid(
+                    path,
+                    format!("tensor `{ROPE_FREQS}` differs from what the config's rope_scaling gives"),
+                ));
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Writes `config.json` and the weights as `model.safetensors`, or, with `shards > 1`, as that many
@@ -67,10 +104,20 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
 pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: usize) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| FrontendError::io(dir, e))?;
     let cfg_path = dir.join("config.json");
+    if cfg.rope_scaling == Some(RopeScaling::Factors) {
+        return Err(FrontendError::invalid(
+            dir,
+            format!("RoPE scaling given only as tensor `{ROPE_FREQS}` has no Hugging Face config form"),
+        ));
+    }
+    check_derived_freqs(dir, cfg, weights)?;
     let text = serde_json::to_string_pretty(&hf_config(cfg)).expect("json");
     std::fs::write(&cfg_path, text).map_err(|e| FrontendError::io(&cfg_path, e))?;
     let mut tensors: Vec<(String, &TensorData)> = Vec::new();
     for (name, t) in weights.iter() {
+        if name == ROPE_FREQS {
+            continue; // derived from config.json's rope_scaling on import
+        }
         let hf =
             gguf_to_hf_name(name).ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
         if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
@@ -144,6 +191,13 @@ pub fn write_gguf(
     w.add_metadata(format!("{a}.rope.dimension_count"), u32v(cfg.head_dim));
     w.add_metadata(format!("{a}.rope.freq_base"), GgufValue::F32(cfg.rope_theta));
     w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
+    // llama.cpp's converter conventions: linear scaling as metadata, Llama 3's as the divisors tensor.
+    let linear = matches!(cfg.rope_scaling, Some(RopeScaling::Linear { .. }));
+    if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {
+        check_derived_freqs(path, cfg, weights)?;
+        w.add_metadata(format!("{a}.rope.scaling.type"), GgufValue::String("linear".into()));
+        w.add_metadata(format!("{a}.rope.scaling.factor"), GgufValue::F32(factor));
+    }
     if let Some(v) = vocab {
         w.add_metadata("tokenizer.ggml.model", GgufValue::String(v.model.clone()));
         if let Some(pre) = &v.pre {
@@ -170,6 +224,9 @@ pub fn write_gguf(
         }
     }
     for (tname, t) in weights.iter() {
+        if linear && tname == ROPE_FREQS {
+            continue;
+        }
         let heads = match tname.rsplit('.').nth(1) {
             Some("attn_q") if cfg.arch == Arch::Llama => Some(cfg.n_heads),
             Some("attn_k") if cfg.arch == Arch::Llama => Some(cfg.n_kv_heads),

@@ -14,5 +14,5 @@ pub mod model;
 pub mod tokenizer;
 
 pub use error::FrontendError;
-pub use llama::{Arch, LlamaConfig};
+pub use llama::{Arch, LlamaConfig, RopeScaling};
 pub use model::Model;

@@ -46,6 +46,91 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     /// The LM head reuses `token_embd.weight`.
     pub tie_embeddings: bool,
+    /// RoPE frequency scaling (Llama 3.x, linear interpolation); `None`: plain θ^(−2i/d).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// The weight holding the per-frequency RoPE divisors (`f32[head_dim/2]`) when `rope_scaling` is set:
+/// llama.cpp's name for it. A GGUF file may carry it; for every other source the importer computes it
+/// from the config ([`RopeScaling::factors`]).
+pub const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// How RoPE frequencies are scaled; each form is a per-frequency divisor (frequency i becomes
+/// θ^(−2i/d) / factor_i), which is what the graph's `rope_scaled` op takes.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor` (HF `linear`, GGUF `rope.scaling.type
+    /// = linear`).
+    Linear { factor: f32 },
+    /// Llama 3.1's band-wise scaling (HF `rope_type: llama3`): wavelengths shorter than
+    /// `original_max_position_embeddings / high_freq_factor` unchanged, longer than `… / low_freq_factor`
+    /// divided by `factor`, a smooth blend between.
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    /// Divisors given as data (a GGUF `rope_freqs.weight` with no config to derive it from).
+    Factors,
+}
+
+impl RopeScaling {
+    /// The divisors for `n_rot` rotated dims at base `theta`; `None` for [`RopeScaling::Factors`], whose
+    /// values live in the weight store.
+    pub fn factors(&self, theta: f32, n_rot: usize) -> Option<Vec<f32>> {
+        let half = n_rot / 2;
+        match *self {
+            RopeScaling::Linear { factor } => Some(vec![factor; half]),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                let old = original_max_position_embeddings as f64;
+                let (factor, lo, hi) = (factor as f64, low_freq_factor as f64, high_freq_factor as f64);
+                let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+                Some(
+                    (0..half)
+                        .map(|i| {
+                            let freq = (theta as f64).powf(-2.0 * i as f64 / n_rot as f64);
+                            let wavelen = 2.0 * std::f64::consts::PI / freq;
+                            if wavelen < high_wavelen {
+                                1.0
+                            } else if wavelen > low_wavelen {
+                                factor as f32
+                            } else {
+                                let smooth = (old / wavelen - lo) / (hi - lo);
+                                (1.0 / ((1.0 - smooth) / factor + smooth)) as f32
+                            }
+                        })
+                        .collect(),
+                )
+            }
+            RopeScaling::Factors => None,
+        }
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let positive = |name: &str, v: f32| {
+            if v.is_finite() && v > 0.0 {
+                Ok(())
+            } else {
+                Err(format!("rope_scaling {name} {v} must be positive"))
+            }
+        };
+        match *self {
+            RopeScaling::Linear { factor } => positive("factor", factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                positive("factor", factor)?;
+                positive("low_freq_factor", low_freq_factor)?;
+                positive("high_freq_factor", high_freq_factor)?;
+                if high_freq_factor <= low_freq_factor {
+                    return Err(format!(
+                        "rope_scaling high_freq_factor {high_freq_factor} must exceed low_freq_factor {low_freq_factor}"
+                    ));
+                }
+                if original_max_position_embeddings == 0 {
+                    return Err("rope_scaling original_max_position_embeddings is 0".into());
+                }
+                Ok(())
+            }
+            RopeScaling::Factors => Ok(()),
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -80,6 +165,9 @@ impl LlamaConfig {
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
             return Err(format!("rms_norm_eps {} must be non-negative", self.rms_norm_eps));
         }
+        if let Some(rs) = &self.rope_scaling {
+            rs.validate()?;
+        }
         Ok(())
     }
 
@@ -88,6 +176,9 @@ impl LlamaConfig {
         let (d, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.n_heads * hd, self.n_kv_heads * hd);
         let mut w = vec![("token_embd.weight".to_string(), vec![self.vocab_size, d])];
+        if self.rope_scaling.is_some() {
+            w.push((ROPE_FREQS.to_string(), vec![hd / 2]));
+        }
         for l in 0..self.n_layers {
             let p = |s: &str| format!("blk.{l}.{s}");
             w.push((p("attn_norm.weight"), vec![d]));
@@ -110,6 +201,33 @@ impl LlamaConfig {
             w.push(("output.weight".to_string(), vec![self.vocab_size, d]));
         }
         w
+    }
+
+    /// The architecture features this model uses, for `kiln inspect`. Every one is supported: a file
+    /// that needs one Kiln lacks is refused at load, naming the tensor or key.
+    pub fn features(&self) -> Vec<String> {
+        let mut f = vec!["rmsnorm".to_string(), "swiglu mlp".to_string(), "rope (neox layout)".to_string()];
+        if self.n_kv_heads < self.n_heads {
+            f.push(format!(
+                "grouped-query attention ({} query heads per key/value head)",
+                self.n_heads / self.n_kv_heads
+            ));
+        }
+        if self.attention_bias {
+            f.push("q/k/v biases".into());
+        }
+        if self.tie_embeddings {
+            f.push("tied embeddings".into());
+        }
+        match &self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => f.push(format!("rope scaling: linear ×{factor}")),
+            Some(RopeScaling::Llama3 { factor, original_max_position_embeddings, .. }) => {
+                f.push(format!("rope scaling: llama3 ×{factor} from {original_max_position_embeddings} positions"))
+            }
+            Some(RopeScaling::Factors) => f.push(format!("rope scaling: per-frequency divisors ({ROPE_FREQS})")),
+        }
+        f
     }
 
     pub fn param_count(&self) -> usize {
@@ -207,7 +325,13 @@ pub fn build_graph(
     let embd = b.weight("token_embd.weight")?;
     let mut x = b.op(Op::Embedding, &[embd, tokens])?;
     let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let rope = Op::Rope { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd };
+    let (rope, factors) = match cfg.rope_scaling {
+        None => (Op::Rope { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd }, None),
+        Some(_) => {
+            (Op::RopeScaled { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd }, Some(b.f32_weight(ROPE_FREQS)?))
+        }
+    };
+    let rope_ins = |x: ValueId| -> Vec<ValueId> { std::iter::once(x).chain([pos]).chain(factors).collect() };
     let mut cache_outs = Vec::new();
     for (l, &(k_cache, v_cache)) in caches.iter().enumerate() {
         let p = |s: &str| format!("blk.{l}.{s}");
@@ -225,8 +349,8 @@ pub fn build_graph(
         let q = proj(&mut b, "q", nh)?;
         let k = proj(&mut b, "k", nkv)?;
         let v = proj(&mut b, "v", nkv)?;
-        let q = b.op(rope.clone(), &[q, pos])?;
-        let k = b.op(rope.clone(), &[k, pos])?;
+        let q = b.op(rope.clone(), &rope_ins(q))?;
+        let k = b.op(rope.clone(), &rope_ins(k))?;
         let k_all = b.op(Op::Concat { axis: 1 }, &[k_cache, k])?;
         let v_all = b.op(Op::Concat { axis: 1 }, &[v_cache, v])?;
         cache_outs.push((k_all, v_all));

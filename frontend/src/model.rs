@@ -3,7 +3,7 @@
 
 use crate::error::{FrontendError, Result};
 use crate::gguf::{GgufFile, GgufValue};
-use crate::llama::{self, Arch, LlamaConfig};
+use crate::llama::{self, Arch, LlamaConfig, RopeScaling, ROPE_FREQS};
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use bytes::Bytes;
 use kiln_ir::{DType, Graph, TensorData, WeightStore};
@@ -132,6 +132,35 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         Some(_) => f.get_f64(&key("rope.freq_base"))? as f32,
         None => 10000.0,
     };
+    check_gguf_arch_keys(path, &f, &arch_name)?;
+    for k in ["expert_count", "expert_used_count"] {
+        if get_or(k, 0)? != 0 {
+            return Err(gguf_err(
+                path,
+                format!("{} = {}: mixture-of-experts models are not supported", key(k), get(k)?),
+            ));
+        }
+    }
+    if get_or("attention.value_length", head_dim)? != head_dim {
+        return Err(gguf_err(
+            path,
+            format!(
+                "{} = {} differs from the key length {head_dim}; Kiln's attention needs them equal",
+                key("attention.value_length"),
+                get("attention.value_length")?
+            ),
+        ));
+    }
+    let mut context_length = get_or("context_length", 2048)?;
+    // Sliding-window attention equals full attention while the whole context fits in the window, so a
+    // window is honoured by capping the context at it (no position ever falls outside a window).
+    if f.get(&key("attention.sliding_window")).is_some() {
+        let w = get("attention.sliding_window")?;
+        if w == 0 {
+            return Err(gguf_err(path, format!("{} is 0", key("attention.sliding_window"))));
+        }
+        context_length = context_length.min(w);
+    }
     let config = LlamaConfig {
         arch,
         vocab_size: vocab,
@@ -143,9 +172,10 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         head_dim,
         rope_theta: theta,
         rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-        context_length: get_or("context_length", 2048)?,
+        context_length,
         attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: f.tensor("output.weight").is_none(),
+        rope_scaling: gguf_rope_scaling(path, &f, &arch_name)?,
     };
     config.validate().map_err(|m| gguf_err(path, m))?;
     if f.get(&key("rope.dimension_count")).is_some() {
@@ -160,17 +190,18 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             ));
         }
     }
-    if let Some(GgufValue::String(t)) = f.get(&key("rope.scaling.type")) {
-        if t != "none" {
-            return Err(gguf_err(path, format!("RoPE scaling `{t}` is not supported")));
-        }
-    }
     check_last_block(path, &config, |n| f.tensor(n).is_some())?;
     let mut weights = WeightStore::new();
     let expected: BTreeMap<String, Vec<usize>> = config.expected_weights().into_iter().collect();
     for info in &f.tensors {
         if !expected.contains_key(&info.name) {
-            continue; // e.g. rope_freqs or unused extra tensors
+            if gguf_redundant_tensor(&info.name) {
+                continue;
+            }
+            return Err(gguf_err(
+                path,
+                format!("tensor `{}` is not part of a {arch_name} model Kiln knows; refusing to ignore it", info.name),
+            ));
         }
         let mut t = f.tensor_data_owned(&info.name).expect("listed tensor");
         // llama.cpp's converter permuted Q/K rows of llama models for its interleaved RoPE; undo it.
@@ -190,7 +221,16 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
                 t.bytes = Bytes::from(llama::unpermute_qk_rows(&t.bytes, t.shape[0], h));
             }
         }
+        if info.name == ROPE_FREQS && t.dtype != DType::F32 {
+            return Err(gguf_err(path, format!("tensor `{ROPE_FREQS}` is {}; Kiln reads it as f32", t.dtype)));
+        }
         weights.insert(info.name.clone(), t);
+    }
+    // Scaling given by metadata alone (linear) becomes the divisors tensor the graph reads.
+    if !weights.contains(ROPE_FREQS) {
+        if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(theta, head_dim)) {
+            weights.insert(ROPE_FREQS, f32_tensor(factors));
+        }
     }
     check_weights(path, &config, &weights)?;
     let tokenizer = if f.get("tokenizer.ggml.model").is_some() {
@@ -214,6 +254,104 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     }
     let name = f.get("general.name").and_then(|v| v.as_str()).map(str::to_string).unwrap_or_else(|| file_stem(path));
     Ok(Model { name, source: path.into(), format: "gguf", config, weights, tokenizer, metadata })
+}
+
+/// Tensors a GGUF file may hold that carry nothing the graph needs, each with why.
+fn gguf_redundant_tensor(name: &str) -> bool {
+    // Old llama.cpp conversions of Meta's checkpoints kept each block's precomputed RoPE inverse
+    // frequencies: θ^(−2i/d) again, which `rope.freq_base` and the head dim already give.
+    name.strip_prefix("blk.")
+        .and_then(|r| r.split_once('.'))
+        .is_some_and(|(l, t)| l.parse::<usize>().is_ok() && t == "attn_rot_embd")
+}
+
+/// The `{arch}.*` keys Kiln reads or knows to be harmless; any other key of the architecture may change
+/// the math (softcapping, partial rotary, other norms, MoE, …) and is refused by name.
+const GGUF_ARCH_KEYS: &[&str] = &[
+    // Read by the importer.
+    "context_length",
+    "embedding_length",
+    "block_count",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.layer_norm_rms_epsilon",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "rope.dimension_count",
+    "rope.freq_base",
+    "rope.scaling.type",
+    "rope.scaling.factor",
+    "rope.scale_linear",
+    "expert_count",
+    "expert_used_count",
+    // Harmless: the vocabulary size is the embedding's row count; the context the scaling was trained
+    // from matters to yarn only (refused); whether it was finetuned is a note; the data layout string
+    // is a note of where the tensors came from (the Q/K row order is always llama.cpp's).
+    "vocab_size",
+    "rope.scaling.original_context_length",
+    "rope.scaling.finetuned",
+    "tensor_data_layout",
+];
+
+fn check_gguf_arch_keys(path: &Path, f: &GgufFile, arch: &str) -> Result<()> {
+    for (k, _) in &f.metadata {
+        if let Some(rest) = k.strip_prefix(arch).and_then(|r| r.strip_prefix('.')) {
+            if !GGUF_ARCH_KEYS.contains(&rest) {
+                return Err(gguf_err(path, format!("metadata key `{k}` is not supported; refusing to ignore it")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// RoPE scaling from GGUF metadata and a `rope_freqs.weight` tensor.
+fn gguf_rope_scaling(path: &Path, f: &GgufFile, arch: &str) -> Result<Option<RopeScaling>> {
+    let key = |k: &str| format!("{arch}.{k}");
+    let kind = match f.get(&key("rope.scaling.type")) {
+        None => None,
+        Some(_) => Some(f.get_str(&key("rope.scaling.type"))?.to_string()),
+    };
+    let mut factor = None;
+    for k in ["rope.scaling.factor", "rope.scale_linear"] {
+        if f.get(&key(k)).is_some() {
+            let v = f.get_f64(&key(k))? as f32;
+            // llama.cpp treats 0 as unset; 1 is no scaling.
+            if v != 0.0 && v != 1.0 {
+                factor = Some(v);
+            }
+        }
+    }
+    let metadata = match kind.as_deref() {
+        Some("none") => None,
+        None | Some("linear") => factor.map(|factor| RopeScaling::Linear { factor }),
+        Some(other) => {
+            return Err(gguf_err(
+                path,
+                format!(
+                    "{} = `{other}` is not supported (Kiln implements linear and rope_freqs scaling)",
+                    key("rope.scaling.type")
+                ),
+            ))
+        }
+    };
+    match (metadata, f.tensor(ROPE_FREQS).is_some()) {
+        (Some(_), true) => Err(gguf_err(
+            path,
+            format!(
+                "both {} and tensor `{ROPE_FREQS}` scale RoPE; refusing to guess how they combine",
+                key("rope.scaling.factor")
+            ),
+        )),
+        (m, false) => Ok(m),
+        (None, true) => Ok(Some(RopeScaling::Factors)),
+    }
+}
+
+fn f32_tensor(v: Vec<f32>) -> TensorData {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    TensorData { dtype: DType::F32, shape: vec![v.len()], bytes: Bytes::from(bytes) }
 }
 
 fn file_stem(path: &Path) -> String {
@@ -273,7 +411,141 @@ struct HfConfig {
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 spelling: `rope_theta` and the scaling in one object.
+    rope_parameters: Option<serde_json::Value>,
     hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+}
+
+/// config.json keys the importer reads (through [`HfConfig`] or checks of their own).
+const HF_READ_KEYS: &[&str] = &[
+    "model_type",
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rms_norm_eps",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "attention_bias",
+    "rope_scaling",
+    "rope_parameters",
+    "hidden_act",
+    "sliding_window",
+    "use_sliding_window",
+    "mlp_bias",
+    "use_mrope",
+    "rope_interleaved",
+    "layer_types",
+];
+
+/// config.json keys that do not change inference math: training-only settings (dropouts,
+/// initialisation, tensor-parallel pretraining splits, which compute the same product), token ids the
+/// tokenizer files also carry, storage and bookkeeping notes, and `max_window_layers`, which only
+/// matters with `use_sliding_window` (handled).
+const HF_HARMLESS_KEYS: &[&str] = &[
+    "_name_or_path",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "initializer_range",
+    "pretraining_tp",
+    "torch_dtype",
+    "dtype",
+    "transformers_version",
+    "use_cache",
+    "max_window_layers",
+    "is_llama_config",
+    "transformers.js_config",
+    "residual_dropout",
+    "embedding_dropout",
+];
+
+/// Refuses every config.json key the importer neither reads nor knows to be harmless (a key that may
+/// change the math: softcapping, qk-norm, other scalings, quantization…), naming it.
+fn check_hf_keys(path: &Path, raw: &serde_json::Value) -> Result<()> {
+    let Some(obj) = raw.as_object() else {
+        return Err(FrontendError::invalid(path, "config.json is not a JSON object"));
+    };
+    for k in obj.keys() {
+        if !HF_READ_KEYS.contains(&k.as_str()) && !HF_HARMLESS_KEYS.contains(&k.as_str()) {
+            return Err(FrontendError::invalid(
+                path,
+                format!("config key `{k}` is not supported; refusing to ignore it"),
+            ));
+        }
+    }
+    let flag = |k: &str| obj.get(k).and_then(|v| v.as_bool()).unwrap_or(false);
+    for (k, what) in [
+        ("mlp_bias", "MLP projections with biases"),
+        ("use_mrope", "multimodal RoPE"),
+        ("rope_interleaved", "interleaved RoPE on Hugging Face weights"),
+    ] {
+        if flag(k) {
+            return Err(FrontendError::invalid(path, format!("config key `{k}` = true ({what}) is not supported")));
+        }
+    }
+    if let Some(types) = obj.get("layer_types").and_then(|v| v.as_array()) {
+        if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
+            return Err(FrontendError::invalid(
+                path,
+                format!("config key `layer_types` has {t}; only full_attention is supported"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// RoPE scaling from a config's `rope_scaling` (or `rope_parameters`) object; unknown kinds and fields
+/// are refused by name.
+fn hf_rope_scaling(path: &Path, key: &str, v: &serde_json::Value) -> Result<Option<RopeScaling>> {
+    if v.is_null() {
+        return Ok(None);
+    }
+    let err = |m: String| FrontendError::invalid(path, format!("{key}: {m}"));
+    let obj = v.as_object().ok_or_else(|| err(format!("{v} is not an object")))?;
+    let kind = obj.get("rope_type").or_else(|| obj.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
+    let allowed: &[&str] = match kind {
+        "default" => &[],
+        "linear" => &["factor"],
+        "llama3" => &["factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"],
+        other => {
+            return Err(err(format!(
+                "rope_type `{other}` is not supported (Kiln implements default, linear and llama3)"
+            )))
+        }
+    };
+    for k in obj.keys() {
+        if !["rope_type", "type", "rope_theta"].contains(&k.as_str()) && !allowed.contains(&k.as_str()) {
+            return Err(err(format!("field `{k}` of a `{kind}` scaling is not supported")));
+        }
+    }
+    let num = |k: &str| -> Result<f64> {
+        obj.get(k).and_then(|x| x.as_f64()).ok_or_else(|| err(format!("`{kind}` scaling needs a numeric `{k}`")))
+    };
+    Ok(match kind {
+        "linear" => Some(RopeScaling::Linear { factor: num("factor")? as f32 }),
+        "llama3" => {
+            let orig = num("original_max_position_embeddings")?;
+            if !(orig >= 1.0 && orig.fract() == 0.0 && orig < (1u64 << 40) as f64) {
+                return Err(err(format!("original_max_position_embeddings {orig} is not a positive integer")));
+            }
+            Some(RopeScaling::Llama3 {
+                factor: num("factor")? as f32,
+                low_freq_factor: num("low_freq_factor")? as f32,
+                high_freq_factor: num("high_freq_factor")? as f32,
+                original_max_position_embeddings: orig as usize,
+            })
+        }
+        _ => None,
+    })
 }
 
 /// HF tensor name → Kiln's (GGUF) name.
@@ -315,6 +587,7 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 pub fn load_hf(dir: &Path) -> Result<Model> {
     let cfg_path = dir.join("config.json");
     let raw = read_json(&cfg_path)?;
+    check_hf_keys(&cfg_path, &raw)?;
     let hf: HfConfig = serde_json::from_value(raw).map_err(|e| FrontendError::invalid(&cfg_path, e.to_string()))?;
     let model_type = hf.model_type.clone().unwrap_or_default();
     let arch = match model_type.as_str() {
@@ -326,8 +599,39 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
             return Err(FrontendError::UnsupportedArch { path: cfg_path, arch: shown });
         }
     };
-    if let Some(rs) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
-        return Err(FrontendError::invalid(&cfg_path, format!("rope_scaling {rs} is not supported")));
+    let mut rope_theta = hf.rope_theta;
+    let rope_scaling = match (&hf.rope_scaling, &hf.rope_parameters) {
+        (Some(rs), None) => hf_rope_scaling(&cfg_path, "rope_scaling", rs)?,
+        (None, Some(rp)) => {
+            if let Some(t) = rp.get("rope_theta") {
+                rope_theta = Some(t.as_f64().ok_or_else(|| {
+                    FrontendError::invalid(&cfg_path, format!("rope_parameters: rope_theta {t} is not a number"))
+                })? as f32);
+            }
+            hf_rope_scaling(&cfg_path, "rope_parameters", rp)?
+        }
+        (None, None) => None,
+        (Some(_), Some(_)) => {
+            return Err(FrontendError::invalid(&cfg_path, "both rope_scaling and rope_parameters are set"));
+        }
+    };
+    let mut context_length = hf.max_position_embeddings.unwrap_or(2048);
+    // Sliding-window attention equals full attention while the whole context fits in the window, so
+    // the window caps the context (Mistral always; Qwen2 only when `use_sliding_window` turns it on).
+    let window_on = match arch {
+        Arch::Qwen2 => hf.use_sliding_window.unwrap_or(false),
+        Arch::Llama => {
+            if hf.use_sliding_window == Some(true) {
+                return Err(FrontendError::invalid(&cfg_path, "config key `use_sliding_window` is not supported here"));
+            }
+            true
+        }
+    };
+    if let (true, Some(w)) = (window_on, hf.sliding_window) {
+        if w == 0 {
+            return Err(FrontendError::invalid(&cfg_path, "config key `sliding_window` is 0"));
+        }
+        context_length = context_length.min(w);
     }
     if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(FrontendError::invalid(&cfg_path, format!("hidden_act `{act}` is not supported (only silu)")));
@@ -344,11 +648,12 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         n_heads: hf.num_attention_heads,
         n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
         head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
-        rope_theta: hf.rope_theta.unwrap_or(10000.0),
+        rope_theta: rope_theta.unwrap_or(10000.0),
         rms_norm_eps: hf.rms_norm_eps,
-        context_length: hf.max_position_embeddings.unwrap_or(2048),
+        context_length,
         attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
         tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        rope_scaling,
     };
     config.validate().map_err(|m| FrontendError::invalid(&cfg_path, m))?;
 
@@ -383,6 +688,9 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     }
     if config.tie_embeddings {
         weights.remove("output.weight");
+    }
+    if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(config.rope_theta, config.head_dim)) {
+        weights.insert(ROPE_FREQS, f32_tensor(factors));
     }
     check_weights(dir, &config, &weights)?;
     let tok_path = dir.join("tokenizer.json");

@@ -256,7 +256,7 @@ impl Pass for StructuredPrune {
                     return Err(e("the output reshape does not read an attention"));
                 }
                 let rope = g.node(att.inputs[0]);
-                if !matches!(rope.op, Op::Rope { .. }) {
+                if !matches!(rope.op, Op::Rope { .. } | Op::RopeScaled { .. }) {
                     return Err(e("the attention's queries are not a rope"));
                 }
                 let q_r = rope.inputs[0];

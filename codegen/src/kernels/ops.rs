@@ -17,8 +17,17 @@ pub enum OpKernel {
     /// A residual add and the RMSNorm of its sum in one pass over each row: bufs [a, b, w, s, y];
     /// items: rows; s[r] = a[r] + b[r] and y[r] = rms_norm(s[r]) * w.
     AddRmsNorm { d: usize, eps: f32 },
-    /// bufs [x, pos(i32), y]; items: rows of `heads * head_dim`.
-    Rope { heads: usize, head_dim: usize, n_rot: usize, theta: f32, neox: bool },
+    /// bufs [x, pos(i32), y], or [x, pos(i32), factors(f32[n_rot/2]), y] when `scaled` (frequency i is
+    /// divided by factors[i]: Llama 3.x `rope_freqs`, linear interpolation); items: rows of `heads * head_dim`.
+    Rope {
+        heads: usize,
+        head_dim: usize,
+        n_rot: usize,
+        theta: f32,
+        neox: bool,
+        #[serde(default)]
+        scaled: bool,
+    },
     /// bufs [src, cache]; dims [past]; items: rows of `row` floats, written at rows `past..`.
     AppendKv { row: usize },
     /// bufs [src, dst]; dims [start]; items: rows of `row` floats; dst[r] = src[start + r].
@@ -71,10 +80,11 @@ impl OpKernel {
         match self {
             OpKernel::RmsNorm { d, eps } => format!("kiln_rms_norm_d{d}_e{}", f(*eps)),
             OpKernel::AddRmsNorm { d, eps } => format!("kiln_add_rms_norm_d{d}_e{}", f(*eps)),
-            OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => format!(
-                "kiln_rope_{}_h{heads}_hd{head_dim}_r{n_rot}_t{}",
+            OpKernel::Rope { heads, head_dim, n_rot, theta, neox, scaled } => format!(
+                "kiln_rope_{}_h{heads}_hd{head_dim}_r{n_rot}_t{}{}",
                 if *neox { "neox" } else { "normal" },
-                f(*theta)
+                f(*theta),
+                if *scaled { "_f" } else { "" }
             ),
             OpKernel::AppendKv { row } => format!("kiln_append_kv_{row}"),
             OpKernel::SliceRows { row } => format!("kiln_slice_rows_{row}"),
@@ -132,14 +142,15 @@ impl OpKernel {
                     normalize_row(e, [s, w, y], base, d, eps, e.get(ss)?)
                 })?;
             }
-            OpKernel::Rope { heads, head_dim, n_rot, theta, neox } => {
+            OpKernel::Rope { heads, head_dim, n_rot, theta, neox, scaled } => {
                 if n_rot % 2 != 0 || n_rot > head_dim {
                     return Err(CodegenError::Llvm(format!("rope n_rot {n_rot} for head dim {head_dim}")));
                 }
                 let half = n_rot / 2;
                 let freqs: Vec<f64> = (0..half).map(|i| (theta as f64).powf(-2.0 * i as f64 / n_rot as f64)).collect();
                 let fr = e.const_f64_array(&format!("{}_freqs", self.symbol()), &freqs);
-                let (x, pos, y) = (e.buf(0)?, e.buf(1)?, e.buf(2)?);
+                let (x, pos) = (e.buf(0)?, e.buf(1)?);
+                let (factors, y) = if scaled { (Some(e.buf(2)?), e.buf(3)?) } else { (None, e.buf(2)?) };
                 let row = e.i64c((heads * head_dim) as i64);
                 let f64t = e.ctx.f64_type();
                 e.for_range(e.begin, e.end, |r| {
@@ -148,7 +159,11 @@ impl OpKernel {
                     let base = e.mul(r, row)?;
                     e.for_range(e.i64c(0), e.i64c(half as i64), |i| {
                         let fp = unsafe { e.b.build_in_bounds_gep(f64t, fr, &[i], "fp")? };
-                        let freq = e.b.build_load(f64t, fp, "freq")?.into_float_value();
+                        let mut freq = e.b.build_load(f64t, fp, "freq")?.into_float_value();
+                        if let Some(fac) = factors {
+                            let fac = e.b.build_float_ext(e.load_f32(fac, i)?, f64t, "factor")?;
+                            freq = e.b.build_float_div(freq, fac, "freq_scaled")?;
+                        }
                         let angle = e.b.build_float_mul(pf, freq, "angle")?;
                         let cos = e.b.build_float_trunc(e.intrinsic_f64("llvm.cos", angle)?, e.f32t(), "cos")?;
                         let sin = e.b.build_float_trunc(e.intrinsic_f64("llvm.sin", angle)?, e.f32t(), "sin")?;

@@ -288,6 +288,9 @@ ops! {
     RmsNorm { eps: f32 } = "rms_norm" / 2 in norm;
     /// Rotary position embedding of `x[B, S, H, Dh]` at positions `pos[B, S]`, rotating the first `n_rot` dims.
     Rope { mode: RopeMode, theta: f32, n_rot: i64 } = "rope" / 2 in rope;
+    /// `rope` with per-frequency scaling (Llama 3.x `rope_freqs`, linear position interpolation): the
+    /// third operand `factors` is `f32[n_rot/2]` and frequency i becomes θ^(−2i/n_rot) / factors[i].
+    RopeScaled { mode: RopeMode, theta: f32, n_rot: i64 } = "rope_scaled" / 3 in rope;
     /// Causal attention `q[B, S, Hq, Dh]`, `k`/`v[B, T, Hkv, Dh]` (T ≥ S; query i sits at position
     /// T−S+i), grouped-query when Hkv divides Hq. Result `[B, S, Hq, Dh]`.
     Attention { scale: f32 } = "attention" / 3 in attention;

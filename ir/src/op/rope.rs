@@ -7,8 +7,13 @@ use crate::tensor::*;
 pub(super) fn infer(op: &Op, ins: &[&TensorType], declared: Option<&TensorType>) -> Result<TensorType, String> {
     let _ = declared;
     match op {
-        Op::Rope { n_rot, .. } => {
+        Op::Rope { n_rot, .. } | Op::RopeScaled { n_rot, .. } => {
             let (x, pos) = (ins[0], ins[1]);
+            if let Some(fac) = ins.get(2) {
+                want_float(fac, "rope factors")?;
+                want_rank(fac, 1, "rope factors")?;
+                same_dim(&fac.shape[0], &Dim::fixed(n_rot / 2), "rope factors (n_rot/2)")?;
+            }
             want_float(x, "rope input")?;
             want_rank(x, 4, "rope input")?;
             want_rank(pos, 2, "rope positions")?;
@@ -32,8 +37,12 @@ pub(super) fn infer(op: &Op, ins: &[&TensorType], declared: Option<&TensorType>)
 pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, String> {
     let _ = env;
     match op {
-        Op::Rope { mode, theta, n_rot } => {
+        Op::Rope { mode, theta, n_rot } | Op::RopeScaled { mode, theta, n_rot } => {
             let (x, pos) = (f(args[0])?, ints(args[1])?);
+            let factors = match args.get(2) {
+                Some(t) => Some(f(t)?),
+                None => None,
+            };
             let [b, s, h, d] = args[0].shape[..] else {
                 return Err("rope needs rank 4".into());
             };
@@ -46,7 +55,11 @@ pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, St
                     for hi in 0..h {
                         let base = ((bi * s + si) * h + hi) * d;
                         for i in 0..half {
-                            let angle = p * (*theta as f64).powf(-2.0 * i as f64 / n_rot as f64);
+                            let mut freq = (*theta as f64).powf(-2.0 * i as f64 / n_rot as f64);
+                            if let Some(fac) = factors {
+                                freq /= fac[i] as f64;
+                            }
+                            let angle = p * freq;
                             let (sin, cos) = angle.sin_cos();
                             let (i0, i1) = match mode {
                                 RopeMode::Normal => (2 * i, 2 * i + 1),
@@ -68,14 +81,17 @@ pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, St
 /// Whether [`expand`] has a primitive form for `op` on these operands.
 pub(super) fn expandable(op: &Op, ins: &[&TensorType]) -> bool {
     let _ = ins;
-    matches!(op, Op::Rope { n_rot, .. } if ins.first().is_some_and(|x| x.rank() == 4 && x.shape[3].as_fixed() == Some(*n_rot)))
+    matches!(op, Op::Rope { n_rot, .. } | Op::RopeScaled { n_rot, .. } if ins.first().is_some_and(|x| x.rank() == 4 && x.shape[3].as_fixed() == Some(*n_rot)))
 }
 
 /// The decomposition of a rope op into primitives (see `crate::decompose`).
 pub(super) fn expand<B: Builder>(b: &mut B, op: &Op, ins: &[B::V], tys: &[TensorType]) -> Result<Option<B::V>, B::Err> {
     let _ = tys;
     Ok(Some(match op {
-        Op::Rope { mode, theta, n_rot } => rope(b, ins[0], ins[1], *mode, *theta, *n_rot, &tys[0].shape)?,
+        Op::Rope { mode, theta, n_rot } => rope(b, ins[0], ins[1], None, *mode, *theta, *n_rot, &tys[0].shape)?,
+        Op::RopeScaled { mode, theta, n_rot } => {
+            rope(b, ins[0], ins[1], Some(ins[2]), *mode, *theta, *n_rot, &tys[0].shape)?
+        }
         _ => return Ok(None),
     }))
 }
@@ -83,10 +99,13 @@ pub(super) fn expand<B: Builder>(b: &mut B, op: &Op, ins: &[B::V], tys: &[Tensor
 /// Rotary embedding of `x[B, S, H, D]` (`n_rot = D`) at integer positions `pos[B, S]`:
 /// angles = pos · θ^(−2i/D), pairs (x0, x1) → (x0·cos − x1·sin, x0·sin + x1·cos). The pairs are the two
 /// halves (`neox`) or adjacent elements (`normal`); either way a reshape exposes them as an axis of 2.
+/// With `factors` (`rope_scaled`) the frequencies are divided by them: `Div(Pow(θ, ·), factors)`.
+#[allow(clippy::too_many_arguments)]
 fn rope<B: Builder>(
     b: &mut B,
     x: B::V,
     pos: B::V,
+    factors: Option<B::V>,
     mode: RopeMode,
     theta: f32,
     n_rot: i64,
@@ -102,6 +121,9 @@ fn rope<B: Builder>(
     let ex = b.add(Op::Mul, &[iota, k])?;
     let th = b.add(Op::Constant { value: theta }, &[])?;
     let mut freqs = b.add(Op::Pow, &[th, ex])?;
+    if let Some(fac) = factors {
+        freqs = b.add(Op::Div, &[freqs, fac])?;
+    }
     let (axis, pairs) = match mode {
         RopeMode::Neox => (3, vec![bd.clone(), sd.clone(), hd.clone(), Dim::fixed(2), Dim::fixed(half)]),
         RopeMode::Normal => {

@@ -103,7 +103,7 @@ impl CostModel {
             Op::CoreSelect { .. } => 32.0,
             Op::Softmax { .. } => 14.0,
             Op::RmsNorm { .. } => 4.0,
-            Op::Rope { .. } => 24.0,
+            Op::Rope { .. } | Op::RopeScaled { .. } => 24.0,
             Op::Embedding | Op::Transpose { .. } | Op::Concat { .. } | Op::Slice { .. } | Op::Cast { .. } => 0.0,
             // Collectives: their bytes (charged by launch_and_moves) stand for the traffic; the e-graph
             // never chooses between them (the shard and fuse passes place them).

@@ -2,7 +2,8 @@
 //! an axis of 2 by a reshape (axis 3 for `neox`, 4 for `normal`), rotated, concatenated, reshaped back.
 //!
 //! Reshapes are wildcards (their attribute is their result shape, checked by the replay); θ is read
-//! from the `pow` that builds the frequencies.
+//! from the `pow` that builds the frequencies. Frequencies `div(pow(θ, …), factors)` lift to
+//! `rope_scaled` with `factors` as its third operand.
 
 use super::{constant, lift, var, KRewrite};
 use crate::egraph::KGraph;
@@ -23,13 +24,28 @@ fn theta(eg: &KGraph, f: Id) -> Option<f32> {
     eg[f].nodes.iter().find(|n| matches!(n.op(), Op::Pow)).and_then(|n| constant(eg, n.children[0]))
 }
 
+/// θ and the factors of scaled frequencies `div(pow(θ, …), factors)` in e-class `f`.
+fn scaled(eg: &KGraph, f: Id) -> Option<(f32, Id)> {
+    eg[f]
+        .nodes
+        .iter()
+        .filter(|n| matches!(n.op(), Op::Div))
+        .find_map(|n| Some((theta(eg, n.children[0])?, n.children[1])))
+}
+
 fn candidates(eg: &KGraph, s: &egg::Subst, mode: RopeMode) -> Vec<(Op, Vec<Id>)> {
-    let (x, pos) = (s[var("?x")], s[var("?pos")]);
-    let (Some(theta), Some(n_rot)) = (theta(eg, s[var("?f")]), eg[x].data.ty.shape.last().and_then(|d| d.as_fixed()))
-    else {
+    let (x, pos, f) = (s[var("?x")], s[var("?pos")], s[var("?f")]);
+    let Some(n_rot) = eg[x].data.ty.shape.last().and_then(|d| d.as_fixed()) else {
         return vec![];
     };
-    vec![(Op::Rope { mode, theta, n_rot }, vec![x, pos])]
+    let mut out = vec![];
+    if let Some(theta) = theta(eg, f) {
+        out.push((Op::Rope { mode, theta, n_rot }, vec![x, pos]));
+    }
+    if let Some((theta, factors)) = scaled(eg, f) {
+        out.push((Op::RopeScaled { mode, theta, n_rot }, vec![x, pos, factors]));
+    }
+    out
 }
 
 pub fn rules() -> Vec<KRewrite> {
