@@ -27,12 +27,14 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         n_layers: 2,
         n_heads: 4,
         n_kv_heads: 2,
-        head_dim: 8,
+        // Qwen3's head dim is its own (4 × 12 ≠ 32).
+        head_dim: if arch == Arch::Qwen3 { 12 } else { 8 },
         rope_theta: 10000.0,
         rms_norm_eps: 1e-5,
         context_length: 64,
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: arch == Arch::Llama,
+        qk_norm: arch == Arch::Qwen3,
         rope_scaling: None,
     }
 }

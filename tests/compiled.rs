@@ -88,6 +88,7 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
         context_length: 32,
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: seed.is_multiple_of(2),
+        qk_norm: arch == Arch::Qwen3,
         rope_scaling: None,
     }
 }
@@ -97,7 +98,7 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
 /// adds after o_proj and down run in those linears' epilogues, so no separate add launches exist.
 #[test]
 fn projections_of_one_input_are_one_launch_per_layer() {
-    for (arch, dtype) in [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16)] {
+    for (arch, dtype) in [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16), (Arch::Qwen3, DType::F32)] {
         let cfg = crate::common::tiny_config(arch);
         let src = tempfile::tempdir().unwrap();
         write_hf(src.path(), &cfg, &random_weights(&cfg, dtype, 3), 1).unwrap();
@@ -133,7 +134,9 @@ fn projections_of_one_input_are_one_launch_per_layer() {
 #[test]
 fn tiny_models_with_odd_sizes_match_interpreter() {
     for seed in 0..4u64 {
-        for (arch, dtype) in [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16), (Arch::Llama, DType::BF16)] {
+        for (arch, dtype) in
+            [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16), (Arch::Llama, DType::BF16), (Arch::Qwen3, DType::BF16)]
+        {
             let cfg = odd_config(arch, seed);
             let src = tempfile::tempdir().unwrap();
             write_hf(src.path(), &cfg, &random_weights(&cfg, dtype, seed), 1).unwrap();

@@ -26,6 +26,7 @@ fn config(heads: usize, kv: usize, head_dim: usize) -> LlamaConfig {
         context_length: 96,
         attention_bias: false,
         tie_embeddings: true,
+        qk_norm: false,
         rope_scaling: None,
     }
 }

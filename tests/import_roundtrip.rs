@@ -65,6 +65,13 @@ fn qwen2_bf16_sharded_safetensors_equals_gguf() {
     check_same(Arch::Qwen2, DType::BF16, 2);
 }
 
+/// Qwen3: qk-norm weights (`q_norm`/`k_norm` ↔ `attn_q_norm`/`attn_k_norm`), no biases, head dim 12 with
+/// 4 heads on a width of 32, and no Q/K permutation in GGUF (Qwen's RoPE is neox there too).
+#[test]
+fn qwen3_qk_norm_f16_sharded_safetensors_equals_gguf() {
+    check_same(Arch::Qwen3, DType::F16, 2);
+}
+
 /// llama.cpp's layout (permuted Q/K rows + interleaved "normal" RoPE) computes the same function as the
 /// Hugging Face layout (original rows + "neox" RoPE): checks both RoPE modes and the permutation.
 #[test]

@@ -28,7 +28,7 @@ fn smollm2_graph_round_trips() {
 
 #[test]
 fn tiny_models_round_trip_and_parsed_graph_runs_identically() {
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         let cfg = tiny_config(arch);
         let dir = tempfile::tempdir().unwrap();
         write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 5), 1).unwrap();

@@ -116,7 +116,7 @@ fn decompose_then_lift_is_the_identity_on_tiny_models() {
     use crate::common::{random_weights, tiny_config};
     use kiln::frontend::llama::build_graph as build_decoder;
     use kiln::frontend::Arch;
-    for arch in [Arch::Llama, Arch::Qwen2] {
+    for arch in [Arch::Llama, Arch::Qwen2, Arch::Qwen3] {
         let cfg = tiny_config(arch);
         let w = random_weights(&cfg, kiln::ir::DType::F32, 5);
         for last_logits_only in [false, true] {

@@ -15,6 +15,7 @@ mod import_roundtrip;
 mod ir_text;
 mod layout;
 mod lift;
+mod llamacpp;
 mod ops;
 mod quality;
 mod rope_scaling;

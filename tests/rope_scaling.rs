@@ -24,7 +24,7 @@ fn prompt() -> Vec<u32> {
 /// The tiny Llama with Llama 3.1-style scaling whose original context (64) makes the tiny head's four
 /// frequencies fall in all three bands: wavelength 2π (< 64/4: unchanged), 62.8 (between: blended),
 /// 628 and 6283 (> 64/1: divided by 8).
-fn llama3_config() -> LlamaConfig {
+pub fn llama3_config() -> LlamaConfig {
     let mut c = tiny_config(Arch::Llama);
     c.rope_scaling = Some(RopeScaling::Llama3 {
         factor: 8.0,
@@ -273,101 +273,4 @@ fn sliding_window_caps_the_context() {
     assert_eq!(window(Arch::Llama, serde_json::json!({"model_type": "mistral", "sliding_window": null})), 64);
     assert_eq!(window(Arch::Qwen2, serde_json::json!({"sliding_window": 32, "use_sliding_window": false})), 64);
     assert_eq!(window(Arch::Qwen2, serde_json::json!({"sliding_window": 32, "use_sliding_window": true})), 32);
-}
-
-/// The models `scripts/refs/llamacpp_rope_scaling.py` runs through llama.cpp: the tiny Llama with
-/// Llama 3.1-style scaling (context 128, so a 64-token prompt and 32 generated tokens fit), written as
-/// GGUF with a small byte-level BPE vocabulary (llama.cpp needs one; the ids are fed directly), and the
-/// same weights without `rope_freqs.weight`.
-fn llamacpp_models(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let mut cfg = llama3_config();
-    cfg.context_length = 128;
-    let weights = random_weights(&cfg, DType::F32, 31);
-    let mut tokens: Vec<String> = (33u8..=126).map(|c| (c as char).to_string()).collect();
-    tokens.extend(["ab".to_string(), "cd".to_string()]);
-    assert_eq!(tokens.len(), cfg.vocab_size);
-    let vocab = kiln::frontend::tokenizer::GgufVocab {
-        model: "gpt2".into(),
-        pre: None,
-        token_types: vec![1; tokens.len()],
-        tokens,
-        merges: vec!["a b".into(), "c d".into()],
-        bos: None,
-        eos: None,
-        add_bos: false,
-        chat_template: None,
-    };
-    let scaled = dir.join("scaled.gguf");
-    write_gguf(&scaled, "tiny-llama3", &cfg, &weights, Some(&vocab)).unwrap();
-    let mut plain_cfg = cfg.clone();
-    plain_cfg.rope_scaling = None;
-    let mut plain_w = weights;
-    plain_w.remove(ROPE_FREQS);
-    let plain = dir.join("plain.gguf");
-    write_gguf(&plain, "tiny-llama3", &plain_cfg, &plain_w, Some(&vocab)).unwrap();
-    (scaled, plain)
-}
-
-fn llamacpp_prompt() -> Vec<u32> {
-    (0..64u32).map(|i| (i * 53 + 7) % 96).collect()
-}
-
-fn fnv1a64(bytes: &[u8]) -> String {
-    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    format!("{h:016x}")
-}
-
-/// Writes the reference models for the llama.cpp fixture script into `$KILN_REF_OUT`.
-#[test]
-#[ignore = "run by scripts/refs/llamacpp_rope_scaling.py"]
-fn write_llamacpp_reference_models() {
-    let out = std::path::PathBuf::from(std::env::var("KILN_REF_OUT").expect("KILN_REF_OUT"));
-    llamacpp_models(&out);
-    let spec = serde_json::json!({ "prompt": llamacpp_prompt(), "generate": 32, "context": 128 });
-    std::fs::write(out.join("spec.json"), spec.to_string()).unwrap();
-}
-
-/// llama.cpp (through llama-cpp-python; `tests/fixtures/llamacpp_rope_scaling.json`, written by
-/// `scripts/refs/llamacpp_rope_scaling.py`) on the GGUF with `rope_freqs.weight`: Kiln's greedy ids
-/// equal its 32, interpreter and compiled, and the last prompt position's logits agree; llama.cpp's own
-/// ids without the tensor differ, so the scaling is what both implement.
-#[test]
-fn llamacpp_agrees_on_the_rope_freqs_gguf() {
-    let fixture: serde_json::Value =
-        serde_json::from_str(include_str!("fixtures/llamacpp_rope_scaling.json")).expect("fixture JSON");
-    let dir = tempfile::tempdir().unwrap();
-    let (scaled, plain) = llamacpp_models(dir.path());
-    let prompt = llamacpp_prompt();
-    let want_prompt: Vec<u32> = serde_json::from_value(fixture["prompt"].clone()).unwrap();
-    assert_eq!(prompt, want_prompt, "the fixture's prompt");
-    let mut ids = Vec::new();
-    for (name, path) in [("scaled", &scaled), ("plain", &plain)] {
-        let f = &fixture["models"][name];
-        assert_eq!(
-            fnv1a64(&std::fs::read(path).unwrap()),
-            f["fnv1a64"].as_str().unwrap(),
-            "{name}.gguf is not the file llama.cpp ran: rerun scripts/refs/llamacpp_rope_scaling.py"
-        );
-        let want: Vec<u32> = serde_json::from_value(f["greedy"].clone()).unwrap();
-        let want_logits: Vec<f32> = serde_json::from_value(f["last_prompt_logits"].clone()).unwrap();
-        let m = Model::load(path).unwrap();
-        let mut b = InterpreterBackend::new(m.graph().unwrap(), &m.weights, m.config.context_length).unwrap();
-        let last = b.forward(&prompt).unwrap().last().to_vec();
-        let d = max_abs_diff(&last, &want_logits);
-        assert!(d < 1e-3, "{name}: last prompt logits differ from llama.cpp's by {d}");
-        b.reset();
-        let mut sampler = Sampler::new(SamplingParams::default());
-        let got = generate(&mut b, &prompt, want.len(), &mut sampler, &[], |_| true).unwrap().generated;
-        assert_eq!(got, want, "{name}: interpreter vs llama.cpp");
-        if name == "scaled" {
-            let art = dir.path().join("art");
-            kiln::artifact::compile_model(&m, "test", &CompileOptions::default(), &art).unwrap();
-            let mut c = CompiledBackend::load(&art, 2, None).unwrap();
-            let mut sampler = Sampler::new(SamplingParams::default());
-            let got = generate(&mut c, &prompt, want.len(), &mut sampler, &[], |_| true).unwrap().generated;
-            assert_eq!(got, want, "compiled vs llama.cpp");
-        }
-        ids.push(want);
-    }
-    assert_ne!(ids[0], ids[1], "llama.cpp's continuation with and without rope_freqs");
 }

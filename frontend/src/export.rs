@@ -30,6 +30,8 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
                 "attn_q.bias" => "self_attn.q_proj.bias",
                 "attn_k.bias" => "self_attn.k_proj.bias",
                 "attn_v.bias" => "self_attn.v_proj.bias",
+                "attn_q_norm.weight" => "self_attn.q_norm.weight",
+                "attn_k_norm.weight" => "self_attn.k_norm.weight",
                 "attn_output.weight" => "self_attn.o_proj.weight",
                 "ffn_gate.weight" => "mlp.gate_proj.weight",
                 "ffn_up.weight" => "mlp.up_proj.weight",
@@ -43,7 +45,11 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
 
 fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
     let mut v = serde_json::json!({
-        "architectures": [match cfg.arch { Arch::Llama => "LlamaForCausalLM", Arch::Qwen2 => "Qwen2ForCausalLM" }],
+        "architectures": [match cfg.arch {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
+        }],
         "model_type": cfg.arch.name(),
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,

@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) as an IR graph.
+//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) as an IR graph.
 //!
 //! Both importers normalise to one weight layout — GGUF tensor names, row-major shapes, and the
 //! Hugging Face ("neox", rotate-halves) RoPE layout — so one builder serves every source.
@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Qwen2 with qk-norm, no Q/K/V biases and a head dim of its own.
+    Qwen3,
 }
 
 impl Arch {
@@ -24,6 +26,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 }
@@ -46,6 +49,10 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     /// The LM head reuses `token_embd.weight`.
     pub tie_embeddings: bool,
+    /// Queries and keys are RMS-normalised per head before RoPE (`attn_q_norm`/`attn_k_norm`, `[head_dim]`;
+    /// Qwen3).
+    #[serde(default)]
+    pub qk_norm: bool,
     /// RoPE frequency scaling (Llama 3.x, linear interpolation); `None`: plain θ^(−2i/d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -190,6 +197,10 @@ impl LlamaConfig {
                 w.push((p("attn_k.bias"), vec![kv]));
                 w.push((p("attn_v.bias"), vec![kv]));
             }
+            if self.qk_norm {
+                w.push((p("attn_q_norm.weight"), vec![hd]));
+                w.push((p("attn_k_norm.weight"), vec![hd]));
+            }
             w.push((p("attn_output.weight"), vec![d, q]));
             w.push((p("ffn_norm.weight"), vec![d]));
             w.push((p("ffn_gate.weight"), vec![f, d]));
@@ -215,6 +226,12 @@ impl LlamaConfig {
         }
         if self.attention_bias {
             f.push("q/k/v biases".into());
+        }
+        if self.qk_norm {
+            f.push("qk-norm".into());
+        }
+        if self.head_dim * self.n_heads != self.hidden_size {
+            f.push(format!("head dim {} independent of hidden/heads", self.head_dim));
         }
         if self.tie_embeddings {
             f.push("tied embeddings".into());
@@ -344,7 +361,12 @@ pub fn build_graph(
                 let bias = b.f32_weight(&p(&format!("attn_{which}.bias")))?;
                 y = b.op(Op::Add, &[y, bias])?;
             }
-            b.op(Op::Reshape { shape: shape!["batch", "seq", heads, hd] }, &[y])
+            let y = b.op(Op::Reshape { shape: shape!["batch", "seq", heads, hd] }, &[y])?;
+            if cfg.qk_norm && which != "v" {
+                let w = b.f32_weight(&p(&format!("attn_{which}_norm.weight")))?;
+                return b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[y, w]);
+            }
+            Ok(y)
         };
         let q = proj(&mut b, "q", nh)?;
         let k = proj(&mut b, "k", nkv)?;

@@ -104,6 +104,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let arch = match arch_name.as_str() {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
         _ => return Err(FrontendError::UnsupportedArch { path: path.into(), arch: arch_name }),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -175,6 +176,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         context_length,
         attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: f.tensor("output.weight").is_none(),
+        qk_norm: arch == Arch::Qwen3,
         rope_scaling: gguf_rope_scaling(path, &f, &arch_name)?,
     };
     config.validate().map_err(|m| gguf_err(path, m))?;
@@ -568,6 +570,8 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
                 "self_attn.q_proj.bias" => "attn_q.bias",
                 "self_attn.k_proj.bias" => "attn_k.bias",
                 "self_attn.v_proj.bias" => "attn_v.bias",
+                "self_attn.q_norm.weight" => "attn_q_norm.weight",
+                "self_attn.k_norm.weight" => "attn_k_norm.weight",
                 "self_attn.o_proj.weight" => "attn_output.weight",
                 "mlp.gate_proj.weight" => "ffn_gate.weight",
                 "mlp.up_proj.weight" => "ffn_up.weight",
@@ -593,6 +597,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     let arch = match model_type.as_str() {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
+        "qwen3" => Arch::Qwen3,
         _ => {
             let shown =
                 if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
@@ -619,7 +624,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     // Sliding-window attention equals full attention while the whole context fits in the window, so
     // the window caps the context (Mistral always; Qwen2 only when `use_sliding_window` turns it on).
     let window_on = match arch {
-        Arch::Qwen2 => hf.use_sliding_window.unwrap_or(false),
+        Arch::Qwen2 | Arch::Qwen3 => hf.use_sliding_window.unwrap_or(false),
         Arch::Llama => {
             if hf.use_sliding_window == Some(true) {
                 return Err(FrontendError::invalid(&cfg_path, "config key `use_sliding_window` is not supported here"));
@@ -653,6 +658,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         context_length,
         attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
         tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+        qk_norm: arch == Arch::Qwen3,
         rope_scaling,
     };
     config.validate().map_err(|m| FrontendError::invalid(&cfg_path, m))?;

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Writes tests/fixtures/llamacpp_rope_scaling.json: llama.cpp's greedy ids and last-prompt logits for the
-tiny Llama-3 models that `tests/rope_scaling.rs` generates (seeded random weights, a rope_freqs.weight
-tensor as llama.cpp's converter writes it, and the same model without it).
+"""Writes tests/fixtures/llamacpp_refs.json: llama.cpp's greedy ids and last-prompt logits for the tiny
+seeded random GGUF models that `tests/llamacpp.rs` generates (Llama 3.x with a rope_freqs.weight tensor
+as llama.cpp's converter writes it, the same model without it, Qwen3 with qk-norm).
 
 Run once when the generated models change (the fixture records each file's FNV-1a hash, and the test
 says so when they no longer match):
@@ -29,12 +29,12 @@ def main():
     env = dict(os.environ, KILN_REF_OUT=out)
     subprocess.run(
         ["cargo", "test", "--locked", "--test", "main", "--", "--ignored", "--exact",
-         "rope_scaling::write_llamacpp_reference_models"],
+         "llamacpp::write_llamacpp_reference_models"],
         cwd=ROOT, env=env, check=True)
     spec = json.load(open(os.path.join(out, "spec.json")))
     prompt, n = spec["prompt"], spec["generate"]
     result = {"llama_cpp_python": llama_cpp.__version__, "prompt": prompt, "models": {}}
-    for name in ["scaled", "plain"]:
+    for name in spec["models"]:
         path = os.path.join(out, f"{name}.gguf")
         # f32 KV cache (llama.cpp's default is f16, which alone moves logits by ~1e-3).
         llm = llama_cpp.Llama(model_path=path, n_ctx=spec["context"], n_batch=len(prompt), n_threads=1,
@@ -52,7 +52,7 @@ def main():
             "last_prompt_logits": last,
         }
         print(f"{name}: {ids}", file=sys.stderr)
-    dst = os.path.join(ROOT, "tests", "fixtures", "llamacpp_rope_scaling.json")
+    dst = os.path.join(ROOT, "tests", "fixtures", "llamacpp_refs.json")
     with open(dst, "w") as f:
         json.dump(result, f)
         f.write("\n")
