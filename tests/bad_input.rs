@@ -199,6 +199,38 @@ fn cases() -> Vec<(&'static str, Case, &'static str)> {
         })),
         "rope_freqs.weight",
     ));
+    v.push((
+        "phi3 fused qkv with the wrong height",
+        Case::Gguf(gguf_with(|m, w| {
+            set_meta(m, "general.architecture", GgufValue::String("phi3".into()));
+            for (k, _) in m.iter_mut() {
+                if let Some(rest) = k.strip_prefix("llama.") {
+                    *k = format!("phi3.{rest}");
+                }
+            }
+            for l in 0..2 {
+                for n in ["attn_q", "attn_k", "attn_v", "ffn_gate"] {
+                    w.remove(&format!("blk.{l}.{n}.weight"));
+                }
+                let up = w.remove(&format!("blk.{l}.ffn_up.weight")).unwrap();
+                let rows = 2 * up.shape[0];
+                w.insert(
+                    format!("blk.{l}.ffn_up.weight"),
+                    kiln::ir::TensorData::from_f32(vec![rows, 32], &vec![0.1; rows * 32]),
+                );
+                w.insert(
+                    format!("blk.{l}.attn_qkv.weight"),
+                    kiln::ir::TensorData::from_f32(vec![40, 32], &[0.1; 40 * 32]),
+                );
+            }
+        })),
+        "blk.0.attn_qkv.weight",
+    ));
+    v.push((
+        "partial rotary factor",
+        Case::Hf(Box::new(|d| edit_config(d, |c| c["partial_rotary_factor"] = 0.5.into()))),
+        "partial_rotary_factor",
+    ));
     let hf_key = |k: &'static str, v: serde_json::Value| -> Case {
         Case::Hf(Box::new(move |d| edit_config(d, |c| c[k] = v.clone())))
     };

@@ -134,9 +134,12 @@ fn projections_of_one_input_are_one_launch_per_layer() {
 #[test]
 fn tiny_models_with_odd_sizes_match_interpreter() {
     for seed in 0..4u64 {
-        for (arch, dtype) in
-            [(Arch::Llama, DType::F32), (Arch::Qwen2, DType::F16), (Arch::Llama, DType::BF16), (Arch::Qwen3, DType::BF16)]
-        {
+        for (arch, dtype) in [
+            (Arch::Llama, DType::F32),
+            (Arch::Qwen2, DType::F16),
+            (Arch::Llama, DType::BF16),
+            (Arch::Qwen3, DType::BF16),
+        ] {
             let cfg = odd_config(arch, seed);
             let src = tempfile::tempdir().unwrap();
             write_hf(src.path(), &cfg, &random_weights(&cfg, dtype, seed), 1).unwrap();

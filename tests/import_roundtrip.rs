@@ -72,6 +72,29 @@ fn qwen3_qk_norm_f16_sharded_safetensors_equals_gguf() {
     check_same(Arch::Qwen3, DType::F16, 2);
 }
 
+/// Phi-3: the files hold fused `qkv_proj`/`gate_up_proj` (GGUF `attn_qkv` and a double-height `ffn_up`,
+/// as llama.cpp's converter writes them), split at import into the same weights byte for byte.
+#[test]
+fn phi3_fused_projections_safetensors_equal_gguf() {
+    check_same(Arch::Phi3, DType::F32, 1);
+    let cfg = tiny_config(Arch::Phi3);
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("phi3.gguf");
+    write_gguf(&gguf, "phi3", &cfg, &random_weights(&cfg, DType::F32, 2), None).unwrap();
+    let f = kiln::frontend::gguf::GgufFile::open(&gguf).unwrap();
+    let (q, kv, ff) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    let shape = |n: &str| f.tensor(n).map(|t| t.ne.clone());
+    assert_eq!(shape("blk.0.attn_qkv.weight"), Some(vec![cfg.hidden_size as u64, (q + 2 * kv) as u64]));
+    assert_eq!(shape("blk.0.ffn_up.weight"), Some(vec![cfg.hidden_size as u64, 2 * ff as u64]));
+    assert_eq!(shape("blk.0.attn_q.weight"), None);
+    assert_eq!(shape("blk.0.ffn_gate.weight"), None);
+    write_hf(&dir.path().join("hf"), &cfg, &random_weights(&cfg, DType::F32, 2), 1).unwrap();
+    let st = std::fs::read(dir.path().join("hf/model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st).unwrap();
+    assert_eq!(st.tensor("model.layers.1.mlp.gate_up_proj.weight").unwrap().shape(), [2 * ff, cfg.hidden_size]);
+    assert!(st.tensor("model.layers.1.self_attn.qkv_proj.weight").is_ok());
+}
+
 /// llama.cpp's layout (permuted Q/K rows + interleaved "normal" RoPE) computes the same function as the
 /// Hugging Face layout (original rows + "neox" RoPE): checks both RoPE modes and the permutation.
 #[test]

@@ -1,5 +1,6 @@
 //! llama.cpp as the reference on GGUF files Kiln writes: tiny seeded random models per feature (Llama 3.x
-//! `rope_freqs.weight`, the same model without it, Qwen3's qk-norm and own head dim), run once through
+//! `rope_freqs.weight`, the same model without it, Qwen3's qk-norm and own head dim, Phi-3's fused
+//! projections), run once through
 //! llama-cpp-python by `scripts/refs/llamacpp_refs.py`, which records llama.cpp's greedy ids and
 //! last-prompt logits with each file's hash in `tests/fixtures/llamacpp_refs.json`. Kiln's interpreter and
 //! compiled code must give the same ids and logits within 1e-3 on the same files.
@@ -40,7 +41,8 @@ fn models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     let mut out = Vec::new();
     let mut write = |name: &'static str, cfg: &LlamaConfig, w: &kiln::ir::WeightStore| {
         let p = dir.join(format!("{name}.gguf"));
-        write_gguf(&p, name, cfg, w, Some(&vocab(cfg.vocab_size))).unwrap();
+        // (general.name is neutral: llama.cpp keys vocabulary quirks off names like "phi3".)
+        write_gguf(&p, "kiln-reference", cfg, w, Some(&vocab(cfg.vocab_size))).unwrap();
         out.push((name, p));
     };
     let mut cfg = llama3_config();
@@ -55,6 +57,9 @@ fn models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     let mut q3 = tiny_config(Arch::Qwen3);
     q3.context_length = 128;
     write("qwen3-qk-norm", &q3, &random_weights(&q3, DType::F32, 32));
+    let mut phi3 = tiny_config(Arch::Phi3);
+    phi3.context_length = 128;
+    write("phi3-fused", &phi3, &random_weights(&phi3, DType::F32, 33));
     out
 }
 

@@ -6,7 +6,7 @@
 
 use crate::error::{FrontendError, Result};
 use crate::gguf::{GgufValue, GgufWriter};
-use crate::llama::{self, Arch, LlamaConfig, RopeScaling, ROPE_FREQS};
+use crate::llama::{self, Arch, LlamaConfig, RopeScaling, FUSED_GATE_UP, FUSED_QKV, ROPE_FREQS};
 use crate::tokenizer::GgufVocab;
 use kiln_ir::{DType, TensorData, WeightStore};
 use std::collections::BTreeMap;
@@ -33,6 +33,8 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
                 "attn_q_norm.weight" => "self_attn.q_norm.weight",
                 "attn_k_norm.weight" => "self_attn.k_norm.weight",
                 "attn_output.weight" => "self_attn.o_proj.weight",
+                FUSED_QKV => "self_attn.qkv_proj.weight",
+                FUSED_GATE_UP => "mlp.gate_up_proj.weight",
                 "ffn_gate.weight" => "mlp.gate_proj.weight",
                 "ffn_up.weight" => "mlp.up_proj.weight",
                 "ffn_down.weight" => "mlp.down_proj.weight",
@@ -49,6 +51,7 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }],
         "model_type": cfg.arch.name(),
         "vocab_size": cfg.vocab_size,
@@ -85,6 +88,38 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
     v
 }
 
+/// Phi-3's files hold Q/K/V and gate/up fused (as its checkpoints and llama.cpp's converter store them):
+/// the weights with each layer's parts replaced by the fused tensor (other archs: unchanged).
+fn fuse_for_file(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<WeightStore> {
+    let mut w = weights.clone();
+    if cfg.arch != Arch::Phi3 {
+        return Ok(w);
+    }
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        for (fused, parts) in [
+            (FUSED_QKV, ["attn_q.weight", "attn_k.weight", "attn_v.weight"].as_slice()),
+            (FUSED_GATE_UP, ["ffn_gate.weight", "ffn_up.weight"].as_slice()),
+        ] {
+            let ts: Vec<TensorData> = parts
+                .iter()
+                .map(|n| w.remove(&p(n)).ok_or_else(|| FrontendError::MissingTensor { path: dir.into(), tensor: p(n) }))
+                .collect::<Result<_>>()?;
+            if ts.iter().any(|t| t.dtype != ts[0].dtype || t.shape[1..] != ts[0].shape[1..]) {
+                return Err(FrontendError::invalid(
+                    dir,
+                    format!("cannot fuse {} of layer {l}: dtypes or widths differ", parts.join(", ")),
+                ));
+            }
+            let mut shape = ts[0].shape.clone();
+            shape[0] = ts.iter().map(|t| t.shape[0]).sum();
+            let bytes: Vec<u8> = ts.iter().flat_map(|t| t.bytes.iter().copied()).collect();
+            w.insert(p(fused), TensorData { dtype: ts[0].dtype, shape, bytes: bytes.into() });
+        }
+    }
+    Ok(w)
+}
+
 /// A config-derived `rope_freqs.weight` may be left out of a file only if it is what the config gives
 /// (else the written model would compute other frequencies than the one in memory).
 fn check_derived_freqs(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<()> {
@@ -117,6 +152,7 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
         ));
     }
     check_derived_freqs(dir, cfg, weights)?;
+    let weights = &fuse_for_file(dir, cfg, weights)?;
     let text = serde_json::to_string_pretty(&hf_config(cfg)).expect("json");
     std::fs::write(&cfg_path, text).map_err(|e| FrontendError::io(&cfg_path, e))?;
     let mut tensors: Vec<(String, &TensorData)> = Vec::new();
@@ -229,10 +265,16 @@ pub fn write_gguf(
             w.add_metadata("tokenizer.chat_template", GgufValue::String(t.clone()));
         }
     }
+    let weights = &fuse_for_file(path, cfg, weights)?;
     for (tname, t) in weights.iter() {
         if linear && tname == ROPE_FREQS {
             continue;
         }
+        // llama.cpp's Phi-3 name for the fused gate/up is `ffn_up` (twice the height).
+        let tname = &match tname.strip_suffix(FUSED_GATE_UP) {
+            Some(blk) => format!("{blk}ffn_up.weight"),
+            None => tname.clone(),
+        };
         let heads = match tname.rsplit('.').nth(1) {
             Some("attn_q") if cfg.arch == Arch::Llama => Some(cfg.n_heads),
             Some("attn_k") if cfg.arch == Arch::Llama => Some(cfg.n_kv_heads),

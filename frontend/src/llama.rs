@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3) as an IR graph.
+//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3) as an IR graph.
 //!
 //! Both importers normalise to one weight layout — GGUF tensor names, row-major shapes, and the
 //! Hugging Face ("neox", rotate-halves) RoPE layout — so one builder serves every source.
@@ -9,7 +9,7 @@
 //! - outputs `logits: f32[batch, seq, vocab]` and the grown caches `k_cache.L` / `v_cache.L:
 //!   f32[batch, past+seq, n_kv_heads, head_dim]`, which the caller feeds back on the next step.
 
-use kiln_ir::{shape, DType, Dim, Graph, GraphError, Op, RopeMode, TensorType, ValueId, WeightStore};
+use kiln_ir::{shape, DType, Dim, Graph, GraphError, Op, RopeMode, TensorData, TensorType, ValueId, WeightStore};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +19,9 @@ pub enum Arch {
     Qwen2,
     /// Qwen2 with qk-norm, no Q/K/V biases and a head dim of its own.
     Qwen3,
+    /// Llama's math with fused projections in its files (`qkv_proj`, `gate_up_proj`; GGUF `attn_qkv`,
+    /// a double-height `ffn_up`), split at import ([`split_fused`]).
+    Phi3,
 }
 
 impl Arch {
@@ -27,6 +30,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 }
@@ -280,6 +284,59 @@ fn move_qk_rows(bytes: &[u8], n_rows: usize, n_heads: usize, to_gguf: bool) -> V
         }
     }
     out
+}
+
+/// The fused Phi-3 tensors Kiln normalises away: `blk.N.attn_qkv.weight` (Q, K and V rows stacked) and
+/// `blk.N.ffn_gate_up.weight` (gate rows, then up rows; GGUF calls it `ffn_up`, HF `gate_up_proj`).
+pub const FUSED_QKV: &str = "attn_qkv.weight";
+pub const FUSED_GATE_UP: &str = "ffn_gate_up.weight";
+
+/// Rows `[at[i], at[i+1])` of a row-major `[rows, …]` tensor, as views of its bytes (whole rows are
+/// whole quantized blocks, so this works for every dtype).
+pub fn split_rows(t: &TensorData, sizes: &[usize]) -> Vec<TensorData> {
+    let row = t.bytes.len() / t.shape[0].max(1);
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let mut shape = t.shape.clone();
+            shape[0] = n;
+            let part = TensorData { dtype: t.dtype, shape, bytes: t.bytes.slice(start * row..(start + n) * row) };
+            start += n;
+            part
+        })
+        .collect()
+}
+
+/// Replaces each layer's fused tensors by the separate ones the graph reads; a fused tensor with the
+/// wrong row count is an error naming it.
+pub fn split_fused(cfg: &LlamaConfig, weights: &mut WeightStore) -> Result<(), String> {
+    let (q, kv, f) = (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.intermediate_size);
+    for l in 0..cfg.n_layers {
+        let p = |s: &str| format!("blk.{l}.{s}");
+        for (fused, parts, sizes) in [
+            (FUSED_QKV, ["attn_q.weight", "attn_k.weight", "attn_v.weight"].as_slice(), vec![q, kv, kv]),
+            (FUSED_GATE_UP, ["ffn_gate.weight", "ffn_up.weight"].as_slice(), vec![f, f]),
+        ] {
+            let Some(t) = weights.remove(&p(fused)) else { continue };
+            let rows: usize = sizes.iter().sum();
+            if t.shape.len() != 2 || t.shape[0] != rows {
+                return Err(format!(
+                    "tensor `{}` has shape {:?}; expected {rows} rows ({})",
+                    p(fused),
+                    t.shape,
+                    parts.join(" + ")
+                ));
+            }
+            for (name, part) in parts.iter().zip(split_rows(&t, &sizes)) {
+                if weights.contains(&p(name)) {
+                    return Err(format!("tensor `{}` is given both fused and alone", p(name)));
+                }
+                weights.insert(p(name), part);
+            }
+        }
+    }
+    Ok(())
 }
 
 struct Builder<'a> {

@@ -3,7 +3,7 @@
 
 use crate::error::{FrontendError, Result};
 use crate::gguf::{GgufFile, GgufValue};
-use crate::llama::{self, Arch, LlamaConfig, RopeScaling, ROPE_FREQS};
+use crate::llama::{self, Arch, LlamaConfig, RopeScaling, FUSED_GATE_UP, FUSED_QKV, ROPE_FREQS};
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use bytes::Bytes;
 use kiln_ir::{DType, Graph, TensorData, WeightStore};
@@ -105,6 +105,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
+        "phi3" => Arch::Phi3,
         _ => return Err(FrontendError::UnsupportedArch { path: path.into(), arch: arch_name }),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -155,12 +156,12 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let mut context_length = get_or("context_length", 2048)?;
     // Sliding-window attention equals full attention while the whole context fits in the window, so a
     // window is honoured by capping the context at it (no position ever falls outside a window).
+    // (0 is llama.cpp's "no window", as its Phi-3 converter writes when the config has none.)
     if f.get(&key("attention.sliding_window")).is_some() {
         let w = get("attention.sliding_window")?;
-        if w == 0 {
-            return Err(gguf_err(path, format!("{} is 0", key("attention.sliding_window"))));
+        if w > 0 {
+            context_length = context_length.min(w);
         }
-        context_length = context_length.min(w);
     }
     let config = LlamaConfig {
         arch,
@@ -196,7 +197,13 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     let mut weights = WeightStore::new();
     let expected: BTreeMap<String, Vec<usize>> = config.expected_weights().into_iter().collect();
     for info in &f.tensors {
-        if !expected.contains_key(&info.name) {
+        // Phi-3's fused projections (split below); its `ffn_up` holds gate and up.
+        let name = match (arch, info.name.strip_prefix("blk.").and_then(|r| r.split_once('.'))) {
+            (Arch::Phi3, Some((l, "ffn_up.weight"))) => format!("blk.{l}.{FUSED_GATE_UP}"),
+            _ => info.name.clone(),
+        };
+        let fused = arch == Arch::Phi3 && (name.ends_with(FUSED_QKV) || name.ends_with(FUSED_GATE_UP));
+        if !expected.contains_key(&name) && !fused {
             if gguf_redundant_tensor(&info.name) {
                 continue;
             }
@@ -226,8 +233,9 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         if info.name == ROPE_FREQS && t.dtype != DType::F32 {
             return Err(gguf_err(path, format!("tensor `{ROPE_FREQS}` is {}; Kiln reads it as f32", t.dtype)));
         }
-        weights.insert(info.name.clone(), t);
+        weights.insert(name, t);
     }
+    llama::split_fused(&config, &mut weights).map_err(|m| gguf_err(path, m))?;
     // Scaling given by metadata alone (linear) becomes the divisors tensor the graph reads.
     if !weights.contains(ROPE_FREQS) {
         if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(theta, head_dim)) {
@@ -445,6 +453,7 @@ const HF_READ_KEYS: &[&str] = &[
     "use_mrope",
     "rope_interleaved",
     "layer_types",
+    "partial_rotary_factor",
 ];
 
 /// config.json keys that do not change inference math: training-only settings (dropouts,
@@ -468,6 +477,12 @@ const HF_HARMLESS_KEYS: &[&str] = &[
     "transformers.js_config",
     "residual_dropout",
     "embedding_dropout",
+    "embd_pdrop",
+    "resid_pdrop",
+    // Where transformers finds remote code for the class; Kiln implements the architecture itself.
+    "auto_map",
+    // The context a scaling started from: read by longrope/yarn only, which are refused.
+    "original_max_position_embeddings",
 ];
 
 /// Refuses every config.json key the importer neither reads nor knows to be harmless (a key that may
@@ -493,6 +508,12 @@ fn check_hf_keys(path: &Path, raw: &serde_json::Value) -> Result<()> {
         if flag(k) {
             return Err(FrontendError::invalid(path, format!("config key `{k}` = true ({what}) is not supported")));
         }
+    }
+    if let Some(p) = obj.get("partial_rotary_factor").filter(|p| p.as_f64() != Some(1.0)) {
+        return Err(FrontendError::invalid(
+            path,
+            format!("config key `partial_rotary_factor` = {p} (partial rotary) is not supported"),
+        ));
     }
     if let Some(types) = obj.get("layer_types").and_then(|v| v.as_array()) {
         if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
@@ -573,6 +594,8 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
                 "self_attn.q_norm.weight" => "attn_q_norm.weight",
                 "self_attn.k_norm.weight" => "attn_k_norm.weight",
                 "self_attn.o_proj.weight" => "attn_output.weight",
+                "self_attn.qkv_proj.weight" => llama::FUSED_QKV,
+                "mlp.gate_up_proj.weight" => llama::FUSED_GATE_UP,
                 "mlp.gate_proj.weight" => "ffn_gate.weight",
                 "mlp.up_proj.weight" => "ffn_up.weight",
                 "mlp.down_proj.weight" => "ffn_down.weight",
@@ -598,6 +621,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         "llama" | "mistral" => Arch::Llama,
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
+        "phi3" => Arch::Phi3,
         _ => {
             let shown =
                 if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
@@ -625,7 +649,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     // the window caps the context (Mistral always; Qwen2 only when `use_sliding_window` turns it on).
     let window_on = match arch {
         Arch::Qwen2 | Arch::Qwen3 => hf.use_sliding_window.unwrap_or(false),
-        Arch::Llama => {
+        Arch::Llama | Arch::Phi3 => {
             if hf.use_sliding_window == Some(true) {
                 return Err(FrontendError::invalid(&cfg_path, "config key `use_sliding_window` is not supported here"));
             }
@@ -695,6 +719,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     if config.tie_embeddings {
         weights.remove("output.weight");
     }
+    llama::split_fused(&config, &mut weights).map_err(|m| FrontendError::invalid(dir, m))?;
     if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(config.rope_theta, config.head_dim)) {
         weights.insert(ROPE_FREQS, f32_tensor(factors));
     }
