@@ -265,9 +265,9 @@ fn cases() -> Vec<(&'static str, Case, &'static str)> {
         "beta_fast",
     ));
     v.push((
-        "sliding-attention layer types",
-        hf_key("layer_types", serde_json::json!(["full_attention", "sliding_attention"])),
-        "layer_types",
+        "chunked-attention layer types",
+        hf_key("layer_types", serde_json::json!(["full_attention", "chunked_attention"])),
+        "chunked_attention",
     ));
     // Hugging Face directories.
     v.push(("directory without config.json", Case::Hf(Box::new(|_| {})), "config.json"));

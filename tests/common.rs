@@ -35,6 +35,8 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: arch == Arch::Llama,
         qk_norm: arch == Arch::Qwen3,
+        sliding_window: None,
+        full_attention_layers: Vec::new(),
         rope_scaling: None,
     }
 }

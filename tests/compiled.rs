@@ -89,6 +89,8 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: seed.is_multiple_of(2),
         qk_norm: arch == Arch::Qwen3,
+        sliding_window: None,
+        full_attention_layers: Vec::new(),
         rope_scaling: None,
     }
 }

@@ -27,6 +27,8 @@ fn config(heads: usize, kv: usize, head_dim: usize) -> LlamaConfig {
         attention_bias: false,
         tie_embeddings: true,
         qk_norm: false,
+        sliding_window: None,
+        full_attention_layers: Vec::new(),
         rope_scaling: None,
     }
 }

@@ -19,6 +19,7 @@ mod llamacpp;
 mod ops;
 mod quality;
 mod rope_scaling;
+mod sliding_window;
 mod sparsity;
 mod structured;
 mod tokenizer;

@@ -252,25 +252,3 @@ fn rope_parameters_spelling_reads_the_same() {
     std::fs::write(&p, c.to_string()).unwrap();
     assert_eq!(Model::load(dir.path()).unwrap().config, cfg);
 }
-
-/// A sliding window is honoured by capping the context at it (full attention is the window's attention
-/// while every position fits); Qwen2's window only counts when `use_sliding_window` turns it on.
-#[test]
-fn sliding_window_caps_the_context() {
-    let window = |arch: Arch, edit: serde_json::Value| -> usize {
-        let cfg = tiny_config(arch);
-        let dir = tempfile::tempdir().unwrap();
-        write_hf(dir.path(), &cfg, &random_weights(&cfg, DType::F32, 2), 1).unwrap();
-        let p = dir.path().join("config.json");
-        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-        for (k, v) in edit.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        std::fs::write(&p, c.to_string()).unwrap();
-        Model::load(dir.path()).unwrap().config.context_length
-    };
-    assert_eq!(window(Arch::Llama, serde_json::json!({"model_type": "mistral", "sliding_window": 32})), 32);
-    assert_eq!(window(Arch::Llama, serde_json::json!({"model_type": "mistral", "sliding_window": null})), 64);
-    assert_eq!(window(Arch::Qwen2, serde_json::json!({"sliding_window": 32, "use_sliding_window": false})), 64);
-    assert_eq!(window(Arch::Qwen2, serde_json::json!({"sliding_window": 32, "use_sliding_window": true})), 32);
-}

@@ -55,6 +55,7 @@ impl Target for CpuTarget {
                     | Op::RopeScaled { .. }
                     | Op::Concat { .. }
                     | Op::Attention { .. }
+                    | Op::SlidingAttention { .. }
                     | Op::FlexAttention { .. }
                     | Op::MaskedLinear
                     | Op::CoreLinear { .. }

@@ -834,9 +834,13 @@ pub fn lower(g: &Graph, store: &WeightStore) -> Result<Lowered, CodegenError> {
                 cx.launch(i, KernelSpec::Op(spec), vec![new, state], vec![vec![Dim::sym("past")]], rows, false);
                 state
             }
-            Op::Attention { scale } => {
+            Op::Attention { scale } | Op::SlidingAttention { scale, .. } => {
                 let Attn { q, k, v, hq, hkv, hd, seq, past } = cx.attention(i)?;
-                let spec = OpKernel::Attention { q_heads: hq, kv_heads: hkv, head_dim: hd, scale: *scale };
+                let window = match n.op {
+                    Op::SlidingAttention { window, .. } => window as usize,
+                    _ => 0,
+                };
+                let spec = OpKernel::Attention { q_heads: hq, kv_heads: hkv, head_dim: hd, scale: *scale, window };
                 let out = cx.temp(i);
                 let items = vec![seq.clone(), Dim::from(hq)];
                 cx.launch(i, KernelSpec::Op(spec), vec![q, k, v, out], vec![vec![seq], vec![past]], items, true);

@@ -85,6 +85,21 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
     if let Some(s) = scaling {
         v["rope_scaling"] = s;
     }
+    if let Some(w) = cfg.sliding_window {
+        v["sliding_window"] = w.into();
+        let types: Vec<&str> = (0..cfg.n_layers)
+            .map(|l| if cfg.window_of(l).is_some() { "sliding_attention" } else { "full_attention" })
+            .collect();
+        v["layer_types"] = types.into();
+        if matches!(cfg.arch, Arch::Qwen2 | Arch::Qwen3) {
+            v["use_sliding_window"] = true.into();
+            // For transformers versions before `layer_types`: the leading full layers, when that is the shape.
+            let lead = (0..cfg.n_layers).take_while(|&l| cfg.window_of(l).is_none()).count();
+            if (lead..cfg.n_layers).all(|l| cfg.window_of(l).is_some()) {
+                v["max_window_layers"] = lead.into();
+            }
+        }
+    }
     v
 }
 
@@ -233,6 +248,18 @@ pub fn write_gguf(
     w.add_metadata(format!("{a}.rope.dimension_count"), u32v(cfg.head_dim));
     w.add_metadata(format!("{a}.rope.freq_base"), GgufValue::F32(cfg.rope_theta));
     w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
+    if let Some(win) = cfg.sliding_window {
+        if !cfg.full_attention_layers.is_empty() {
+            return Err(FrontendError::invalid(
+                path,
+                format!(
+                    "full-attention layers {:?} beside a sliding window have no {a} GGUF form",
+                    cfg.full_attention_layers
+                ),
+            ));
+        }
+        w.add_metadata(format!("{a}.attention.sliding_window"), u32v(win));
+    }
     // llama.cpp's converter conventions: linear scaling as metadata, Llama 3's as the divisors tensor.
     let linear = matches!(cfg.rope_scaling, Some(RopeScaling::Linear { .. }));
     if let Some(RopeScaling::Linear { factor }) = cfg.rope_scaling {

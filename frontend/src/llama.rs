@@ -57,6 +57,12 @@ pub struct LlamaConfig {
     /// Qwen3).
     #[serde(default)]
     pub qk_norm: bool,
+    /// Sliding-window attention: each query reads only the last `sliding_window` positions up to its own
+    /// (`sliding_attention`), in every layer but those listed in `full_attention_layers`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub full_attention_layers: Vec<usize>,
     /// RoPE frequency scaling (Llama 3.x, linear interpolation); `None`: plain θ^(−2i/d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -179,6 +185,15 @@ impl LlamaConfig {
         if let Some(rs) = &self.rope_scaling {
             rs.validate()?;
         }
+        if self.sliding_window == Some(0) {
+            return Err("sliding_window is 0".into());
+        }
+        if let Some(&l) = self.full_attention_layers.iter().find(|&&l| l >= self.n_layers) {
+            return Err(format!("full-attention layer {l} is beyond the {} layers", self.n_layers));
+        }
+        if self.sliding_window.is_none() && !self.full_attention_layers.is_empty() {
+            return Err("full-attention layers are listed without a sliding window".into());
+        }
         Ok(())
     }
 
@@ -218,6 +233,11 @@ impl LlamaConfig {
         w
     }
 
+    /// The attention window of layer `l` (`None`: full causal attention).
+    pub fn window_of(&self, l: usize) -> Option<usize> {
+        self.sliding_window.filter(|_| !self.full_attention_layers.contains(&l))
+    }
+
     /// The architecture features this model uses, for `kiln inspect`. Every one is supported: a file
     /// that needs one Kiln lacks is refused at load, naming the tensor or key.
     pub fn features(&self) -> Vec<String> {
@@ -239,6 +259,10 @@ impl LlamaConfig {
         }
         if self.tie_embeddings {
             f.push("tied embeddings".into());
+        }
+        if let Some(w) = self.sliding_window {
+            let local = (0..self.n_layers).filter(|&l| self.window_of(l).is_some()).count();
+            f.push(format!("sliding-window attention ({w} positions, {local} of {} layers)", self.n_layers));
         }
         match &self.rope_scaling {
             None => {}
@@ -433,7 +457,10 @@ pub fn build_graph(
         let k_all = b.op(Op::Concat { axis: 1 }, &[k_cache, k])?;
         let v_all = b.op(Op::Concat { axis: 1 }, &[v_cache, v])?;
         cache_outs.push((k_all, v_all));
-        let att = b.op(Op::Attention { scale }, &[q, k_all, v_all])?;
+        let att = match cfg.window_of(l) {
+            None => b.op(Op::Attention { scale }, &[q, k_all, v_all])?,
+            Some(w) => b.op(Op::SlidingAttention { scale, window: w as i64 }, &[q, k_all, v_all])?,
+        };
         let att = b.op(Op::Reshape { shape: shape!["batch", "seq", nh * hd] }, &[att])?;
         let wo = b.weight(&p("attn_output.weight"))?;
         let o = b.op(Op::Linear, &[att, wo])?;

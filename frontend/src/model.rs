@@ -153,16 +153,11 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
             ),
         ));
     }
-    let mut context_length = get_or("context_length", 2048)?;
-    // Sliding-window attention equals full attention while the whole context fits in the window, so a
-    // window is honoured by capping the context at it (no position ever falls outside a window).
-    // (0 is llama.cpp's "no window", as its Phi-3 converter writes when the config has none.)
-    if f.get(&key("attention.sliding_window")).is_some() {
-        let w = get("attention.sliding_window")?;
-        if w > 0 {
-            context_length = context_length.min(w);
-        }
-    }
+    // 0 is llama.cpp's "no window", as its Phi-3 converter writes when the config has none.
+    let sliding_window = match f.get(&key("attention.sliding_window")) {
+        Some(_) => Some(get("attention.sliding_window")?).filter(|&w| w > 0),
+        None => None,
+    };
     let config = LlamaConfig {
         arch,
         vocab_size: vocab,
@@ -174,10 +169,12 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         head_dim,
         rope_theta: theta,
         rms_norm_eps: f.get_f64(&key("attention.layer_norm_rms_epsilon"))? as f32,
-        context_length,
+        context_length: get_or("context_length", 2048)?,
         attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: f.tensor("output.weight").is_none(),
         qk_norm: arch == Arch::Qwen3,
+        sliding_window,
+        full_attention_layers: Vec::new(),
         rope_scaling: gguf_rope_scaling(path, &f, &arch_name)?,
     };
     config.validate().map_err(|m| gguf_err(path, m))?;
@@ -426,6 +423,60 @@ struct HfConfig {
     hidden_act: Option<String>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
+}
+
+/// Which layers of a config.json model attend through a sliding window: the window and the layers that
+/// stay full. Mistral/Llama/Phi-3: `sliding_window` applies to every layer. Qwen2/Qwen3: only with
+/// `use_sliding_window`, and then to layers ≥ `max_window_layers` (transformers' default 28). An
+/// explicit `layer_types` (full_attention | sliding_attention per layer) decides over both.
+fn hf_sliding_window(path: &Path, arch: Arch, hf: &HfConfig) -> Result<(Option<usize>, Vec<usize>)> {
+    let err = |m: String| FrontendError::invalid(path, m);
+    let n = hf.num_hidden_layers;
+    let window = match arch {
+        Arch::Qwen2 | Arch::Qwen3 => hf.sliding_window.filter(|_| hf.use_sliding_window == Some(true)),
+        Arch::Llama | Arch::Phi3 => {
+            if hf.use_sliding_window == Some(true) {
+                return Err(err(format!("config key `use_sliding_window` is not supported for {}", arch.name())));
+            }
+            hf.sliding_window
+        }
+    };
+    if window == Some(0) {
+        return Err(err("config key `sliding_window` is 0".into()));
+    }
+    let sliding: Vec<bool> = match &hf.layer_types {
+        Some(types) => {
+            if types.len() != n {
+                return Err(err(format!("config key `layer_types` lists {} layers for {n}", types.len())));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(false),
+                    "sliding_attention" => Ok(true),
+                    other => Err(err(format!(
+                        "config key `layer_types` has `{other}`; Kiln implements full_attention and sliding_attention"
+                    ))),
+                })
+                .collect::<Result<_>>()?
+        }
+        None => match arch {
+            Arch::Qwen2 | Arch::Qwen3 => (0..n).map(|l| l >= hf.max_window_layers.unwrap_or(28)).collect(),
+            Arch::Llama | Arch::Phi3 => vec![true; n],
+        },
+    };
+    match window {
+        Some(w) if sliding.iter().any(|&s| s) => Ok((Some(w), (0..n).filter(|&l| !sliding[l]).collect())),
+        None if hf.layer_types.is_some()
+            && sliding.iter().any(|&s| s)
+            && !matches!(arch, Arch::Qwen2 | Arch::Qwen3) =>
+        {
+            Err(err("config key `layer_types` has sliding_attention layers but no `sliding_window`".into()))
+        }
+        _ => Ok((None, Vec::new())),
+    }
 }
 
 /// config.json keys the importer reads (through [`HfConfig`] or checks of their own).
@@ -453,13 +504,13 @@ const HF_READ_KEYS: &[&str] = &[
     "use_mrope",
     "rope_interleaved",
     "layer_types",
+    "max_window_layers",
     "partial_rotary_factor",
 ];
 
 /// config.json keys that do not change inference math: training-only settings (dropouts,
 /// initialisation, tensor-parallel pretraining splits, which compute the same product), token ids the
-/// tokenizer files also carry, storage and bookkeeping notes, and `max_window_layers`, which only
-/// matters with `use_sliding_window` (handled).
+/// tokenizer files also carry, storage and bookkeeping notes.
 const HF_HARMLESS_KEYS: &[&str] = &[
     "_name_or_path",
     "attention_dropout",
@@ -472,7 +523,6 @@ const HF_HARMLESS_KEYS: &[&str] = &[
     "dtype",
     "transformers_version",
     "use_cache",
-    "max_window_layers",
     "is_llama_config",
     "transformers.js_config",
     "residual_dropout",
@@ -514,14 +564,6 @@ fn check_hf_keys(path: &Path, raw: &serde_json::Value) -> Result<()> {
             path,
             format!("config key `partial_rotary_factor` = {p} (partial rotary) is not supported"),
         ));
-    }
-    if let Some(types) = obj.get("layer_types").and_then(|v| v.as_array()) {
-        if let Some(t) = types.iter().find(|t| t.as_str() != Some("full_attention")) {
-            return Err(FrontendError::invalid(
-                path,
-                format!("config key `layer_types` has {t}; only full_attention is supported"),
-            ));
-        }
     }
     Ok(())
 }
@@ -644,24 +686,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
             return Err(FrontendError::invalid(&cfg_path, "both rope_scaling and rope_parameters are set"));
         }
     };
-    let mut context_length = hf.max_position_embeddings.unwrap_or(2048);
-    // Sliding-window attention equals full attention while the whole context fits in the window, so
-    // the window caps the context (Mistral always; Qwen2 only when `use_sliding_window` turns it on).
-    let window_on = match arch {
-        Arch::Qwen2 | Arch::Qwen3 => hf.use_sliding_window.unwrap_or(false),
-        Arch::Llama | Arch::Phi3 => {
-            if hf.use_sliding_window == Some(true) {
-                return Err(FrontendError::invalid(&cfg_path, "config key `use_sliding_window` is not supported here"));
-            }
-            true
-        }
-    };
-    if let (true, Some(w)) = (window_on, hf.sliding_window) {
-        if w == 0 {
-            return Err(FrontendError::invalid(&cfg_path, "config key `sliding_window` is 0"));
-        }
-        context_length = context_length.min(w);
-    }
+    let (sliding_window, full_attention_layers) = hf_sliding_window(&cfg_path, arch, &hf)?;
     if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
         return Err(FrontendError::invalid(&cfg_path, format!("hidden_act `{act}` is not supported (only silu)")));
     }
@@ -679,10 +704,12 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
         rope_theta: rope_theta.unwrap_or(10000.0),
         rms_norm_eps: hf.rms_norm_eps,
-        context_length,
+        context_length: hf.max_position_embeddings.unwrap_or(2048),
         attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
         tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
         qk_norm: arch == Arch::Qwen3,
+        sliding_window,
+        full_attention_layers,
         rope_scaling,
     };
     config.validate().map_err(|m| FrontendError::invalid(&cfg_path, m))?;

@@ -252,7 +252,7 @@ impl Pass for StructuredPrune {
                     return Err(e("the attention output projection does not read a reshape"));
                 }
                 let att = g.node(out_r.inputs[0]);
-                if !matches!(att.op, Op::Attention { .. }) {
+                if !matches!(att.op, Op::Attention { .. } | Op::SlidingAttention { .. }) {
                     return Err(e("the output reshape does not read an attention"));
                 }
                 let rope = g.node(att.inputs[0]);

@@ -366,7 +366,7 @@ mod tests {
     /// Runs the dense kernel and the two FlexPrefill kernels (each item range cut at an odd point, as
     /// threads would) on one input; returns (dense, flex, scratch).
     fn run(sh: &Shape, p: &Params, scale: f32, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let dense = OpKernel::Attention { q_heads: sh.hq, kv_heads: sh.hkv, head_dim: sh.hd, scale };
+        let dense = OpKernel::Attention { q_heads: sh.hq, kv_heads: sh.hkv, head_dim: sh.hd, scale, window: 0 };
         let pat = OpKernel::FlexPattern {
             q_heads: sh.hq,
             kv_heads: sh.hkv,

@@ -33,7 +33,15 @@ pub enum OpKernel {
     /// bufs [src, dst]; dims [start]; items: rows of `row` floats; dst[r] = src[start + r].
     SliceRows { row: usize },
     /// bufs [q, k_cache, v_cache, out]; dims [seq, past]; items: `seq * q_heads` (query, head) pairs.
-    Attention { q_heads: usize, kv_heads: usize, head_dim: usize, scale: f32 },
+    /// `window` > 0: each query reads only its last `window` keys (sliding-window attention).
+    Attention {
+        q_heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        scale: f32,
+        #[serde(default)]
+        window: usize,
+    },
     /// FlexPrefill step 1–2 (`kiln_ir::flex`): bufs [q, k_cache, scratch]; dims [seq, past]; items:
     /// `q_heads`. Writes each head's pattern to `scratch` (nothing when `seq < min_len`).
     FlexPattern {
@@ -88,8 +96,9 @@ impl OpKernel {
             ),
             OpKernel::AppendKv { row } => format!("kiln_append_kv_{row}"),
             OpKernel::SliceRows { row } => format!("kiln_slice_rows_{row}"),
-            OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
-                format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}", f(*scale))
+            OpKernel::Attention { q_heads, kv_heads, head_dim, scale, window } => {
+                let w = if *window > 0 { format!("_w{window}") } else { String::new() };
+                format!("kiln_attention_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}{w}", f(*scale))
             }
             OpKernel::FlexPattern { q_heads, kv_heads, head_dim, scale, block, gamma, tau, min_len } => format!(
                 "kiln_flex_pattern_q{q_heads}_kv{kv_heads}_hd{head_dim}_s{}_b{block}_g{}_t{}_m{min_len}",
@@ -211,7 +220,7 @@ impl OpKernel {
                     e.for_range(e.i64c(0), rc, |j| e.store_f32(dst, e.add(to, j)?, e.load_f32(src, e.add(from, j)?)?))
                 })?;
             }
-            OpKernel::Attention { q_heads, kv_heads, head_dim, scale } => {
+            OpKernel::Attention { q_heads, kv_heads, head_dim, scale, window } => {
                 if kv_heads == 0 || q_heads % kv_heads != 0 {
                     return Err(CodegenError::Llvm(format!("attention {q_heads} heads over {kv_heads} kv heads")));
                 }
@@ -224,8 +233,14 @@ impl OpKernel {
                     let kh = e.div(h, e.i64c((q_heads / kv_heads) as i64))?;
                     let qbase = e.mul(it, e.i64c(head_dim as i64))?; // (i * q_heads + h) * head_dim
                     let visible = e.add(e.add(past, i)?, e.i64c(1))?;
+                    // A window starts the key loop at visible − window: older KV is never read.
+                    let first = if window > 0 {
+                        e.imax(e.isub(visible, e.i64c(window as i64))?, e.i64c(0))?
+                    } else {
+                        e.i64c(0)
+                    };
                     a.start(e)?;
-                    a.keys(e, qbase, kh, e.i64c(0), visible)?;
+                    a.keys(e, qbase, kh, first, visible)?;
                     a.finish(e, out, qbase)
                 })?;
             }

@@ -1,4 +1,4 @@
-//! Causal (grouped-query) attention, FlexPrefill's block-sparse attention, and `causal_mask`.
+//! Causal (grouped-query) attention, its sliding-window form, FlexPrefill's block-sparse attention, and `causal_mask`.
 
 use super::*;
 use crate::tensor::*;
@@ -9,6 +9,12 @@ pub(super) fn infer(op: &Op, ins: &[&TensorType], declared: Option<&TensorType>)
     match op {
         Op::FlexAttention { scale, block, gamma, tau, min_len } => {
             crate::flex::FlexParams { block: *block, gamma: *gamma, tau: *tau, min_len: *min_len }.validate()?;
+            Op::Attention { scale: *scale }.infer(ins, None)
+        }
+        Op::SlidingAttention { scale, window } => {
+            if *window < 1 {
+                return Err(format!("sliding_attention window {window} must be at least 1"));
+            }
             Op::Attention { scale: *scale }.infer(ins, None)
         }
         Op::Attention { .. } => {
@@ -63,45 +69,8 @@ pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, St
             }
             Ok(Tensor::f32(t.shape.clone(), out))
         }
-        Op::Attention { scale } => {
-            let (q, k, v) = (f(args[0])?, f(args[1])?, f(args[2])?);
-            let [b, s, hq, d] = args[0].shape[..] else {
-                return Err("attention needs rank 4".into());
-            };
-            let [_, t, hkv, _] = args[1].shape[..] else {
-                return Err("attention needs rank 4".into());
-            };
-            if t < s {
-                return Err(format!("kv length {t} is shorter than the query length {s}"));
-            }
-            let group = hq / hkv;
-            let mut out = vec![0f32; q.len()];
-            let mut scores = vec![0f64; t];
-            for bi in 0..b {
-                for h in 0..hq {
-                    let kh = h / group;
-                    for i in 0..s {
-                        // Query i sits at absolute position t - s + i and sees keys 0..=that.
-                        let visible = t - s + i + 1;
-                        let qrow = &q[((bi * s + i) * hq + h) * d..][..d];
-                        for (j, sc) in scores.iter_mut().enumerate().take(visible) {
-                            let krow = &k[((bi * t + j) * hkv + kh) * d..][..d];
-                            *sc = dot(qrow, krow) * *scale as f64;
-                        }
-                        softmax_in_place(&mut scores[..visible]);
-                        let orow = &mut out[((bi * s + i) * hq + h) * d..][..d];
-                        for (c, o) in orow.iter_mut().enumerate() {
-                            let mut acc = 0f64;
-                            for (j, p) in scores[..visible].iter().enumerate() {
-                                acc += p * v[((bi * t + j) * hkv + kh) * d + c] as f64;
-                            }
-                            *o = acc as f32;
-                        }
-                    }
-                }
-            }
-            Ok(Tensor::f32(args[0].shape.clone(), out))
-        }
+        Op::Attention { scale } => dense_attention(args, *scale, None),
+        Op::SlidingAttention { scale, window } => dense_attention(args, *scale, Some(*window as usize)),
         Op::FlexAttention { scale, block, gamma, tau, min_len } => {
             let p = crate::flex::FlexParams { block: *block, gamma: *gamma, tau: *tau, min_len: *min_len };
             p.validate()?;
@@ -124,6 +93,50 @@ pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, St
         }
         other => Err(not_in_family(other, "attention")),
     }
+}
+
+/// Causal attention of `q`, `k`, `v`; with `window`, query i sees only the last `window` keys up to
+/// its own position.
+fn dense_attention(args: &[&Tensor], scale: f32, window: Option<usize>) -> Result<Tensor, String> {
+    let (q, k, v) = (f(args[0])?, f(args[1])?, f(args[2])?);
+    let [b, s, hq, d] = args[0].shape[..] else {
+        return Err("attention needs rank 4".into());
+    };
+    let [_, t, hkv, _] = args[1].shape[..] else {
+        return Err("attention needs rank 4".into());
+    };
+    if t < s {
+        return Err(format!("kv length {t} is shorter than the query length {s}"));
+    }
+    let group = hq / hkv;
+    let mut out = vec![0f32; q.len()];
+    let mut scores = vec![0f64; t];
+    for bi in 0..b {
+        for h in 0..hq {
+            let kh = h / group;
+            for i in 0..s {
+                // Query i sits at absolute position t - s + i and sees keys 0..=that (the last
+                // `window` of them with a window).
+                let visible = t - s + i + 1;
+                let first = window.map_or(0, |w| visible.saturating_sub(w));
+                let qrow = &q[((bi * s + i) * hq + h) * d..][..d];
+                for (j, sc) in scores.iter_mut().enumerate().take(visible).skip(first) {
+                    let krow = &k[((bi * t + j) * hkv + kh) * d..][..d];
+                    *sc = dot(qrow, krow) * scale as f64;
+                }
+                softmax_in_place(&mut scores[first..visible]);
+                let orow = &mut out[((bi * s + i) * hq + h) * d..][..d];
+                for (c, o) in orow.iter_mut().enumerate() {
+                    let mut acc = 0f64;
+                    for (j, p) in scores.iter().enumerate().take(visible).skip(first) {
+                        acc += p * v[((bi * t + j) * hkv + kh) * d + c] as f64;
+                    }
+                    *o = acc as f32;
+                }
+            }
+        }
+    }
+    Ok(Tensor::f32(args[0].shape.clone(), out))
 }
 
 /// Whether [`expand`] has a primitive form for `op` on these operands.

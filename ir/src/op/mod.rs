@@ -294,6 +294,10 @@ ops! {
     /// Causal attention `q[B, S, Hq, Dh]`, `k`/`v[B, T, Hkv, Dh]` (T ≥ S; query i sits at position
     /// T−S+i), grouped-query when Hkv divides Hq. Result `[B, S, Hq, Dh]`.
     Attention { scale: f32 } = "attention" / 3 in attention;
+    /// `attention` where each query sees only the last `window` positions up to its own (sliding-window,
+    /// "local" attention: Mistral, Qwen2 with `use_sliding_window`, Phi-3, Gemma 3's local layers): query
+    /// at position p reads keys p−window+1 ..= p; a kernel does not read the KV outside.
+    SlidingAttention { scale: f32, window: i64 } = "sliding_attention" / 3 in attention;
     /// `silu(gate) * up`.
     SwiGlu = "swiglu" / 2 in elementwise;
     /// `x` where `|x| > t`, else 0: `t[C]` is a per-channel threshold on the last axis of `x[..., C]`

@@ -89,7 +89,7 @@ impl CostModel {
                 2.0 * k.unwrap_or(1.0)
             }
             // FlexPrefill is costed as dense attention (an upper bound; no rule chooses between them).
-            Op::Attention { .. } | Op::FlexAttention { .. } => {
+            Op::Attention { .. } | Op::SlidingAttention { .. } | Op::FlexAttention { .. } => {
                 4.0 * self.numel(&TensorType::new(out.dtype, vec![ins[1].shape[1].clone()]))
             }
             Op::Add | Op::Sub | Op::Mul | Op::Div | Op::CausalMask | Op::Iota { .. } | Op::Threshold => 1.0,
