@@ -36,6 +36,8 @@ pub fn tiny_config(arch: Arch) -> LlamaConfig {
         tie_embeddings: arch == Arch::Llama,
         qk_norm: arch == Arch::Qwen3,
         sliding_window: None,
+        rope_local_theta: None,
+        query_pre_attn_scalar: None,
         full_attention_layers: Vec::new(),
         rope_scaling: None,
     }

@@ -90,6 +90,8 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
         tie_embeddings: seed.is_multiple_of(2),
         qk_norm: arch == Arch::Qwen3,
         sliding_window: None,
+        rope_local_theta: None,
+        query_pre_attn_scalar: None,
         full_attention_layers: Vec::new(),
         rope_scaling: None,
     }

@@ -28,6 +28,8 @@ fn config(heads: usize, kv: usize, head_dim: usize) -> LlamaConfig {
         tie_embeddings: true,
         qk_norm: false,
         sliding_window: None,
+        rope_local_theta: None,
+        query_pre_attn_scalar: None,
         full_attention_layers: Vec::new(),
         rope_scaling: None,
     }

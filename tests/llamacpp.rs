@@ -1,6 +1,6 @@
 //! llama.cpp as the reference on GGUF files Kiln writes: tiny seeded random models per feature (Llama 3.x
 //! `rope_freqs.weight`, the same model without it, Qwen3's qk-norm and own head dim, Phi-3's fused
-//! projections), run once through
+//! projections, Gemma 3's local/global layers), run once through
 //! llama-cpp-python by `scripts/refs/llamacpp_refs.py`, which records llama.cpp's greedy ids and
 //! last-prompt logits with each file's hash in `tests/fixtures/llamacpp_refs.json`. Kiln's interpreter and
 //! compiled code must give the same ids and logits within 1e-3 on the same files.
@@ -60,6 +60,8 @@ fn models(dir: &Path) -> Vec<(&'static str, PathBuf)> {
     let mut phi3 = tiny_config(Arch::Phi3);
     phi3.context_length = 128;
     write("phi3-fused", &phi3, &random_weights(&phi3, DType::F32, 33));
+    let gemma = crate::gemma3::gemma_config();
+    write("gemma3", &gemma, &crate::gemma3::gemma_weights(&gemma, 34));
     out
 }
 

@@ -10,6 +10,7 @@ mod coreinfer;
 mod embed;
 mod flexprefill;
 mod fuzz;
+mod gemma3;
 mod golden;
 mod import_roundtrip;
 mod ir_text;

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Kiln (GGUF) tensor name → HF name.
-pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+pub fn gguf_to_hf_name(arch: Arch, name: &str) -> Option<String> {
     Some(match name {
         "token_embd.weight" => "model.embed_tokens.weight".into(),
         "output_norm.weight" => "model.norm.weight".into(),
@@ -23,6 +23,9 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
             let (l, tail) = rest.split_once('.')?;
             let mapped = match tail {
                 "attn_norm.weight" => "input_layernorm.weight",
+                "post_attention_norm.weight" if arch == Arch::Gemma3 => "post_attention_layernorm.weight",
+                "ffn_norm.weight" if arch == Arch::Gemma3 => "pre_feedforward_layernorm.weight",
+                "post_ffw_norm.weight" if arch == Arch::Gemma3 => "post_feedforward_layernorm.weight",
                 "ffn_norm.weight" => "post_attention_layernorm.weight",
                 "attn_q.weight" => "self_attn.q_proj.weight",
                 "attn_k.weight" => "self_attn.k_proj.weight",
@@ -52,8 +55,9 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }],
-        "model_type": cfg.arch.name(),
+        "model_type": if cfg.arch == Arch::Gemma3 { "gemma3_text" } else { cfg.arch.name() },
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -84,6 +88,15 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
     };
     if let Some(s) = scaling {
         v["rope_scaling"] = s;
+    }
+    if cfg.arch == Arch::Gemma3 {
+        let o = v.as_object_mut().expect("object");
+        o.remove("hidden_act");
+        o.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
+        o.insert("query_pre_attn_scalar".into(), cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f32).into());
+        if let Some(t) = cfg.rope_local_theta {
+            o.insert("rope_local_base_freq".into(), t.into());
+        }
     }
     if let Some(w) = cfg.sliding_window {
         v["sliding_window"] = w.into();
@@ -167,7 +180,14 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
         ));
     }
     check_derived_freqs(dir, cfg, weights)?;
-    let weights = &fuse_for_file(dir, cfg, weights)?;
+    let mut weights = fuse_for_file(dir, cfg, weights)?;
+    if cfg.arch == Arch::Gemma3 {
+        crate::model::gemma_norms(&mut weights, -1.0).map_err(|m| FrontendError::invalid(dir, m))?;
+    }
+    let weights = &weights;
+    if cfg.rope_local_theta.is_some() && cfg.arch != Arch::Gemma3 {
+        return Err(FrontendError::invalid(dir, "a local RoPE base has a Hugging Face form for Gemma 3 only"));
+    }
     let text = serde_json::to_string_pretty(&hf_config(cfg)).expect("json");
     std::fs::write(&cfg_path, text).map_err(|e| FrontendError::io(&cfg_path, e))?;
     let mut tensors: Vec<(String, &TensorData)> = Vec::new();
@@ -175,8 +195,8 @@ pub fn write_hf(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore, shards: us
         if name == ROPE_FREQS {
             continue; // derived from config.json's rope_scaling on import
         }
-        let hf =
-            gguf_to_hf_name(name).ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
+        let hf = gguf_to_hf_name(cfg.arch, name)
+            .ok_or_else(|| FrontendError::invalid(dir, format!("no HF name for `{name}`")))?;
         if !matches!(t.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(FrontendError::invalid(
                 dir,
@@ -248,7 +268,25 @@ pub fn write_gguf(
     w.add_metadata(format!("{a}.rope.dimension_count"), u32v(cfg.head_dim));
     w.add_metadata(format!("{a}.rope.freq_base"), GgufValue::F32(cfg.rope_theta));
     w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), GgufValue::F32(cfg.rms_norm_eps));
-    if let Some(win) = cfg.sliding_window {
+    if cfg.arch == Arch::Gemma3 {
+        // llama.cpp's Gemma 3: 1/√head_dim scale, local layers every but each n-th, their own RoPE base.
+        if cfg.query_pre_attn_scalar.is_some_and(|s| s != cfg.head_dim as f32) {
+            return Err(FrontendError::invalid(path, "query_pre_attn_scalar ≠ head_dim has no gemma3 GGUF form"));
+        }
+    }
+    if let (Arch::Gemma3, Some(win)) = (cfg.arch, cfg.sliding_window) {
+        let n = (1..=cfg.n_layers + 1)
+            .find(|&n| (0..cfg.n_layers).all(|l| cfg.window_of(l).is_some() == (l % n != n - 1)))
+            .ok_or_else(|| {
+                FrontendError::invalid(path, "local/global layers without a period have no gemma3 GGUF form")
+            })?;
+        w.add_metadata(format!("{a}.attention.sliding_window"), u32v(win));
+        w.add_metadata(format!("{a}.attention.sliding_window_pattern"), u32v(n));
+        w.add_metadata(format!("{a}.rope.freq_base_swa"), GgufValue::F32(cfg.rope_local_theta.unwrap_or(10000.0)));
+    } else if let Some(win) = cfg.sliding_window {
+        if cfg.rope_local_theta.is_some() {
+            return Err(FrontendError::invalid(path, format!("a local RoPE base has no {a} GGUF form")));
+        }
         if !cfg.full_attention_layers.is_empty() {
             return Err(FrontendError::invalid(
                 path,

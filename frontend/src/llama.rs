@@ -1,4 +1,4 @@
-//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3) as an IR graph.
+//! The Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) as an IR graph.
 //!
 //! Both importers normalise to one weight layout — GGUF tensor names, row-major shapes, and the
 //! Hugging Face ("neox", rotate-halves) RoPE layout — so one builder serves every source.
@@ -22,6 +22,10 @@ pub enum Arch {
     /// Llama's math with fused projections in its files (`qkv_proj`, `gate_up_proj`; GGUF `attn_qkv`,
     /// a double-height `ffn_up`), split at import ([`split_fused`]).
     Phi3,
+    /// Gemma 3 text models: embeddings scaled by √hidden, norms after attention and after the MLP as
+    /// well as before, a GELU-tanh gated MLP, qk-norm, interleaved local (sliding-window, own RoPE
+    /// base) and global layers. Norm weights are stored multiplicative (llama.cpp's form: HF's w + 1).
+    Gemma3,
 }
 
 impl Arch {
@@ -31,6 +35,7 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -63,6 +68,12 @@ pub struct LlamaConfig {
     pub sliding_window: Option<usize>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub full_attention_layers: Vec<usize>,
+    /// RoPE base of the windowed layers, which then use plain (unscaled) RoPE (Gemma 3's local layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_local_theta: Option<f32>,
+    /// Attention scale 1/√s instead of 1/√head_dim (Gemma's `query_pre_attn_scalar`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_pre_attn_scalar: Option<f32>,
     /// RoPE frequency scaling (Llama 3.x, linear interpolation); `None`: plain θ^(−2i/d).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeScaling>,
@@ -188,6 +199,13 @@ impl LlamaConfig {
         if self.sliding_window == Some(0) {
             return Err("sliding_window is 0".into());
         }
+        for (name, v) in
+            [("rope_local_theta", self.rope_local_theta), ("query_pre_attn_scalar", self.query_pre_attn_scalar)]
+        {
+            if v.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+                return Err(format!("{name} {v:?} must be positive"));
+            }
+        }
         if let Some(&l) = self.full_attention_layers.iter().find(|&&l| l >= self.n_layers) {
             return Err(format!("full-attention layer {l} is beyond the {} layers", self.n_layers));
         }
@@ -221,6 +239,10 @@ impl LlamaConfig {
                 w.push((p("attn_k_norm.weight"), vec![hd]));
             }
             w.push((p("attn_output.weight"), vec![d, q]));
+            if self.arch == Arch::Gemma3 {
+                w.push((p("post_attention_norm.weight"), vec![d]));
+                w.push((p("post_ffw_norm.weight"), vec![d]));
+            }
             w.push((p("ffn_norm.weight"), vec![d]));
             w.push((p("ffn_gate.weight"), vec![f, d]));
             w.push((p("ffn_up.weight"), vec![f, d]));
@@ -241,7 +263,18 @@ impl LlamaConfig {
     /// The architecture features this model uses, for `kiln inspect`. Every one is supported: a file
     /// that needs one Kiln lacks is refused at load, naming the tensor or key.
     pub fn features(&self) -> Vec<String> {
-        let mut f = vec!["rmsnorm".to_string(), "swiglu mlp".to_string(), "rope (neox layout)".to_string()];
+        let mlp = if self.arch == Arch::Gemma3 { "gelu-tanh gated mlp" } else { "swiglu mlp" };
+        let mut f = vec!["rmsnorm".to_string(), mlp.to_string(), "rope (neox layout)".to_string()];
+        if self.arch == Arch::Gemma3 {
+            f.push("embeddings scaled by √hidden".into());
+            f.push("norms before and after attention and mlp".into());
+        }
+        if let Some(t) = self.rope_local_theta {
+            f.push(format!("local layers' rope base {t}"));
+        }
+        if let Some(s) = self.query_pre_attn_scalar {
+            f.push(format!("attention scale 1/√{s}"));
+        }
         if self.n_kv_heads < self.n_heads {
             f.push(format!(
                 "grouped-query attention ({} query heads per key/value head)",
@@ -422,14 +455,19 @@ pub fn build_graph(
     }
     let embd = b.weight("token_embd.weight")?;
     let mut x = b.op(Op::Embedding, &[embd, tokens])?;
-    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
+    let gemma = cfg.arch == Arch::Gemma3;
+    if gemma {
+        let s = b.op(Op::Constant { value: (cfg.hidden_size as f32).sqrt() }, &[])?;
+        x = b.op(Op::Mul, &[x, s])?;
+    }
+    let scale = 1.0 / cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f32).sqrt();
     let (rope, factors) = match cfg.rope_scaling {
         None => (Op::Rope { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd }, None),
         Some(_) => {
             (Op::RopeScaled { mode: RopeMode::Neox, theta: cfg.rope_theta, n_rot: hd }, Some(b.f32_weight(ROPE_FREQS)?))
         }
     };
-    let rope_ins = |x: ValueId| -> Vec<ValueId> { std::iter::once(x).chain([pos]).chain(factors).collect() };
+    let local_rope = cfg.rope_local_theta.map(|theta| Op::Rope { mode: RopeMode::Neox, theta, n_rot: hd });
     let mut cache_outs = Vec::new();
     for (l, &(k_cache, v_cache)) in caches.iter().enumerate() {
         let p = |s: &str| format!("blk.{l}.{s}");
@@ -452,8 +490,14 @@ pub fn build_graph(
         let q = proj(&mut b, "q", nh)?;
         let k = proj(&mut b, "k", nkv)?;
         let v = proj(&mut b, "v", nkv)?;
-        let q = b.op(rope.clone(), &rope_ins(q))?;
-        let k = b.op(rope.clone(), &rope_ins(k))?;
+        // Windowed layers with a local base use plain RoPE at it; the rest the model's (maybe scaled) RoPE.
+        let (rope_l, ins_l): (&Op, Vec<ValueId>) = match (&local_rope, cfg.window_of(l)) {
+            (Some(local), Some(_)) => (local, vec![pos]),
+            _ => (&rope, std::iter::once(pos).chain(factors).collect()),
+        };
+        let with = |x: ValueId| -> Vec<ValueId> { std::iter::once(x).chain(ins_l.iter().copied()).collect() };
+        let q = b.op(rope_l.clone(), &with(q))?;
+        let k = b.op(rope_l.clone(), &with(k))?;
         let k_all = b.op(Op::Concat { axis: 1 }, &[k_cache, k])?;
         let v_all = b.op(Op::Concat { axis: 1 }, &[v_cache, v])?;
         cache_outs.push((k_all, v_all));
@@ -463,7 +507,11 @@ pub fn build_graph(
         };
         let att = b.op(Op::Reshape { shape: shape!["batch", "seq", nh * hd] }, &[att])?;
         let wo = b.weight(&p("attn_output.weight"))?;
-        let o = b.op(Op::Linear, &[att, wo])?;
+        let mut o = b.op(Op::Linear, &[att, wo])?;
+        if gemma {
+            let w = b.f32_weight(&p("post_attention_norm.weight"))?;
+            o = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[o, w])?;
+        }
         x = b.op(Op::Add, &[x, o])?;
         let norm_w = b.f32_weight(&p("ffn_norm.weight"))?;
         let h = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[x, norm_w])?;
@@ -472,8 +520,17 @@ pub fn build_graph(
         let wd = b.weight(&p("ffn_down.weight"))?;
         let gate = b.op(Op::Linear, &[h, wg])?;
         let up = b.op(Op::Linear, &[h, wu])?;
-        let act = b.op(Op::SwiGlu, &[gate, up])?;
-        let down = b.op(Op::Linear, &[act, wd])?;
+        let act = if gemma {
+            let g = b.op(Op::GeluTanh, &[gate])?;
+            b.op(Op::Mul, &[g, up])?
+        } else {
+            b.op(Op::SwiGlu, &[gate, up])?
+        };
+        let mut down = b.op(Op::Linear, &[act, wd])?;
+        if gemma {
+            let w = b.f32_weight(&p("post_ffw_norm.weight"))?;
+            down = b.op(Op::RmsNorm { eps: cfg.rms_norm_eps }, &[down, w])?;
+        }
         x = b.op(Op::Add, &[x, down])?;
     }
     if opts.last_logits_only {

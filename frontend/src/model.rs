@@ -106,6 +106,7 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
         "phi3" => Arch::Phi3,
+        "gemma3" => Arch::Gemma3,
         _ => return Err(FrontendError::UnsupportedArch { path: path.into(), arch: arch_name }),
     };
     let key = |k: &str| format!("{arch_name}.{k}");
@@ -158,12 +159,43 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         Some(_) => Some(get("attention.sliding_window")?).filter(|&w| w > 0),
         None => None,
     };
+    let n_layers = get("block_count")?;
+    // Gemma 3 (llama.cpp's conventions): local layers by `attention.sliding_window_pattern` (n: layer l
+    // is local unless l % n = n − 1; default 6), their RoPE base `rope.freq_base_swa` (default 10000).
+    let (full_attention_layers, rope_local_theta) = match (arch, sliding_window) {
+        (Arch::Gemma3, Some(_)) => {
+            let n = get_or("attention.sliding_window_pattern", 6)?;
+            if n == 0 || n > 1 << 20 {
+                return Err(gguf_err(
+                    path,
+                    format!("{} = {n} is out of range", key("attention.sliding_window_pattern")),
+                ));
+            }
+            let full = (0..n_layers.min(1 << 24)).filter(|l| l % n == n - 1).collect();
+            let local = match f.get(&key("rope.freq_base_swa")) {
+                Some(_) => f.get_f64(&key("rope.freq_base_swa"))? as f32,
+                None => 10000.0,
+            };
+            (full, Some(local))
+        }
+        _ => (Vec::new(), None),
+    };
+    if arch != Arch::Gemma3 {
+        for k in ["attention.sliding_window_pattern", "rope.freq_base_swa"] {
+            if f.get(&key(k)).is_some() {
+                return Err(gguf_err(path, format!("metadata key `{}` is not supported for {arch_name}", key(k))));
+            }
+        }
+    }
+    if f.get(&key("final_logit_softcapping")).is_some() && f.get_f64(&key("final_logit_softcapping"))? != 0.0 {
+        return Err(gguf_err(path, format!("{} (logit softcapping) is not supported", key("final_logit_softcapping"))));
+    }
     let config = LlamaConfig {
         arch,
         vocab_size: vocab,
         hidden_size: hidden,
         intermediate_size: get("feed_forward_length")?,
-        n_layers: get("block_count")?,
+        n_layers,
         n_heads,
         n_kv_heads: get_or("attention.head_count_kv", n_heads)?,
         head_dim,
@@ -172,9 +204,12 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
         context_length: get_or("context_length", 2048)?,
         attention_bias: f.tensor("blk.0.attn_q.bias").is_some(),
         tie_embeddings: f.tensor("output.weight").is_none(),
-        qk_norm: arch == Arch::Qwen3,
+        qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
         sliding_window,
-        full_attention_layers: Vec::new(),
+        full_attention_layers,
+        rope_local_theta,
+        // llama.cpp scales Gemma 3's attention by 1/√head_dim.
+        query_pre_attn_scalar: (arch == Arch::Gemma3).then_some(head_dim as f32),
         rope_scaling: gguf_rope_scaling(path, &f, &arch_name)?,
     };
     config.validate().map_err(|m| gguf_err(path, m))?;
@@ -293,6 +328,9 @@ const GGUF_ARCH_KEYS: &[&str] = &[
     "rope.scale_linear",
     "expert_count",
     "expert_used_count",
+    "attention.sliding_window_pattern",
+    "rope.freq_base_swa",
+    "final_logit_softcapping",
     // Harmless: the vocabulary size is the embedding's row count; the context the scaling was trained
     // from matters to yarn only (refused); whether it was finetuned is a note; the data layout string
     // is a note of where the tensors came from (the Q/K row order is always llama.cpp's).
@@ -354,6 +392,18 @@ fn gguf_rope_scaling(path: &Path, f: &GgufFile, arch: &str) -> Result<Option<Rop
         (m, false) => Ok(m),
         (None, true) => Ok(Some(RopeScaling::Factors)),
     }
+}
+
+/// Adds `shift` to every norm weight (Gemma's HF files store w − 1 of the multiplicative weight), as f32.
+pub fn gemma_norms(weights: &mut WeightStore, shift: f32) -> std::result::Result<(), String> {
+    let names: Vec<String> = weights.iter().map(|(n, _)| n.clone()).filter(|n| n.ends_with("norm.weight")).collect();
+    for n in names {
+        let t = weights.get(&n).expect("listed");
+        let v = t.to_f32().map_err(|e| format!("tensor `{n}`: {e}"))?;
+        let shifted: Vec<f32> = v.iter().map(|x| x + shift).collect();
+        weights.insert(n, TensorData::from_f32(t.shape.clone(), &shifted));
+    }
+    Ok(())
 }
 
 fn f32_tensor(v: Vec<f32>) -> TensorData {
@@ -425,6 +475,15 @@ struct HfConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    // Gemma 3.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f32>,
+    rope_local_base_freq: Option<f32>,
+    #[serde(alias = "_sliding_window_pattern")]
+    sliding_window_pattern: Option<usize>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
 }
 
 /// Which layers of a config.json model attend through a sliding window: the window and the layers that
@@ -436,7 +495,7 @@ fn hf_sliding_window(path: &Path, arch: Arch, hf: &HfConfig) -> Result<(Option<u
     let n = hf.num_hidden_layers;
     let window = match arch {
         Arch::Qwen2 | Arch::Qwen3 => hf.sliding_window.filter(|_| hf.use_sliding_window == Some(true)),
-        Arch::Llama | Arch::Phi3 => {
+        Arch::Llama | Arch::Phi3 | Arch::Gemma3 => {
             if hf.use_sliding_window == Some(true) {
                 return Err(err(format!("config key `use_sliding_window` is not supported for {}", arch.name())));
             }
@@ -465,6 +524,11 @@ fn hf_sliding_window(path: &Path, arch: Arch, hf: &HfConfig) -> Result<(Option<u
         None => match arch {
             Arch::Qwen2 | Arch::Qwen3 => (0..n).map(|l| l >= hf.max_window_layers.unwrap_or(28)).collect(),
             Arch::Llama | Arch::Phi3 => vec![true; n],
+            // Every `sliding_window_pattern`-th layer (default 6) is global.
+            Arch::Gemma3 => {
+                let p = hf.sliding_window_pattern.unwrap_or(6).max(1);
+                (0..n).map(|l| (l + 1) % p != 0).collect()
+            }
         },
     };
     match window {
@@ -506,6 +570,14 @@ const HF_READ_KEYS: &[&str] = &[
     "layer_types",
     "max_window_layers",
     "partial_rotary_factor",
+    "hidden_activation",
+    "query_pre_attn_scalar",
+    "rope_local_base_freq",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "use_bidirectional_attention",
 ];
 
 /// config.json keys that do not change inference math: training-only settings (dropouts,
@@ -613,8 +685,9 @@ fn hf_rope_scaling(path: &Path, key: &str, v: &serde_json::Value) -> Result<Opti
     })
 }
 
-/// HF tensor name → Kiln's (GGUF) name.
-pub fn hf_to_gguf_name(name: &str) -> Option<String> {
+/// HF tensor name → Kiln's (GGUF) name. Gemma 3 names its norms differently: `post_attention_layernorm`
+/// follows attention there (Llama's is the MLP's input norm), `pre_feedforward_layernorm` is the MLP's.
+pub fn hf_to_gguf_name(arch: Arch, name: &str) -> Option<String> {
     let rest = name.strip_prefix("model.").unwrap_or(name);
     Some(match rest {
         "embed_tokens.weight" => "token_embd.weight".into(),
@@ -626,6 +699,9 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
             let l: usize = l.parse().ok()?;
             let mapped = match tail {
                 "input_layernorm.weight" => "attn_norm.weight",
+                "post_attention_layernorm.weight" if arch == Arch::Gemma3 => "post_attention_norm.weight",
+                "pre_feedforward_layernorm.weight" if arch == Arch::Gemma3 => "ffn_norm.weight",
+                "post_feedforward_layernorm.weight" if arch == Arch::Gemma3 => "post_ffw_norm.weight",
                 "post_attention_layernorm.weight" => "ffn_norm.weight",
                 "self_attn.q_proj.weight" => "attn_q.weight",
                 "self_attn.k_proj.weight" => "attn_k.weight",
@@ -664,6 +740,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         "qwen2" => Arch::Qwen2,
         "qwen3" => Arch::Qwen3,
         "phi3" => Arch::Phi3,
+        "gemma3_text" => Arch::Gemma3,
         _ => {
             let shown =
                 if model_type.is_empty() { format!("{:?}", hf.architectures.unwrap_or_default()) } else { model_type };
@@ -687,8 +764,47 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         }
     };
     let (sliding_window, full_attention_layers) = hf_sliding_window(&cfg_path, arch, &hf)?;
-    if let Some(act) = hf.hidden_act.as_deref().filter(|a| *a != "silu") {
-        return Err(FrontendError::invalid(&cfg_path, format!("hidden_act `{act}` is not supported (only silu)")));
+    let (act_key, act, want) = match arch {
+        Arch::Gemma3 => ("hidden_activation", hf.hidden_activation.as_deref(), "gelu_pytorch_tanh"),
+        _ => ("hidden_act", hf.hidden_act.as_deref(), "silu"),
+    };
+    if let Some(act) = act.filter(|a| *a != want) {
+        return Err(FrontendError::invalid(
+            &cfg_path,
+            format!("{act_key} `{act}` is not supported (only {want} here)"),
+        ));
+    }
+    for (k, v) in [
+        ("attn_logit_softcapping", &hf.attn_logit_softcapping),
+        ("final_logit_softcapping", &hf.final_logit_softcapping),
+    ] {
+        if let Some(v) = v {
+            return Err(FrontendError::invalid(
+                &cfg_path,
+                format!("config key `{k}` = {v} (softcapping) is not supported"),
+            ));
+        }
+    }
+    if hf.use_bidirectional_attention == Some(true) {
+        return Err(FrontendError::invalid(
+            &cfg_path,
+            "config key `use_bidirectional_attention` = true is not supported",
+        ));
+    }
+    if arch != Arch::Gemma3 {
+        for (k, set) in [
+            ("rope_local_base_freq", hf.rope_local_base_freq.is_some()),
+            ("query_pre_attn_scalar", hf.query_pre_attn_scalar.is_some()),
+            ("hidden_activation", hf.hidden_activation.is_some()),
+            ("sliding_window_pattern", hf.sliding_window_pattern.is_some()),
+        ] {
+            if set {
+                return Err(FrontendError::invalid(
+                    &cfg_path,
+                    format!("config key `{k}` is not supported for {model_type}"),
+                ));
+            }
+        }
     }
     if hf.num_attention_heads == 0 {
         return Err(FrontendError::invalid(&cfg_path, "num_attention_heads is 0"));
@@ -701,13 +817,25 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         n_layers: hf.num_hidden_layers,
         n_heads: hf.num_attention_heads,
         n_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-        head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads),
+        head_dim: hf.head_dim.unwrap_or(if arch == Arch::Gemma3 {
+            256
+        } else {
+            hf.hidden_size / hf.num_attention_heads
+        }),
         rope_theta: rope_theta.unwrap_or(10000.0),
         rms_norm_eps: hf.rms_norm_eps,
         context_length: hf.max_position_embeddings.unwrap_or(2048),
         attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
-        tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-        qk_norm: arch == Arch::Qwen3,
+        tie_embeddings: hf.tie_word_embeddings.unwrap_or(arch == Arch::Gemma3),
+        qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+        rope_local_theta: match arch {
+            Arch::Gemma3 if sliding_window.is_some() => Some(hf.rope_local_base_freq.unwrap_or(10000.0)),
+            _ => None,
+        },
+        query_pre_attn_scalar: match arch {
+            Arch::Gemma3 => Some(hf.query_pre_attn_scalar.unwrap_or(256.0)),
+            _ => None,
+        },
         sliding_window,
         full_attention_layers,
         rope_scaling,
@@ -741,12 +869,16 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
     };
     let mut weights = WeightStore::new();
     for file in &files {
-        read_safetensors(file, &mut weights)?;
+        read_safetensors(file, arch, &mut weights)?;
     }
     if config.tie_embeddings {
         weights.remove("output.weight");
     }
     llama::split_fused(&config, &mut weights).map_err(|m| FrontendError::invalid(dir, m))?;
+    if arch == Arch::Gemma3 {
+        // Gemma3RMSNorm multiplies by (1 + w); Kiln's rms_norm (like llama.cpp's files) by the weight itself.
+        gemma_norms(&mut weights, 1.0).map_err(|m| FrontendError::invalid(dir, m))?;
+    }
     if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(config.rope_theta, config.head_dim)) {
         weights.insert(ROPE_FREQS, f32_tensor(factors));
     }
@@ -766,7 +898,7 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
 }
 
 /// Reads one safetensors file zero-copy (mmap) into `out`, renaming tensors to Kiln's names.
-fn read_safetensors(path: &Path, out: &mut WeightStore) -> Result<()> {
+fn read_safetensors(path: &Path, arch: Arch, out: &mut WeightStore) -> Result<()> {
     let file = std::fs::File::open(path).map_err(|e| FrontendError::io(path, e))?;
     // SAFETY: the file is opened read-only and mapped privately; like every mmap-based loader we assume
     // it is not truncated underneath us while the model is loaded.
@@ -790,7 +922,7 @@ fn read_safetensors(path: &Path, out: &mut WeightStore) -> Result<()> {
                 ))
             }
         };
-        let Some(kiln_name) = hf_to_gguf_name(name) else {
+        let Some(kiln_name) = hf_to_gguf_name(arch, name) else {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue;
             }
