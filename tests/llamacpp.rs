@@ -29,6 +29,8 @@ fn vocab(n: usize) -> GgufVocab {
         token_types: vec![1; n],
         tokens,
         merges: vec!["a b".into(), "c d".into()],
+        scores: Vec::new(),
+        add_space_prefix: false,
         bos: None,
         eos: None,
         add_bos: false,

@@ -316,6 +316,15 @@ pub fn write_gguf(
             "tokenizer.ggml.token_type",
             GgufValue::Array(v.token_types.iter().map(|&t| GgufValue::I32(t)).collect()),
         );
+        if !v.scores.is_empty() {
+            w.add_metadata(
+                "tokenizer.ggml.scores",
+                GgufValue::Array(v.scores.iter().map(|&x| GgufValue::F32(x)).collect()),
+            );
+        }
+        if v.model == "llama" {
+            w.add_metadata("tokenizer.ggml.add_space_prefix", GgufValue::Bool(v.add_space_prefix));
+        }
         if !v.merges.is_empty() {
             w.add_metadata("tokenizer.ggml.merges", strs(&v.merges));
         }

@@ -438,11 +438,19 @@ pub fn gguf_vocab(f: &GgufFile) -> Result<GgufVocab> {
         None => GgufVocab::default_add_bos(&model, pre.as_deref()),
     };
     Ok(GgufVocab {
-        model,
+        model: model.clone(),
         pre,
         tokens: strs("tokenizer.ggml.tokens")?,
         token_types,
         merges: if f.get("tokenizer.ggml.merges").is_some() { strs("tokenizer.ggml.merges")? } else { Vec::new() },
+        scores: match f.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+            Some(a) => a.iter().map(|v| v.as_f64().unwrap_or(f64::NAN) as f32).collect(),
+            None => Vec::new(),
+        },
+        add_space_prefix: match f.get("tokenizer.ggml.add_space_prefix") {
+            Some(_) => f.get_bool("tokenizer.ggml.add_space_prefix")?,
+            None => model == "llama",
+        },
         bos: id("tokenizer.ggml.bos_token_id")?,
         eos: id("tokenizer.ggml.eos_token_id")?,
         add_bos,

@@ -44,6 +44,10 @@ pub struct GgufVocab {
     pub token_types: Vec<i32>,
     /// `tokenizer.ggml.merges`: `"a b"` pairs in priority order.
     pub merges: Vec<String>,
+    /// `tokenizer.ggml.scores`: SentencePiece piece scores (higher merges first); empty for BPE.
+    pub scores: Vec<f32>,
+    /// `tokenizer.ggml.add_space_prefix`: SentencePiece prepends "▁" to the text (default true).
+    pub add_space_prefix: bool,
     /// `tokenizer.ggml.bos_token_id`.
     pub bos: Option<u32>,
     /// `tokenizer.ggml.eos_token_id`.
@@ -68,9 +72,11 @@ impl GgufVocab {
 
 /// GGUF `tokenizer.ggml.token_type` values.
 mod token_type {
+    pub const NORMAL: i32 = 1;
     pub const UNKNOWN: i32 = 2;
     pub const CONTROL: i32 = 3;
     pub const USER_DEFINED: i32 = 4;
+    pub const BYTE: i32 = 6;
 }
 
 /// Errors from loading a tokenizer, encoding, decoding or rendering a chat template.
@@ -239,6 +245,12 @@ fn build_pre_tokenizer(spec: &PreTokenizerSpec) -> Result<PreTokenizerWrapper, T
 
 /// GPT-2's byte → char table: printable Latin-1 bytes map to themselves, the other 68 bytes to
 /// U+0100.. in byte order (so the space byte is `Ġ`, newline `Ċ`).
+/// The byte a SentencePiece byte piece `<0xNN>` stands for.
+fn sentencepiece_byte(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    u8::from_str_radix(hex, 16).ok().filter(|_| hex.len() == 2)
+}
+
 fn byte_to_char_table() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut next = 256u32;
@@ -315,18 +327,11 @@ impl Tokenizer {
     /// appear in the text; control/unknown ones are "special" (dropped by `decode(.., true)`).
     pub fn from_gguf_vocab(v: GgufVocab) -> Result<Tokenizer, TokenizerError> {
         match v.model.as_str() {
-            "gpt2" => {}
-            "llama" => {
-                return Err(TokenizerError::Unsupported(
-                    "SentencePiece vocabularies (tokenizer.ggml.model = \"llama\") are not supported yet; \
-                     only byte-level BPE (\"gpt2\")"
-                        .into(),
-                ))
-            }
+            "gpt2" | "llama" => {}
             other => {
                 return Err(TokenizerError::Unsupported(format!(
-                    "tokenizer.ggml.model = {other:?}; only byte-level BPE (\"gpt2\") is supported"
-                )))
+                "tokenizer.ggml.model = {other:?}; Kiln reads byte-level BPE (\"gpt2\") and SentencePiece (\"llama\")"
+            )))
             }
         }
         let n = v.tokens.len();
@@ -345,6 +350,9 @@ impl Tokenizer {
                     return Err(TokenizerError::InvalidVocab(format!("{what} id {id} >= vocabulary size {n}")));
                 }
             }
+        }
+        if v.model == "llama" {
+            return Self::from_sentencepiece(v);
         }
         let ty = |id: usize| v.token_types.get(id).copied().unwrap_or(1);
         let spec = pre_tokenizer_regexes(v.pre.as_deref())?;
@@ -398,6 +406,89 @@ impl Tokenizer {
             })
             .collect();
 
+        Ok(Tokenizer {
+            inner,
+            decode_mode: DecodeMode::Bytes(bytes),
+            tokens: v.tokens.into_iter().map(Some).collect(),
+            special,
+            bos: v.bos,
+            eos: v.eos,
+            prepend_bos: v.add_bos && v.bos.is_some(),
+            chat_template: v.chat_template,
+        })
+    }
+
+    /// A SentencePiece vocabulary (GGUF `tokenizer.ggml.model = "llama"`: Gemma, Llama 2, Mistral,
+    /// TinyLlama) as a `tokenizers` BPE model, the way Hugging Face converts SentencePiece models: the
+    /// merges are every split of a normal piece into two pieces of the vocabulary, ordered by the
+    /// merged piece's score (highest first; then by id), so merging follows llama.cpp's highest-score
+    /// bigram rule; characters outside the vocabulary fall back to `<0xNN>` byte pieces; spaces become
+    /// "▁" (with one prepended when `add_space_prefix`). Decoding concatenates each piece's bytes.
+    fn from_sentencepiece(v: GgufVocab) -> Result<Tokenizer, TokenizerError> {
+        use tokenizers::normalizers::{Prepend, Replace, Sequence as Normalizers};
+        let n = v.tokens.len();
+        if v.scores.len() != n {
+            return Err(TokenizerError::InvalidVocab(format!(
+                "{} scores for {n} tokens (SentencePiece needs tokenizer.ggml.scores)",
+                v.scores.len()
+            )));
+        }
+        let ty = |id: usize| v.token_types.get(id).copied().unwrap_or(token_type::NORMAL);
+        let vocab: Vocab = v.tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
+        let mut merges: Vec<(usize, u32, u32)> = Vec::new(); // (merged id, left id, right id)
+        for (id, piece) in v.tokens.iter().enumerate() {
+            if ty(id) != token_type::NORMAL || vocab.get(piece) != Some(&(id as u32)) {
+                continue;
+            }
+            for (at, _) in piece.char_indices().skip(1) {
+                if let (Some(&l), Some(&r)) = (vocab.get(&piece[..at]), vocab.get(&piece[at..])) {
+                    merges.push((id, l, r));
+                }
+            }
+        }
+        merges.sort_by(|a, b| v.scores[b.0].total_cmp(&v.scores[a.0]).then((a.0, a.1, a.2).cmp(&(b.0, b.1, b.2))));
+        let merges: Vec<(String, String)> =
+            merges.into_iter().map(|(_, l, r)| (v.tokens[l as usize].clone(), v.tokens[r as usize].clone())).collect();
+        let mut bpe = BPE::builder().vocab_and_merges(vocab, merges).byte_fallback(true).fuse_unk(true);
+        if let Some(unk) = (0..n).find(|&id| ty(id) == token_type::UNKNOWN) {
+            bpe = bpe.unk_token(v.tokens[unk].clone());
+        }
+        let bpe = bpe.build().map_err(|e| TokenizerError::InvalidVocab(format!("SentencePiece model: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let replace = Replace::new(" ", "▁").map_err(|e| TokenizerError::InvalidVocab(e.to_string()))?;
+        let mut norms = vec![];
+        if v.add_space_prefix {
+            norms.push(Prepend::new("▁".into()).into());
+        }
+        norms.push(replace.into());
+        inner.with_normalizer(Some(Normalizers::new(norms)));
+
+        let (mut specials, mut user_defined) = (Vec::new(), Vec::new());
+        let mut special = vec![false; n];
+        for (id, tok) in v.tokens.iter().enumerate() {
+            match ty(id) {
+                token_type::CONTROL | token_type::UNKNOWN => {
+                    special[id] = true;
+                    specials.push(AddedToken::from(tok.clone(), true).normalized(false));
+                }
+                token_type::USER_DEFINED => user_defined.push(AddedToken::from(tok.clone(), false).normalized(false)),
+                _ => {}
+            }
+        }
+        inner.add_special_tokens(&specials);
+        inner.add_tokens(&user_defined);
+        let bytes = v
+            .tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| {
+                Some(match ty(id) {
+                    token_type::BYTE => sentencepiece_byte(t).map(|b| vec![b]).unwrap_or_else(|| t.as_bytes().to_vec()),
+                    token_type::CONTROL => t.as_bytes().to_vec(),
+                    _ => t.replace('▁', " ").into_bytes(),
+                })
+            })
+            .collect();
         Ok(Tokenizer {
             inner,
             decode_mode: DecodeMode::Bytes(bytes),
@@ -1080,6 +1171,8 @@ mod tests {
             tokens,
             token_types: types,
             merges: merges.iter().map(|s| s.to_string()).collect(),
+            scores: Vec::new(),
+            add_space_prefix: false,
             bos: Some(266),
             eos: Some(268),
             add_bos: false,
@@ -1335,7 +1428,9 @@ mod tests {
     #[test]
     fn load_errors_are_clear() {
         let err = Tokenizer::from_gguf_vocab(GgufVocab { model: "llama".into(), ..tiny_vocab("smollm") }).unwrap_err();
-        assert!(matches!(err, TokenizerError::Unsupported(_)) && err.to_string().contains("SentencePiece"), "{err}");
+        assert!(err.to_string().contains("tokenizer.ggml.scores"), "{err}");
+        let err = Tokenizer::from_gguf_vocab(GgufVocab { model: "rwkv".into(), ..tiny_vocab("smollm") }).unwrap_err();
+        assert!(matches!(err, TokenizerError::Unsupported(_)) && err.to_string().contains("rwkv"), "{err}");
         let err = Tokenizer::from_gguf_vocab(tiny_vocab("mystery-pre")).unwrap_err();
         assert!(err.to_string().contains("'mystery-pre'"), "{err}");
         let err =
@@ -1486,5 +1581,49 @@ mod tests {
         assert_eq!(d.push(c3).unwrap(), None);
         assert_eq!(d.finish().as_deref(), Some("\u{FFFD}"));
         assert_eq!(tok.apply_chat_template(&[ChatMessage::user("hi")], false).unwrap(), "<s>hi");
+    }
+
+    /// A hand-built SentencePiece vocabulary: merges follow the merged piece's score, not the order of
+    /// the pieces; spaces become "▁" (one prepended with add_space_prefix); characters outside the
+    /// vocabulary fall back to byte pieces; control tokens in the text are single ids; decoding
+    /// concatenates the pieces' bytes.
+    fn spm(add_space_prefix: bool) -> Tokenizer {
+        // id: 0 <unk>, 1 <s>, 2 </s>, 3 ▁, 4 a, 5 b, 6 c, 7 ab, 8 bc, 9 ▁a, 10 ▁ab, 11 <0x21> ("!"),
+        // 12 <0xC3>, 13 <0xA9> ("é" = C3 A9).
+        let t = ["<unk>", "<s>", "</s>", "▁", "a", "b", "c", "ab", "bc", "▁a", "▁ab", "<0x21>", "<0xC3>", "<0xA9>"];
+        let types = vec![2, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 6, 6, 6];
+        // "bc" outscores "ab": in "abc" the merge b+c wins, leaving a + bc.
+        let scores = vec![0.0, 0.0, 0.0, -1.0, -2.0, -2.0, -2.0, -5.0, -3.0, -4.0, -6.0, 0.0, 0.0, 0.0];
+        Tokenizer::from_gguf_vocab(GgufVocab {
+            model: "llama".into(),
+            pre: None,
+            tokens: t.iter().map(|s| s.to_string()).collect(),
+            token_types: types,
+            merges: Vec::new(),
+            scores,
+            add_space_prefix,
+            bos: Some(1),
+            eos: Some(2),
+            add_bos: true,
+            chat_template: None,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn sentencepiece_merges_by_score_with_byte_fallback() {
+        let tok = spm(true);
+        // "abc" → ▁abc: ▁+a (−4) … candidates ▁a(−4), ab(−5), bc(−3): bc first, then ▁a: [▁a, bc].
+        assert_eq!(tok.encode("abc", false).unwrap(), vec![9, 8]);
+        // "ab" → ▁ab: ▁a (−4) before ab (−5), then ▁a+b = ▁ab (−6).
+        assert_eq!(tok.encode("ab", false).unwrap(), vec![10]);
+        // BOS is added; "!" and "é" are not pieces: bytes; the space becomes ▁.
+        assert_eq!(tok.encode("a !é", true).unwrap(), vec![1, 9, 3, 11, 12, 13]);
+        assert_eq!(tok.encode("a</s>", false).unwrap(), vec![9, 2]);
+        assert_eq!(tok.decode(&[9, 3, 11, 12, 13], false).unwrap(), " a !é");
+        assert_eq!(tok.decode(&[1, 9, 2], true).unwrap(), " a");
+        // Without the space prefix (Gemma): "ab" → a + b merge = ab.
+        assert_eq!(spm(false).encode("ab", false).unwrap(), vec![7]);
+        assert_eq!(spm(false).encode("ab ab", false).unwrap(), vec![7, 10]);
     }
 }
