@@ -88,12 +88,7 @@ fn odd_config(arch: Arch, seed: u64) -> LlamaConfig {
         context_length: 32,
         attention_bias: arch == Arch::Qwen2,
         tie_embeddings: seed.is_multiple_of(2),
-        qk_norm: arch == Arch::Qwen3,
-        sliding_window: None,
-        rope_local_theta: None,
-        query_pre_attn_scalar: None,
-        full_attention_layers: Vec::new(),
-        rope_scaling: None,
+        ..crate::common::tiny_config(arch)
     }
 }
 

@@ -245,6 +245,26 @@ fn build_pre_tokenizer(spec: &PreTokenizerSpec) -> Result<PreTokenizerWrapper, T
 
 /// GPT-2's byte → char table: printable Latin-1 bytes map to themselves, the other 68 bytes to
 /// U+0100.. in byte order (so the space byte is `Ġ`, newline `Ċ`).
+/// Registers a GGUF vocabulary's control and unknown tokens as special and its user-defined ones as
+/// added tokens (each matched as one id wherever it appears in the text); returns which ids are special.
+fn add_vocab_specials(inner: &mut tokenizers::Tokenizer, tokens: &[String], ty: impl Fn(usize) -> i32) -> Vec<bool> {
+    let (mut specials, mut user_defined) = (Vec::new(), Vec::new());
+    let mut special = vec![false; tokens.len()];
+    for (id, tok) in tokens.iter().enumerate() {
+        match ty(id) {
+            token_type::CONTROL | token_type::UNKNOWN => {
+                special[id] = true;
+                specials.push(AddedToken::from(tok.clone(), true).normalized(false));
+            }
+            token_type::USER_DEFINED => user_defined.push(AddedToken::from(tok.clone(), false).normalized(false)),
+            _ => {}
+        }
+    }
+    inner.add_special_tokens(&specials);
+    inner.add_tokens(&user_defined);
+    special
+}
+
 /// The byte a SentencePiece byte piece `<0xNN>` stands for.
 fn sentencepiece_byte(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
@@ -376,20 +396,7 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(build_pre_tokenizer(&spec)?));
         inner.with_decoder(Some(DecoderWrapper::ByteLevel(ByteLevel::default())));
 
-        let (mut specials, mut user_defined) = (Vec::new(), Vec::new());
-        let mut special = vec![false; n];
-        for (id, tok) in v.tokens.iter().enumerate() {
-            match ty(id) {
-                token_type::CONTROL | token_type::UNKNOWN => {
-                    special[id] = true;
-                    specials.push(AddedToken::from(tok.clone(), true).normalized(false));
-                }
-                token_type::USER_DEFINED => user_defined.push(AddedToken::from(tok.clone(), false).normalized(false)),
-                _ => {}
-            }
-        }
-        inner.add_special_tokens(&specials);
-        inner.add_tokens(&user_defined);
+        let special = add_vocab_specials(&mut inner, &v.tokens, ty);
 
         // Control and user-defined tokens are stored as plain text (llama.cpp prints them verbatim);
         // normal tokens are byte-level encoded.
@@ -406,16 +413,7 @@ impl Tokenizer {
             })
             .collect();
 
-        Ok(Tokenizer {
-            inner,
-            decode_mode: DecodeMode::Bytes(bytes),
-            tokens: v.tokens.into_iter().map(Some).collect(),
-            special,
-            bos: v.bos,
-            eos: v.eos,
-            prepend_bos: v.add_bos && v.bos.is_some(),
-            chat_template: v.chat_template,
-        })
+        Ok(Tokenizer::from_vocab_parts(inner, bytes, special, v))
     }
 
     /// A SentencePiece vocabulary (GGUF `tokenizer.ggml.model = "llama"`: Gemma, Llama 2, Mistral,
@@ -463,20 +461,7 @@ impl Tokenizer {
         norms.push(replace.into());
         inner.with_normalizer(Some(Normalizers::new(norms)));
 
-        let (mut specials, mut user_defined) = (Vec::new(), Vec::new());
-        let mut special = vec![false; n];
-        for (id, tok) in v.tokens.iter().enumerate() {
-            match ty(id) {
-                token_type::CONTROL | token_type::UNKNOWN => {
-                    special[id] = true;
-                    specials.push(AddedToken::from(tok.clone(), true).normalized(false));
-                }
-                token_type::USER_DEFINED => user_defined.push(AddedToken::from(tok.clone(), false).normalized(false)),
-                _ => {}
-            }
-        }
-        inner.add_special_tokens(&specials);
-        inner.add_tokens(&user_defined);
+        let special = add_vocab_specials(&mut inner, &v.tokens, ty);
         let bytes = v
             .tokens
             .iter()
@@ -489,7 +474,17 @@ impl Tokenizer {
                 })
             })
             .collect();
-        Ok(Tokenizer {
+        Ok(Tokenizer::from_vocab_parts(inner, bytes, special, v))
+    }
+
+    /// A tokenizer over a GGUF vocabulary whose ids decode to `bytes`.
+    fn from_vocab_parts(
+        inner: tokenizers::Tokenizer,
+        bytes: Vec<Option<Vec<u8>>>,
+        special: Vec<bool>,
+        v: GgufVocab,
+    ) -> Tokenizer {
+        Tokenizer {
             inner,
             decode_mode: DecodeMode::Bytes(bytes),
             tokens: v.tokens.into_iter().map(Some).collect(),
@@ -498,7 +493,7 @@ impl Tokenizer {
             eos: v.eos,
             prepend_bos: v.add_bos && v.bos.is_some(),
             chat_template: v.chat_template,
-        })
+        }
     }
 
     /// Loads a Hugging Face `tokenizer.json`. If a `tokenizer_config.json` sits beside it, its
