@@ -25,3 +25,4 @@ mod sparsity;
 mod structured;
 mod tokenizer;
 mod tp;
+mod transformers_refs;

@@ -51,13 +51,19 @@ pub fn gguf_to_hf_name(arch: Arch, name: &str) -> Option<String> {
 fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
     let mut v = serde_json::json!({
         "architectures": [match cfg.arch {
+            Arch::Llama if cfg.sliding_window.is_some() => "MistralForCausalLM",
             Arch::Llama => "LlamaForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
         }],
-        "model_type": if cfg.arch == Arch::Gemma3 { "gemma3_text" } else { cfg.arch.name() },
+        "model_type": match cfg.arch {
+            Arch::Gemma3 => "gemma3_text",
+            // A Llama with a sliding window is what transformers calls Mistral (its Llama has no window).
+            Arch::Llama if cfg.sliding_window.is_some() => "mistral",
+            a => a.name(),
+        },
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
@@ -72,6 +78,8 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
         "attention_bias": cfg.attention_bias,
         "hidden_act": "silu",
         "torch_dtype": "float32",
+        // Kiln's config has no padding id (transformers' Phi-3 default, 32000, may lie outside the vocabulary).
+        "pad_token_id": null,
     });
     let scaling = match cfg.rope_scaling {
         None | Some(RopeScaling::Factors) => None,
@@ -93,7 +101,10 @@ fn hf_config(cfg: &LlamaConfig) -> serde_json::Value {
         let o = v.as_object_mut().expect("object");
         o.remove("hidden_act");
         o.insert("hidden_activation".into(), "gelu_pytorch_tanh".into());
-        o.insert("query_pre_attn_scalar".into(), cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f32).into());
+        // An integer in transformers' Gemma3TextConfig (its validation refuses 16.0).
+        let s = cfg.query_pre_attn_scalar.unwrap_or(cfg.head_dim as f32);
+        let s = if s.fract() == 0.0 && s.abs() < 1e9 { serde_json::json!(s as i64) } else { serde_json::json!(s) };
+        o.insert("query_pre_attn_scalar".into(), s);
         if let Some(t) = cfg.rope_local_theta {
             o.insert("rope_local_base_freq".into(), t.into());
         }
