@@ -288,16 +288,9 @@ ops! {
     RmsNorm { eps: f32 } = "rms_norm" / 2 in norm;
     /// Rotary position embedding of `x[B, S, H, Dh]` at positions `pos[B, S]`, rotating the first `n_rot` dims.
     Rope { mode: RopeMode, theta: f32, n_rot: i64 } = "rope" / 2 in rope;
-    /// `rope` with per-frequency scaling (Llama 3.x `rope_freqs`, linear position interpolation): the
-    /// third operand `factors` is `f32[n_rot/2]` and frequency i becomes θ^(−2i/n_rot) / factors[i].
-    RopeScaled { mode: RopeMode, theta: f32, n_rot: i64 } = "rope_scaled" / 3 in rope;
     /// Causal attention `q[B, S, Hq, Dh]`, `k`/`v[B, T, Hkv, Dh]` (T ≥ S; query i sits at position
     /// T−S+i), grouped-query when Hkv divides Hq. Result `[B, S, Hq, Dh]`.
     Attention { scale: f32 } = "attention" / 3 in attention;
-    /// `attention` where each query sees only the last `window` positions up to its own (sliding-window,
-    /// "local" attention: Mistral, Qwen2 with `use_sliding_window`, Phi-3, Gemma 3's local layers): query
-    /// at position p reads keys p−window+1 ..= p; a kernel does not read the KV outside.
-    SlidingAttention { scale: f32, window: i64 } = "sliding_attention" / 3 in attention;
     /// `silu(gate) * up`.
     SwiGlu = "swiglu" / 2 in elementwise;
     /// `x` where `|x| > t`, else 0: `t[C]` is a per-channel threshold on the last axis of `x[..., C]`
@@ -379,6 +372,13 @@ ops! {
     /// `0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))`.
     GeluTanh = "gelu_tanh" / 1 in elementwise
         => unary(|x| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh()), 14.0);
+    /// `rope` with per-frequency scaling (Llama 3.x `rope_freqs`, linear position interpolation): the
+    /// third operand `factors` is `f32[n_rot/2]` and frequency i becomes θ^(−2i/n_rot) / factors[i].
+    RopeScaled { mode: RopeMode, theta: f32, n_rot: i64 } = "rope_scaled" / 3 in rope;
+    /// `attention` where each query sees only the last `window` positions up to its own (sliding-window,
+    /// "local" attention: Mistral, Qwen2 with `use_sliding_window`, Phi-3, Gemma 3's local layers): query
+    /// at position p reads keys p−window+1 ..= p; a kernel does not read the KV outside.
+    SlidingAttention { scale: f32, window: i64 } = "sliding_attention" / 3 in attention;
 }
 
 pub use crate::shape::norm_axis;
