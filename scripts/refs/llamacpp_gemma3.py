@@ -6,9 +6,9 @@ continuation of a prompt, and the perplexity of data/calibration.txt in one wind
     pip install llama-cpp-python numpy      # builds llama.cpp from source the first time (~15 min)
     python3 scripts/refs/llamacpp_gemma3.py
 """
-import hashlib, json, os, subprocess
+import hashlib, os, subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from refs_common import ROOT, write_fixture
 TEXTS = [
     "Once upon a time",
     "The capital of France is",
@@ -57,11 +57,8 @@ def main():
         "greedy": greedy,
         "calibration": {"tokens": len(ids), "mean_nll": nll, "perplexity": float(np.exp(nll))},
     }
-    dst = os.path.join(ROOT, "tests", "fixtures", "gemma3_270m_llamacpp.json")
-    with open(dst, "w") as f:
-        json.dump(out, f, ensure_ascii=False)
-        f.write("\n")
-    print(f"wrote {dst}: greedy {greedy}, ppl {np.exp(nll):.4f}")
+    write_fixture("gemma3_270m_llamacpp.json", out)
+    print(f"greedy {greedy}, ppl {np.exp(nll):.4f}")
 
 
 if __name__ == "__main__":

@@ -1,37 +1,24 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/llamacpp_refs.json: llama.cpp's greedy ids and last-prompt logits for the tiny
 seeded random GGUF models that `tests/llamacpp.rs` generates (Llama 3.x with a rope_freqs.weight tensor
-as llama.cpp's converter writes it, the same model without it, Qwen3 with qk-norm).
+as llama.cpp's converter writes it, the same model without it, Qwen3, Phi-3, Gemma 3).
 
 Run once when the generated models change (the fixture records each file's FNV-1a hash, and the test
 says so when they no longer match):
 
     pip install llama-cpp-python numpy      # builds llama.cpp from source the first time (~15 min)
-    python3 scripts/refs/llamacpp_rope_scaling.py
+    python3 scripts/refs/llamacpp_refs.py
 """
-import json, os, subprocess, sys, tempfile
+import os, sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def fnv1a64(data: bytes) -> str:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
+from refs_common import fnv1a64, reference_models, write_fixture
 
 
 def main():
     import llama_cpp
     import numpy as np
 
-    out = tempfile.mkdtemp(prefix="kiln-ref-")
-    env = dict(os.environ, KILN_REF_OUT=out)
-    subprocess.run(
-        ["cargo", "test", "--locked", "--test", "main", "--", "--ignored", "--exact",
-         "llamacpp::write_llamacpp_reference_models"],
-        cwd=ROOT, env=env, check=True)
-    spec = json.load(open(os.path.join(out, "spec.json")))
+    out, spec = reference_models("llamacpp::write_llamacpp_reference_models")
     prompt, n = spec["prompt"], spec["generate"]
     result = {"llama_cpp_python": llama_cpp.__version__, "prompt": prompt, "models": {}}
     for name in spec["models"]:
@@ -47,16 +34,12 @@ def main():
             ids.append(t)
             llm.eval([t])
         result["models"][name] = {
-            "fnv1a64": fnv1a64(open(path, "rb").read()),
+            "fnv1a64": fnv1a64([path]),
             "greedy": ids,
             "last_prompt_logits": last,
         }
         print(f"{name}: {ids}", file=sys.stderr)
-    dst = os.path.join(ROOT, "tests", "fixtures", "llamacpp_refs.json")
-    with open(dst, "w") as f:
-        json.dump(result, f)
-        f.write("\n")
-    print(f"wrote {dst}", file=sys.stderr)
+    write_fixture("llamacpp_refs.json", result)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@ ids come from llama.cpp's tokenizer on the same file (tests/gemma3.rs checks Kil
     pip install torch transformers gguf accelerate llama-cpp-python numpy
     python3 scripts/refs/transformers_gemma3.py
 """
-import hashlib, json, os, subprocess
+import hashlib, os, subprocess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from refs_common import ROOT, write_fixture
 
 
 def main():
@@ -39,11 +39,8 @@ def main():
         "greedy": seq[len(prompt):],
         "calibration": {"tokens": len(ids), "mean_nll": nll, "perplexity": float(np.exp(nll))},
     }
-    dst = os.path.join(ROOT, "tests", "fixtures", "gemma3_270m_transformers.json")
-    with open(dst, "w") as f:
-        json.dump(out, f)
-        f.write("\n")
-    print(f"wrote {dst}: greedy {out['greedy']}, ppl {out['calibration']['perplexity']:.6f}")
+    write_fixture("gemma3_270m_transformers.json", out)
+    print(f"greedy {out['greedy']}, ppl {out['calibration']['perplexity']:.6f}")
 
 
 if __name__ == "__main__":

@@ -6,28 +6,16 @@ Face directories (Llama 3.x rope_scaling, Mistral sliding window, Qwen3, Phi-3, 
     pip install torch transformers safetensors    # torch pulls ~2.5 GB of CUDA wheels: run once
     python3 scripts/refs/transformers_refs.py
 """
-import json, os, subprocess, sys, tempfile
+import os, sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def fnv1a64(paths):
-    h = 0xCBF29CE484222325
-    for p in paths:
-        for b in open(p, "rb").read():
-            h = ((h ^ b) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return f"{h:016x}"
+from refs_common import fnv1a64, reference_models, write_fixture
 
 
 def main():
     import torch, transformers
     from transformers import AutoModelForCausalLM
 
-    out = tempfile.mkdtemp(prefix="kiln-hf-ref-")
-    subprocess.run(["cargo", "test", "--locked", "--test", "main", "--", "--ignored", "--exact",
-                    "transformers_refs::write_transformers_reference_models"],
-                   cwd=ROOT, env=dict(os.environ, KILN_REF_OUT=out), check=True)
-    spec = json.load(open(os.path.join(out, "spec.json")))
+    out, spec = reference_models("transformers_refs::write_transformers_reference_models")
     prompt, n = spec["prompt"], spec["generate"]
     result = {"transformers": transformers.__version__, "torch": torch.__version__, "prompt": prompt, "models": {}}
     for name in spec["models"]:
@@ -49,11 +37,7 @@ def main():
             "last_prompt_logits": last,
         }
         print(f"{name}: {gen}", file=sys.stderr)
-    dst = os.path.join(ROOT, "tests", "fixtures", "transformers_refs.json")
-    with open(dst, "w") as f:
-        json.dump(result, f)
-        f.write("\n")
-    print(f"wrote {dst}", file=sys.stderr)
+    write_fixture("transformers_refs.json", result)
 
 
 if __name__ == "__main__":
