@@ -51,10 +51,7 @@ pub fn random_weights(cfg: &LlamaConfig, dtype: DType, seed: u64) -> WeightStore
         let n: usize = shape.iter().product();
         if name == kiln::frontend::llama::ROPE_FREQS {
             // The divisors the config gives (what an importer computes), or arbitrary ones in 1..8.
-            let rs = cfg.rope_scaling.as_ref().expect("rope_freqs only with rope_scaling");
-            let vals = rs
-                .factors(cfg.rope_theta, cfg.head_dim)
-                .unwrap_or_else(|| (0..n).map(|_| rng.random_range(1.0..8.0)).collect());
+            let vals = cfg.derived_rope_freqs().unwrap_or_else(|| (0..n).map(|_| rng.random_range(1.0..8.0)).collect());
             w.insert(name, TensorData::from_f32(shape, &vals));
             continue;
         }

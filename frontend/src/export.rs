@@ -162,12 +162,9 @@ fn fuse_for_file(dir: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result
 /// A config-derived `rope_freqs.weight` may be left out of a file only if it is what the config gives
 /// (else the written model would compute other frequencies than the one in memory).
 fn check_derived_freqs(path: &Path, cfg: &LlamaConfig, weights: &WeightStore) -> Result<()> {
-    let derived = cfg.rope_scaling.as_ref().and_then(|rs| rs.factors(cfg.rope_theta, cfg.head_dim));
-    match (derived, weights.get(ROPE_FREQS)) {
+    match (cfg.derived_rope_freqs(), weights.get(ROPE_FREQS)) {
         (Some(want), Some(t)) => {
-            let have: Vec<f32> =
-                t.bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            if t.dtype != DType::F32 || have != want {
+            if t.dtype != DType::F32 || t.to_f32().ok() != Some(want) {
                 return Err(FrontendError::invalid(
                     path,
                     format!("tensor `{ROPE_FREQS}` differs from what the config's rope_scaling gives"),

@@ -255,6 +255,12 @@ impl LlamaConfig {
         w
     }
 
+    /// The RoPE divisors (`rope_freqs.weight`'s values) this config's scaling gives, when it gives them
+    /// (`None` without scaling and for [`RopeScaling::Factors`], whose values come with the file).
+    pub fn derived_rope_freqs(&self) -> Option<Vec<f32>> {
+        self.rope_scaling.as_ref()?.factors(self.rope_theta, self.head_dim)
+    }
+
     /// The attention window of layer `l` (`None`: full causal attention).
     pub fn window_of(&self, l: usize) -> Option<usize> {
         self.sliding_window.filter(|_| !self.full_attention_layers.contains(&l))

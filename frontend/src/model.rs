@@ -270,8 +270,8 @@ pub fn load_gguf(path: &Path) -> Result<Model> {
     llama::split_fused(&config, &mut weights).map_err(|m| gguf_err(path, m))?;
     // Scaling given by metadata alone (linear) becomes the divisors tensor the graph reads.
     if !weights.contains(ROPE_FREQS) {
-        if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(theta, head_dim)) {
-            weights.insert(ROPE_FREQS, f32_tensor(factors));
+        if let Some(factors) = config.derived_rope_freqs() {
+            weights.insert(ROPE_FREQS, TensorData::from_f32(vec![factors.len()], &factors));
         }
     }
     check_weights(path, &config, &weights)?;
@@ -404,11 +404,6 @@ pub fn gemma_norms(weights: &mut WeightStore, shift: f32) -> std::result::Result
         weights.insert(n, TensorData::from_f32(t.shape.clone(), &shifted));
     }
     Ok(())
-}
-
-fn f32_tensor(v: Vec<f32>) -> TensorData {
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
-    TensorData { dtype: DType::F32, shape: vec![v.len()], bytes: Bytes::from(bytes) }
 }
 
 fn file_stem(path: &Path) -> String {
@@ -887,8 +882,8 @@ pub fn load_hf(dir: &Path) -> Result<Model> {
         // Gemma3RMSNorm multiplies by (1 + w); Kiln's rms_norm (like llama.cpp's files) by the weight itself.
         gemma_norms(&mut weights, 1.0).map_err(|m| FrontendError::invalid(dir, m))?;
     }
-    if let Some(factors) = config.rope_scaling.as_ref().and_then(|rs| rs.factors(config.rope_theta, config.head_dim)) {
-        weights.insert(ROPE_FREQS, f32_tensor(factors));
+    if let Some(factors) = config.derived_rope_freqs() {
+        weights.insert(ROPE_FREQS, TensorData::from_f32(vec![factors.len()], &factors));
     }
     check_weights(dir, &config, &weights)?;
     let tok_path = dir.join("tokenizer.json");

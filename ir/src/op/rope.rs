@@ -39,10 +39,7 @@ pub(super) fn eval(op: &Op, args: &[&Tensor], env: &SymEnv) -> Result<Tensor, St
     match op {
         Op::Rope { mode, theta, n_rot } | Op::RopeScaled { mode, theta, n_rot } => {
             let (x, pos) = (f(args[0])?, ints(args[1])?);
-            let factors = match args.get(2) {
-                Some(t) => Some(f(t)?),
-                None => None,
-            };
+            let factors = args.get(2).map(|t| f(t)).transpose()?;
             let [b, s, h, d] = args[0].shape[..] else {
                 return Err("rope needs rank 4".into());
             };
